@@ -1,0 +1,51 @@
+"""The ``largeep`` command.
+
+Each subcommand lives in its own module under ``largeep_plugin/commands/`` and exposes two functions:
+
+    add_parser(subparsers) -> argparse.ArgumentParser   # registers the subcommand and its flags
+    run(args) -> int                                     # runs it, returns the exit code
+
+so that adding a subcommand never touches another one. Run ``largeep --help`` for the list.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+# Subcommand modules, in the order ``--help`` lists them.
+_COMMANDS = (
+    "demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="largeep",
+        description="Large expert-parallel Mixture-of-Experts: demo, benchmarks, placement planning, "
+        "performance model and an emulated multi-node cluster.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMANDS:
+        module = importlib.import_module(f"largeep_plugin.commands.{name}")
+        p = module.add_parser(sub)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Configuration of a large expert-parallel MoE layer.
+
+``LargeEPConfig`` is what users write: flat keyword arguments (or a dict through ``from_dict``). Each component
+reads its own small frozen view of it (``router_config``, ``expert_config``, ``dispatch_config``), so no component
+sees settings it does not use.
+
+Validation is strict and happens once, at construction: an unknown key, a wrong type or an impossible value is a
+``ValueError`` that names the field and the value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+ACTIVATIONS = ("gelu", "swiglu")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+DISPATCH_KINDS = ("flat", "hierarchical")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """What the router needs: scoring, top-k selection, capacity and the balancing losses."""
+
+    num_experts: int
+    top_k: int
+    score_function: str
+    normalize_topk: bool
+    capacity_factor: float | None
+    aux_loss_coeff: float
+    z_loss_coeff: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpertConfig:
+    """What one expert MLP needs."""
+
+    hidden_size: int
+    ffn_hidden_size: int
+    activation: str
+    linear_bias: bool
+    init_std: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class DispatchConfig:
+    """How tokens travel: flat or node-batched all-to-all, and how many chunks the overlap pipeline uses."""
+
+    dispatch: str
+    overlap_chunks: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class LargeEPConfig:
+    """All settings of one large-EP MoE layer.
+
+    Args:
+        hidden_size: H, the token dimension.
+        ffn_hidden_size: F, the hidden size of each expert MLP.
+        num_experts: E, the number of distinct experts.
+        top_k: K, experts chosen per token (1 <= K <= E).
+        activation: ``"gelu"`` (exact GELU, fc1 [F, H]) or ``"swiglu"`` (fc1 [2F, H], gate rows first).
+        score_function: ``"softmax"`` or ``"sigmoid"`` over the router logits.
+        normalize_topk: divide the K combine weights of a token by their sum.
+        capacity_factor: None for dropless; otherwise each expert takes at most
+            ceil(capacity_factor * T * K / E) of a rank's T tokens, keeping the highest-scored assignments.
+        bias_update_rate: step of the aux-loss-free balancing bias: bias += rate * sign(mean - count).
+        aux_loss_coeff: coefficient of the switch-style load-balancing loss (0 = off).
+        z_loss_coeff: coefficient of the router z-loss (0 = off).
+        overlap_chunks: number of token chunks the overlap pipeline cuts a batch into (1 = no overlap).
+        dispatch: ``"flat"`` all-to-all, or ``"hierarchical"`` (node-batched).
+        linear_bias: add biases to the expert linears (off by default, as in Megatron's MoE).
+        init_std: standard deviation of the normal initialisation of router and expert weights.
+        init_seed: seed of that initialisation; expert e always starts from the same weights, on any rank and in
+            the dense reference, so sharded and dense models can be compared without copying weights.
+        check_inputs: check every forward, collectively over the EP group, that inputs are finite and shaped
+            right, so that a bad input on one rank is an error on all ranks instead of a hang.
+    """
+
+    hidden_size: int
+    ffn_hidden_size: int
+    num_experts: int
+    top_k: int = 2
+    activation: str = "gelu"
+    score_function: str = "softmax"
+    normalize_topk: bool = True
+    capacity_factor: float | None = None
+    bias_update_rate: float = 1e-3
+    aux_loss_coeff: float = 0.0
+    z_loss_coeff: float = 0.0
+    overlap_chunks: int = 1
+    dispatch: str = "flat"
+    linear_bias: bool = False
+    init_std: float = 0.02
+    init_seed: int = 1234
+    check_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), _FIELD_TYPES[f.name])
+        _positive("hidden_size", self.hidden_size)
+        _positive("ffn_hidden_size", self.ffn_hidden_size)
+        _positive("num_experts", self.num_experts)
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"top_k={self.top_k} is impossible: it must be between 1 and num_experts={self.num_experts}"
+            )
+        _one_of("activation", self.activation, ACTIVATIONS)
+        _one_of("score_function", self.score_function, SCORE_FUNCTIONS)
+        _one_of("dispatch", self.dispatch, DISPATCH_KINDS)
+        if self.capacity_factor is not None and not (math.isfinite(self.capacity_factor) and self.capacity_factor > 0):
+            raise ValueError(f"capacity_factor={self.capacity_factor!r} must be a positive number, or None for dropless")
+        for name in ("bias_update_rate", "aux_loss_coeff", "z_loss_coeff"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+        if not (math.isfinite(self.init_std) and self.init_std > 0):
+            raise ValueError(f"init_std={self.init_std!r} must be a finite number > 0")
+        _positive("overlap_chunks", self.overlap_chunks)
+
+    # ---- component views -------------------------------------------------------------------------------------
+    @property
+    def router_config(self) -> RouterConfig:
+        return RouterConfig(
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            score_function=self.score_function,
+            normalize_topk=self.normalize_topk,
+            capacity_factor=self.capacity_factor,
+            aux_loss_coeff=self.aux_loss_coeff,
+            z_loss_coeff=self.z_loss_coeff,
+        )
+
+    @property
+    def expert_config(self) -> ExpertConfig:
+        return ExpertConfig(
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            activation=self.activation,
+            linear_bias=self.linear_bias,
+            init_std=self.init_std,
+        )
+
+    @property
+    def dispatch_config(self) -> DispatchConfig:
+        return DispatchConfig(dispatch=self.dispatch, overlap_chunks=self.overlap_chunks)
+
+    # ---- (de)serialisation -----------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LargeEPConfig":
+        """Build from a mapping; unknown keys and missing required keys are errors that name them."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"LargeEPConfig.from_dict expects a mapping, got {type(d).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in d if k not in valid]
+        if unknown:
+            raise ValueError(f"unknown LargeEPConfig key(s) {unknown}; valid keys are {valid}")
+        missing = [
+            f.name for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.name not in d
+        ]
+        if missing:
+            raise ValueError(f"LargeEPConfig is missing required key(s) {missing}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "LargeEPConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# Types accepted per field. bool is not an int here (True is not a valid hidden_size), and an int is accepted
+# where a float is expected (capacity_factor=1 means 1.0).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "hidden_size": (int,),
+    "ffn_hidden_size": (int,),
+    "num_experts": (int,),
+    "top_k": (int,),
+    "activation": (str,),
+    "score_function": (str,),
+    "normalize_topk": (bool,),
+    "capacity_factor": (float, int, type(None)),
+    "bias_update_rate": (float, int),
+    "aux_loss_coeff": (float, int),
+    "z_loss_coeff": (float, int),
+    "overlap_chunks": (int,),
+    "dispatch": (str,),
+    "linear_bias": (bool,),
+    "init_std": (float, int),
+    "init_seed": (int,),
+    "check_inputs": (bool,),
+}
+
+
+def _check_type(name: str, value: Any, types: tuple[type, ...]) -> None:
+    if isinstance(value, bool) and bool not in types:
+        raise ValueError(f"{name}={value!r} has the wrong type: expected {_type_names(types)}, got bool")
+    if not isinstance(value, types):
+        raise ValueError(f"{name}={value!r} has the wrong type: expected {_type_names(types)}, got {type(value).__name__}")
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    return " or ".join("None" if t is type(None) else t.__name__ for t in types)
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name}={value!r} must be >= 1")
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")

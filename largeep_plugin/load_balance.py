@@ -1,0 +1,140 @@
+"""Load counting, the balancing bias, the balancing losses, and the per-step load monitor.
+
+Shape legend:
+    T  tokens on this rank      E  experts      K  top_k
+
+Two ways to balance, usable together:
+* aux-loss-free: an additive per-expert bias used only for *selection*; after each optimizer step it moves by
+  ``rate * sign(mean - count)`` from the *global* counts, so every rank applies the same update.
+* a switch-style auxiliary loss ``coeff * E * sum_e f_e * P_e`` (f_e: global fraction of assignments to e, no
+  gradient; P_e: mean score of e on this rank's tokens), and a z-loss ``coeff * mean(logsumexp(logits)^2)``.
+  Because f is global, the mean of the per-rank losses over ranks with equal token counts equals the loss of the
+  whole batch, so data-parallel gradient averaging gives the full-batch gradient.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    """Load of one MoE layer in one forward, summed over the EP group. Tensors stay on the device; reading a
+    property syncs with the host.
+
+    Attributes:
+        tokens_per_expert_E: int64 assignments per expert over the EP group (before capacity drops).
+        dropped: int64 0-d, assignments dropped by capacity over the EP group.
+        aux_loss: float32 0-d, this rank's switch loss (already multiplied by its coefficient; 0 when off).
+        z_loss: float32 0-d, this rank's z-loss (already multiplied by its coefficient; 0 when off).
+    """
+
+    tokens_per_expert_E: torch.Tensor
+    dropped: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+
+    @property
+    def imbalance(self) -> float:
+        """max / mean of the tokens per expert (1.0 = perfectly balanced)."""
+        return imbalance(self.tokens_per_expert_E)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "counts": [int(c) for c in self.tokens_per_expert_E.tolist()],
+            "imbalance": self.imbalance,
+            "drops": int(self.dropped),
+            "aux_loss": float(self.aux_loss),
+            "z_loss": float(self.z_loss),
+        }
+
+
+def imbalance(tokens_per_expert_E: torch.Tensor) -> float:
+    """max / mean of a load vector; 1.0 for an all-zero vector (nothing routed is not imbalanced)."""
+    counts = tokens_per_expert_E.double()
+    mean = counts.mean()
+    if float(mean) == 0.0:
+        return 1.0
+    return float(counts.max() / mean)
+
+
+def switch_aux_loss(
+    scores_TE: torch.Tensor, global_tokens_per_expert_E: torch.Tensor, top_k: int, score_function: str
+) -> torch.Tensor:
+    """Switch-transformer load-balancing loss with global assignment fractions (coefficient not applied).
+
+    For sigmoid scores the per-token scores are normalised to sum to one first, as Megatron does.
+    Returns 0 for an empty batch.
+    """
+    num_experts = scores_TE.shape[-1]
+    if scores_TE.shape[0] == 0:
+        return scores_TE.sum() * 0.0
+    probs_TE = scores_TE
+    if score_function == "sigmoid":
+        probs_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
+    total = global_tokens_per_expert_E.sum().clamp(min=1).double()
+    f_E = (global_tokens_per_expert_E.double() / total).float()
+    p_E = probs_TE.mean(dim=0)
+    return num_experts * (f_E * p_E).sum()
+
+
+def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Router z-loss: mean over tokens of logsumexp(logits)^2 (coefficient not applied)."""
+    if logits_TE.shape[0] == 0:
+        return logits_TE.sum() * 0.0
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+@torch.no_grad()
+def update_expert_bias(expert_bias_E: torch.Tensor, tokens_per_expert_E: torch.Tensor, rate: float) -> None:
+    """Move the selection bias towards balance, in place: ``bias += rate * sign(mean - count)``.
+
+    Call it after the optimizer step with *global* counts (identical on every rank) so that the biases of all
+    ranks stay identical. Underloaded experts get a larger bias, overloaded ones a smaller one.
+    """
+    counts = tokens_per_expert_E.to(torch.float32)
+    expert_bias_E.add_(rate * torch.sign(counts.mean() - counts))
+
+
+class LoadMonitor:
+    """Appends one JSON line per step and layer to ``path``:
+    ``{"step", "layer", "counts", "imbalance", "drops", "aux_loss", "z_loss"}``.
+
+    Write from one rank only (counts are global already). Use as a context manager or call ``close()``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.fspath(path)
+        parent = os.path.dirname(self.path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, step: int, layer: str, stats: LoadStats) -> dict[str, Any]:
+        record = {"step": int(step), "layer": str(layer), **stats.as_dict()}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        return record
+
+    def log_model(self, step: int, layers: Iterable[tuple[str, Any]]) -> list[dict[str, Any]]:
+        """Log every (name, layer) that has ``last_stats``; returns the records written."""
+        return [self.log(step, name, layer.last_stats) for name, layer in layers if layer.last_stats is not None]
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "LoadMonitor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_monitor(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read back the records a ``LoadMonitor`` wrote."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,235 @@
+"""The large expert-parallel MoE layer: the one place that wires router -> dispatcher -> expert -> combine.
+
+Shape legend:
+    T  tokens on this rank      H  hidden size      E  experts      K  top_k      R  ranks in the EP group
+    M  rows received by this rank's expert
+
+One forward:
+    1. route locally (router.py); count assignments and drops
+    2. one tiny all_reduce over the EP group: global counts, drops, and every rank's input check
+       (so a bad input on one rank is an error on all ranks, not a hang in the all-to-all)
+    3. dispatch (dispatcher.py): permute by destination, exchange counts, all-to-all
+    4. the expert MLP on the received rows: one dense GEMM pair
+    5. combine: reverse all-to-all, weighted sum over the K choices
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .comm import ProcessGroup, group_rank, group_size
+from .config import LargeEPConfig
+from .dispatcher import AllToAllDispatcher
+from .experts import ExpertMLP
+from .load_balance import LoadStats, switch_aux_loss, update_expert_bias, z_loss
+from .router import Router
+
+# Bits of the per-rank input check exchanged in step 2.
+_BAD_HIDDEN = 1
+_NON_FINITE = 2
+
+
+class PlacementLike(Protocol):
+    """What the layer needs from a placement (see placement.py)."""
+
+    rank_to_expert: list[int]
+
+    def destination_ranks(self, topk_ids_TK: torch.Tensor, src_rank: int) -> torch.Tensor: ...
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on ``y`` whose backward also sends a gradient of 1 into ``loss``: the auxiliary losses join the
+    backward pass without the trainer having to add them to its loss."""
+
+    @staticmethod
+    def forward(ctx, y, loss):  # type: ignore[override]
+        ctx.loss_shape = loss.shape
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        return grad_y, torch.ones(ctx.loss_shape, dtype=torch.float32, device=grad_y.device)
+
+
+class LargeEPMoE(nn.Module):
+    """A Mixture-of-Experts layer with one expert per rank of ``ep_group``.
+
+    Args:
+        config: the layer's settings.
+        ep_group: the expert-parallel group; None means the default (world) group, or a single process when
+            torch.distributed is not initialised.
+        placement: which expert each rank holds and where each token's copy goes (placement.py). None means
+            expert e on rank e, which needs the group size to equal ``num_experts``.
+
+    Attributes:
+        router.weight [E, H], router.expert_bias [E]: the router (replicated on every rank).
+        expert: this rank's ``ExpertMLP`` (see experts.py for the parameter names).
+        expert_id: the expert this rank holds.
+        last_stats: ``LoadStats`` of the latest forward (global counts, imbalance, drops, losses).
+
+    ``forward(x)`` takes ``[..., H]`` and returns the same shape. The auxiliary losses (when their
+    coefficients are > 0) are attached to the backward pass; ``forward(x, return_aux=True)`` instead returns
+    ``(y, aux)`` with ``aux`` the sum of both losses for the trainer to add itself.
+    """
+
+    def __init__(
+        self,
+        config: LargeEPConfig,
+        ep_group: ProcessGroup | None = None,
+        placement: PlacementLike | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.ep_group = ep_group
+        self.ep_size = group_size(ep_group)
+        self.ep_rank = group_rank(ep_group)
+        if placement is None:
+            if self.ep_size != config.num_experts:
+                raise ValueError(
+                    f"the EP group has {self.ep_size} ranks but num_experts={config.num_experts}: without a "
+                    "placement each rank holds exactly one expert, so they must be equal (pass a placement from "
+                    "largeep_plugin.placement for replicas)"
+                )
+            self.expert_id = self.ep_rank
+        else:
+            if len(placement.rank_to_expert) != self.ep_size:
+                raise ValueError(
+                    f"placement.rank_to_expert has {len(placement.rank_to_expert)} entries but the EP group has "
+                    f"{self.ep_size} ranks"
+                )
+            self.expert_id = placement.rank_to_expert[self.ep_rank]
+            if not 0 <= self.expert_id < config.num_experts:
+                raise ValueError(
+                    f"placement gives rank {self.ep_rank} expert {self.expert_id}, outside 0..{config.num_experts - 1}"
+                )
+        self.placement = placement
+        self.router = Router(config.router_config, config.hidden_size, init_std=config.init_std, init_seed=config.init_seed)
+        self.expert = ExpertMLP(config.expert_config, expert_id=self.expert_id, init_seed=config.init_seed)
+        self.dispatcher = AllToAllDispatcher(ep_group)
+        # Global assignments per expert since the last bias update (summed over forwards and micro-batches).
+        self.register_buffer(
+            "tokens_per_expert_since_update", torch.zeros(config.num_experts, dtype=torch.int64), persistent=False
+        )
+        self.last_stats: LoadStats | None = None
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        bad = self._input_problems(x)
+        if bad and not cfg.check_inputs:
+            raise ValueError(self._describe_problems({self.ep_rank: bad}, x))
+        x_TH = x.reshape(-1, cfg.hidden_size) if not bad & _BAD_HIDDEN else x.new_zeros((0, cfg.hidden_size))
+
+        # Step 1: route locally.
+        routing = self.router(x_TH)
+
+        # Step 2: one all_reduce carries the global counts, the drops and every rank's input check.
+        local = torch.zeros(cfg.num_experts + 1 + self.ep_size, dtype=torch.int64, device=x_TH.device)
+        local[: cfg.num_experts] = routing.tokens_per_expert_E
+        local[cfg.num_experts] = routing.num_dropped
+        local[cfg.num_experts + 1 + self.ep_rank] = bad
+        if self.ep_size > 1:
+            dist.all_reduce(local, group=self.ep_group)
+        if cfg.check_inputs:
+            flags = local[cfg.num_experts + 1 :].tolist()
+            problems = {r: f for r, f in enumerate(flags) if f}
+            if problems:
+                raise ValueError(self._describe_problems(problems, x))
+        global_counts_E = local[: cfg.num_experts]
+
+        # Steps 3-5: dispatch, expert, combine.
+        dest_rank_TK = self._destination_ranks(routing.topk_ids_TK)
+        rows_MH, handle = self.dispatcher.dispatch(x_TH, dest_rank_TK, routing.keep_TK, routing.topk_weights_TK)
+        y_TH = self.dispatcher.combine(self.expert(rows_MH), handle)
+
+        aux = self._aux_losses(routing.scores_TE, routing.logits_TE, global_counts_E)
+        with torch.no_grad():
+            self.tokens_per_expert_since_update += global_counts_E
+        self.last_stats = LoadStats(
+            tokens_per_expert_E=global_counts_E.detach(),
+            dropped=local[cfg.num_experts].detach(),
+            aux_loss=aux[0].detach(),
+            z_loss=aux[1].detach(),
+        )
+        y = y_TH.view(x.shape)
+        total_aux = aux[0] + aux[1]
+        if return_aux:
+            return y, total_aux
+        if total_aux.requires_grad:
+            y = _AttachAuxLoss.apply(y, total_aux)
+        return y
+
+    def _destination_ranks(self, topk_ids_TK: torch.Tensor) -> torch.Tensor:
+        if self.placement is None:
+            return topk_ids_TK  # expert e lives on rank e
+        return self.placement.destination_ranks(topk_ids_TK, self.ep_rank)
+
+    def _aux_losses(self, scores_TE: torch.Tensor, logits_TE: torch.Tensor, global_counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        zero = scores_TE.new_zeros(())
+        aux = zero
+        if cfg.aux_loss_coeff > 0:
+            aux = cfg.aux_loss_coeff * switch_aux_loss(scores_TE, global_counts_E, cfg.top_k, cfg.score_function)
+        zl = zero
+        if cfg.z_loss_coeff > 0:
+            zl = cfg.z_loss_coeff * z_loss(logits_TE)
+        return aux, zl
+
+    def _input_problems(self, x: torch.Tensor) -> int:
+        if x.dim() == 0 or x.shape[-1] != self.config.hidden_size:
+            return _BAD_HIDDEN
+        if self.config.check_inputs and x.numel() and not bool(torch.isfinite(x).all()):
+            return _NON_FINITE
+        return 0
+
+    def _describe_problems(self, problems: dict[int, int], x: torch.Tensor) -> str:
+        parts = []
+        hidden = [r for r, f in problems.items() if f & _BAD_HIDDEN]
+        nonfinite = [r for r, f in problems.items() if f & _NON_FINITE]
+        if hidden:
+            mine = f" (this rank's input has shape {tuple(x.shape)})" if self.ep_rank in hidden else ""
+            parts.append(
+                f"input hidden size does not match hidden_size={self.config.hidden_size} on EP rank(s) {hidden}{mine}"
+            )
+        if nonfinite:
+            parts.append(f"input contains NaN or Inf on EP rank(s) {nonfinite}")
+        return "LargeEPMoE: " + "; ".join(parts)
+
+    # ---- load balancing ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_expert_bias(self) -> None:
+        """Apply the aux-loss-free bias update from the global counts since the last call, then reset them.
+        Call after the optimizer step; every rank computes the same update."""
+        update_expert_bias(self.router.expert_bias, self.tokens_per_expert_since_update, self.config.bias_update_rate)
+        self.tokens_per_expert_since_update.zero_()
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"experts={c.num_experts}, top_k={c.top_k}, hidden={c.hidden_size}, ffn={c.ffn_hidden_size}, "
+            f"ep_size={self.ep_size}, expert_id={self.expert_id}, activation={c.activation}"
+        )
+
+
+def moe_layers(model: nn.Module) -> Iterator[tuple[str, LargeEPMoE]]:
+    """Every ``LargeEPMoE`` in ``model`` with its qualified name."""
+    for name, module in model.named_modules():
+        if isinstance(module, LargeEPMoE):
+            yield name, module
+
+
+def update_expert_biases(model: nn.Module) -> int:
+    """Apply the bias update of every large-EP layer in ``model``; returns how many layers were updated."""
+    n = 0
+    for _, layer in moe_layers(model):
+        layer.update_expert_bias()
+        n += 1
+    return n
+
+
+def load_stats(model: nn.Module) -> dict[str, Any]:
+    """``{layer name: LoadStats}`` of the latest forward of every large-EP layer in ``model``."""
+    return {name: layer.last_stats for name, layer in moe_layers(model) if layer.last_stats is not None}

@@ -1,0 +1,140 @@
+"""Top-k routing: a pure function plus a thin module that owns the weights.
+
+Shape legend:
+    T  tokens on this rank          H  hidden size
+    E  experts (all of them)        K  experts chosen per token (top_k)
+
+Selection and weighting are deliberately separate. The experts are *chosen* by ``scores + expert_bias`` (the
+aux-loss-free balancing bias moves which experts win), but the combine weights are the *unbiased* scores of the
+chosen experts, so the bias never changes how much an expert's output counts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .config import RouterConfig
+
+
+@dataclass(frozen=True)
+class RoutingResult:
+    """What the router hands to the dispatcher.
+
+    Attributes:
+        logits_TE: raw router logits, float32.
+        scores_TE: softmax or sigmoid of the logits, float32 (the probabilities the aux loss uses).
+        topk_ids_TK: chosen experts, int64, ordered by biased score (best first).
+        topk_weights_TK: combine weights, float32, differentiable w.r.t. the router weight; 0 where dropped.
+        keep_TK: bool, False where the capacity limit dropped the assignment (all True when dropless).
+        tokens_per_expert_E: assignments per expert on this rank *before* capacity drops, int64.
+    """
+
+    logits_TE: torch.Tensor
+    scores_TE: torch.Tensor
+    topk_ids_TK: torch.Tensor
+    topk_weights_TK: torch.Tensor
+    keep_TK: torch.Tensor
+    tokens_per_expert_E: torch.Tensor
+
+    @property
+    def num_dropped(self) -> torch.Tensor:
+        """Number of (token, expert) assignments dropped by capacity, a 0-d int64 tensor."""
+        return (~self.keep_TK).sum()
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Largest number of assignments one expert takes from a rank's ``num_tokens`` tokens."""
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def capacity_keep_mask(
+    topk_ids_TK: torch.Tensor, topk_scores_TK: torch.Tensor, num_experts: int, capacity: int
+) -> torch.Tensor:
+    """Keep, per expert, the ``capacity`` assignments with the highest score; drop the rest.
+
+    Ties are broken by position (earlier token, then earlier k, wins) so the result is deterministic.
+
+    Returns:
+        keep_TK: bool tensor, True for kept assignments.
+    """
+    flat_ids = topk_ids_TK.reshape(-1)
+    flat_scores = topk_scores_TK.reshape(-1).detach()
+    n = flat_ids.numel()
+    if n == 0:
+        return torch.ones_like(topk_ids_TK, dtype=torch.bool)
+    # Step 1: order assignments by score, best first (stable, so ties keep their original order) ...
+    order = torch.sort(flat_scores, descending=True, stable=True).indices
+    # Step 2: ... then group them by expert, keeping that order inside each expert.
+    order = order[torch.sort(flat_ids[order], stable=True).indices]
+    sorted_ids = flat_ids[order]
+    # Step 3: the rank of each assignment inside its expert's group decides whether it fits.
+    counts = torch.bincount(sorted_ids, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_in_expert = torch.arange(n, device=flat_ids.device) - starts[sorted_ids]
+    keep = torch.empty(n, dtype=torch.bool, device=flat_ids.device)
+    keep[order] = rank_in_expert < capacity
+    return keep.view_as(topk_ids_TK)
+
+
+def route(
+    x_TH: torch.Tensor,
+    weight_EH: torch.Tensor,
+    expert_bias_E: torch.Tensor,
+    config: RouterConfig,
+) -> RoutingResult:
+    """Route tokens to their top-k experts.
+
+    Args:
+        x_TH: tokens, any float dtype.
+        weight_EH: router weight.
+        expert_bias_E: float32 selection bias (0 = plain top-k).
+        config: scoring, top-k, normalisation and capacity settings.
+    """
+    # The router runs in float32 whatever the activations are: top-k on bf16 scores is full of ties.
+    logits_TE = torch.nn.functional.linear(x_TH.float(), weight_EH.float())
+    if config.score_function == "softmax":
+        scores_TE = torch.softmax(logits_TE, dim=-1)
+    else:
+        scores_TE = torch.sigmoid(logits_TE)
+    topk_ids_TK = torch.topk(scores_TE.detach() + expert_bias_E, config.top_k, dim=-1).indices
+    topk_scores_TK = scores_TE.gather(1, topk_ids_TK)
+    if config.normalize_topk:
+        topk_weights_TK = topk_scores_TK / (topk_scores_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    else:
+        topk_weights_TK = topk_scores_TK
+    tokens_per_expert_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=config.num_experts)
+    if config.capacity_factor is None:
+        keep_TK = torch.ones_like(topk_ids_TK, dtype=torch.bool)
+    else:
+        capacity = expert_capacity(x_TH.shape[0], config.num_experts, config.top_k, config.capacity_factor)
+        keep_TK = capacity_keep_mask(topk_ids_TK, topk_scores_TK, config.num_experts, capacity)
+        topk_weights_TK = topk_weights_TK * keep_TK
+    return RoutingResult(
+        logits_TE=logits_TE,
+        scores_TE=scores_TE,
+        topk_ids_TK=topk_ids_TK,
+        topk_weights_TK=topk_weights_TK,
+        keep_TK=keep_TK,
+        tokens_per_expert_E=tokens_per_expert_E,
+    )
+
+
+class Router(nn.Module):
+    """Holds ``weight`` [E, H] and the selection bias buffer ``expert_bias`` [E] (float32, zero at start).
+
+    The weight is replicated on every rank (each rank routes its own tokens); it starts from a seeded
+    initialisation so all ranks agree without a broadcast.
+    """
+
+    def __init__(self, config: RouterConfig, hidden_size: int, *, init_std: float = 0.02, init_seed: int = 0):
+        super().__init__()
+        self.config = config
+        gen = torch.Generator().manual_seed(init_seed)
+        self.weight = nn.Parameter(torch.randn(config.num_experts, hidden_size, generator=gen) * init_std)
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+
+    def forward(self, x_TH: torch.Tensor) -> RoutingResult:
+        return route(x_TH, self.weight, self.expert_bias, self.config)

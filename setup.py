@@ -1,0 +1,33 @@
+"""Packaging for largeep_plugin.
+
+Install the CPU build of torch first on a machine without a GPU (``pip install torch==2.13.0``): the range below
+is satisfied by it, so pip then installs nothing more for torch.
+"""
+from setuptools import find_packages, setup
+
+MEGATRON = ["megatron-core>=0.16,<0.17"]
+DEEPSPEED = ["deepspeed>=0.19,<0.20"]
+TEST = ["pytest>=7", "pytest-timeout>=2"]
+
+setup(
+    name="largeep_plugin",
+    version="0.1.0",
+    description="Large expert parallelism for Mixture-of-Experts training in Megatron-Core and DeepSpeed",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["largeep_plugin", "largeep_plugin.*"]),
+    package_data={"largeep_plugin": ["presets/*.yaml", "presets/*.json"]},
+    install_requires=[
+        "torch>=2.4",
+        "pyyaml>=5.4",      # topology / model / cluster files (imported lazily by the loaders)
+        "matplotlib>=3.5",  # PNG charts of the CLI (imported lazily by the plotting helpers)
+    ],
+    extras_require={
+        "megatron": MEGATRON,
+        "deepspeed": DEEPSPEED,
+        "test": TEST,
+        "all": MEGATRON + DEEPSPEED + TEST,
+    },
+    entry_points={"console_scripts": ["largeep=largeep_plugin.cli:main"]},
+)
