@@ -10,7 +10,7 @@ Everything else in the layer is local computation; the overlap scheduler relies 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -88,3 +88,157 @@ def all_to_all(
         rows_MH: received rows, grouped by source rank in rank order.
     """
     return _AllToAll.apply(x_NH, tuple(output_splits), tuple(input_splits), group)
+
+
+def all_to_all_lanes(
+    lanes: Sequence[torch.Tensor],
+    output_splits: Sequence[int],
+    input_splits: Sequence[int],
+    group: ProcessGroup | None,
+) -> list[torch.Tensor]:
+    """Differentiable all-to-all of several row-aligned 2-D tensors with the same splits.
+
+    Lanes of one dtype travel as one buffer (concatenated along dim 1), so a token and its metadata cost one
+    collective, not two. Returns the received lanes in the input order.
+    """
+    out: list[torch.Tensor | None] = [None] * len(lanes)
+    for idx in _lanes_by_dtype(lanes):
+        merged = lanes[idx[0]] if len(idx) == 1 else torch.cat([lanes[i] for i in idx], dim=1)
+        got = all_to_all(merged, output_splits, input_splits, group)
+        for i, part in zip(idx, torch.split(got, [lanes[i].shape[1] for i in idx], dim=1)):
+            out[i] = part
+    return out  # type: ignore[return-value]
+
+
+def exchange_chunk_counts(
+    send_RCW: torch.Tensor, num_tokens: int, group: ProcessGroup | None
+) -> tuple[torch.Tensor, list[int]]:
+    """One collective that carries every count a chunked dispatch needs, plus each rank's token count.
+
+    Args:
+        send_RCW: int64 [R, C, W]: W counts per chunk that this rank tells each rank.
+        num_tokens: T of this rank, told to every rank (the overlap pipeline clamps its chunks to the largest T).
+    Returns:
+        recv_RCW: int64 [R, C, W]: what each rank told this rank.
+        tokens_R: T of every rank.
+    """
+    r, c, w = send_RCW.shape
+    packed = torch.cat([send_RCW.reshape(r, c * w), send_RCW.new_full((r, 1), num_tokens)], dim=1)
+    recv = exchange_counts(packed, group).tolist()
+    recv_RCW = torch.tensor([row[:-1] for row in recv], dtype=torch.int64).reshape(r, c, w)
+    return recv_RCW, [row[-1] for row in recv]
+
+
+# ---- asynchronous all-to-all (the overlap pipeline) ---------------------------------------------------------------
+class PendingAllToAll:
+    """An all-to-all in flight. ``wait()`` blocks until it is done (CPU) or makes the compute stream wait for it
+    (accelerators), then returns the received rows."""
+
+    def __init__(self, out: torch.Tensor, keep_alive: tuple[Any, ...], wait_fn: Callable[[], None] | None):
+        self._out = out
+        self._keep_alive = keep_alive  # the send buffer must outlive the collective
+        self._wait_fn = wait_fn
+
+    def wait(self) -> torch.Tensor:
+        if self._wait_fn is not None:
+            self._wait_fn()
+            self._wait_fn = None
+            self._keep_alive = ()
+        return self._out
+
+
+class CommStream:
+    """The side stream that token collectives run on, for one accelerator device.
+
+    Built with the device-generic ``torch.Stream`` / ``torch.Event`` API: the collective waits for an event
+    recorded on the compute stream (its input is ready), runs on this stream, and the compute stream waits for an
+    event recorded after it, so the host never blocks and compute of another chunk runs meanwhile.
+    """
+
+    def __init__(self, device: torch.device):
+        if device.type == "cpu":
+            raise ValueError("CommStream is for accelerator devices; on CPU the collectives are asynchronous work handles")
+        self.device = device
+        self.stream = torch.Stream(device=device)
+
+    def compute_stream(self) -> torch.Stream:
+        return torch.accelerator.current_stream(self.device)
+
+
+def start_all_to_all(
+    x_NH: torch.Tensor,
+    output_splits: Sequence[int],
+    input_splits: Sequence[int],
+    group: ProcessGroup | None,
+    comm_stream: CommStream | None = None,
+) -> PendingAllToAll:
+    """Start an all-to-all (no autograd: the overlap pipeline does its own backward) and return at once.
+
+    On CPU the collective is an ``async_op`` work handle that the backend progresses on its own threads; on an
+    accelerator it is issued on ``comm_stream``. With one rank the rows are copied (on the comm stream when
+    there is one, so the copy still overlaps compute).
+    """
+    send = x_NH.contiguous()
+    out = send.new_empty((sum(output_splits),) + tuple(send.shape[1:]))
+    single = group_size(group) == 1
+    if comm_stream is None:
+        if single:
+            out.copy_(send)
+            return PendingAllToAll(out, (), None)
+        work = dist.all_to_all_single(
+            out, send, list(output_splits), list(input_splits), group=group, async_op=True
+        )
+        return PendingAllToAll(out, (send,), work.wait)
+    compute = comm_stream.compute_stream()
+    side = comm_stream.stream
+    side.wait_event(compute.record_event())
+    with side:
+        if single:
+            out.copy_(send)
+        else:
+            dist.all_to_all_single(out, send, list(output_splits), list(input_splits), group=group)
+    done = side.record_event()
+    # Both buffers were allocated on the compute stream and used on the side stream: tell the caching allocator.
+    send.record_stream(side)
+    out.record_stream(side)
+    return PendingAllToAll(out, (send,), lambda: compute.wait_event(done))
+
+
+class PendingLanes:
+    """Several lanes in flight (one collective per dtype); ``wait()`` returns them in the order given."""
+
+    def __init__(self, parts: list[tuple[list[int], list[int], PendingAllToAll]], num_lanes: int):
+        self._parts = parts
+        self._num_lanes = num_lanes
+
+    def wait(self) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * self._num_lanes
+        for idx, widths, pending in self._parts:
+            for i, part in zip(idx, torch.split(pending.wait(), widths, dim=1)):
+                out[i] = part
+        return out  # type: ignore[return-value]
+
+
+def start_all_to_all_lanes(
+    lanes: Sequence[torch.Tensor],
+    output_splits: Sequence[int],
+    input_splits: Sequence[int],
+    group: ProcessGroup | None,
+    comm_stream: CommStream | None = None,
+) -> PendingLanes:
+    """``start_all_to_all`` for several row-aligned 2-D lanes; lanes of one dtype travel as one buffer."""
+    parts = []
+    for idx in _lanes_by_dtype(lanes):
+        merged = lanes[idx[0]] if len(idx) == 1 else torch.cat([lanes[i] for i in idx], dim=1)
+        widths = [lanes[i].shape[1] for i in idx]
+        parts.append((idx, widths, start_all_to_all(merged, output_splits, input_splits, group, comm_stream)))
+    return PendingLanes(parts, len(lanes))
+
+
+def _lanes_by_dtype(lanes: Sequence[torch.Tensor]) -> list[list[int]]:
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(lanes):
+        if t.dim() != 2:
+            raise ValueError(f"lane {i} has shape {tuple(t.shape)}: lanes must be 2-D [rows, width]")
+        groups.setdefault(t.dtype, []).append(i)
+    return list(groups.values())

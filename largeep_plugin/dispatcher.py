@@ -61,10 +61,41 @@ def unpermute_and_reduce(rows_AH: torch.Tensor, handle: DispatchHandle) -> torch
     Index-copy into a [T*K, H] buffer then a sum over K (instead of an index_add over tokens) keeps the
     reduction order fixed, so results are deterministic on every device.
     """
-    t, k = handle.topk_weights_TK.shape
-    full = rows_AH.new_zeros((t * k, rows_AH.shape[-1])).index_copy(0, handle.order_A, rows_AH)
-    y_TH = (full.view(t, k, -1).float() * handle.topk_weights_TK.unsqueeze(-1)).sum(dim=1)
+    return weighted_sum_over_k(rows_AH, handle.order_A, handle.topk_weights_TK)
+
+
+def weighted_sum_over_k(rows_AH: torch.Tensor, order_A: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """y_TH[t] = sum_k weights_TK[t, k] * row of assignment (t, k); assignments not in ``order_A`` count as 0.
+
+    Args:
+        rows_AH: one row per entry of ``order_A``.
+        order_A: int64 indices into the flattened [T*K] assignments.
+        weights_TK: float32 weights (differentiable).
+    Returns:
+        y_TH in the dtype of ``rows_AH`` (the sum is taken in float32).
+    """
+    t, k = weights_TK.shape
+    full = rows_AH.new_zeros((t * k, rows_AH.shape[-1])).index_copy(0, order_A, rows_AH)
+    y_TH = (full.view(t, k, rows_AH.shape[-1]).float() * weights_TK.unsqueeze(-1)).sum(dim=1)
     return y_TH.to(rows_AH.dtype)
+
+
+def permute_by_chunk_and_destination(
+    dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor, num_ranks: int, chunk_T: torch.Tensor, num_chunks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``permute_by_destination`` for a batch cut into chunks: assignments sorted by (chunk, destination rank).
+
+    Args:
+        chunk_T: int64 chunk of each token (non-decreasing).
+    Returns:
+        order_A: int64 indices into the flattened [T*K] assignments, chunk-major.
+        send_counts_CR: int64 rows per chunk and destination rank.
+    """
+    key = (chunk_T.unsqueeze(1) * num_ranks + dest_rank_TK).reshape(-1)
+    kept = torch.nonzero(keep_TK.reshape(-1), as_tuple=True)[0]
+    order_A = kept[torch.sort(key[kept], stable=True).indices]
+    counts = torch.bincount(key[order_A], minlength=num_chunks * num_ranks)
+    return order_A, counts.view(num_chunks, num_ranks)
 
 
 class AllToAllDispatcher:

@@ -1,0 +1,269 @@
+"""Node-batched (hierarchical) dispatch: a token crosses the inter-node link once per remote node it needs.
+
+Shape legend:
+    T  tokens of this rank      K  top_k        H  hidden size       R  ranks in the EP group
+    G  ranks per node           N  nodes        C  chunks (1 without the overlap pipeline)    W  counts per chunk
+    S  stage-1 rows this rank sends: one per (token, node that holds at least one of its kept experts)
+    U  stage-1 rows this rank receives as a gateway
+    B  assignments this gateway forwards inside its node (one per received row and expert of it on this node)
+    M  rows this rank's expert receives
+
+Ranks are numbered node by node: EP rank r lives on node r // G with local index r % G (torchrun's order).
+
+Dispatch of a token on rank s (node a, local index l):
+    stage 1, across nodes: for every node n that holds one of the token's kept experts, ONE row goes to rank
+        n*G + l, the *gateway* of s on node n (same local index: on a real cluster, the same NIC rail). The row
+        carries metadata [K weights | K local destinations] (weight 0 and destination -1 for experts elsewhere).
+    stage 2, inside node n: the gateway copies the row once per expert of the token on its node and sends each
+        copy to the rank that holds that expert.
+Combine undoes it: expert outputs go back to the gateway (stage 2 reversed), the gateway takes the weighted sum over
+the token's experts on its node, ONE row per (token, node) goes back (stage 1 reversed), and the source sums over
+nodes. So both directions cross nodes once per (token, remote node) instead of once per (token, remote expert):
+the inter-node rows shrink by the dedup factor (``internode_rows``). Results equal the flat dispatcher up to the
+order of a float32 sum (per node, then over nodes).
+
+Both stages are ``all_to_all_single`` over the EP group with zero splits outside the stage (the rail, the node), so
+no extra process group is needed. All counts of both stages and all chunks come from ONE small exchange up front:
+rank s tells rank r, per chunk, [its flat count to r, its stage-1 rows to r, its flat counts to each rank of r's
+node]; from that r knows what it receives in stage 1, what it forwards in stage 2 (as a gateway) and what it
+receives in stage 2 (as an expert).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .comm import ProcessGroup, all_to_all, all_to_all_lanes, exchange_chunk_counts, group_rank, group_size
+from .dispatcher import weighted_sum_over_k
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeLayout:
+    """Which node each EP rank is on: ``ranks_per_node`` consecutive ranks per node, at least two nodes."""
+
+    num_ranks: int
+    ranks_per_node: int
+
+    def __post_init__(self) -> None:
+        g, r = self.ranks_per_node, self.num_ranks
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ValueError(f"ranks_per_node={g!r} must be an integer >= 1")
+        if r % g:
+            raise ValueError(f"ranks_per_node={g} does not divide the EP group size {r}")
+        if r // g < 2:
+            raise ValueError(
+                f"dispatch='hierarchical' needs at least two nodes, but ranks_per_node={g} and the EP group has {r} "
+                "rank(s): one node. Use dispatch='flat'."
+            )
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_ranks // self.ranks_per_node
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.ranks_per_node
+
+    def local_of(self, rank: int) -> int:
+        return rank % self.ranks_per_node
+
+
+@dataclass(frozen=True)
+class NodePack:
+    """Stage-1 rows of this rank, chunk-major (then node, then token), and the counts it tells the others.
+
+    Attributes:
+        token_S, node_S: int64 token and destination node of each stage-1 row.
+        meta_SK2: float32 [weights (0 for experts elsewhere) | local destination rank (-1 for none)];
+            differentiable in the weights.
+        send_RCW: int64 [R, C, 2 + G] counts to exchange (see the module docstring).
+        rows_C: stage-1 rows per chunk.
+    """
+
+    token_S: torch.Tensor
+    node_S: torch.Tensor
+    meta_SK2: torch.Tensor
+    send_RCW: torch.Tensor
+    rows_C: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StageSplits:
+    """Split sizes (length R each) of one chunk's two stages, seen from this rank, dispatch direction."""
+
+    s1_send: tuple[int, ...]
+    s1_recv: tuple[int, ...]
+    s2_send: tuple[int, ...]
+    s2_recv: tuple[int, ...]
+
+
+def pack_by_node(
+    dest_rank_TK: torch.Tensor,
+    keep_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    layout: NodeLayout,
+    rank: int,
+    chunk_T: torch.Tensor,
+    num_chunks: int,
+) -> NodePack:
+    """Step 1 of a hierarchical dispatch, local: one row per (token, node) and the counts to exchange."""
+    t, k = dest_rank_TK.shape
+    g, n, r = layout.ranks_per_node, layout.num_nodes, layout.num_ranks
+    node_TK = dest_rank_TK // g
+    # Which nodes each token needs (dropped assignments need none).
+    present_TN = torch.zeros(t, n, dtype=torch.bool, device=dest_rank_TK.device)
+    present_TN[torch.arange(t, device=dest_rank_TK.device).unsqueeze(1).expand(t, k)[keep_TK], node_TK[keep_TK]] = True
+    token_S, node_S = torch.nonzero(present_TN, as_tuple=True)
+    # Chunk-major, then node (= gateway), then token: each (chunk, gateway) block is contiguous for the all-to-all.
+    key_S = chunk_T[token_S] * n + node_S
+    order = torch.sort(key_S, stable=True).indices
+    token_S, node_S, key_S = token_S[order], node_S[order], key_S[order]
+
+    on_node_SK = (node_TK[token_S] == node_S.unsqueeze(1)) & keep_TK[token_S]
+    weights_SK = topk_weights_TK.index_select(0, token_S) * on_node_SK
+    local_SK = torch.where(on_node_SK, dest_rank_TK[token_S] % g, torch.full_like(dest_rank_TK[token_S], -1))
+    meta_SK2 = torch.cat([weights_SK.float(), local_SK.float()], dim=1)
+
+    # Counts: [flat count to r | stage-1 rows to r | flat counts to every rank of r's node], per chunk.
+    flat_key = (chunk_T.unsqueeze(1) * r + dest_rank_TK)[keep_TK]
+    flat_CR = torch.bincount(flat_key, minlength=num_chunks * r).view(num_chunks, r).cpu()
+    rows_CN = torch.bincount(key_S, minlength=num_chunks * n).view(num_chunks, n).cpu()
+    gateways = [m * g + layout.local_of(rank) for m in range(n)]
+    send_RCW = torch.zeros(r, num_chunks, 2 + g, dtype=torch.int64)
+    send_RCW[:, :, 0] = flat_CR.t()
+    send_RCW[gateways, :, 1] = rows_CN.t()
+    node_of_R = torch.arange(r) // g
+    send_RCW[:, :, 2:] = flat_CR.view(num_chunks, n, g)[:, node_of_R, :].permute(1, 0, 2)
+    return NodePack(token_S, node_S, meta_SK2, send_RCW, tuple(rows_CN.sum(dim=1).tolist()))
+
+
+def stage_splits(pack: NodePack, recv_RCW: torch.Tensor, layout: NodeLayout, rank: int, num_chunks: int) -> list[StageSplits]:
+    """Step 2, local: the split sizes of both stages of every chunk, from the exchanged counts."""
+    g, r = layout.ranks_per_node, layout.num_ranks
+    node, local = layout.node_of(rank), layout.local_of(rank)
+    mates = list(range(node * g, (node + 1) * g))
+    rail = [s for s in range(r) if s % g == local]
+    out = []
+    for c in range(num_chunks):
+        s2_send, s2_recv = [0] * r, [0] * r
+        for j, m in enumerate(mates):
+            s2_send[m] = int(recv_RCW[rail, c, 2 + j].sum())  # what this gateway forwards to node-mate j
+            s2_recv[m] = int(recv_RCW[[s for s in range(r) if s % g == j], c, 0].sum())  # what gateway m sends me
+        out.append(StageSplits(
+            s1_send=tuple(pack.send_RCW[:, c, 1].tolist()),
+            s1_recv=tuple(recv_RCW[:, c, 1].tolist()),
+            s2_send=tuple(s2_send),
+            s2_recv=tuple(s2_recv),
+        ))
+    return out
+
+
+def gateway_expand(rows_UH: torch.Tensor, meta_UK2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 1 -> stage 2 at the gateway, local: one copy of a received row per expert of it on this node.
+
+    Returns:
+        rows_BH: copies ordered by local destination rank (stable, so each source's rows keep their order).
+        weights_UK: the combine weights of the received rows (differentiable; 0 for experts elsewhere).
+        order_B: int64 indices into the flattened [U*K] (row, slot) pairs, the order of ``rows_BH``.
+    """
+    k = meta_UK2.shape[1] // 2
+    weights_UK, local_UK = meta_UK2[:, :k], meta_UK2[:, k:].long()
+    flat_local = local_UK.reshape(-1)
+    valid = torch.nonzero(flat_local >= 0, as_tuple=True)[0]
+    order_B = valid[torch.sort(flat_local[valid], stable=True).indices]
+    return rows_UH.index_select(0, order_B // k), weights_UK, order_B
+
+
+def gateway_reduce(back_BH: torch.Tensor, weights_UK: torch.Tensor, order_B: torch.Tensor) -> torch.Tensor:
+    """Stage 2 -> stage 1 at the gateway, local: the weighted sum over a row's experts on this node, [U, H]."""
+    return weighted_sum_over_k(back_BH, order_B, weights_UK)
+
+
+def source_reduce(partial_SH: torch.Tensor, token_S: torch.Tensor, node_S: torch.Tensor, num_tokens: int, num_nodes: int) -> torch.Tensor:
+    """The last step, local: y_TH = the sum over nodes of the partial sums that came back (float32 sum)."""
+    full = partial_SH.new_zeros((num_tokens * num_nodes, partial_SH.shape[-1]))
+    full = full.index_copy(0, token_S * num_nodes + node_S, partial_SH)
+    # An explicit width (not -1): with T = 0 a -1 cannot be inferred.
+    return full.view(num_tokens, num_nodes, partial_SH.shape[-1]).float().sum(dim=1).to(partial_SH.dtype)
+
+
+def internode_rows(dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor, rank: int, layout: NodeLayout) -> tuple[int, int]:
+    """Rows this rank sends across nodes in one dispatch: (flat, hierarchical). flat / hierarchical is the dedup
+    factor; combine sends the same numbers back."""
+    node_TK = dest_rank_TK // layout.ranks_per_node
+    remote_TK = keep_TK & (node_TK != layout.node_of(rank))
+    flat = int(remote_TK.sum())
+    present = torch.zeros(dest_rank_TK.shape[0], layout.num_nodes, dtype=torch.bool, device=dest_rank_TK.device)
+    t_idx = torch.arange(dest_rank_TK.shape[0], device=dest_rank_TK.device).unsqueeze(1).expand_as(node_TK)
+    present[t_idx[remote_TK], node_TK[remote_TK]] = True
+    return flat, int(present.sum())
+
+
+@dataclass(frozen=True)
+class HierarchicalHandle:
+    """What ``HierarchicalDispatcher.combine`` needs to undo a dispatch.
+
+    Attributes:
+        splits: both stages' split sizes.
+        weights_UK: gateway-side combine weights (differentiable).
+        order_B: int64 gateway-side (row, slot) order of the forwarded copies.
+        token_S, node_S: int64 token and node of each stage-1 row this rank sent.
+        num_tokens: T.  num_nodes: N.
+    """
+
+    splits: StageSplits
+    weights_UK: torch.Tensor
+    order_B: torch.Tensor
+    token_S: torch.Tensor
+    node_S: torch.Tensor
+    num_tokens: int
+    num_nodes: int
+
+
+class HierarchicalDispatcher:
+    """Node-batched dispatcher with the same contract as ``AllToAllDispatcher``: dispatch -> (rows, frozen
+    handle), combine(rows, handle) -> y_TH; no per-call state on self.
+
+    Args:
+        ep_group: the expert-parallel process group (None = default group).
+        ranks_per_node: G; EP rank r is on node r // G. At least two nodes (else ValueError).
+    """
+
+    def __init__(self, ep_group: ProcessGroup | None, ranks_per_node: int):
+        self.ep_group = ep_group
+        self.num_ranks = group_size(ep_group)
+        self.rank = group_rank(ep_group)
+        self.layout = NodeLayout(num_ranks=self.num_ranks, ranks_per_node=ranks_per_node)
+
+    def dispatch(
+        self,
+        x_TH: torch.Tensor,
+        dest_rank_TK: torch.Tensor,
+        keep_TK: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+    ) -> tuple[torch.Tensor, HierarchicalHandle]:
+        """Send each token once to every node that holds one of its kept experts, then to those experts.
+
+        Args and returns as ``AllToAllDispatcher.dispatch``; rows_MH is grouped by gateway rank.
+        """
+        chunk_T = torch.zeros(x_TH.shape[0], dtype=torch.int64, device=x_TH.device)
+        pack = pack_by_node(dest_rank_TK, keep_TK, topk_weights_TK, self.layout, self.rank, chunk_T, 1)
+        recv_RCW, _ = exchange_chunk_counts(pack.send_RCW, x_TH.shape[0], self.ep_group)
+        splits = stage_splits(pack, recv_RCW, self.layout, self.rank, 1)[0]
+        rows_SH = x_TH.index_select(0, pack.token_S)
+        rows_UH, meta_UK2 = all_to_all_lanes([rows_SH, pack.meta_SK2], splits.s1_recv, splits.s1_send, self.ep_group)
+        rows_BH, weights_UK, order_B = gateway_expand(rows_UH, meta_UK2)
+        rows_MH = all_to_all(rows_BH, splits.s2_recv, splits.s2_send, self.ep_group)
+        handle = HierarchicalHandle(
+            splits=splits, weights_UK=weights_UK, order_B=order_B, token_S=pack.token_S, node_S=pack.node_S,
+            num_tokens=x_TH.shape[0], num_nodes=self.layout.num_nodes,
+        )
+        return rows_MH, handle
+
+    def combine(self, rows_MH: torch.Tensor, handle: HierarchicalHandle) -> torch.Tensor:
+        """Send expert outputs back through their gateways (summed per node there) and sum them per token."""
+        s = handle.splits
+        back_BH = all_to_all(rows_MH, s.s2_send, s.s2_recv, self.ep_group)
+        partial_UH = gateway_reduce(back_BH, handle.weights_UK, handle.order_B)
+        partial_SH = all_to_all(partial_UH, s.s1_send, s.s1_recv, self.ep_group)
+        return source_reduce(partial_SH, handle.token_S, handle.node_S, handle.num_tokens, handle.num_nodes)

@@ -1,0 +1,432 @@
+"""Overlap scheduler: dispatch of chunk i+1 and combine of chunk i-1 run while the expert computes chunk i.
+
+Shape legend:
+    T  tokens of this rank      K  top_k        H  hidden size       R  ranks in the EP group      C  chunks
+    A  kept (token, expert) assignments of this rank, chunk-major       S  stage-1 rows (hierarchical.py)
+
+How it works
+------------
+The tokens are cut into C contiguous chunks. Everything a chunk needs is planned up front: the permutation is
+local, and ONE small count exchange tells every rank the split sizes of every chunk (and every rank's T). Each
+chunk is then a *program*: dispatch steps, the expert, combine steps. A step is an ``Exchange`` (an all-to-all
+of some named row-aligned tensors, "lanes") or a ``Local`` function (never communicates: the contract of
+dispatcher.py). Flat: [Exchange] expert [Exchange]. Hierarchical: [Exchange, Local(gateway expand), Exchange]
+expert [Exchange, Local(gateway reduce), Exchange].
+
+The scheduler walks the chunks in a fixed order, the same on every rank (the collectives must match):
+
+    for c in chunks:  finish dispatch(c); advance dispatch(c+1 .. c+d) by one exchange each;
+                      expert(c);
+                      start combine(c); advance combine(c-1 .. c-d) by one exchange each
+    finish all combines
+
+so while the expert computes chunk c, the dispatch of the next chunk(s) and the combine of the previous one(s)
+are in flight. On CPU an exchange is a gloo ``async_op`` work handle progressed by gloo's own threads; on an
+accelerator it runs on a side stream (``comm.CommStream``) ordered by events, so the host never blocks.
+
+Backward. Autograd would run the reverse all-to-alls one after another, blocking. Instead the whole pipeline is
+one autograd Function. Its forward runs each Local step (the expert included) under ``enable_grad`` on detached
+inputs and keeps that small graph; its backward runs the *same scheduler* over the reversed programs: a reverse
+exchange is the all-to-all with the splits swapped, a Local step's backward is ``torch.autograd.grad`` of its kept
+graph (the expert's gives its input and parameter gradients, summed over chunks). So the reverse combine of chunk
+i+1 and the reverse dispatch of chunk i-1 are in flight while the expert's backward of chunk i runs. In backward
+every floating lane is exchanged (zeros where no gradient reached it), so the collectives match on all ranks.
+
+Chunk count. Every rank runs the same number of chunks (collectives must match), min(overlap_chunks, the largest
+T in the EP group), learnt from the count exchange: asking for more chunks than tokens is clamped, never an error
+(a decode step with 1 token works with any setting). A rank with fewer tokens than chunks has one token per
+chunk, then empty chunks (it still takes part in their collectives).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+
+from .comm import CommStream, ProcessGroup, exchange_chunk_counts, group_rank, group_size, start_all_to_all_lanes
+from .config import DispatchConfig
+from .dispatcher import AllToAllDispatcher, permute_by_chunk_and_destination, weighted_sum_over_k
+from .hierarchical import HierarchicalDispatcher, NodeLayout, gateway_expand, gateway_reduce, pack_by_node, source_reduce, stage_splits
+
+
+# ---- programs -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Exchange:
+    """An all-to-all of ``lanes`` (row-aligned 2-D tensors), as seen from this rank."""
+
+    lanes: tuple[str, ...]
+    send_splits: tuple[int, ...]
+    recv_splits: tuple[int, ...]
+
+    def reverse(self, lanes: tuple[str, ...] | None = None) -> "Exchange":
+        return Exchange(lanes or self.lanes, self.recv_splits, self.send_splits)
+
+
+@dataclass(frozen=True)
+class Local:
+    """Local computation: ``fn(*inputs) -> tuple of outputs``. Must not communicate."""
+
+    fn: Callable[..., tuple[torch.Tensor, ...]]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+Step = Exchange | Local
+
+
+@dataclass(frozen=True)
+class ChunkProgram:
+    """One chunk: rows ``start:stop`` of every input lane, then dispatch steps, the expert on lane "rows",
+    combine steps; the result is lane "rows"."""
+
+    start: int
+    stop: int
+    dispatch: tuple[Step, ...]
+    combine: tuple[Step, ...]
+
+
+def chunk_of_tokens(num_tokens: int, num_chunks: int, device: torch.device | None = None) -> torch.Tensor:
+    """int64 [T]: chunk of each token; C contiguous chunks, sizes differing by at most one, larger first
+    (``torch.tensor_split`` sizes); with T < C, one token per chunk then empty chunks."""
+    if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
+        raise ValueError(f"overlap_chunks={num_chunks!r} must be an integer >= 1")
+    sizes = [num_tokens // num_chunks + (1 if i < num_tokens % num_chunks else 0) for i in range(num_chunks)]
+    return torch.repeat_interleave(torch.arange(num_chunks, device=device), torch.tensor(sizes, device=device))
+
+
+def effective_chunks(num_chunks: int, tokens_R: Sequence[int]) -> int:
+    """The chunks every rank runs: min(C, largest T), at least 1 (chunks past every rank's T are empty)."""
+    return max(1, min(num_chunks, max(tokens_R)))
+
+
+# ---- the engine -------------------------------------------------------------------------------------------------
+class _Chunk:
+    """Lanes of one chunk in flight, and what its backward needs (kept graphs, exchanged lane metadata)."""
+
+    def __init__(self) -> None:
+        self.lanes: dict[str, torch.Tensor] = {}
+        self.tape: dict[tuple[str, int], object] = {}
+
+
+class _Driver:
+    """Steps a chunk's generator: each ``step`` waits for the exchange in flight (if any), runs the local work
+    after it and starts the next exchange."""
+
+    def __init__(self, gen: Iterator[None]):
+        self.gen, self.done = gen, False
+
+    def step(self) -> None:
+        if not self.done:
+            try:
+                next(self.gen)
+            except StopIteration:
+                self.done = True
+
+    def finish(self) -> None:
+        while not self.done:
+            self.step()
+
+
+def _schedule(n: int, dispatch: Callable[[int], Iterator[None]], compute: Callable[[int], None],
+              combine: Callable[[int], Iterator[None]], ahead_d: int, ahead_c: int) -> None:
+    """The fixed, rank-independent order of the pipeline (see the module docstring)."""
+    disp: dict[int, _Driver] = {}
+    comb: dict[int, _Driver] = {}
+
+    def get(drivers: dict[int, _Driver], make: Callable[[int], Iterator[None]], c: int) -> _Driver:
+        if c not in drivers:
+            drivers[c] = _Driver(make(c))
+        return drivers[c]
+
+    for c in range(n):
+        get(disp, dispatch, c).finish()
+        del disp[c]
+        for j in range(1, ahead_d + 1):
+            if c + j < n:
+                get(disp, dispatch, c + j).step()
+        compute(c)
+        get(comb, combine, c).step()
+        for j in range(1, ahead_c + 1):
+            if c - j >= 0:
+                comb[c - j].step()
+    for c in range(n):
+        comb[c].finish()
+
+
+class _PipelineRun:
+    """One call of the pipeline: forward, and (once) its backward."""
+
+    def __init__(self, programs: list[ChunkProgram], input_names: tuple[str, ...], expert: nn.Module,
+                 group: ProcessGroup | None, device: torch.device):
+        self.programs = programs
+        self.input_names = input_names
+        self.expert = expert
+        self.params = [p for p in expert.parameters() if p.requires_grad]
+        self.group = group
+        self.stream = None if device.type == "cpu" else CommStream(device)
+        self.chunks = [_Chunk() for _ in programs]
+        self.record = False
+        self.out_bounds: list[tuple[int, int]] = []
+        self.input_meta: list[tuple[torch.Size, torch.dtype, bool]] = []
+
+    # forward -----------------------------------------------------------------------------------------------------
+    def forward(self, inputs: Sequence[torch.Tensor], needs: Sequence[bool], record: bool) -> torch.Tensor:
+        self.record = record
+        self.input_meta = [(t.shape, t.dtype, nd) for t, nd in zip(inputs, needs)]
+        for prog, ch in zip(self.programs, self.chunks):
+            for name, t, nd in zip(self.input_names, inputs, needs):
+                ch.lanes[name] = t.detach()[prog.start:prog.stop]
+                ch.tape[("needs", name)] = nd
+
+        def compute(c: int) -> None:
+            self._local(self.chunks[c], ("expert", 0), lambda rows: (self.expert(rows),), ("rows",), ("rows",))
+
+        _schedule(len(self.programs),
+                  lambda c: self._forward_steps(c, "dispatch", self.programs[c].dispatch), compute,
+                  lambda c: self._forward_steps(c, "combine", self.programs[c].combine),
+                  _exchanges(self.programs[0].dispatch), _exchanges(self.programs[0].combine))
+        outs = [ch.lanes.pop("rows") for ch in self.chunks]
+        start = 0
+        for o in outs:
+            self.out_bounds.append((start, start + o.shape[0]))
+            start += o.shape[0]
+        if not record:
+            self.chunks = []
+        return torch.cat(outs)
+
+    def _forward_steps(self, c: int, phase: str, steps: tuple[Step, ...]) -> Iterator[None]:
+        ch = self.chunks[c]
+        for i, step in enumerate(steps):
+            if isinstance(step, Exchange):
+                pending = start_all_to_all_lanes([ch.lanes[n] for n in step.lanes], step.recv_splits,
+                                                 step.send_splits, self.group, self.stream)
+                yield
+                for name, t in zip(step.lanes, pending.wait()):
+                    ch.lanes[name] = t
+                    ch.tape[("shape", phase, i, name)] = (t.shape, t.dtype)
+            else:
+                self._local(ch, (phase, i), step.fn, step.inputs, step.outputs)
+
+    def _local(self, ch: _Chunk, key: tuple[str, int], fn: Callable[..., tuple[torch.Tensor, ...]],
+               inputs: tuple[str, ...], outputs: tuple[str, ...]) -> None:
+        if not self.record:
+            with torch.no_grad():
+                outs = fn(*(ch.lanes[n] for n in inputs))
+            ch.lanes.update(zip(outputs, outs))
+            return
+        leaves = [ch.lanes[n].detach().requires_grad_(bool(ch.tape.get(("needs", n)))) for n in inputs]
+        with torch.enable_grad():
+            outs = fn(*leaves)
+        ch.tape[key] = (leaves, outs)
+        for name, o in zip(outputs, outs):
+            ch.lanes[name] = o.detach()
+            ch.tape[("needs", name)] = o.requires_grad
+
+    # backward ----------------------------------------------------------------------------------------------------
+    def backward(self, grad_out: torch.Tensor) -> list[torch.Tensor | None]:
+        grads = [{"rows": grad_out[a:b]} for a, b in self.out_bounds]
+        param_grads: list[torch.Tensor | None] = [None] * len(self.params)
+
+        def compute(c: int) -> None:
+            ch = self.chunks[c]
+            got = self._local_backward(ch, ("expert", 0), ("rows",), ("rows",), grads[c], with_params=True)
+            for i, g in enumerate(got):
+                if g is not None:
+                    param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+
+        _schedule(len(self.programs),
+                  lambda c: self._backward_steps(c, "combine", self.programs[c].combine, grads[c]), compute,
+                  lambda c: self._backward_steps(c, "dispatch", self.programs[c].dispatch, grads[c]),
+                  _exchanges(self.programs[0].combine), _exchanges(self.programs[0].dispatch))
+        out: list[torch.Tensor | None] = []
+        for name, (shape, dtype, needs) in zip(self.input_names, self.input_meta):
+            if not needs:
+                out.append(None)
+                continue
+            full = torch.zeros(shape, dtype=dtype, device=grad_out.device)
+            for prog, g in zip(self.programs, grads):
+                if g.get(name) is not None:
+                    full[prog.start:prog.stop] = g[name]
+            out.append(full)
+        self.chunks = []
+        return out + param_grads
+
+    def _backward_steps(self, c: int, phase: str, steps: tuple[Step, ...], grads: dict[str, torch.Tensor]) -> Iterator[None]:
+        ch = self.chunks[c]
+        for i in reversed(range(len(steps))):
+            step = steps[i]
+            if isinstance(step, Local):
+                self._local_backward(ch, (phase, i), step.inputs, step.outputs, grads)
+                continue
+            # Every floating lane goes back, zeros where no gradient arrived: the same collectives on all ranks.
+            names, sends = [], []
+            for name in step.lanes:
+                shape, dtype = ch.tape.pop(("shape", phase, i, name))
+                if dtype.is_floating_point:
+                    names.append(name)
+                    g = grads.pop(name, None)
+                    sends.append(g if g is not None else torch.zeros(shape, dtype=dtype, device=self._device()))
+            if not names:
+                continue
+            pending = start_all_to_all_lanes(sends, step.send_splits, step.recv_splits, self.group, self.stream)
+            yield
+            grads.update(zip(names, pending.wait()))
+
+    def _local_backward(self, ch: _Chunk, key: tuple[str, int], inputs: tuple[str, ...], outputs: tuple[str, ...],
+                        grads: dict[str, torch.Tensor], with_params: bool = False) -> list[torch.Tensor | None]:
+        leaves, outs = ch.tape.pop(key)  # type: ignore[misc]
+        pairs = [(o, grads[n]) for n, o in zip(outputs, outs) if o.requires_grad and grads.get(n) is not None]
+        for n in outputs:
+            grads.pop(n, None)
+        wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        params = self.params if with_params else []
+        if not pairs or not (wanted or params):
+            return [None] * len(params)
+        got = torch.autograd.grad([o for o, _ in pairs], wanted + params, [g for _, g in pairs], allow_unused=True)
+        it = iter(got[: len(wanted)])
+        for n, leaf in zip(inputs, leaves):
+            if leaf.requires_grad:
+                g = next(it)
+                if g is not None:
+                    grads[n] = g
+        return list(got[len(wanted):])
+
+    def _device(self) -> torch.device:
+        return self.stream.device if self.stream is not None else torch.device("cpu")
+
+
+def _exchanges(steps: tuple[Step, ...]) -> int:
+    return max(1, sum(isinstance(s, Exchange) for s in steps))
+
+
+class _PipelineFunction(torch.autograd.Function):
+    """The pipeline as one autograd node: inputs (lanes..., expert params...) -> the combined rows."""
+
+    @staticmethod
+    def forward(ctx, run: _PipelineRun, num_inputs: int, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        needs = [bool(n) for n in ctx.needs_input_grad[2:2 + num_inputs]]
+        ctx.run = run
+        return run.forward(tensors[:num_inputs], needs, record=True)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        run: _PipelineRun = ctx.run
+        ctx.run = None
+        return (None, None, *run.backward(grad_out.contiguous()))
+
+
+def run_pipeline(programs: list[ChunkProgram], inputs: dict[str, torch.Tensor], expert: nn.Module,
+                 group: ProcessGroup | None) -> torch.Tensor:
+    """Run chunk programs through the overlap scheduler, differentiably (see the module docstring).
+
+    Args:
+        programs: one per chunk, with identical step structure on every rank.
+        inputs: the input lanes, all chunks' rows one after the other.
+        expert: applied to lane "rows" of each chunk between dispatch and combine.
+    Returns:
+        lane "rows" of every chunk after its combine, concatenated.
+    """
+    names = tuple(inputs)
+    tensors = [inputs[n] for n in names]
+    device = tensors[0].device
+    run = _PipelineRun(programs, names, expert, group, device)
+    needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in tensors) or bool(run.params))
+    if not needs_grad:
+        return run.forward(tensors, [False] * len(tensors), record=False)
+    return _PipelineFunction.apply(run, len(tensors), *tensors, *run.params)
+
+
+# ---- the layer's steps 3-5 ---------------------------------------------------------------------------------------
+def pipelined_exchange(
+    x_TH: torch.Tensor,
+    dest_rank_TK: torch.Tensor,
+    keep_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    expert: nn.Module,
+    *,
+    group: ProcessGroup | None,
+    num_chunks: int,
+    layout: NodeLayout | None = None,
+) -> torch.Tensor:
+    """Dispatch, expert and combine of a whole batch, pipelined over ``num_chunks`` chunks.
+
+    Args:
+        x_TH, dest_rank_TK, keep_TK, topk_weights_TK: as ``AllToAllDispatcher.dispatch``.
+        expert: this rank's expert MLP.
+        layout: None for the flat all-to-all, a ``NodeLayout`` for the node-batched one.
+    Returns:
+        y_TH, equal to the unchunked dispatcher's result (values and gradients, up to float rounding).
+    """
+    t, k = dest_rank_TK.shape
+    num_ranks, rank = group_size(group), group_rank(group)
+    chunk_T = chunk_of_tokens(t, num_chunks, x_TH.device)
+    if layout is None:
+        order_A, send_CR = permute_by_chunk_and_destination(dest_rank_TK, keep_TK, num_ranks, chunk_T, num_chunks)
+        recv_RCW, tokens_R = exchange_chunk_counts(send_CR.t().unsqueeze(-1).cpu(), t, group)
+        n = effective_chunks(num_chunks, tokens_R)
+        send, recv = send_CR.tolist(), recv_RCW[:, :, 0].t().tolist()
+        programs, start = [], 0
+        for c in range(n):
+            ex = Exchange(("rows",), tuple(send[c]), tuple(recv[c]))
+            programs.append(ChunkProgram(start, start + sum(send[c]), (ex,), (ex.reverse(),)))
+            start += sum(send[c])
+        back_AH = run_pipeline(programs, {"rows": x_TH.index_select(0, order_A // k)}, expert, group)
+        return weighted_sum_over_k(back_AH, order_A, topk_weights_TK)
+
+    pack = pack_by_node(dest_rank_TK, keep_TK, topk_weights_TK, layout, rank, chunk_T, num_chunks)
+    recv_RCW, tokens_R = exchange_chunk_counts(pack.send_RCW, t, group)
+    n = effective_chunks(num_chunks, tokens_R)
+    programs, start = [], 0
+    for c, sp in enumerate(stage_splits(pack, recv_RCW, layout, rank, n)):
+        s1 = Exchange(("rows", "meta"), sp.s1_send, sp.s1_recv)
+        s2 = Exchange(("rows",), sp.s2_send, sp.s2_recv)
+        expand = Local(gateway_expand, ("rows", "meta"), ("rows", "weights", "order"))
+        reduce = Local(lambda back, w, order: (gateway_reduce(back, w, order),), ("rows", "weights", "order"), ("rows",))
+        programs.append(ChunkProgram(start, start + pack.rows_C[c], (s1, expand, s2), (s2.reverse(), reduce, s1.reverse(("rows",)))))
+        start += pack.rows_C[c]
+    inputs = {"rows": x_TH.index_select(0, pack.token_S), "meta": pack.meta_SK2}
+    partial_SH = run_pipeline(programs, inputs, expert, group)
+    return source_reduce(partial_SH, pack.token_S, pack.node_S, t, layout.num_nodes)
+
+
+class TokenExchange:
+    """Steps 3-5 of ``LargeEPMoE.forward`` (dispatch, expert, combine), chosen by the dispatch config.
+
+    Args:
+        config: ``dispatch`` ("flat" | "hierarchical") and ``overlap_chunks`` (1 = no pipeline).
+        ep_group: the EP process group.
+        ranks_per_node: ranks per node, consecutive; required for "hierarchical" (at least two nodes).
+
+    ``dispatcher`` is the unchunked dispatcher (``AllToAllDispatcher`` or ``HierarchicalDispatcher``), with the
+    dispatch/combine stage methods; with overlap_chunks > 1 the call goes through the overlap pipeline instead.
+    """
+
+    def __init__(self, config: DispatchConfig, ep_group: ProcessGroup | None, ranks_per_node: int | None = None):
+        self.num_chunks = config.overlap_chunks
+        self.ep_group = ep_group
+        self.layout: NodeLayout | None = None
+        self.dispatcher: AllToAllDispatcher | HierarchicalDispatcher
+        if config.dispatch == "hierarchical":
+            if ranks_per_node is None:
+                raise ValueError(
+                    "dispatch='hierarchical' needs ranks_per_node (the ranks of one node, consecutive in the EP "
+                    "group), got None"
+                )
+            self.dispatcher = HierarchicalDispatcher(ep_group, ranks_per_node)
+            self.layout = self.dispatcher.layout
+        else:
+            if ranks_per_node is not None and (isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int) or ranks_per_node < 1):
+                raise ValueError(f"ranks_per_node={ranks_per_node!r} must be an integer >= 1 or None")
+            self.dispatcher = AllToAllDispatcher(ep_group)
+
+    def __call__(self, x_TH: torch.Tensor, dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor,
+                 topk_weights_TK: torch.Tensor, expert: nn.Module) -> torch.Tensor:
+        if self.num_chunks > 1:
+            return pipelined_exchange(x_TH, dest_rank_TK, keep_TK, topk_weights_TK, expert, group=self.ep_group,
+                                      num_chunks=self.num_chunks, layout=self.layout)
+        rows_MH, handle = self.dispatcher.dispatch(x_TH, dest_rank_TK, keep_TK, topk_weights_TK)
+        return self.dispatcher.combine(expert(rows_MH), handle)  # type: ignore[arg-type]
