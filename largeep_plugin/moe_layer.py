@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .comm import ProcessGroup, group_rank, group_size
 from .config import LargeEPConfig
-from .dispatcher import AllToAllDispatcher
+from .overlap import TokenExchange
 from .experts import ExpertMLP
 from .load_balance import LoadStats, switch_aux_loss, update_expert_bias, z_loss
 from .router import Router
@@ -63,6 +63,8 @@ class LargeEPMoE(nn.Module):
             torch.distributed is not initialised.
         placement: which expert each rank holds and where each token's copy goes (placement.py). None means
             expert e on rank e, which needs the group size to equal ``num_experts``.
+        ranks_per_node: ranks of one node, consecutive in the EP group; needed by ``dispatch="hierarchical"``
+            (at least two nodes, else ValueError).
 
     Attributes:
         router.weight [E, H], router.expert_bias [E]: the router (replicated on every rank).
@@ -80,6 +82,7 @@ class LargeEPMoE(nn.Module):
         config: LargeEPConfig,
         ep_group: ProcessGroup | None = None,
         placement: PlacementLike | None = None,
+        ranks_per_node: int | None = None,
     ):
         super().__init__()
         self.config = config
@@ -108,7 +111,9 @@ class LargeEPMoE(nn.Module):
         self.placement = placement
         self.router = Router(config.router_config, config.hidden_size, init_std=config.init_std, init_seed=config.init_seed)
         self.expert = ExpertMLP(config.expert_config, expert_id=self.expert_id, init_seed=config.init_seed)
-        self.dispatcher = AllToAllDispatcher(ep_group)
+        # Steps 3-5 (overlap.py): flat or node-batched dispatcher, pipelined over chunks when overlap_chunks > 1.
+        self.token_exchange = TokenExchange(config.dispatch_config, ep_group, ranks_per_node)
+        self.dispatcher = self.token_exchange.dispatcher
         # Global assignments per expert since the last bias update (summed over forwards and micro-batches).
         self.register_buffer(
             "tokens_per_expert_since_update", torch.zeros(config.num_experts, dtype=torch.int64), persistent=False
@@ -142,8 +147,7 @@ class LargeEPMoE(nn.Module):
 
         # Steps 3-5: dispatch, expert, combine.
         dest_rank_TK = self._destination_ranks(routing.topk_ids_TK)
-        rows_MH, handle = self.dispatcher.dispatch(x_TH, dest_rank_TK, routing.keep_TK, routing.topk_weights_TK)
-        y_TH = self.dispatcher.combine(self.expert(rows_MH), handle)
+        y_TH = self.token_exchange(x_TH, dest_rank_TK, routing.keep_TK, routing.topk_weights_TK, self.expert)
 
         aux = self._aux_losses(routing.scores_TE, routing.logits_TE, global_counts_E)
         with torch.no_grad():
