@@ -18,13 +18,6 @@ from largeep_plugin.moe_layer import LargeEPMoE
 K = 2
 TAG_H = 4  # columns: source rank, token index, then two free columns
 
-# A rank with no token crashes in combine: dispatcher.unpermute_and_reduce calls full.view(t, k, -1), which
-# cannot infer -1 from a tensor of 0 elements when t = 0. The fix: full.view(t, k, rows_AH.shape[-1]).
-EMPTY_RANK_BUG = pytest.mark.xfail(
-    strict=True, raises=Exception,
-    reason="unpermute_and_reduce: view(t, k, -1) fails for a rank with 0 tokens (dispatcher.py, line 66)",
-)
-
 
 def _plan(rank: int, world_size: int, tokens: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank ``rank``'s destinations, keep mask and weights; every rank can recompute any rank's plan."""
@@ -79,7 +72,7 @@ def _dispatcher_rank(rank: int, world_size: int, tokens: tuple[int, ...]) -> dic
 
 
 @pytest.mark.parametrize(
-    "tokens", [pytest.param((2, 5, 3, 7), id="all-ranks-busy"), pytest.param((0, 5, 3, 7), id="rank0-empty", marks=EMPTY_RANK_BUG)]
+    "tokens", [pytest.param((2, 5, 3, 7), id="all-ranks-busy"), pytest.param((0, 5, 3, 7), id="rank0-empty")]
 )
 def test_dispatch_delivers_tagged_rows_in_order_and_combine_returns_them(tokens: tuple[int, ...]) -> None:
     results = world(_dispatcher_rank, 4, tokens)
@@ -147,7 +140,7 @@ def _layer_recorder_rank(rank: int, world_size: int, counts: list[int]) -> dict[
 
 
 @pytest.mark.parametrize(
-    "counts", [pytest.param([4, 9, 3, 6], id="all-ranks-busy"), pytest.param([4, 9, 0, 6], id="rank2-empty", marks=EMPTY_RANK_BUG)]
+    "counts", [pytest.param([4, 9, 3, 6], id="all-ranks-busy"), pytest.param([4, 9, 0, 6], id="rank2-empty")]
 )
 def test_layer_sends_each_token_to_its_experts_and_back(counts: list[int]) -> None:
     results = world(_layer_recorder_rank, 4, counts)
@@ -185,7 +178,6 @@ def _empty_ranks_rank(rank: int, world_size: int) -> dict[str, dict[str, float]]
     }
 
 
-@EMPTY_RANK_BUG
 def test_empty_ranks_and_a_single_token_match_reference() -> None:
     """Ranks without tokens, a single token in the whole world: right answers, no hang."""
     assert_parity(merge_ranks(world(_empty_ranks_rank, 4)))
@@ -217,7 +209,6 @@ def _empty_world_rank(rank: int, world_size: int) -> dict[str, object]:
     }
 
 
-@EMPTY_RANK_BUG
 def test_world_without_tokens_runs_forward_and_backward() -> None:
     for rank, r in enumerate(world(_empty_world_rank, 4)):
         assert r["shape"] == r["grad_shape"] == ((2, 0, HIDDEN) if rank == 1 else (0, HIDDEN))
