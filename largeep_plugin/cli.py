@@ -17,6 +17,8 @@ from typing import Sequence
 # Subcommand modules, in the order ``--help`` lists them.
 _COMMANDS = (
     "demo",
+    "bench",
+    "cluster",
 )
 
 

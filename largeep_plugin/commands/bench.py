@@ -1,0 +1,37 @@
+"""``largeep bench``: benchmarks, each a sub-subcommand in its own module ``commands/bench_<name>.py``.
+
+    largeep bench overlap      # flat vs hierarchical, overlap off vs 2/4/8 chunks, on the emulated cluster
+
+A benchmark module exposes ``add_parser(subparsers) -> ArgumentParser`` and ``run(args) -> int``, like a
+subcommand; add its name to ``_BENCHES`` (one line) to register it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Any
+
+# Benchmark modules (commands/bench_<name>.py), in the order ``--help`` lists them.
+_BENCHES = (
+    "overlap",
+)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="benchmarks (largeep bench --help lists them)", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="bench_name", metavar="BENCH")
+    for name in _BENCHES:
+        module = importlib.import_module(f"largeep_plugin.commands.bench_{name}")
+        q = module.add_parser(sub)
+        q.set_defaults(_bench_run=module.run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    bench_run = getattr(args, "_bench_run", None)
+    if bench_run is None:
+        print(f"usage: largeep bench {{{','.join(_BENCHES)}}} ... (see largeep bench --help)", file=sys.stderr)
+        return 2
+    return int(bench_run(args) or 0)

@@ -1,0 +1,115 @@
+"""``largeep cluster``: run a command on an emulated multi-node cluster on this machine (needs root and iproute2).
+
+    largeep cluster run --nodes 2 --ranks-per-node 4 --inter-bw 1gbit --inter-latency 0 -- \\
+        python -m largeep_plugin.cluster.layer_worker --dispatch hierarchical --chunks 4 --check
+    largeep cluster check          # can this machine host it? (root, iproute2, namespaces, netem)
+    largeep cluster cleanup        # delete namespaces left behind by runs that were killed outright
+
+Each node is a network namespace with its own address (10.77.0.<node+1>), nodes are joined by a bridge whose
+links are limited to --inter-bw per node and direction and delayed by --inter-latency (netem; 0 when the kernel
+has no netem). COMMAND runs once per rank inside its node with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+NODE_RANK, MASTER_ADDR (the first node), MASTER_PORT and GLOO_SOCKET_IFNAME set, so ``init_process_group("gloo")``
+with the env:// rendezvous just works. Output lines are prefixed with ``[rank r]``. The namespaces are deleted
+at the end, also on failure, timeout and Ctrl-C. Exit code: 0, the first failing rank's code, or 124 on timeout.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from typing import Any
+
+from ..cluster import ClusterUnavailable, EmulatedCluster, remove_leftovers, unavailable_reason
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "cluster", help="run a command on an emulated multi-node cluster (network namespaces + tc)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="cluster_command", metavar="ACTION")
+    r = sub.add_parser("run", help="run COMMAND once per rank inside per-node namespaces")
+    r.add_argument("--nodes", type=int, required=True, help="number of nodes (namespaces)")
+    r.add_argument("--ranks-per-node", type=int, required=True, help="ranks started in each node")
+    r.add_argument("--inter-bw", default="1gbit", help="inter-node bandwidth per node and direction (default 1gbit)")
+    r.add_argument("--inter-latency", default="0", help="one-way inter-node latency, e.g. 100us (default 0; needs netem)")
+    r.add_argument("--timeout", type=float, default=600.0, help="seconds before every rank is killed (default 600)")
+    r.add_argument("--grace", type=float, default=15.0,
+                   help="seconds the other ranks get to exit on their own after one fails (default 15)")
+    r.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node (default 29500)")
+    r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    sub.add_parser("check", help="say whether this machine can host the emulated cluster")
+    sub.add_parser("cleanup", help="delete namespaces left behind by killed runs")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    action = getattr(args, "cluster_command", None)
+    if action == "check":
+        return _check()
+    if action == "cleanup":
+        return _cleanup()
+    if action != "run":
+        print("usage: largeep cluster {run,check,cleanup} ... (see largeep cluster --help)", file=sys.stderr)
+        return 2
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        print("largeep cluster run: give the command after --, e.g. -- python train.py", file=sys.stderr)
+        return 2
+    try:
+        cluster = EmulatedCluster(args.nodes, args.ranks_per_node, args.inter_bw, args.inter_latency,
+                                  master_port=args.port)
+    except ValueError as err:
+        print(f"largeep cluster run: {err}", file=sys.stderr)
+        return 2
+    try:
+        with cluster:
+            print(f"emulated cluster: {args.nodes} nodes x {args.ranks_per_node} ranks, inter-node {args.inter_bw} "
+                  f"per node and direction, latency {args.inter_latency}", flush=True)
+            result = cluster.run(command, timeout=args.timeout, grace=args.grace, echo=sys.stdout)
+    except ClusterUnavailable as err:
+        print(f"largeep cluster: cannot build the emulated cluster here: {err}", file=sys.stderr)
+        return 2
+    print(f"largeep cluster: {result.summary()}", flush=True)
+    return result.exit_code
+
+
+def _check() -> int:
+    reason = unavailable_reason()
+    if reason is None:
+        try:
+            with EmulatedCluster(2, 1, "1gbit", "0"):
+                pass
+        except ClusterUnavailable as err:
+            reason = str(err)
+    if reason is not None:
+        print(f"no: {reason}")
+        return 1
+    netem = _netem_available()
+    print("yes: namespaces, bridge and tbf work" + ("; netem too (latency can be emulated)" if netem else
+          "; no netem qdisc in this kernel, so --inter-latency must be 0"))
+    return 0
+
+
+def _netem_available() -> bool:
+    try:
+        with EmulatedCluster(2, 1, "1gbit", "1us"):
+            return True
+    except ClusterUnavailable:
+        return False
+
+
+def _cleanup() -> int:
+    reason = unavailable_reason()
+    if reason is not None:
+        print(f"nothing to do: {reason}")
+        return 0
+    try:
+        removed = remove_leftovers()
+    except (RuntimeError, subprocess.SubprocessError) as err:
+        print(f"cleanup failed: {err}", file=sys.stderr)
+        return 1
+    print(f"removed {len(removed)} leftover namespace(s)" + (": " + ", ".join(removed) if removed else ""))
+    return 0
