@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 from largeep_plugin.perfmodel import flops
 from largeep_plugin.perfmodel.decode import DecodeResult, simulate_decode
+from largeep_plugin.perfmodel.layout import Layout
 from largeep_plugin.perfmodel.scenario import Scenario
 from largeep_plugin.perfmodel.training import TrainingResult, simulate_training
+from largeep_plugin.perfmodel.workload import TrainingWorkload
 
 TOLERANCE = 1.3
 
@@ -42,8 +45,11 @@ class ClaimCheck:
     verdicts: tuple[str, ...]
 
 
-def check_claims(sc: Scenario) -> list[ClaimCheck]:
-    """Predict every layout of the scenario and judge its claims (layouts without claims are predicted too)."""
+def check_claims(sc: Scenario,
+                 workload_for: Callable[[Layout], TrainingWorkload] | None = None) -> list[ClaimCheck]:
+    """Predict every layout of the scenario and judge its claims (layouts without claims are predicted too).
+    workload_for: the training workload per layout (e.g. with an imbalance measured at its EP size); default:
+    the scenario's."""
     out = []
     top1 = None
     if sc.model.moe is not None and sc.model.moe.top_k > 1:
@@ -53,7 +59,7 @@ def check_claims(sc: Scenario) -> list[ClaimCheck]:
         verdicts: list[str] = []
         tr = pred_tps = ceiling = need = need1 = None
         if sc.training is not None:
-            w = sc.training
+            w = workload_for(layout) if workload_for else sc.training
             tr = simulate_training(sc.model, sc.cluster, layout, w)
             pred_tps = tr.tokens_per_s
             peak = sc.cluster.num_gpus * sc.cluster.gpu.peak_flops(w.precision)
@@ -71,8 +77,12 @@ def check_claims(sc: Scenario) -> list[ClaimCheck]:
             d = sc.decode
             dr = simulate_decode(sc.model, sc.cluster, layout, d)
             dr1 = simulate_decode(sc.model, sc.cluster, layout, dataclasses.replace(d, batch=1))
+            drm = None
+            if not dr.memory.fits and dr.memory.max_batch >= 1:
+                drm = simulate_decode(sc.model, sc.cluster, layout,
+                                      dataclasses.replace(d, batch=dr.memory.max_batch))
             if claim is not None and claim.ms_per_token is not None:
-                verdicts.append(_decode_verdict(layout.name, claim.ms_per_token, dr, dr1))
+                verdicts.append(_decode_verdict(layout.name, claim.ms_per_token, dr, dr1, drm))
         out.append(ClaimCheck(
             layout=layout.name,
             claimed_tokens_per_s=claim.tokens_per_s if claim else None,
@@ -118,18 +128,24 @@ def _training_verdict(name: str, claimed: float, tr: TrainingResult, need: float
     return f"{head}: consistent with the prediction of {tr.tokens_per_s:,.0f} tokens/s (within 30%)."
 
 
-def _decode_verdict(name: str, claimed_ms: float, dr: DecodeResult, dr1: DecodeResult) -> str:
+def _decode_verdict(name: str, claimed_ms: float, dr: DecodeResult, dr1: DecodeResult,
+                    drm: DecodeResult | None) -> str:
     head = f"{name} decode {claimed_ms:g} ms/token"
     parts = []
     if not dr.memory.fits:
-        parts.append(f"at batch {dr.batch} x context {dr.context} it CANNOT RUN ({dr.memory.describe()}; "
-                     f"the largest batch that fits is {dr.memory.max_batch})")
-    floor1 = dr1.floor_s * 1e3
+        parts.append(f"at batch {dr.batch} x context {dr.context} it CANNOT RUN ({dr.memory.describe()})")
+        if drm is not None:
+            parts.append(f"the largest batch that fits, {drm.batch}, takes {drm.tpot_s * 1e3:.2f} ms "
+                         f"(floor {drm.floor_s * 1e3:.2f} ms)")
+    floor1, pred1 = dr1.floor_s * 1e3, dr1.tpot_s * 1e3
     if claimed_ms < floor1:
         parts.append(f"CANNOT HOLD at context {dr.context}: below the floor of {floor1:.2f} ms even at batch 1 "
                      f"(weights and KV cache streamed at peak HBM bandwidth, no communication)")
+    elif claimed_ms > TOLERANCE * pred1:
+        parts.append(f"at batch 1 the model predicts {pred1:.2f} ms (floor {floor1:.2f} ms), "
+                     f"so the claim is {claimed_ms / pred1:.1f}x slower than the model")
     else:
-        parts.append(f"the model predicts {dr1.tpot_s * 1e3:.2f} ms at batch 1 (floor {floor1:.2f} ms)")
-        if claimed_ms > TOLERANCE * dr1.tpot_s * 1e3 and dr.memory.fits:
-            parts.append(f"and {dr.tpot_s * 1e3:.2f} ms at batch {dr.batch}")
+        parts.append(f"at batch 1 the model predicts {pred1:.2f} ms (floor {floor1:.2f} ms)")
+    if dr.memory.fits:
+        parts.append(f"at batch {dr.batch} it predicts {dr.tpot_s * 1e3:.2f} ms")
     return f"{head}: " + "; ".join(parts) + "."
