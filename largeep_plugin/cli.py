@@ -19,6 +19,7 @@ _COMMANDS = (
     "demo",
     "bench",
     "cluster",
+    "simulate",
 )
 
 
