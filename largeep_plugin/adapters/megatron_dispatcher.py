@@ -1,0 +1,125 @@
+"""The plugin's all-to-all behind Megatron's six-method ``MoETokenDispatcher`` contract.
+
+Shape legend:
+    T  tokens on this rank      H  hidden size      E  experts      K  top_k
+    M  rows this rank's expert receives
+
+Megatron's ``MoELayer`` drives a dispatcher through six stages (so that its EP overlap can schedule them):
+
+    dispatch_preprocess(x, routing_map_TE, probs_TE)  local    [T, E] masks -> top-k ids, destination ranks
+    token_dispatch(x_TH, probs)                       comm     permute + count exchange + all-to-all (core)
+    dispatch_postprocess(rows_MH, probs)              local    rows for the one local expert
+    combine_preprocess(out_MH)                        local    nothing to do
+    token_combine(out_MH)                             comm     reverse all-to-all + weighted sum (core)
+    combine_postprocess(y_TH)                         local    back to the input's shape
+
+The token movement is the core ``AllToAllDispatcher`` (``dispatch -> (rows, frozen handle)``,
+``combine(rows, handle)``). Megatron's ``combine(output)`` stage has no argument for the handle, so it waits on
+``self`` between ``token_dispatch`` and ``token_combine``, exactly as Megatron's own dispatchers keep their state;
+a layer runs one micro-batch's forward at a time, and misuse (combine before dispatch) is an error, not a
+silent mix-up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+
+from ..dispatcher import AllToAllDispatcher, DispatchHandle
+
+
+@dataclass(frozen=True)
+class _Routed:
+    """What ``dispatch_preprocess`` decided, for ``token_dispatch``."""
+
+    dest_rank_TK: torch.Tensor
+    keep_TK: torch.Tensor
+    topk_weights_TK: torch.Tensor
+    hidden_shape: torch.Size
+
+
+def topk_from_routing_map(routing_map_TE: torch.Tensor, probs_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Megatron's [T, E] routing masks back to top-k lists.
+
+    Returns:
+        topk_ids_TK: int64, the chosen experts of each token in expert order; a token with fewer than K kept
+            assignments (capacity drops) is padded with unchosen experts ...
+        keep_TK: ... which are marked False here.
+        topk_weights_TK: ``probs_TE`` at those experts (differentiable; 0 where not kept).
+    """
+    # A stable sort of "not chosen" puts each token's chosen experts first, in expert order.
+    topk_ids_TK = torch.argsort((~routing_map_TE).to(torch.int8), dim=1, stable=True)[:, :top_k]
+    keep_TK = routing_map_TE.gather(1, topk_ids_TK)
+    topk_weights_TK = probs_TE.gather(1, topk_ids_TK) * keep_TK
+    return topk_ids_TK, keep_TK, topk_weights_TK
+
+
+class LargeEPTokenDispatcher(MoETokenDispatcher):
+    """Megatron token dispatcher over the plugin's all-to-all.
+
+    Args:
+        config: Megatron's ``TransformerConfig``.
+        pg_collection: Megatron's process groups (``ep`` is the EP group).
+        ep_rank: this rank in the EP group.
+        placement: the plugin's placement (None: expert e on EP rank e).
+    """
+
+    def __init__(self, *, config: Any, pg_collection: Any, ep_rank: int, placement: Any = None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.top_k = config.moe_router_topk
+        self.ep_rank = ep_rank
+        self.placement = placement
+        self.dispatcher = AllToAllDispatcher(self.ep_group)
+        # Per-call state between stages (see the module docstring); each is taken by the next stage.
+        self._routed: _Routed | None = None
+        self._in_flight: tuple[DispatchHandle, torch.Size] | None = None
+        self._combined_shape: torch.Size | None = None
+
+    def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
+        """Local: the top-k lists and each assignment's destination rank. Returns ``(x_TH, probs)``."""
+        x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
+        topk_ids_TK, keep_TK, weights_TK = topk_from_routing_map(routing_map, probs, self.top_k)
+        if self.placement is None:
+            dest_rank_TK = topk_ids_TK  # expert e lives on EP rank e
+        else:
+            dest_rank_TK = self.placement.destination_ranks(topk_ids_TK, self.ep_rank)
+        self._routed = _Routed(dest_rank_TK, keep_TK, weights_TK, hidden_states.shape)
+        return x_TH, probs
+
+    def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        """Communication: send every kept assignment to its expert's rank. Returns ``(rows_MH, probs)``."""
+        routed = self._take("_routed", "token_dispatch", "dispatch_preprocess")
+        rows_MH, handle = self.dispatcher.dispatch(hidden_states, routed.dest_rank_TK, routed.keep_TK, routed.topk_weights_TK)
+        self._in_flight = (handle, routed.hidden_shape)
+        return rows_MH, probs
+
+    def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        """Local: one expert per rank, so the received rows are already its contiguous input.
+
+        Returns ``(rows_MH, tokens_per_expert [1] on the host, None)``: the combine weights are applied in
+        ``token_combine``, not by the expert, so no permuted probabilities go to it."""
+        return hidden_states, torch.tensor([hidden_states.shape[0]], dtype=torch.int64), None
+
+    def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+    def token_combine(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Communication: return expert outputs to their tokens and take the weighted sum over the K choices."""
+        handle, shape = self._take("_in_flight", "token_combine", "token_dispatch")
+        self._combined_shape = shape
+        return self.dispatcher.combine(hidden_states, handle)
+
+    def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Local: back to the layer input's shape ([S, B, H])."""
+        shape = self._take("_combined_shape", "combine_postprocess", "token_combine")
+        return hidden_states.view(shape)
+
+    def _take(self, attr: str, stage: str, before: str) -> Any:
+        value = getattr(self, attr)
+        if value is None:
+            raise RuntimeError(f"LargeEPTokenDispatcher.{stage} called without {before} first")
+        setattr(self, attr, None)
+        return value

@@ -1,0 +1,73 @@
+"""Helpers of the Megatron-Core tests (tests/test_megatron_*.py); they run inside a rank of a gloo world.
+
+Megatron on CPU: ``use_cpu_initialization=True``, the plugin's ``TorchSDPAttention`` instead of Megatron's local
+attention (which allocates on CUDA), ``GlooDataParallel`` instead of Megatron's DDP.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+# Megatron warns at import time about missing Transformer Engine / Apex, and TransformerLayer warns that it does
+# not know the large-EP mlp class (it then passes no pg_collection, as designed).
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|Unknown MLP type|path_to_cache|full scope is deprecated).*")
+
+HIDDEN = 12
+FFN = 16
+HEADS = 2
+
+
+def init_megatron(tp: int = 1, ep: int = 1, pp: int = 1) -> None:
+    """``parallel_state`` for this world (expert TP 1); destroys a previous initialisation first."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=1, create_gloo_process_groups=False,
+    )
+
+
+def tiny_config(**overrides: Any) -> Any:
+    """A small CPU ``TransformerConfig`` with MoE; ``overrides`` are TransformerConfig fields."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields: dict[str, Any] = dict(
+        num_layers=1, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=FFN, moe_ffn_hidden_size=FFN,
+        num_moe_experts=ps.get_expert_model_parallel_world_size(), moe_router_topk=2,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(), expert_tensor_parallel_size=1,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+        init_method_std=0.4,  # O(1) outputs and well separated router scores: tight comparisons mean something
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def tiny_gpt(config: Any, *, seed: int = 0, vocab: int = 32, seq: int = 8, large_ep: Any = None, placement: Any = None) -> Any:
+    """A ``GPTModel`` with large-EP MoE layers (this pipeline stage's layers), built from ``seed``."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    from largeep_plugin.adapters.megatron import TorchSDPAttention, get_gpt_decoder_block_spec_with_large_ep
+
+    block = get_gpt_decoder_block_spec_with_large_ep(
+        config, core_attention=TorchSDPAttention, large_ep=large_ep, placement=placement
+    )
+    torch.manual_seed(seed)
+    return GPTModel(
+        config=config, transformer_layer_spec=block, vocab_size=vocab, max_sequence_length=seq,
+        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+    )
+
+
+def tokens(batch: int, seq: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids [B, S], position ids [B, S]) from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    return ids, torch.arange(seq).expand(batch, seq)
