@@ -121,7 +121,8 @@ class TransformerLayer(nn.Module):
 
 
 class TinyMoETransformer(nn.Module):
-    """``forward(tokens_BS) -> logits_BSV``; ``loss(tokens_BS, targets_BS)`` is the mean cross-entropy.
+    """``forward(tokens_BS) -> logits_BSV``; ``forward(tokens_BS, targets_BS)`` and ``loss(tokens_BS, targets_BS)``
+    give the mean cross-entropy.
 
     Args:
         config: the shape.
@@ -148,7 +149,11 @@ class TinyMoETransformer(nn.Module):
             for p in module.parameters():
                 p.normal_(0.0, config.init_std)
 
-    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, S, V]``; with ``targets_BS``, the mean cross-entropy instead (what a DeepSpeed engine's
+        forward should return)."""
+        if targets_BS is not None:
+            return self.loss(tokens_BS, targets_BS)
         b, s = tokens_BS.shape
         if s > self.config.seq_len:
             raise ValueError(f"sequence length {s} is longer than seq_len={self.config.seq_len}")
@@ -159,7 +164,7 @@ class TinyMoETransformer(nn.Module):
         return self.head(self.final_norm(x_BSH))
 
     def loss(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
-        logits_BSV = self(tokens_BS)
+        logits_BSV = self.forward(tokens_BS)
         return F.cross_entropy(logits_BSV.reshape(-1, logits_BSV.shape[-1]).float(), targets_BS.reshape(-1))
 
     def moe_blocks(self) -> list[nn.Module]:

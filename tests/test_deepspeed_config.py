@@ -1,0 +1,104 @@
+"""The "large_ep" section of a DeepSpeed config is read strictly, and the shipped ds_configs are valid for both
+the plugin and DeepSpeed itself."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+
+from largeep_plugin.adapters.deepspeed_config import (
+    LargeEPSection,
+    large_ep_section_from_config,
+    parse_large_ep_section,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_full_section_parses_every_field():
+    s = parse_large_ep_section({
+        "enabled": True, "ep_size": 8, "top_k": 1, "score_function": "sigmoid", "capacity_factor": 1.25,
+        "placement": {"topology_file": "t.yaml", "load_file": "load.json"},
+        "overlap": {"chunks": 4, "dispatch": "hierarchical"},
+        "load_balance": {"bias_update_rate": 0.01, "aux_loss_coeff": 1e-3, "z_loss_coeff": 1e-4},
+        "monitor": {"jsonl_path": "x.jsonl", "tensorboard_dir": None},
+    })
+    assert (s.enabled, s.ep_size, s.top_k, s.score_function, s.capacity_factor) == (True, 8, 1, "sigmoid", 1.25)
+    assert (s.placement.topology_file, s.placement.load_file) == ("t.yaml", "load.json")
+    assert (s.overlap.chunks, s.overlap.dispatch) == (4, "hierarchical")
+    assert (s.load_balance.bias_update_rate, s.load_balance.aux_loss_coeff) == (0.01, 1e-3)
+    assert s.monitor.jsonl_path == "x.jsonl" and s.group_name == "ep_size_8"
+
+
+def test_missing_section_is_disabled():
+    assert parse_large_ep_section(None) == LargeEPSection()
+    assert not large_ep_section_from_config({"train_batch_size": 8}).enabled
+    # Disabled needs no EP size, but is still checked.
+    assert not parse_large_ep_section({"enabled": False}).enabled
+
+
+@pytest.mark.parametrize("section, named, listed", [
+    ({"enabled": True, "ep_size": 4, "ep_sise": 4}, "ep_sise", "'ep_size'"),
+    ({"enabled": True, "ep_size": 4, "overlap": {"chunk": 2}}, "chunk", "'chunks'"),
+    ({"enabled": False, "load_balance": {"bias_rate": 0.1}}, "bias_rate", "'bias_update_rate'"),
+    ({"enabled": True, "ep_size": 4, "monitor": {"tensorboard": "d"}}, "tensorboard", "'tensorboard_dir'"),
+])
+def test_misspelt_key_is_named_with_the_valid_list(section, named, listed):
+    with pytest.raises(ValueError) as exc:
+        parse_large_ep_section(section)
+    msg = str(exc.value)
+    assert f"'{named}'" in msg and "valid keys" in msg and listed in msg
+
+
+@pytest.mark.parametrize("section, path, value", [
+    ({"enabled": "yes", "ep_size": 4}, "large_ep.enabled", "'yes'"),
+    ({"enabled": True, "ep_size": "16"}, "large_ep.ep_size", "'16'"),
+    ({"enabled": True, "ep_size": 4.0}, "large_ep.ep_size", "4.0"),
+    ({"enabled": True, "ep_size": True}, "large_ep.ep_size", "True"),
+    ({"enabled": True, "ep_size": 4, "capacity_factor": True}, "large_ep.capacity_factor", "True"),
+    ({"enabled": True, "ep_size": 4, "overlap": {"chunks": None}}, "large_ep.overlap.chunks", "None"),
+    ({"enabled": True, "ep_size": 4, "overlap": []}, "large_ep.overlap", "[]"),
+])
+def test_wrong_type_names_the_key_and_value(section, path, value):
+    with pytest.raises(ValueError) as exc:
+        parse_large_ep_section(section)
+    assert f"{path}={value} has the wrong type" in str(exc.value)
+
+
+@pytest.mark.parametrize("section, fragment", [
+    ({"enabled": True}, "large_ep.ep_size is not set"),
+    ({"enabled": True, "ep_size": 0}, "large_ep.ep_size=0"),
+    ({"enabled": True, "ep_size": 4, "score_function": "relu"}, "large_ep.score_function='relu'"),
+    ({"enabled": True, "ep_size": 4, "capacity_factor": -1}, "large_ep.capacity_factor=-1"),
+    ({"enabled": True, "ep_size": 4, "overlap": {"dispatch": "ring"}}, "large_ep.overlap.dispatch='ring'"),
+    ({"enabled": True, "ep_size": 4, "load_balance": {"aux_loss_coeff": -0.1}}, "aux_loss_coeff=-0.1"),
+])
+def test_impossible_values(section, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
+        parse_large_ep_section(section)
+
+
+def test_shipped_configs():
+    paths = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
+    names = [os.path.basename(p) for p in paths]
+    assert {"stock_moe_cpu.json", "large_ep_cpu.json", "large_ep_16xh100.json"} <= set(names)
+    for path in paths:
+        section = large_ep_section_from_config(path)
+        assert section.enabled == ("large_ep" in os.path.basename(path)), path
+        with open(path) as f:
+            raw = json.load(f)
+        assert "expert_parallel" not in raw  # that key would switch on DeepSpeed's own AutoEP
+    assert large_ep_section_from_config(os.path.join(ROOT, "ds_configs", "large_ep_cpu.json")).ep_size == 16
+
+
+def test_deepspeed_accepts_the_shipped_configs():
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    for path in sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json"))):
+        with open(path) as f:
+            raw = json.load(f)
+        parsed = DeepSpeedConfig(raw)
+        assert parsed._param_dict.get("large_ep") == raw.get("large_ep")  # kept in the raw dict, as relied on
