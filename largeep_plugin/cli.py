@@ -20,6 +20,7 @@ _COMMANDS = (
     "bench",
     "cluster",
     "simulate",
+    "plan",
 )
 
 
