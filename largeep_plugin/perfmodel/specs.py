@@ -308,7 +308,17 @@ def from_mapping(cls: type, data: Any, where: str = "") -> Any:
         raise ValueError(f"{label} is missing required key(s) {missing}")
     hints = typing.get_type_hints(cls)
     kwargs = {name: _convert(hints[name], value, f"{where}{name}") for name, value in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except _LocatedError:
+        raise
+    except ValueError as exc:
+        # Say where in the file the bad value sits (e.g. "cluster.inter_node"), once.
+        raise _LocatedError(f"{label}: {exc}" if where else str(exc)) from None
+
+
+class _LocatedError(ValueError):
+    """A ValueError whose message already names where in the file the bad value is."""
 
 
 def _convert(hint: Any, value: Any, name: str) -> Any:
