@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e .[megatron])")
+pytestmark = pytest.mark.filterwarnings("ignore:full scope is deprecated")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

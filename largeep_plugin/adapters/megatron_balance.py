@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..load_balance import LoadMonitor, update_expert_bias
 from .megatron_layer import large_ep_moe_layers
@@ -87,7 +88,7 @@ def install_bias_update_hook(
             after()
 
     if optimizer is None:
-        return torch.optim.optimizer.register_optimizer_step_post_hook(hook)
+        return register_optimizer_step_post_hook(hook)
     return _torch_optimizer(optimizer).register_step_post_hook(hook)
 
 

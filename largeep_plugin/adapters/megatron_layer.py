@@ -158,6 +158,8 @@ class LargeEPMoELayer(MoELayer):
             config.recompute_granularity == "selective" and "shared_experts" in config.recompute_modules
         )
         self.router = build_module(submodules.router, config=config, pg_collection=pg_collection, large_ep_config=lep)
+        if layer_number is not None:
+            self.router.set_layer_number(layer_number)
         self.token_dispatcher = LargeEPTokenDispatcher(
             config=config, pg_collection=pg_collection, ep_rank=ep_rank, placement=placement
         )

@@ -1,0 +1,133 @@
+"""Distributed checkpoint of a Megatron GPT with large-EP layers: saved at EP 4, loaded at EP 2, and back.
+
+The experts are stored under their global expert id (``adapters/megatron_checkpoint.py``), so a model built with
+another EP size asks for the slices of the experts it holds. With one expert per rank (the core layer's rule) a
+2-expert model runs at EP 2 (one expert per rank) and at EP 4 with each expert replicated twice (a placement).
+At EP 4 the model runs forward only (training replicas needs their gradient reduction, not in Megatron's DDP).
+
+Megatron's ``dist_checkpointing.save`` cannot run on CPU (its torch_dist writer calls ``torch.cuda.synchronize``
+and its ShardedTensor placements say ``cuda``), so the bytes go through a minimal writer here: every rank stores
+the *main replicas* of its ``ShardedTensor`` s / ``ShardedObject`` s by (checkpoint key, global offset), and a load
+fills each requested shard from there. What Megatron checks before it writes, it checks here too:
+``validate_sharding_integrity`` (main replicas cover every global tensor exactly once).
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import pytest
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e .[megatron])")
+pytestmark = pytest.mark.filterwarnings("ignore:full scope is deprecated")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from conftest import world  # noqa: E402
+from megatron_helpers import init_megatron, tiny_config, tiny_gpt, tokens  # noqa: E402
+
+EXPERTS = 2
+VOCAB, SEQ = 32, 8
+
+
+class Replicated:
+    """A placement (the ``PlacementLike`` protocol of ``moe_layer.py``): EP rank r holds expert r % E, and a token
+    goes to the copy in its own block of E ranks."""
+
+    def __init__(self, num_experts: int, ep_size: int):
+        self.num_experts = num_experts
+        self.rank_to_expert = [r % num_experts for r in range(ep_size)]
+
+    def destination_ranks(self, topk_ids_TK: torch.Tensor, src_rank: int) -> torch.Tensor:
+        return topk_ids_TK + self.num_experts * (src_rank // self.num_experts)
+
+
+def _save(sharded: dict[str, Any], directory: str) -> int:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
+    from megatron.core.dist_checkpointing.validation import determine_global_metadata, validate_sharding_integrity
+
+    _, global_metadata = determine_global_metadata(sharded)
+    validate_sharding_integrity(global_metadata)  # raises on rank 0 for holes or overlaps
+    mine = []
+    for sh in sharded.values():
+        if isinstance(sh, (ShardedTensor, ShardedObject)) and is_main_replica(sh.replica_id):
+            data = sh.data.detach().clone() if isinstance(sh, ShardedTensor) else sh.data
+            mine.append((sh.key, tuple(sh.global_offset), data))
+    torch.save(mine, os.path.join(directory, f"rank{dist.get_rank()}.pt"))
+    dist.barrier()
+    return len(mine)
+
+
+def _load(sharded: dict[str, Any], directory: str) -> dict[str, Any]:
+    stored = {}
+    for path in glob.glob(os.path.join(directory, "rank*.pt")):
+        for key, offset, data in torch.load(path, weights_only=False):
+            stored[(key, offset)] = data
+    state = {}
+    for name, sh in sharded.items():
+        data = stored[(sh.key, tuple(sh.global_offset))]
+        if isinstance(data, torch.Tensor) and data.shape != sh.data.shape:
+            raise AssertionError(f"{sh.key} at {sh.global_offset}: stored {tuple(data.shape)}, asked {tuple(sh.data.shape)}")
+        state[name] = data
+    return state
+
+
+def _model(ep: int, seed: int) -> Any:
+    init_megatron(ep=ep)
+    placement = Replicated(EXPERTS, ep) if ep > EXPERTS else None
+    model = tiny_gpt(tiny_config(num_layers=2, num_moe_experts=EXPERTS), seed=seed, vocab=VOCAB, seq=SEQ,
+                     large_ep={"init_seed": seed}, placement=placement)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def _logits(model: Any, rank: int) -> torch.Tensor:
+    ids, pos = tokens(2, SEQ, VOCAB, seed=rank)
+    return model(ids, pos, None)
+
+
+def _round_trip(rank: int, save_ep: int, load_ep: int, directory: str) -> dict[str, Any]:
+    source = _model(save_ep, seed=1)
+    want = _logits(source, rank)
+    saved = _save(source.sharded_state_dict(), directory)
+    target = _model(load_ep, seed=2)
+    before = _logits(target, rank)
+    missing, unexpected = target.load_state_dict(_load(target.sharded_state_dict(), directory), strict=False)
+    after = _logits(target, rank)
+    layer = target.decoder.layers[0].mlp
+    return {
+        "saved": saved,
+        "expert_id": layer.expert_id,
+        "ep_size": layer.ep_size,
+        "differed_before": float((before - want).abs().max()),
+        "err_after": float((after - want).abs().max()),
+        "scale": float(want.abs().max()),
+        "missing": [k for k in missing if not k.endswith("_extra_state")],
+        "unexpected": list(unexpected),
+    }
+
+
+def _rank(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    ep4_to_ep2 = os.path.join(root, "ep4")
+    ep2_to_ep4 = os.path.join(root, "ep2")
+    return {
+        "4->2": _round_trip(rank, 4, 2, ep4_to_ep2),
+        "2->4": _round_trip(rank, 2, 4, ep2_to_ep4),
+    }
+
+
+def test_checkpoint_saved_at_one_ep_size_loads_at_another(tmp_path: Any) -> None:
+    for sub in ("ep4", "ep2"):
+        (tmp_path / sub).mkdir()
+    results = world(_rank, 4, str(tmp_path), timeout=180)
+    for case, load_ep in (("4->2", 2), ("2->4", 4)):
+        rows = [r[case] for r in results]
+        for rank, row in enumerate(rows):
+            assert row["ep_size"] == load_ep and row["expert_id"] == rank % EXPERTS
+            assert not row["missing"] and not row["unexpected"], row
+            assert row["differed_before"] > 1e-3 * row["scale"], "the target model started equal: nothing tested"
+            assert row["err_after"] <= 1e-6 * row["scale"], f"{case}, rank {rank}: outputs differ after loading: {row}"
+        assert sum(row["saved"] for row in rows) > 0

@@ -1,0 +1,228 @@
+"""The Megatron-LM route without Megatron-LM (it is not installable here): the extra arguments, where the settings
+come from (``--large-ep-config``, the ``large_ep`` section of a DeepSpeed JSON), the GPT builder (off: Megatron-LM's
+builder unchanged; on: large-EP layers plus the bias/load hook after each optimizer step), and the entry script
+``examples/megatron_lm/pretrain_gpt_largeep.py`` run against stand-ins of the Megatron-LM modules it imports, with
+the signatures Megatron-LM core_r0.16 documents (``pretrain(..., extra_args_provider=...)``,
+``model_provider(builder, pre_process, post_process, vp_stage, config, pg_collection)``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e .[megatron])")
+pytestmark = pytest.mark.filterwarnings("ignore:full scope is deprecated")
+
+import torch  # noqa: E402
+
+from conftest import world  # noqa: E402
+from megatron_helpers import init_megatron, tiny_config  # noqa: E402
+
+from largeep_plugin.adapters.megatron_lm import (  # noqa: E402
+    add_large_ep_args, large_ep_gpt_builder, large_ep_settings, read_deepspeed_large_ep_section,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def lm_args(**overrides: Any) -> SimpleNamespace:
+    """The Megatron-LM arguments the builder reads, at Megatron-LM's defaults."""
+    fields: dict[str, Any] = dict(
+        large_ep=False, large_ep_config=None, large_ep_monitor=None, deepspeed_config=None, num_experts=2,
+        use_legacy_models=False, spec=None, mtp_num_layers=None, experimental_attention_variant=None,
+        heterogeneous_layers_config_path=None, transformer_impl="local", normalization="LayerNorm", qk_l2_norm=False,
+        padded_vocab_size=32, max_position_embeddings=8, fp16_lm_cross_entropy=False,
+        untie_embeddings_and_output_weights=False, position_embedding_type="learned_absolute", rotary_percent=1.0,
+        rotary_base=10000, use_rope_scaling=False,
+    )
+    fields.update(overrides)
+    return SimpleNamespace(**fields)
+
+
+def write_json(path: Any, data: Any) -> str:
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_extra_args_are_added_and_parsed() -> None:
+    parser = add_large_ep_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--large-ep", "--large-ep-config", "c.yaml", "--deepspeed_config", "ds.json",
+                              "--large-ep-monitor", "load.jsonl"])
+    assert (args.large_ep, args.large_ep_config, args.deepspeed_config, args.large_ep_monitor) == (
+        True, "c.yaml", "ds.json", "load.jsonl")
+    defaults = parser.parse_args([])
+    assert (defaults.large_ep, defaults.large_ep_config, defaults.deepspeed_config) == (False, None, None)
+    # Megatron-DeepSpeed defines --deepspeed_config itself: no second definition (argparse would refuse it).
+    ds_parser = argparse.ArgumentParser()
+    ds_parser.add_argument("--deepspeed_config")
+    assert add_large_ep_args(ds_parser).parse_args(["--deepspeed_config", "x.json"]).deepspeed_config == "x.json"
+
+
+def test_deepspeed_section_is_read_strictly(tmp_path: Any) -> None:
+    good = write_json(tmp_path / "ds.json", {"train_batch_size": 8, "large_ep": {"enabled": True, "init_seed": 3,
+                                                                                   "bias_update_rate": 0.01}})
+    settings = large_ep_settings(lm_args(deepspeed_config=good))
+    assert settings.enabled and dict(settings.overrides) == {"init_seed": 3, "bias_update_rate": 0.01}
+    none = write_json(tmp_path / "plain.json", {"train_batch_size": 8})
+    assert read_deepspeed_large_ep_section(none) is None
+    assert not large_ep_settings(lm_args(deepspeed_config=none)).enabled
+    typo = write_json(tmp_path / "typo.json", {"large_ep": {"enabled": True, "bias_rate": 0.01}})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['bias_rate'\] in the \"large_ep\" section .* valid keys"):
+        large_ep_settings(lm_args(deepspeed_config=typo))
+    flag = write_json(tmp_path / "flag.json", {"large_ep": {"enabled": "yes"}})
+    with pytest.raises(ValueError, match="enabled='yes' must be true or false"):
+        large_ep_settings(lm_args(deepspeed_config=flag))
+
+
+def test_settings_conflicts_are_errors(tmp_path: Any) -> None:
+    yaml_file = tmp_path / "large_ep.yaml"
+    yaml_file.write_text("bias_update_rate: 0.002\ninit_seed: 5\n")
+    settings = large_ep_settings(lm_args(large_ep=True, large_ep_config=str(yaml_file)))
+    assert settings.enabled and dict(settings.overrides) == {"bias_update_rate": 0.002, "init_seed": 5}
+    off = write_json(tmp_path / "off.json", {"large_ep": {"enabled": False}})
+    with pytest.raises(ValueError, match="--large-ep is given but the large_ep settings say enabled=false"):
+        large_ep_settings(lm_args(large_ep=True, deepspeed_config=off))
+    on = write_json(tmp_path / "on.json", {"large_ep": {"enabled": True}})
+    with pytest.raises(ValueError, match="give one of them"):
+        large_ep_settings(lm_args(deepspeed_config=on, large_ep_config=str(yaml_file)))
+    with pytest.raises(ValueError, match="the large-EP layer is off: add --large-ep"):
+        large_ep_settings(lm_args(large_ep_config=str(yaml_file)))
+    with pytest.raises(ValueError, match="no such file"):
+        large_ep_settings(lm_args(large_ep=True, large_ep_config=str(tmp_path / "missing.json")))
+
+
+def test_builder_off_calls_megatron_lm_builder_unchanged() -> None:
+    calls = []
+
+    def stock(*args: Any, **kwargs: Any) -> str:
+        calls.append((args, kwargs))
+        return "stock model"
+
+    args = lm_args()
+    assert large_ep_gpt_builder(stock)(args, True, False, 1, config="cfg", pg_collection="pgs") == "stock model"
+    assert calls == [((args, True, False, 1), {"config": "cfg", "pg_collection": "pgs"})]
+    with pytest.raises(NotImplementedError, match="--spec"):
+        large_ep_gpt_builder(stock)(lm_args(large_ep=True, spec=["m", "f"]))
+    with pytest.raises(ValueError, match="needs --num-experts"):
+        large_ep_gpt_builder(stock)(lm_args(large_ep=True, num_experts=None))
+
+
+def _builder_rank(rank: int, world_size: int, monitor: str) -> dict[str, Any]:
+    from largeep_plugin.adapters.megatron import LargeEPMoELayer, large_ep_moe_layers
+
+    init_megatron(ep=2)
+    # Top-1 (top-2 of 2 experts would always be balanced); Megatron wants the softmax first with top-1.
+    cfg = tiny_config(num_layers=2, moe_router_topk=1, moe_router_pre_softmax=True)
+    args = lm_args(large_ep=True, large_ep_monitor=monitor, padded_vocab_size=32)
+    model = large_ep_gpt_builder(lambda *a, **k: None)(args, True, True, None, config=cfg)
+    layers = dict(large_ep_moe_layers(model))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    before = {name: layer.router.expert_bias.clone() for name, layer in layers.items()}
+    for name, layer in layers.items():  # the MoE layers alone: Megatron-LM's stock attention needs CUDA
+        x = torch.randn(6, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(rank))
+        layer(x)[0].square().sum().backward()
+    optimizer.step()
+    return {
+        "types": [type(layer).__name__ for layer in layers.values()],
+        "all_large_ep": all(isinstance(layer, LargeEPMoELayer) for layer in layers.values()),
+        "bias_moved": {name: float((layers[name].router.expert_bias - b).abs().max()) for name, b in before.items()},
+    }
+
+
+def test_builder_on_builds_large_ep_layers_and_installs_the_hook(tmp_path: Any) -> None:
+    from largeep_plugin.load_balance import read_monitor
+
+    monitor = str(tmp_path / "load.jsonl")
+    results = world(_builder_rank, 2, monitor, timeout=120)
+    for r in results:
+        assert r["types"] == ["LargeEPMoELayer", "LargeEPMoELayer"] and r["all_large_ep"]
+        assert all(v > 0 for v in r["bias_moved"].values()), r  # softmax: the plugin's hook moved the bias
+    records = read_monitor(monitor)  # written by the first rank of the TP x DP x CP group only
+    assert [(rec["step"], rec["layer"]) for rec in records] == [(0, "layer_1"), (0, "layer_2")]
+    assert all(sum(rec["counts"]) == 2 * 6 * 2 for rec in records)  # ranks * S * B (top-1)
+
+
+STUBS = {
+    # Stand-ins for the Megatron-LM modules the entry imports, with Megatron-LM's signatures.
+    "gpt_builders.py": """
+        def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
+            return "stock gpt_builder"
+    """,
+    "model_provider.py": """
+        from megatron.training import get_args
+        def model_provider(model_builder, pre_process=True, post_process=True, vp_stage=None, config=None,
+                           pg_collection=None):
+            return model_builder(get_args(), pre_process, post_process, vp_stage, config=config,
+                                 pg_collection=pg_collection)
+    """,
+    "pretrain_gpt.py": """
+        def forward_step(data_iterator, model):
+            raise AssertionError("not reached")
+        def train_valid_test_datasets_provider(num_samples, vp_stage=None):
+            raise AssertionError("not reached")
+    """,
+    "megatron/training/__init__.py": """
+        import argparse, json, os, sys
+        import torch.distributed as dist
+        _ARGS = None
+        def get_args():
+            return _ARGS
+        def pretrain(datasets_provider, model_provider, model_type, forward_step, args_defaults=None,
+                     extra_args_provider=None):
+            global _ARGS
+            parser = argparse.ArgumentParser()
+            parser.add_argument("--num-experts", type=int, default=None)
+            parser.set_defaults(**json.loads(os.environ["STUB_DEFAULTS"]))  # the rest of Megatron-LM's arguments
+            parser = extra_args_provider(parser)
+            _ARGS = parser.parse_args()
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["STUB_PORT"])
+            dist.init_process_group("gloo", rank=0, world_size=1)
+            from megatron.core import parallel_state
+            parallel_state.initialize_model_parallel(create_gloo_process_groups=False)
+            model = model_provider(pre_process=True, post_process=True)
+            mlps = [type(l.mlp).__name__ for l in model.decoder.layers] if hasattr(model, "decoder") else model
+            print("RESULT " + json.dumps({"model": mlps, "large_ep": _ARGS.large_ep}))
+    """,
+    "megatron/training/arguments.py": """
+        def core_transformer_config_from_args(args):
+            from megatron.core.transformer.transformer_config import TransformerConfig
+            return TransformerConfig(num_layers=2, hidden_size=8, num_attention_heads=2, num_moe_experts=args.num_experts,
+                                     moe_router_topk=1, moe_router_pre_softmax=True, add_bias_linear=False,
+                                     use_cpu_initialization=True)
+    """,
+}
+
+
+def _run_entry(root: Any, *argv: str) -> dict[str, Any]:
+    from largeep_plugin.launch import free_port
+
+    for rel, text in STUBS.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    ours = ("large_ep", "large_ep_config", "large_ep_monitor", "deepspeed_config", "num_experts")
+    defaults = {k: v for k, v in vars(lm_args()).items() if k not in ours}
+    env = dict(os.environ, MEGATRON_LM_ROOT=str(root), PYTHONPATH=os.pathsep.join([str(root), REPO]),
+               STUB_PORT=str(free_port()), STUB_DEFAULTS=json.dumps(defaults), PYTHONWARNINGS="ignore")
+    script = os.path.join(REPO, "examples", "megatron_lm", "pretrain_gpt_largeep.py")
+    proc = subprocess.run([sys.executable, script, *argv], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_megatron_lm_entry_wires_the_builder_and_the_arguments(tmp_path: Any) -> None:
+    on = _run_entry(tmp_path, "--num-experts", "1", "--large-ep")
+    assert on == {"model": ["LargeEPMoELayer", "LargeEPMoELayer"], "large_ep": True}
+    ds = write_json(tmp_path / "ds.json", {"large_ep": {"enabled": True}})
+    assert _run_entry(tmp_path, "--num-experts", "1", "--deepspeed_config", ds)["model"] == ["LargeEPMoELayer"] * 2
+    off = _run_entry(tmp_path, "--num-experts", "1")
+    assert off == {"model": "stock gpt_builder", "large_ep": False}
