@@ -35,11 +35,13 @@ TAIL_LINES = 200
 @dataclass(frozen=True)
 class RankResult:
     """How one rank ended: ``returncode`` (negative = killed by that signal, None = killed by the launcher after
-    the grace or the timeout) and the last lines of its output."""
+    the grace or the timeout), when (``ended_s`` after the start, None if killed by the launcher) and the last
+    lines of its output."""
 
     rank: int
     node: int
     returncode: int | None
+    ended_s: float | None
     output: str
 
 
@@ -198,6 +200,7 @@ class EmulatedCluster:
             readers.append(t)
 
         codes: list[int | None] = [None] * self.world_size
+        ended: list[float | None] = [None] * self.world_size
         first_failure: int | None = None
         kill_at = start + timeout
         timed_out = False
@@ -207,6 +210,7 @@ class EmulatedCluster:
                 for rank, p in enumerate(procs):
                     if codes[rank] is None and p.poll() is not None:
                         codes[rank] = p.returncode
+                        ended[rank] = now - start
                         if p.returncode != 0 and first_failure is None:
                             first_failure = rank
                             kill_at = min(kill_at, now + grace)
@@ -231,7 +235,8 @@ class EmulatedCluster:
                 t.join(timeout=2)
         elapsed = time.monotonic() - start
         ranks = tuple(
-            RankResult(rank=r, node=r // self.ranks_per_node, returncode=codes[r], output="".join(tails[r]))
+            RankResult(rank=r, node=r // self.ranks_per_node, returncode=codes[r], ended_s=ended[r],
+                       output="".join(tails[r]))
             for r in range(self.world_size)
         )
         return ClusterResult(ranks=ranks, elapsed_s=elapsed, timed_out=timed_out, first_failure=first_failure)

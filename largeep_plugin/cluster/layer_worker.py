@@ -9,8 +9,8 @@ It reads the torchrun variables (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR
 ``LargeEPMoE`` with one expert per rank (ranks_per_node = LOCAL_WORLD_SIZE) and runs ``--steps`` forward+backward
 steps on seeded tokens. ``--check`` compares the output, the input gradient and the expert's gradients with the
 dense reference on the same global batch and fails when they differ. ``--die-rank R --die-step S`` makes rank R
-kill itself (SIGKILL, no goodbye) at the start of step S: with ``--watchdog-timeout`` the other ranks must then
-stop with ``RankLostError`` naming R and exit with code 75.
+kill itself (SIGKILL, no goodbye; or raise ``InjectedFault`` with ``--die-mode raise``) at the start of step S:
+with ``--watchdog-timeout`` the other ranks must then stop with ``RankLostError`` naming R and exit with code 75.
 """
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ from ..reference import DenseMoEReference
 from .watchdog import EXIT_RANK_LOST, RankLostError, RankWatchdog
 
 
+class InjectedFault(Exception):
+    """The error ``--die-mode raise`` raises on the chosen rank."""
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m largeep_plugin.cluster.layer_worker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +50,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--watchdog-timeout", type=float, default=0.0, help="seconds of silence before a rank is lost (0: no watchdog)")
     p.add_argument("--die-rank", type=int, default=-1, help="fault injection: this rank kills itself ...")
     p.add_argument("--die-step", type=int, default=-1, help="... at the start of this step")
+    p.add_argument("--die-mode", choices=("kill", "raise"), default="kill",
+                   help="kill: SIGKILL itself (default); raise: raise InjectedFault instead")
     return p.parse_args(argv)
 
 
@@ -71,7 +77,9 @@ def run_rank(args: argparse.Namespace) -> float:
     worst = 0.0
     for step in range(args.steps):
         if rank == args.die_rank and step == args.die_step:
-            print(f"rank {rank}: fault injection, killing myself at step {step}", flush=True)
+            print(f"rank {rank}: fault injection ({args.die_mode}) at step {step}", flush=True)
+            if args.die_mode == "raise":
+                raise InjectedFault(f"injected fault on rank {rank} at step {step}")
             os.kill(os.getpid(), signal.SIGKILL)
         counts, x_GH, g_GH = _step_batch(args, world, step)
         lo = sum(counts[:rank])
