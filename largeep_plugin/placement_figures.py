@@ -21,6 +21,7 @@ The model, step by step (docs/placement.md has the reasoning):
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,12 +169,7 @@ class PlacementFigures:
         return self.max_gpu_load / self.mean_gpu_load if self.mean_gpu_load > 0 else 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "gpu_load": list(self.gpu_load), "max_gpu_load": self.max_gpu_load, "mean_gpu_load": self.mean_gpu_load,
-            "gpu_imbalance": self.gpu_imbalance, "link_bytes": [list(r) for r in self.link_bytes],
-            "max_link_bytes": self.max_link_bytes, "max_link": list(self.max_link),
-            "max_link_seconds": self.max_link_seconds, "total_internode_bytes": self.total_internode_bytes,
-        }
+        return {**dataclasses.asdict(self), "gpu_imbalance": self.gpu_imbalance}
 
 
 def make_figures(*, gpu_load_W: torch.Tensor, link_tokens_NN: torch.Tensor, bandwidth_NN: torch.Tensor,

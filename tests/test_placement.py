@@ -70,6 +70,15 @@ def test_coactivated_pairs_go_on_one_node() -> None:
     assert naive_placement(4, topo).figures(load, coact).max_link_bytes == pytest.approx(t / 2)
 
 
+def test_replica_counts_are_optimal() -> None:
+    # every way to give 10 GPUs to 4 experts (at least one each): none has a smaller largest load per replica
+    load = torch.tensor([7.0, 4.0, 2.0, 0.5])
+    best = min(max(float(x) / c for x, c in zip(load, counts))
+               for counts in itertools.product(range(1, 8), repeat=4) if sum(counts) == 10)
+    counts = search.replica_counts(load, 10)
+    assert sum(counts) == 10 and max(float(x) / c for x, c in zip(load, counts)) == pytest.approx(best)
+
+
 def test_replica_counts_and_eplb_packing_by_hand() -> None:
     # D'Hondt: [6, 3, 1] over 6 slots -> (6,3,1) e0 -> (3,3,1) tie, lowest id e0 -> (2,3,1) e1 -> [3, 2, 1]
     assert search.replica_counts(torch.tensor([6.0, 3.0, 1.0]), 6) == [3, 2, 1]
