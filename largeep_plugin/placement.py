@@ -156,8 +156,7 @@ class Placement:
                     cum[a, x, i] = total
                     first[a, x, i] = rep[0]
                 cum[a, x, len(reps) - 1] = 1.0   # rounding must never leave u past the last replica
-        cpu = (cum, first)
-        return {torch.device("cpu"): cpu}
+        return {torch.device("cpu"): (cum, first)}
 
     def destination_ranks(self, topk_ids_TK: torch.Tensor, src_rank: int, *, token_offset: int = 0) -> torch.Tensor:
         """The rank each (token, k) is sent to.
@@ -221,10 +220,9 @@ class Placement:
     # ---- files -------------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"num_experts": self.num_experts, "expert_tp_degree": self.expert_tp_degree,
-               "rank_to_experts": [list(h) for h in self.rank_to_experts], "expert_to_ranks": self.expert_to_ranks,
-               "topology": self.topology.to_dict()}
-        return out
+        return {"num_experts": self.num_experts, "expert_tp_degree": self.expert_tp_degree,
+                "rank_to_experts": [list(h) for h in self.rank_to_experts], "expert_to_ranks": self.expert_to_ranks,
+                "topology": self.topology.to_dict()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Placement":
