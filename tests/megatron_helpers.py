@@ -12,7 +12,9 @@ import torch
 
 # Megatron warns at import time about missing Transformer Engine / Apex, and TransformerLayer warns that it does
 # not know the large-EP mlp class (it then passes no pg_collection, as designed).
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|Unknown MLP type|path_to_cache|full scope is deprecated).*")
+warnings.filterwarnings(
+    "ignore", message=".*(Transformer Engine|Apex|Unknown MLP type|path_to_cache|full scope is deprecated).*"
+)
 
 HIDDEN = 12
 FFN = 16
@@ -49,7 +51,9 @@ def tiny_config(**overrides: Any) -> Any:
     return TransformerConfig(**fields)
 
 
-def tiny_gpt(config: Any, *, seed: int = 0, vocab: int = 32, seq: int = 8, large_ep: Any = None, placement: Any = None) -> Any:
+def tiny_gpt(
+    config: Any, *, seed: int = 0, vocab: int = 32, seq: int = 8, large_ep: Any = None, placement: Any = None
+) -> Any:
     """A ``GPTModel`` with large-EP MoE layers (this pipeline stage's layers), built from ``seed``."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel

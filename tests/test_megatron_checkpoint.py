@@ -69,7 +69,8 @@ def _load(sharded: dict[str, Any], directory: str) -> dict[str, Any]:
     for name, sh in sharded.items():
         data = stored[(sh.key, tuple(sh.global_offset))]
         if isinstance(data, torch.Tensor) and data.shape != sh.data.shape:
-            raise AssertionError(f"{sh.key} at {sh.global_offset}: stored {tuple(data.shape)}, asked {tuple(sh.data.shape)}")
+            raise AssertionError(f"{sh.key} at {sh.global_offset}: stored {tuple(data.shape)}, "
+                                 f"asked {tuple(sh.data.shape)}")
         state[name] = data
     return state
 

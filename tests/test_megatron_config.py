@@ -97,15 +97,21 @@ def test_bias_rate_conflict_with_megatron_bias_update() -> None:
         large_ep_config_from_megatron(cfg, {"bias_update_rate": 0.01})
 
 
-def _layer_errors(rank: int, world_size: int) -> dict[str, str]:
+def _layer_checks(rank: int, world_size: int) -> dict[str, Any]:
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.moe.moe_layer import MoESubmodules
     from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.spec_utils import build_module
 
     from largeep_plugin.adapters.megatron import LargeEPExperts, LargeEPMoELayer
 
     init_megatron(ep=2)
     cfg = tiny_config()
-    errors = {}
+    errors: dict[str, Any] = {}
+    # LargeEPMoELayer.__init__ sets MoELayer's attributes itself: none of the stock layer's may be missing.
+    stock_cfg = tiny_config(moe_token_dispatcher_type="allgather")  # the stock dispatcher that builds on CPU
+    stock = build_module(get_moe_module_spec(use_te=False, num_experts=2), config=stock_cfg)
+    errors["missing_attributes"] = sorted(set(vars(stock)) - set(vars(LargeEPMoELayer(cfg))))
 
     def attempt(name: str, fn: Any) -> None:
         try:
@@ -127,7 +133,8 @@ def _layer_errors(rank: int, world_size: int) -> dict[str, str]:
 
 
 def test_layer_errors_are_clear_on_every_rank() -> None:
-    for errors in world(_layer_errors, 2, timeout=120):
+    for errors in world(_layer_checks, 2, timeout=120):
+        assert errors["missing_attributes"] == [], "MoELayer sets attributes that LargeEPMoELayer does not"
         assert errors["overlap"].startswith("NotImplementedError: overlap_chunks=2"), errors
         assert "MoESubmodules.router" in errors["router"] and "LargeEPRouter" in errors["router"], errors
         assert errors["padding"].startswith("NotImplementedError: padding_mask"), errors

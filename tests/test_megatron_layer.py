@@ -131,7 +131,9 @@ def _bias_checks(rank: int) -> dict[str, Any]:
         float((a - (b + 0.01 * torch.sign(c.mean() - c))).abs().max()) for a, b, c in zip(after, before, counts)
     )
     out["sigmoid_moved"] = min(float((a - b).abs().max()) for a, b in zip(after, before))
-    out["sigmoid_counts_left"] = max(float(l.router.local_tokens_per_expert.abs().sum()) for _, l in large_ep_moe_layers(model))
+    out["sigmoid_counts_left"] = max(
+        float(layer.router.local_tokens_per_expert.abs().sum()) for _, layer in large_ep_moe_layers(model)
+    )
     out["sigmoid_bias"] = [a.tolist() for a in after]
 
     # Softmax: finalize_model_grads leaves the bias alone; the plugin's hook moves it after the optimizer step.

@@ -67,36 +67,47 @@ def test_extra_args_are_added_and_parsed() -> None:
 
 
 def test_deepspeed_section_is_read_strictly(tmp_path: Any) -> None:
-    good = write_json(tmp_path / "ds.json", {"train_batch_size": 8, "large_ep": {"enabled": True, "init_seed": 3,
-                                                                                   "bias_update_rate": 0.01}})
+    section = {"enabled": True, "ep_size": 4, "top_k": 2, "load_balance": {"bias_update_rate": 0.01},
+               "overlap": {"chunks": 1}, "monitor": {"jsonl_path": "load.jsonl"}}
+    good = write_json(tmp_path / "ds.json", {"train_batch_size": 8, "large_ep": section})
     settings = large_ep_settings(lm_args(deepspeed_config=good))
-    assert settings.enabled and dict(settings.overrides) == {"init_seed": 3, "bias_update_rate": 0.01}
+    assert settings.enabled and settings.ep_size == 4 and settings.monitor == "load.jsonl"
+    # Only what the section writes becomes an override: its defaults (score_function ...) never do.
+    assert dict(settings.overrides) == {"top_k": 2, "bias_update_rate": 0.01, "overlap_chunks": 1}
     none = write_json(tmp_path / "plain.json", {"train_batch_size": 8})
     assert read_deepspeed_large_ep_section(none) is None
     assert not large_ep_settings(lm_args(deepspeed_config=none)).enabled
-    typo = write_json(tmp_path / "typo.json", {"large_ep": {"enabled": True, "bias_rate": 0.01}})
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['bias_rate'\] in the \"large_ep\" section .* valid keys"):
+    typo = write_json(tmp_path / "typo.json", {"large_ep": {"enabled": True, "ep_size": 2, "bias_rate": 0.01}})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['bias_rate'\]; valid keys are"):
         large_ep_settings(lm_args(deepspeed_config=typo))
     flag = write_json(tmp_path / "flag.json", {"large_ep": {"enabled": "yes"}})
-    with pytest.raises(ValueError, match="enabled='yes' must be true or false"):
+    with pytest.raises(ValueError, match="large_ep.enabled='yes' has the wrong type"):
         large_ep_settings(lm_args(deepspeed_config=flag))
+    placed = write_json(tmp_path / "placed.json", {"large_ep": {"enabled": True, "ep_size": 2,
+                                                                 "placement": {"topology_file": "t.yaml"}}})
+    with pytest.raises(NotImplementedError, match="placement files are not used by the Megatron route"):
+        large_ep_settings(lm_args(deepspeed_config=placed))
 
 
 def test_settings_conflicts_are_errors(tmp_path: Any) -> None:
     yaml_file = tmp_path / "large_ep.yaml"
-    yaml_file.write_text("bias_update_rate: 0.002\ninit_seed: 5\n")
+    yaml_file.write_text("load_balance:\n  bias_update_rate: 0.002\n")
     settings = large_ep_settings(lm_args(large_ep=True, large_ep_config=str(yaml_file)))
-    assert settings.enabled and dict(settings.overrides) == {"bias_update_rate": 0.002, "init_seed": 5}
+    assert settings.enabled and dict(settings.overrides) == {"bias_update_rate": 0.002}
     off = write_json(tmp_path / "off.json", {"large_ep": {"enabled": False}})
-    with pytest.raises(ValueError, match="--large-ep is given but the large_ep settings say enabled=false"):
+    with pytest.raises(ValueError, match="--large-ep is given but the large_ep section says enabled=false"):
         large_ep_settings(lm_args(large_ep=True, deepspeed_config=off))
-    on = write_json(tmp_path / "on.json", {"large_ep": {"enabled": True}})
+    on = write_json(tmp_path / "on.json", {"large_ep": {"enabled": True, "ep_size": 2}})
     with pytest.raises(ValueError, match="give one of them"):
         large_ep_settings(lm_args(deepspeed_config=on, large_ep_config=str(yaml_file)))
     with pytest.raises(ValueError, match="the large-EP layer is off: add --large-ep"):
         large_ep_settings(lm_args(large_ep_config=str(yaml_file)))
     with pytest.raises(ValueError, match="no such file"):
         large_ep_settings(lm_args(large_ep=True, large_ep_config=str(tmp_path / "missing.json")))
+    monitored = write_json(tmp_path / "mon.json", {"large_ep": {"enabled": True, "ep_size": 2,
+                                                                 "monitor": {"jsonl_path": "b.jsonl"}}})
+    with pytest.raises(ValueError, match="differ: give one of them"):
+        large_ep_settings(lm_args(deepspeed_config=monitored, large_ep_monitor="a.jsonl"))
 
 
 def test_builder_off_calls_megatron_lm_builder_unchanged() -> None:
@@ -115,14 +126,26 @@ def test_builder_off_calls_megatron_lm_builder_unchanged() -> None:
         large_ep_gpt_builder(stock)(lm_args(large_ep=True, num_experts=None))
 
 
-def _builder_rank(rank: int, world_size: int, monitor: str) -> dict[str, Any]:
+def _builder_rank(rank: int, world_size: int, monitor: str, ds_dir: str) -> dict[str, Any]:
     from largeep_plugin.adapters.megatron import LargeEPMoELayer, large_ep_moe_layers
 
     init_megatron(ep=2)
     # Top-1 (top-2 of 2 experts would always be balanced); Megatron wants the softmax first with top-1.
     cfg = tiny_config(num_layers=2, moe_router_topk=1, moe_router_pre_softmax=True)
+    build = large_ep_gpt_builder(lambda *a, **k: None)
+    errors = {}
+    for name, section in (("ep_size", {"enabled": True, "ep_size": 4}),
+                          ("top_k", {"enabled": True, "ep_size": 2, "top_k": 2})):
+        path = os.path.join(ds_dir, f"{name}.json")
+        with open(path, "w") as f:
+            json.dump({"large_ep": section}, f)
+        try:
+            build(lm_args(deepspeed_config=path), True, True, None, config=cfg)
+            errors[name] = "no error"
+        except ValueError as e:
+            errors[name] = str(e)
     args = lm_args(large_ep=True, large_ep_monitor=monitor, padded_vocab_size=32)
-    model = large_ep_gpt_builder(lambda *a, **k: None)(args, True, True, None, config=cfg)
+    model = build(args, True, True, None, config=cfg)
     layers = dict(large_ep_moe_layers(model))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     before = {name: layer.router.expert_bias.clone() for name, layer in layers.items()}
@@ -131,6 +154,7 @@ def _builder_rank(rank: int, world_size: int, monitor: str) -> dict[str, Any]:
         layer(x)[0].square().sum().backward()
     optimizer.step()
     return {
+        "errors": errors,
         "types": [type(layer).__name__ for layer in layers.values()],
         "all_large_ep": all(isinstance(layer, LargeEPMoELayer) for layer in layers.values()),
         "bias_moved": {name: float((layers[name].router.expert_bias - b).abs().max()) for name, b in before.items()},
@@ -141,8 +165,10 @@ def test_builder_on_builds_large_ep_layers_and_installs_the_hook(tmp_path: Any) 
     from largeep_plugin.load_balance import read_monitor
 
     monitor = str(tmp_path / "load.jsonl")
-    results = world(_builder_rank, 2, monitor, timeout=120)
+    results = world(_builder_rank, 2, monitor, str(tmp_path), timeout=120)
     for r in results:
+        assert "large_ep.ep_size=4 contradicts --expert-model-parallel-size 2" in r["errors"]["ep_size"], r
+        assert "top_k=2 contradicts the Megatron config (moe_router_topk gives 1)" in r["errors"]["top_k"], r
         assert r["types"] == ["LargeEPMoELayer", "LargeEPMoELayer"] and r["all_large_ep"]
         assert all(v > 0 for v in r["bias_moved"].values()), r  # softmax: the plugin's hook moved the bias
     records = read_monitor(monitor)  # written by the first rank of the TP x DP x CP group only
@@ -222,7 +248,7 @@ def _run_entry(root: Any, *argv: str) -> dict[str, Any]:
 def test_megatron_lm_entry_wires_the_builder_and_the_arguments(tmp_path: Any) -> None:
     on = _run_entry(tmp_path, "--num-experts", "1", "--large-ep")
     assert on == {"model": ["LargeEPMoELayer", "LargeEPMoELayer"], "large_ep": True}
-    ds = write_json(tmp_path / "ds.json", {"large_ep": {"enabled": True}})
+    ds = write_json(tmp_path / "ds.json", {"large_ep": {"enabled": True, "ep_size": 1}})
     assert _run_entry(tmp_path, "--num-experts", "1", "--deepspeed_config", ds)["model"] == ["LargeEPMoELayer"] * 2
     off = _run_entry(tmp_path, "--num-experts", "1")
     assert off == {"model": "stock gpt_builder", "large_ep": False}

@@ -44,7 +44,10 @@ class TorchSDPAttention(MegatronModule):
             raise NotImplementedError(f"softmax_type={config.softmax_type!r}: TorchSDPAttention supports 'vanilla'")
         if config.window_size is not None:
             raise NotImplementedError(f"window_size={config.window_size!r}: TorchSDPAttention has no sliding window")
-        tp = pg_collection.tp.size() if pg_collection is not None else parallel_state.get_tensor_model_parallel_world_size()
+        if pg_collection is not None:
+            tp = pg_collection.tp.size()
+        else:
+            tp = parallel_state.get_tensor_model_parallel_world_size()
         self.attn_mask_type = attn_mask_type
         self.heads = config.num_attention_heads // tp
         self.groups = config.num_query_groups // tp

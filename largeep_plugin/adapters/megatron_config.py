@@ -42,7 +42,7 @@ MEGATRON_SOURCES = {
 # Megatron fields whose non-default values the large-EP layer does not implement: (field, allowed values, why).
 _UNSUPPORTED: tuple[tuple[str, tuple[Any, ...], str], ...] = (
     ("context_parallel_size", (1,), "context parallelism is not wired into the large-EP layer"),
-    ("expert_tensor_parallel_size", (None, 1), "experts are not split with tensor parallelism (one whole expert per rank)"),
+    ("expert_tensor_parallel_size", (None, 1), "experts are not split with tensor parallelism (one expert per rank)"),
     ("moe_router_num_groups", (None,), "group-limited routing is not implemented"),
     ("moe_router_group_topk", (None,), "group-limited routing is not implemented"),
     ("moe_router_topk_limited_devices", (None,), "device-limited routing is not implemented"),

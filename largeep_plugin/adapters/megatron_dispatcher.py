@@ -41,7 +41,9 @@ class _Routed:
     hidden_shape: torch.Size
 
 
-def topk_from_routing_map(routing_map_TE: torch.Tensor, probs_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_from_routing_map(
+    routing_map_TE: torch.Tensor, probs_TE: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Megatron's [T, E] routing masks back to top-k lists.
 
     Returns:
@@ -92,7 +94,9 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         """Communication: send every kept assignment to its expert's rank. Returns ``(rows_MH, probs)``."""
         routed = self._take("_routed", "token_dispatch", "dispatch_preprocess")
-        rows_MH, handle = self.dispatcher.dispatch(hidden_states, routed.dest_rank_TK, routed.keep_TK, routed.topk_weights_TK)
+        rows_MH, handle = self.dispatcher.dispatch(
+            hidden_states, routed.dest_rank_TK, routed.keep_TK, routed.topk_weights_TK
+        )
         self._in_flight = (handle, routed.hidden_shape)
         return rows_MH, probs
 

@@ -83,7 +83,9 @@ def _local_expert(num_experts: int, ep_size: int, ep_rank: int, placement: Any) 
         return ep_rank, 0, False
     rank_to_expert = list(placement.rank_to_expert)
     if len(rank_to_expert) != ep_size:
-        raise ValueError(f"placement.rank_to_expert has {len(rank_to_expert)} entries but the EP group has {ep_size} ranks")
+        raise ValueError(
+            f"placement.rank_to_expert has {len(rank_to_expert)} entries but the EP group has {ep_size} ranks"
+        )
     missing = sorted(set(range(num_experts)) - set(rank_to_expert))
     if missing or any(not 0 <= e < num_experts for e in rank_to_expert):
         raise ValueError(

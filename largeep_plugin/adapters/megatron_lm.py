@@ -8,13 +8,16 @@ Megatron-LM (``core_r0.16``) builds GPT models through ``model_provider(gpt_buil
 
 Arguments added:
     --large-ep                     build the MoE layers as large-EP layers (off: Megatron-LM's own builder runs)
-    --large-ep-config PATH         JSON or YAML mapping of plugin-only LargeEPConfig fields
+    --large-ep-config PATH         JSON or YAML file holding a "large_ep" section (bare, or under a "large_ep" key)
     --large-ep-monitor PATH        per-expert load, JSON lines (one file per pipeline stage)
     --deepspeed_config PATH        a DeepSpeed JSON whose top-level "large_ep" section is read (added only when the
                                    parser does not define it already, as Megatron-DeepSpeed does)
 
-The "large_ep" section: ``enabled`` (bool) plus ``LargeEPConfig`` fields; a misspelt key is an error that lists the
-valid ones. Fields Megatron's own arguments define (experts, top-k, ...) may appear only with the same value.
+The "large_ep" section is the one DeepSpeed users write (``adapters/deepspeed_config.py``, parsed strictly by the
+same code). In Megatron, the model's shape comes from Megatron's arguments: ``ep_size``, ``top_k``,
+``score_function``, ``capacity_factor`` and the loss coefficients may appear only with the values Megatron's
+arguments give; what the section adds is ``enabled``, ``load_balance.bias_update_rate``, ``overlap`` and
+``monitor``.
 """
 from __future__ import annotations
 
@@ -24,16 +27,19 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from ..config import LargeEPConfig
+from .deepspeed_config import LargeEPSection, load_ds_config, parse_large_ep_section
 
 
 @dataclass(frozen=True, kw_only=True)
 class LargeEPSettings:
-    """What the Megatron-LM route decided: on or off, the ``LargeEPConfig`` overrides, the monitor path."""
+    """What the Megatron-LM route decided: on or off, the ``LargeEPConfig`` overrides, the EP size the section
+    asks for, and where the per-expert load goes."""
 
     enabled: bool
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    ep_size: int | None = None
     monitor: str | None = None
+    tensorboard_dir: str | None = None
 
 
 def add_large_ep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -41,7 +47,7 @@ def add_large_ep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group = parser.add_argument_group("large-EP MoE (largeep_plugin)")
     group.add_argument("--large-ep", action="store_true", help="build the MoE layers as large-EP layers")
     group.add_argument("--large-ep-config", default=None, metavar="PATH",
-                       help="JSON or YAML mapping of LargeEPConfig fields (bias_update_rate, init_seed, check_inputs)")
+                       help='JSON or YAML file with a "large_ep" section (the DeepSpeed JSON format)')
     group.add_argument("--large-ep-monitor", default=None, metavar="PATH",
                        help="per-expert load as JSON lines (one file per pipeline stage)")
     if "--deepspeed_config" not in parser._option_string_actions:
@@ -50,22 +56,9 @@ def add_large_ep_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
-_SECTION_KEYS = ["enabled"] + sorted(f for f in LargeEPConfig.__dataclass_fields__)
-
-
-def _check_section(section: Any, where: str) -> dict[str, Any]:
-    if not isinstance(section, Mapping):
-        raise ValueError(f"{where} must be a mapping of large_ep settings, got {type(section).__name__}")
-    unknown = [k for k in section if k not in _SECTION_KEYS]
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid keys are {_SECTION_KEYS}")
-    if "enabled" in section and not isinstance(section["enabled"], bool):
-        raise ValueError(f"{where}: enabled={section['enabled']!r} must be true or false")
-    return dict(section)
-
-
 def read_large_ep_file(path: str) -> dict[str, Any]:
-    """A ``--large-ep-config`` file: a JSON (``.json``) or YAML (``.yaml``/``.yml``) mapping."""
+    """The raw section of a ``--large-ep-config`` file: JSON, or YAML (``.yaml``/``.yml``); the file holds the
+    section itself or a mapping with a ``"large_ep"`` key."""
     if not os.path.isfile(path):
         raise ValueError(f"--large-ep-config={path!r}: no such file")
     with open(path, encoding="utf-8") as f:
@@ -77,44 +70,77 @@ def read_large_ep_file(path: str) -> dict[str, Any]:
             data = yaml.safe_load(f)
         else:
             data = json.load(f)
-    return _check_section(data, f"--large-ep-config {path}")
+    if isinstance(data, Mapping) and "large_ep" in data:
+        data = data["large_ep"]
+    if not isinstance(data, Mapping):
+        raise ValueError(f"--large-ep-config {path} must hold a mapping (the large_ep section)")
+    return dict(data)
 
 
 def read_deepspeed_large_ep_section(path: str) -> dict[str, Any] | None:
-    """The top-level ``"large_ep"`` section of a DeepSpeed JSON, or None when it has none."""
+    """The raw top-level ``"large_ep"`` section of a DeepSpeed JSON, or None when it has none."""
     if not os.path.isfile(path):
         raise ValueError(f"--deepspeed_config={path!r}: no such file")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, Mapping):
-        raise ValueError(f"--deepspeed_config {path}: expected a JSON object")
-    if "large_ep" not in data:
-        return None
-    return _check_section(data["large_ep"], f'the "large_ep" section of {path}')
+    section = load_ds_config(path).get("large_ep")
+    return None if section is None else section
+
+
+def overrides_from_section(raw: Mapping[str, Any], section: LargeEPSection) -> dict[str, Any]:
+    """``LargeEPConfig`` overrides from a parsed section; only the keys the user wrote (``raw``) count, so a
+    default of the section never contradicts Megatron's arguments."""
+    if section.placement.topology_file or section.placement.load_file:
+        raise NotImplementedError(
+            "large_ep.placement files are not used by the Megatron route yet: there experts = EP, one per rank"
+        )
+    out: dict[str, Any] = {}
+    for key in ("top_k", "score_function", "capacity_factor"):
+        if key in raw and getattr(section, key) is not None:
+            out[key] = getattr(section, key)
+    for key in ("bias_update_rate", "aux_loss_coeff", "z_loss_coeff"):
+        if key in raw.get("load_balance", {}):
+            out[key] = getattr(section.load_balance, key)
+    if "chunks" in raw.get("overlap", {}):
+        out["overlap_chunks"] = section.overlap.chunks
+    if "dispatch" in raw.get("overlap", {}):
+        out["dispatch"] = section.overlap.dispatch
+    return out
 
 
 def large_ep_settings(args: Any) -> LargeEPSettings:
-    """Decide from Megatron-LM's parsed arguments whether the layer is on and with which overrides."""
-    section = None
+    """Decide from Megatron-LM's parsed arguments whether the layer is on and with which settings."""
+    raw = None
     if getattr(args, "deepspeed_config", None):
-        section = read_deepspeed_large_ep_section(args.deepspeed_config)
-    from_file = read_large_ep_file(args.large_ep_config) if getattr(args, "large_ep_config", None) else None
-    if section is not None and from_file is not None:
+        raw = read_deepspeed_large_ep_section(args.deepspeed_config)
+    if getattr(args, "large_ep_config", None):
+        if raw is not None:
+            raise ValueError(
+                f"both --large-ep-config {args.large_ep_config} and the large_ep section of {args.deepspeed_config} "
+                "give large-EP settings: give one of them"
+            )
+        raw = read_large_ep_file(args.large_ep_config)
+    section = parse_large_ep_section(raw)  # strict: misspelt keys, wrong types, impossible values
+    raw = dict(raw or {})
+    if args.large_ep and raw.get("enabled") is False:
+        raise ValueError("--large-ep is given but the large_ep section says enabled=false: remove one of them")
+    enabled = bool(args.large_ep or section.enabled)
+    monitor = getattr(args, "large_ep_monitor", None)
+    if monitor and section.monitor.jsonl_path and monitor != section.monitor.jsonl_path:
         raise ValueError(
-            f"both --large-ep-config {args.large_ep_config} and the large_ep section of {args.deepspeed_config} give "
-            "large-EP settings: give one of them"
+            f"--large-ep-monitor {monitor} and large_ep.monitor.jsonl_path {section.monitor.jsonl_path} differ: "
+            "give one of them"
         )
-    settings = dict(section if section is not None else from_file or {})
-    enabled_in_file = settings.pop("enabled", None)
-    if enabled_in_file is False and args.large_ep:
-        raise ValueError("--large-ep is given but the large_ep settings say enabled=false: remove one of them")
-    enabled = bool(args.large_ep or enabled_in_file)
-    if not enabled and (settings or getattr(args, "large_ep_monitor", None)):
+    if not enabled and (len(raw) > ("enabled" in raw) or monitor):
         raise ValueError(
             "large-EP settings (--large-ep-config, a large_ep section or --large-ep-monitor) are given but the "
-            "large-EP layer is off: add --large-ep or enabled=true"
+            "large-EP layer is off: add --large-ep or \"enabled\": true"
         )
-    return LargeEPSettings(enabled=enabled, overrides=settings, monitor=getattr(args, "large_ep_monitor", None))
+    return LargeEPSettings(
+        enabled=enabled,
+        overrides=overrides_from_section(raw, section),
+        ep_size=section.ep_size,
+        monitor=monitor or section.monitor.jsonl_path,
+        tensorboard_dir=section.monitor.tensorboard_dir,
+    )
 
 
 _UNSUPPORTED_ARGS = (
@@ -157,6 +183,11 @@ def _build_gpt(args: Any, settings: LargeEPSettings, pre_process: bool, post_pro
         from megatron.training.arguments import core_transformer_config_from_args  # Megatron-LM
 
         config = core_transformer_config_from_args(args)
+    if settings.ep_size is not None and settings.ep_size != config.expert_model_parallel_size:
+        raise ValueError(
+            f"large_ep.ep_size={settings.ep_size} contradicts --expert-model-parallel-size "
+            f"{config.expert_model_parallel_size}: set it in Megatron's arguments"
+        )
     block = get_gpt_decoder_block_spec_with_large_ep(
         config,
         use_transformer_engine=args.transformer_impl == "transformer_engine",
@@ -186,8 +217,9 @@ def _build_gpt(args: Any, settings: LargeEPSettings, pre_process: bool, post_pro
 
 
 def _install_hooks(model: Any, settings: LargeEPSettings) -> Any:
-    """After every optimizer step: the plugin's bias update, then the per-expert load to the monitor and to
-    Megatron-LM's TensorBoard writer (on the first rank of each pipeline stage's TP x DP x CP group)."""
+    """After every optimizer step: the plugin's bias update, then the per-expert load (global over each EP group,
+    so one rank per pipeline stage suffices) to the monitor and to the section's TensorBoard directory from the
+    first rank of each stage's TP x DP x CP group, and to Megatron-LM's own writer from the rank that has it."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -195,24 +227,30 @@ def _install_hooks(model: Any, settings: LargeEPSettings) -> Any:
     from .megatron_balance import install_bias_update_hook, log_expert_load
 
     logs = dist.get_rank(parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)) == 0
-    monitor = None
+    monitor = writer = None
+    stage = ""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        stage = f"pp{parallel_state.get_pipeline_model_parallel_rank()}"
     if logs and settings.monitor:
-        path = settings.monitor
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            root, ext = os.path.splitext(path)
-            path = f"{root}.pp{parallel_state.get_pipeline_model_parallel_rank()}{ext}"
-        monitor = LoadMonitor(path)
+        root, ext = os.path.splitext(settings.monitor)
+        monitor = LoadMonitor(f"{root}.{stage}{ext}" if stage else settings.monitor)
+    if logs and settings.tensorboard_dir:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        writer = SummaryWriter(os.path.join(settings.tensorboard_dir, stage))
     step = [0]
 
     def log() -> None:
-        if logs:
-            log_expert_load(model, step[0], monitor=monitor, writer=_tensorboard_writer())
+        # Megatron-LM keeps its writer on the last rank only: that rank logs its stage's layers there.
+        tensorboard = writer if writer is not None else _megatron_lm_writer()
+        if monitor is not None or tensorboard is not None:
+            log_expert_load(model, step[0], monitor=monitor, writer=tensorboard)
         step[0] += 1
 
     return install_bias_update_hook(model, None, after=log)
 
 
-def _tensorboard_writer() -> Any:
+def _megatron_lm_writer() -> Any:
     try:
         from megatron.training.global_vars import get_tensorboard_writer  # Megatron-LM
     except ImportError:

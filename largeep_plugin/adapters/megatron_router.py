@@ -103,7 +103,9 @@ class LargeEPRouter(Router):
             routing_map_TE: bool, True where a token is sent to an expert (capacity drops are False).
         """
         if padding_mask is not None:
-            raise NotImplementedError("padding_mask is not supported by the large-EP router (padded tokens would count as load)")
+            raise NotImplementedError(
+                "padding_mask is not supported by the large-EP router (padded tokens would count as load)"
+            )
         self._keep_float32()
         cfg = self.large_ep_config
         x_TH = input.reshape(-1, cfg.hidden_size)
@@ -111,7 +113,9 @@ class LargeEPRouter(Router):
         global_counts_E, dropped = self._global_counts(routing, x_TH)
 
         e = cfg.num_experts
-        probs_TE = routing.topk_weights_TK.new_zeros((x_TH.shape[0], e)).scatter(1, routing.topk_ids_TK, routing.topk_weights_TK)
+        probs_TE = routing.topk_weights_TK.new_zeros((x_TH.shape[0], e)).scatter(
+            1, routing.topk_ids_TK, routing.topk_weights_TK
+        )
         routing_map_TE = torch.zeros((x_TH.shape[0], e), dtype=torch.bool, device=x_TH.device).scatter(
             1, routing.topk_ids_TK, routing.keep_TK
         )
@@ -139,7 +143,9 @@ class LargeEPRouter(Router):
         if self.large_ep_config.check_inputs:
             bad = [r for r, flag in enumerate(local[e + 1 :].tolist()) if flag]
             if bad:
-                raise ValueError(f"LargeEPRouter (layer {self.layer_number}): input contains NaN or Inf on EP rank(s) {bad}")
+                raise ValueError(
+                    f"LargeEPRouter (layer {self.layer_number}): input contains NaN or Inf on EP rank(s) {bad}"
+                )
         return local[:e].detach(), local[e].detach()
 
     def _loss_scale(self, num_tokens: int) -> float:
