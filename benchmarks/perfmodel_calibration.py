@@ -11,7 +11,8 @@ source design's 8192 -> 32768, GELU):
      all_to_all_single at two message sizes (latency and bandwidth of the loopback link);
   2. measures the layer forward and forward + backward: router, top-k, permute, all-to-all dispatch with
      uneven splits, expert fc1 -> GELU -> fc2, all-to-all combine, weighted unpermute (autograd through the
-     all-to-alls);
+     all-to-alls); 1 and 2 are interleaved repeat by repeat and the fastest repeat of each counts, so that
+     other processes on the machine disturb both sides alike;
   3. writes the calibration file (format largeep-calibration/1, docs/performance_model.md) with the
      measured constants and the measured layer, and prints the model's prediction from those constants beside
      the measurement. The issue's target is within 25%.
@@ -52,17 +53,12 @@ def _max_over_ranks(value: float) -> float:
     return float(t.item())
 
 
-def _timed(fn, repeats: int) -> float:
-    """Fastest over repeats of the slowest rank's time of fn(), all ranks starting together. The fastest repeat
-    is the one other processes on the machine disturbed least; constants and layer are timed the same way."""
+def _timed_once(fn) -> float:
+    """The slowest rank's time of one call of fn(), all ranks starting together."""
+    dist.barrier()
+    t0 = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(_max_over_ranks(time.perf_counter() - t0))
-    return min(times)
+    return _max_over_ranks(time.perf_counter() - t0)
 
 
 def _loop(fn, n: int):
@@ -72,45 +68,48 @@ def _loop(fn, n: int):
     return run
 
 
-def _timed_layer(fn, repeats: int) -> tuple[float, float]:
-    """(forward, total) of the repeat with the fastest total, each the slowest rank's; forward and backward come
-    from the same repeat so that they add up."""
-    fn()
-    best = (math.inf, math.inf)
-    for _ in range(repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        t_fwd = fn()
-        total = _max_over_ranks(time.perf_counter() - t0)
-        t_fwd = _max_over_ranks(t_fwd)
-        if total < best[1]:
-            best = (t_fwd, total)
-    return best
-
-
-def _calibrate(world: int, hidden: int, repeats: int) -> dict:
+def _measure_round(world: int, hidden: int, repeats: int, layer_fn) -> tuple[dict, float, float]:
+    """Calibration constants and the layer's (forward, total) seconds, measured interleaved: every repeat times
+    each constant and the layer once, so that load from other processes touches both alike. The fastest of the
+    repeats counts (the least disturbed); the layer's forward comes from its fastest total's repeat."""
     # Each timed call lasts tens of milliseconds so that all ranks really run at once, sharing the cores.
-    size, n_gemm, n_copy = 768, 4, 10
+    size, n_gemm, n_copy, rows_large = 768, 4, 10, 2048
     a, b = torch.randn(size, size), torch.randn(size, size)
-    gemm_s = _timed(_loop(lambda: torch.matmul(a, b), n_gemm), repeats) / n_gemm
     src = torch.empty(1 << 22).uniform_()  # 16 MB
     dst = torch.empty_like(src)
-    copy_s = _timed(_loop(lambda: dst.copy_(src), n_copy), repeats) / n_copy
-    a2a = {}
-    for rows_per_peer in (1, 2048):
-        x = torch.randn(rows_per_peer * world, hidden)
-        out = torch.empty_like(x)
-        a2a[rows_per_peer] = (_timed(lambda: dist.all_to_all_single(out, x), repeats * 2),
-                              (world - 1) * rows_per_peer * hidden * 4)
-    (t_small, b_small), (t_large, b_large) = a2a[1], a2a[2048]
-    bandwidth = (b_large - b_small) / max(t_large - t_small, 1e-9)
-    latency = max(0.0, t_small - b_small / bandwidth)
-    return {
+    small_x, large_x = torch.randn(world, hidden), torch.randn(rows_large * world, hidden)
+    small_out, large_out = torch.empty_like(small_x), torch.empty_like(large_x)
+    probes = {
+        "gemm": _loop(lambda: torch.matmul(a, b), n_gemm),
+        "copy": _loop(lambda: dst.copy_(src), n_copy),
+        "a2a_small": lambda: dist.all_to_all_single(small_out, small_x),
+        "a2a_large": lambda: dist.all_to_all_single(large_out, large_x),
+    }
+    best = dict.fromkeys(probes, math.inf)
+    layer_best = (math.inf, math.inf)
+    for fn in probes.values():
+        fn()  # warm-up
+    layer_fn()
+    for _ in range(repeats):
+        for name, fn in probes.items():
+            best[name] = min(best[name], _timed_once(fn))
+        dist.barrier()
+        t0 = time.perf_counter()
+        t_fwd = layer_fn()
+        total = _max_over_ranks(time.perf_counter() - t0)
+        t_fwd = _max_over_ranks(t_fwd)
+        if total < layer_best[1]:
+            layer_best = (t_fwd, total)
+    b_small, b_large = (world - 1) * hidden * 4, (world - 1) * rows_large * hidden * 4
+    bandwidth = (b_large - b_small) / max(best["a2a_large"] - best["a2a_small"], 1e-9)
+    latency = max(0.0, best["a2a_small"] - b_small / bandwidth)
+    calib = {
         "device": {"name": f"cpu rank ({world} gloo ranks, {torch.get_num_threads()} thread(s) each)",
-                   "gemm_flops_per_s": {"fp32": 2.0 * size ** 3 / gemm_s},
-                   "memory_bytes_per_s": 2.0 * src.numel() * 4 / copy_s},
+                   "gemm_flops_per_s": {"fp32": 2.0 * size ** 3 * n_gemm / best["gemm"]},
+                   "memory_bytes_per_s": 2.0 * src.numel() * 4 * n_copy / best["copy"]},
         "links": {"intra_node": {"bandwidth_bytes_per_s": bandwidth, "latency_s": latency}},
     }
+    return calib, layer_best[0], layer_best[1]
 
 
 class _AllToAll(torch.autograd.Function):
@@ -177,11 +176,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
             y.square().sum().backward()
             return t_fwd
 
-        # Rounds alternate calibration and measurement, so that a change in the machine's background load
-        # touches both sides of the comparison alike.
+        # Several rounds, each calibrating and measuring interleaved; the median round is reported.
         for r in range(args.rounds):
-            calib = _calibrate(world, args.hidden, args.repeats)
-            t_fwd, t_total = _timed_layer(fwd_bwd, args.repeats)
+            calib, t_fwd, t_total = _measure_round(world, args.hidden, args.repeats, fwd_bwd)
             counts = torch.tensor([float(rows[-1])])
             gathered = [torch.zeros(1) for _ in range(world)]
             dist.all_gather(gathered, counts)
