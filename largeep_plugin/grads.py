@@ -1,12 +1,21 @@
 """Gradient reduction for models that hold large-EP layers, for trainers without a framework's DDP.
 
-Non-expert parameters (attention, embeddings, the router) are data-parallel over the EP group: their gradients
-are averaged over it. Expert parameters carry ``allreduce = False`` and are skipped here; replicated experts are
-reduced over their replica group by ``process_groups.py``.
+The convention is the data-parallel one: each rank's loss is a mean over its own tokens, and the gradient wanted
+is that of the mean over the ``R`` ranks of ``group``.
+
+* Non-expert parameters (attention, embeddings, the router) are replicated: their gradients are averaged over
+  ``group``.
+* Expert parameters carry ``allreduce = False``. The all-to-all backward already sums, into an expert's gradient,
+  the contributions of every rank that sent it tokens; when the expert is replicated, each replica holds the sum
+  over the tokens *it* received, so the replicas' gradients are summed over the expert's replica group
+  (``param.expert_dp_group``, set by ``LargeEPMoE``). Either way the result is then divided by ``R`` like the
+  dense gradients, so that dense and expert parameters see one consistent loss.
+
+With ``average=False`` nothing is divided: the gradient of the *sum* of the ranks' losses.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,25 +30,42 @@ def is_expert_param(p: torch.nn.Parameter) -> bool:
     return getattr(p, "allreduce", True) is False
 
 
-def allreduce_gradients(
-    params: Iterable[nn.Parameter] | nn.Module, group: ProcessGroup | None = None, average: bool = True
-) -> int:
-    """Average (or sum) the gradients of the non-expert parameters over ``group`` in one flat all_reduce per
-    dtype. Parameters without a gradient are skipped. Returns the number of gradients reduced."""
-    if isinstance(params, nn.Module):
-        params = params.parameters()
-    grads = [p.grad for p in params if p.grad is not None and not is_expert_param(p)]
-    world = group_size(group)
-    if world == 1 or not grads:
-        return len(grads)
+def allreduce_flat(tensors: Sequence[torch.Tensor], group: ProcessGroup | None) -> None:
+    """Sum ``tensors`` over ``group`` in place, with one all_reduce per dtype (flattened)."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
     for same in by_dtype.values():
         flat = _flatten_dense_tensors(same)
         dist.all_reduce(flat, group=group)
-        if average:
-            flat.div_(world)
-        for g, reduced in zip(same, _unflatten_dense_tensors(flat, same)):
-            g.copy_(reduced)
-    return len(grads)
+        for t, reduced in zip(same, _unflatten_dense_tensors(flat, same)):
+            t.copy_(reduced)
+
+
+def allreduce_gradients(
+    params: Iterable[nn.Parameter] | nn.Module, group: ProcessGroup | None = None, average: bool = True
+) -> int:
+    """Reduce the gradients of a model's parameters as described in the module docstring.
+
+    Every rank must call this with the same model structure (the collectives follow parameter order).
+    Parameters without a gradient are skipped. Returns the number of gradients reduced.
+    """
+    if isinstance(params, nn.Module):
+        params = params.parameters()
+    params = [p for p in params if p.grad is not None]
+    world = group_size(group)
+    dense = [p.grad for p in params if not is_expert_param(p)]
+    # Expert gradients, per replica group, in parameter order (identical on the ranks of a group).
+    replicated: dict[int, tuple[ProcessGroup, list[torch.Tensor]]] = {}
+    for p in params:
+        g = getattr(p, "expert_dp_group", None)
+        if is_expert_param(p) and g is not None:
+            replicated.setdefault(id(g), (g, []))[1].append(p.grad)
+    if world > 1 and dense:
+        allreduce_flat(dense, group)
+    for g, grads in replicated.values():
+        allreduce_flat(grads, g)
+    if average and world > 1:
+        for p in params:
+            p.grad.div_(world)
+    return len(params)

@@ -14,7 +14,7 @@ One forward:
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,8 @@ import torch.nn as nn
 from .comm import ProcessGroup, group_rank, group_size
 from .config import LargeEPConfig
 from .overlap import TokenExchange
+from .placement import Placement
+from .process_groups import ExpertProcessGroups, build_process_groups
 from .experts import ExpertMLP
 from .load_balance import LoadStats, switch_aux_loss, update_expert_bias, z_loss
 from .router import Router
@@ -30,14 +32,6 @@ from .router import Router
 # Bits of the per-rank input check exchanged in step 2.
 _BAD_HIDDEN = 1
 _NON_FINITE = 2
-
-
-class PlacementLike(Protocol):
-    """What the layer needs from a placement (see placement.py)."""
-
-    rank_to_expert: list[int]
-
-    def destination_ranks(self, topk_ids_TK: torch.Tensor, src_rank: int) -> torch.Tensor: ...
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -81,36 +75,24 @@ class LargeEPMoE(nn.Module):
         self,
         config: LargeEPConfig,
         ep_group: ProcessGroup | None = None,
-        placement: PlacementLike | None = None,
+        placement: Placement | None = None,
         ranks_per_node: int | None = None,
+        expert_groups: ExpertProcessGroups | None = None,
     ):
         super().__init__()
         self.config = config
+        if ep_group is None and expert_groups is not None:
+            ep_group = expert_groups.ep_group
         self.ep_group = ep_group
         self.ep_size = group_size(ep_group)
         self.ep_rank = group_rank(ep_group)
-        if placement is None:
-            if self.ep_size != config.num_experts:
-                raise ValueError(
-                    f"the EP group has {self.ep_size} ranks but num_experts={config.num_experts}: without a "
-                    "placement each rank holds exactly one expert, so they must be equal (pass a placement from "
-                    "largeep_plugin.placement for replicas)"
-                )
-            self.expert_id = self.ep_rank
-        else:
-            if len(placement.rank_to_expert) != self.ep_size:
-                raise ValueError(
-                    f"placement.rank_to_expert has {len(placement.rank_to_expert)} entries but the EP group has "
-                    f"{self.ep_size} ranks"
-                )
-            self.expert_id = placement.rank_to_expert[self.ep_rank]
-            if not 0 <= self.expert_id < config.num_experts:
-                raise ValueError(
-                    f"placement gives rank {self.ep_rank} expert {self.expert_id}, outside 0..{config.num_experts - 1}"
-                )
+        self.expert_id = self._expert_of_this_rank(placement)
         self.placement = placement
+        if ranks_per_node is None and placement is not None and config.dispatch == "hierarchical":
+            ranks_per_node = _uniform_ranks_per_node(placement)
         self.router = Router(config.router_config, config.hidden_size, init_std=config.init_std, init_seed=config.init_seed)
         self.expert = ExpertMLP(config.expert_config, expert_id=self.expert_id, init_seed=config.init_seed)
+        self._join_replica_group(placement, expert_groups)
         # Steps 3-5 (overlap.py): flat or node-batched dispatcher, pipelined over chunks when overlap_chunks > 1.
         self.token_exchange = TokenExchange(config.dispatch_config, ep_group, ranks_per_node)
         self.dispatcher = self.token_exchange.dispatcher
@@ -119,6 +101,48 @@ class LargeEPMoE(nn.Module):
             "tokens_per_expert_since_update", torch.zeros(config.num_experts, dtype=torch.int64), persistent=False
         )
         self.last_stats: LoadStats | None = None
+
+    def _expert_of_this_rank(self, placement: Placement | None) -> int:
+        e = self.config.num_experts
+        if placement is None:
+            if self.ep_size != e:
+                raise ValueError(
+                    f"the EP group has {self.ep_size} ranks but num_experts={e}: without a placement each rank "
+                    "holds exactly one expert, so they must be equal (pass a placement from "
+                    "largeep_plugin.placement for replicas)"
+                )
+            return self.ep_rank
+        if getattr(placement, "num_experts", e) != e:
+            raise ValueError(f"placement.num_experts={placement.num_experts} but config.num_experts={e}")
+        if getattr(placement, "expert_tp_degree", 1) != 1:
+            raise NotImplementedError(
+                f"placement.expert_tp_degree={placement.expert_tp_degree}: experts split with tensor parallelism "
+                "are planned by placement.py but not run by LargeEPMoE yet"
+            )
+        rank_to_expert = placement.rank_to_expert  # NotImplementedError for colocated placements
+        if len(rank_to_expert) != self.ep_size:
+            raise ValueError(
+                f"placement.rank_to_expert has {len(rank_to_expert)} entries but the EP group has {self.ep_size} ranks"
+            )
+        expert_id = rank_to_expert[self.ep_rank]
+        if not 0 <= expert_id < e:
+            raise ValueError(f"placement gives EP rank {self.ep_rank} expert {expert_id}: every rank must hold one of 0..{e - 1}")
+        return expert_id
+
+    def _join_replica_group(self, placement: Placement | None, expert_groups: ExpertProcessGroups | None) -> None:
+        """Tag the expert's parameters with the group its gradients are summed over (``grads.py``): the ranks that
+        hold a replica of the same expert. Groups are built here when not given; pass ``expert_groups`` (from
+        ``build_process_groups``) to share one set of groups between layers."""
+        if placement is None:
+            return
+        if expert_groups is None:
+            # Decided alike on every rank: building groups is collective.
+            if max(placement.num_replicas) == 1 and placement.world_size == group_size(None):
+                return  # no expert has a second copy: nothing to reduce, no group to build
+            expert_groups = build_process_groups(placement)
+        group = expert_groups.expert_dp_groups.get(self.expert_id)
+        for p in self.expert.parameters():
+            p.expert_dp_group = group
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +240,15 @@ class LargeEPMoE(nn.Module):
             f"experts={c.num_experts}, top_k={c.top_k}, hidden={c.hidden_size}, ffn={c.ffn_hidden_size}, "
             f"ep_size={self.ep_size}, expert_id={self.expert_id}, activation={c.activation}"
         )
+
+
+def _uniform_ranks_per_node(placement: Placement) -> int | None:
+    """Ranks per node of the placement's topology when every node has the same number, else None."""
+    topology = getattr(placement, "topology", None)
+    if topology is None:
+        return None
+    sizes = {len(topology.ranks_of(n)) for n in range(topology.num_nodes)}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def moe_layers(model: nn.Module) -> Iterator[tuple[str, LargeEPMoE]]:

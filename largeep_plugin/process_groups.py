@@ -24,6 +24,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from largeep_plugin.grads import allreduce_flat
 from largeep_plugin.placement import Placement
 
 
@@ -145,10 +146,7 @@ def reduce_expert_grads(groups: ExpertProcessGroups, params_by_expert: Mapping[i
         grads = [p.grad for p in params]
         group = groups.expert_dp_groups[x]
         if group is not None and grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])   # one collective per expert
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
+            allreduce_flat(grads, group)   # one collective per expert and dtype
         if scale != 1.0:
             for g in grads:
                 g.mul_(scale)
