@@ -7,7 +7,9 @@
 * sigmoid routing with ``moe_router_enable_expert_bias``: Megatron's ``finalize_model_grads`` moves the bias by
   ``rate * sign(mean - count)`` of the counts summed over all ranks, and zeroes the counts;
 * softmax routing: ``finalize_model_grads`` leaves the bias alone and the plugin's optimizer hook moves it;
-* the per-expert load goes to the ``LoadMonitor`` and to a TensorBoard-like writer.
+* the switch loss (global counts) joins the backward through Megatron's ``MoEAuxLossAutoScaler``;
+* the per-expert load goes to the ``LoadMonitor`` and to a TensorBoard-like writer;
+* the router alone drives Megatron's own ``MoELayer`` (its ``RouterInterface`` contract).
 """
 from __future__ import annotations
 
@@ -90,6 +92,33 @@ def _parity(config: Any, rank: int) -> dict[str, float]:
         assert p.allreduce is False
     errors["scale"] = float(outs["ref"][0].abs().max())
     return errors
+
+
+def _aux_loss_check(rank: int) -> dict[str, float]:
+    """The switch loss rides on Megatron's MoEAuxLossAutoScaler: with the output's gradient zero, the router gets
+    exactly the gradient of c * switch_aux_loss(this rank's scores, the EP group's global counts), and none at c=0."""
+    from largeep_plugin.adapters.megatron import LargeEPMoELayer
+    from largeep_plugin.load_balance import switch_aux_loss
+
+    x = torch.randn(6, 2, 12, generator=torch.Generator().manual_seed(7 + rank))
+    grads, stats = {}, {}
+    for coeff in (0.0, 0.1):
+        cfg = tiny_config(moe_aux_loss_coeff=coeff)
+        layer = LargeEPMoELayer(cfg, layer_number=1)
+        y, _ = layer(x)
+        (0.0 * y).sum().backward()  # no gradient from the output: what reaches the router is the aux loss alone
+        grads[coeff] = layer.router.weight.grad.clone()
+        stats[coeff] = layer.last_stats
+    weight = layer.router.weight.detach().clone().requires_grad_(True)
+    scores = torch.softmax(x.reshape(-1, 12) @ weight.t(), dim=-1)
+    aux = 0.1 * switch_aux_loss(scores, stats[0.1].tokens_per_expert_E, 2, "softmax")
+    aux.backward()
+    return {
+        "grad": rel_err(grads[0.1], weight.grad),
+        "grad_off": float(grads[0.0].abs().max()),
+        "value": abs(float(stats[0.1].aux_loss) - float(aux)),
+        "off": float(stats[0.0].aux_loss),
+    }
 
 
 def _step_and_counts(model: Any, rank: int) -> list[torch.Tensor]:
@@ -192,6 +221,7 @@ def _ep4_rank(rank: int, world_size: int, path: str) -> dict[str, Any]:
     gelu_softmax = tiny_config(moe_z_loss_coeff=1e-2)
     swiglu_sigmoid = tiny_config(gated_linear_unit=True, activation_func=F.silu, moe_router_score_function="sigmoid")
     out["parity"] = {"gelu-softmax-zloss": _parity(gelu_softmax, rank), "swiglu-sigmoid": _parity(swiglu_sigmoid, rank)}
+    out["aux"] = _aux_loss_check(rank)
     try:
         tiny_gpt(tiny_config(num_moe_experts=8))
         out["mismatch"] = "no error"
@@ -217,6 +247,13 @@ def test_transformer_layer_matches_dense_reference(ep4: list[dict[str, Any]]) ->
             bad = {k: v for k, v in errors.items() if not v <= TOL}
             assert not bad, f"rank {rank}, {case}: large-EP TransformerLayer differs from the dense reference: {bad}"
             assert len(errors) > 8, errors  # attention and norm gradients were compared too
+
+
+def test_switch_loss_joins_the_backward(ep4: list[dict[str, Any]]) -> None:
+    for result in ep4:
+        aux = result["aux"]
+        assert aux["grad"] <= TOL and aux["value"] < 1e-6, aux
+        assert aux["off"] == 0.0 and aux["grad_off"] == 0.0, aux
 
 
 def test_experts_must_equal_ep_size(ep4: list[dict[str, Any]]) -> None:
@@ -253,3 +290,35 @@ def test_per_expert_load_goes_to_monitor_and_tensorboard(ep4: list[dict[str, Any
             assert log["writer"][f"large_ep/{record['layer']}/tokens_per_expert/{e}"] == (count, 7)
         assert log["writer"][f"large_ep/{record['layer']}/imbalance"] == (record["imbalance"], 7)
     assert log["file"] == log["records"]
+
+
+def _stock_layer_rank(rank: int, world_size: int) -> dict[str, float]:
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    from largeep_plugin.adapters.megatron import LargeEPRouter
+
+    init_megatron(ep=1)
+    cfg = tiny_config(num_moe_experts=4, moe_token_dispatcher_type="allgather")  # the stock dispatcher CPU can run
+    spec = get_moe_module_spec(use_te=False, num_experts=4)
+    spec.submodules.router = LargeEPRouter
+    torch.manual_seed(0)
+    layer = build_module(spec, config=cfg)
+    x = torch.randn(5, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    y, _ = layer(x)
+    # The same routing applied by hand: y_t = sum_e probs[t, e] * expert_e(x_t) over the chosen experts.
+    with torch.no_grad():
+        probs_TE, routing_map_TE = layer.router(x)
+        x_TH = x.reshape(-1, cfg.hidden_size)
+        want = torch.zeros_like(x_TH)
+        for e, expert in enumerate(layer.experts.local_experts):
+            chosen = routing_map_TE[:, e]
+            want[chosen] += probs_TE[chosen, e : e + 1] * expert(x_TH[chosen])[0]
+    return {"err": rel_err(y.detach().reshape(-1, cfg.hidden_size), want), "k_per_token": routing_map_TE.sum(1).tolist()}
+
+
+def test_router_drives_the_stock_moe_layer() -> None:
+    """``LargeEPRouter`` as ``MoESubmodules.router`` of Megatron's own MoELayer (RouterInterface contract)."""
+    (result,) = world(_stock_layer_rank, 1, timeout=60)
+    assert result["k_per_token"] == [2] * 10
+    assert result["err"] <= TOL, result

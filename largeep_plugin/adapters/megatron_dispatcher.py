@@ -80,7 +80,9 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
         self._in_flight: tuple[DispatchHandle, torch.Size] | None = None
         self._combined_shape: torch.Size | None = None
 
-    def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
+    def dispatch_preprocess(
+        self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Local: the top-k lists and each assignment's destination rank. Returns ``(x_TH, probs)``."""
         x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
         topk_ids_TK, keep_TK, weights_TK = topk_from_routing_map(routing_map, probs, self.top_k)
@@ -91,7 +93,7 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
         self._routed = _Routed(dest_rank_TK, keep_TK, weights_TK, hidden_states.shape)
         return x_TH, probs
 
-    def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+    def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Communication: send every kept assignment to its expert's rank. Returns ``(rows_MH, probs)``."""
         routed = self._take("_routed", "token_dispatch", "dispatch_preprocess")
         rows_MH, handle = self.dispatcher.dispatch(
@@ -100,7 +102,9 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
         self._in_flight = (handle, routed.hidden_shape)
         return rows_MH, probs
 
-    def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+    def dispatch_postprocess(
+        self, hidden_states: torch.Tensor, probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
         """Local: one expert per rank, so the received rows are already its contiguous input.
 
         Returns ``(rows_MH, tokens_per_expert [1] on the host, None)``: the combine weights are applied in

@@ -54,7 +54,9 @@ class LargeEPExperts(nn.Module):
         self.ep_replica = ep_replica
         self.expt_dp_group = expt_dp_group
 
-    def forward(self, rows_MH: torch.Tensor, tokens_per_expert: torch.Tensor | None = None, permuted_probs: Any = None):
+    def forward(
+        self, rows_MH: torch.Tensor, tokens_per_expert: torch.Tensor | None = None, permuted_probs: Any = None
+    ) -> tuple[torch.Tensor, None]:
         return self.expert(rows_MH), None
 
     def backward_dw(self) -> None:
@@ -187,7 +189,7 @@ class LargeEPMoELayer(MoELayer):
     def last_stats(self) -> LoadStats | None:
         return self.router.last_stats
 
-    def forward(self, hidden_states: torch.Tensor, intermediate_tensors: Any = None, padding_mask: Any = None):
+    def forward(self, hidden_states: torch.Tensor, intermediate_tensors: Any = None, padding_mask: Any = None) -> Any:
         if self._replicated and self.training and torch.is_grad_enabled():
             raise NotImplementedError(
                 "training with experts replicated inside the EP group needs their gradients reduced over each "
