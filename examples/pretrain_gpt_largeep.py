@@ -3,8 +3,9 @@
 How to run:
     python examples/pretrain_gpt_largeep.py                          # 4 CPU ranks (gloo), EP 4, 4 layers, 20 steps
     python examples/pretrain_gpt_largeep.py --score-function sigmoid --monitor /tmp/load.jsonl
-    torchrun --nproc-per-node 1 examples/pretrain_gpt_largeep.py --device cuda                  # GPUs, NCCL
-    torchrun --nproc-per-node 1 examples/pretrain_gpt_largeep.py --device cuda --no-large-ep    # the stock MoE
+    torchrun --nproc-per-node 8 examples/pretrain_gpt_largeep.py --device cuda                  # GPUs, NCCL
+    torchrun --nproc-per-node 8 examples/pretrain_gpt_largeep.py --device cuda --no-large-ep    # the stock MoE
+    torchrun --nproc-per-node 1 examples/pretrain_gpt_largeep.py --device cuda --top-k 1        # 1 GPU: 1 expert
     torchrun --nproc-per-node 4 examples/pretrain_gpt_largeep.py --device cuda --tp 2           # TP 2 x EP 2
 
 Without ``torchrun`` the script starts ``--nproc`` local ranks itself. On GPUs it uses Megatron's DDP and
@@ -86,6 +87,7 @@ def build_model(args: argparse.Namespace, ep: int) -> tuple[Any, Any]:
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
         ffn_hidden_size=args.ffn, moe_ffn_hidden_size=args.ffn, num_moe_experts=ep, moe_router_topk=args.top_k,
         moe_router_score_function=args.score_function, moe_router_enable_expert_bias=sigmoid,
+        moe_router_pre_softmax=args.top_k == 1 and not sigmoid,  # Megatron requires it for softmax top-1
         moe_token_dispatcher_type="alltoall", tensor_model_parallel_size=args.tp, expert_model_parallel_size=ep,
         expert_tensor_parallel_size=1, sequence_parallel=args.tp > 1, add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, init_method_std=0.02,
