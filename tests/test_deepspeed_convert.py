@@ -108,9 +108,9 @@ def _flag_off(rank: int) -> dict:
 
 
 def _world(rank: int, world: int) -> dict:
-    import deepspeed
+    from largeep_plugin.adapters.deepspeed import init_deepspeed_comm
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_comm()
     return {
         "top2_ep4": _stock_vs_converted(WORLD, 2),
         "top1_ep4": _stock_vs_converted(WORLD, 1),
@@ -121,7 +121,9 @@ def _world(rank: int, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def results():
-    import deepspeed  # noqa: F401  (imported once here, not once per forked rank)
+    from largeep_plugin.adapters.deepspeed import load_deepspeed_ops_before_fork
+
+    load_deepspeed_ops_before_fork()  # imports DeepSpeed and loads its CPU op once here, not once per forked rank
 
     return run_world(_world, WORLD, timeout=240)
 

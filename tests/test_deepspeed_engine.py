@@ -65,11 +65,10 @@ def _train(engine, rank: int, steps: int, start: int = 0) -> list[float]:
 
 
 def _world(rank: int, world: int, ckpt_dir: str) -> dict:
-    import deepspeed
-
+    from largeep_plugin.adapters.deepspeed import init_deepspeed_comm
     from largeep_plugin.moe_layer import moe_layers
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_comm()
     out: dict = {}
     # Identical routing: no balancing bias (the stock gate has none), dropless on both sides.
     same_routing = {"enabled": True, "ep_size": WORLD, "load_balance": {"bias_update_rate": 0.0}}
@@ -107,7 +106,9 @@ def _world(rank: int, world: int, ckpt_dir: str) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    import deepspeed  # noqa: F401  (imported once here, not once per forked rank)
+    from largeep_plugin.adapters.deepspeed import load_deepspeed_ops_before_fork
+
+    load_deepspeed_ops_before_fork()  # imports DeepSpeed and loads its CPU op once here, not once per forked rank
 
     return run_world(_world, WORLD, args=(str(tmp_path_factory.mktemp("ckpt")),), timeout=400)
 

@@ -18,7 +18,11 @@ it was given: the model stays stock. The section is parsed strictly either way.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+import contextlib
+import os
+import sys
+import tempfile
+from typing import Any, Iterable, Iterator
 
 import deepspeed
 import torch
@@ -90,8 +94,7 @@ def initialize(
 def ensure_expert_groups(ep_size: int, use_data_before_expert_parallel: bool = False) -> dist.ProcessGroup:
     """DeepSpeed's expert-parallel group ``ep_size_<N>`` for this rank, created (with its expert-data-parallel
     groups) if it does not exist yet."""
-    if not dist.is_initialized():
-        deepspeed.init_distributed()
+    init_deepspeed_comm()
     world = dist.get_world_size()
     if world % ep_size:
         raise ValueError(f"large_ep.ep_size={ep_size} must divide the world size {world}")
@@ -99,6 +102,54 @@ def ensure_expert_groups(ep_size: int, use_data_before_expert_parallel: bool = F
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel)
     return groups._get_expert_parallel_group(name)
+
+
+@contextlib.contextmanager
+def _quiet_unless_failing() -> Iterator[None]:
+    """Capture what is written to file descriptors 1 and 2 (C++ compilers and loaders included) and show it only
+    if the block raises. DeepSpeed probes, compiles and loads helper ops at start-up and each rank prints the
+    compiler's chatter; on a 16-rank CPU world that buries the output."""
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            if failed:
+                sink.seek(0)
+                sys.stderr.write(sink.read().decode(errors="replace"))
+
+
+def init_deepspeed_comm() -> None:
+    """Initialise DeepSpeed's communication layer (and torch.distributed, when it is not yet), reusing an existing
+    torch.distributed backend."""
+    import deepspeed.comm as ds_comm
+
+    if ds_comm.is_initialized():
+        return
+    backend = dist.get_backend() if dist.is_initialized() else None
+    with _quiet_unless_failing():
+        deepspeed.init_distributed(dist_backend=backend)
+
+
+def load_deepspeed_ops_before_fork() -> None:
+    """Load, in the parent process, the helper op DeepSpeed's CPU communication builds at start-up, so that ranks
+    forked afterwards find it loaded instead of each probing the compiler (seconds per rank on a busy machine)."""
+    from deepspeed.comm.torch import build_shm_op
+
+    with _quiet_unless_failing():
+        build_shm_op()
 
 
 def _moe_param_groups(model_parameters: Any, mapping: dict[int, nn.Parameter], model: nn.Module) -> list[dict]:

@@ -104,3 +104,12 @@ def stock_moe_factory(model: TinyMoEConfig, ep_size: int, *, capacity_factor: fl
         )
 
     return build
+
+
+def bench_stock_layer(cfg: LargeEPConfig, ep_size: int, capacity_factor: float | None,
+                      router_weight_EH: torch.Tensor) -> nn.Module:
+    """The stock side of ``largeep_plugin.layer_bench``: ``x_TH -> y_TH`` with the given gate weight."""
+    block = StockMoEBlock(stock_moe_layer(cfg, ep_size, capacity_factor=capacity_factor))
+    with torch.no_grad():
+        block.moe.deepspeed_moe.gate.wg.weight.copy_(router_weight_EH)
+    return block

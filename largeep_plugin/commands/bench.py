@@ -15,6 +15,7 @@ from typing import Any
 # Benchmark modules (commands/bench_<name>.py), in the order ``--help`` lists them.
 _BENCHES = (
     "overlap",
+    "layer",
 )
 
 

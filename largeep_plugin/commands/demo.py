@@ -1,12 +1,20 @@
-"""``largeep demo``: train a small MoE transformer with one expert per rank on a local world of CPU ranks.
+"""``largeep demo``: train a small MoE transformer with one expert per rank on local CPU ranks, then compare the
+MoE layer side by side with DeepSpeed's stock MoE.
 
-    largeep demo                                   # 16 gloo ranks, 4 MoE layers x 16 experts, top-2
-    largeep demo --world-size 4 --steps 30         # a quick look
+    largeep demo                                   # 16 gloo ranks, 4 MoE layers x 16 experts, top-2; comparison
+    largeep demo --world-size 4 --steps 30 --no-compare      # a quick look at the training part only
     largeep demo --record-load runs/load           # also write the routing load for `largeep plan`
 
-The command spawns the ranks itself (one process each, one thread each). At the end it prints the loss (first vs
-last), the training throughput and the per-expert load of each MoE layer, and writes ``summary.json`` to the
-output directory.
+Part 1, training: the command spawns the ranks itself (one process each, one thread each) and trains on
+Markov-chain tokens; it prints the loss (first vs last), the training throughput and the per-expert load of each
+MoE layer.
+
+Part 2, comparison (largeep_plugin/layer_bench.py, the same as `largeep bench layer`): one MoE layer, forward +
+backward, the same weights and the same tokens for every variant, at EP 4, 8 and 16 (E = EP experts, one per
+rank): stock DeepSpeed MoE dropless and with capacity factor 1.0, large-EP, and an "ideal" row (the expert MLP
+alone on perfectly balanced rows). It prints tokens/s and peak memory growth per rank with the ratios.
+
+Files in the output directory: summary.json (both parts), comparison.json and comparison.png.
 """
 from __future__ import annotations
 
@@ -17,8 +25,11 @@ import sys
 from typing import Any
 
 from ..launch import run_world
+from ..layer_bench import VARIANTS, LayerBenchSettings, format_table, ratios, run_layer_bench
 from ..models.tiny_moe import TinyMoEConfig
 from ..models.training import TrainSettings, train_rank, warm_up_before_fork
+from ..progress import ProgressBar
+from .bench_layer import parse_list, stock_builder, write_outputs
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -44,7 +55,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo", help="where summary.json goes (default runs/demo)")
     p.add_argument("--record-load", metavar="DIR", default=None,
                    help="write the routing load and co-activation JSON files for `largeep plan` to DIR")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds before the world is killed (default 900)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds before a world is killed (default 900)")
+    p.add_argument("--no-compare", action="store_true", help="skip part 2, the side-by-side comparison")
+    p.add_argument("--compare-ep", default="4,8,16", help="EP sizes of the comparison (default 4,8,16)")
+    p.add_argument("--compare-tokens", type=int, default=2048, help="tokens per rank in the comparison (default 2048)")
+    p.add_argument("--compare-hidden-size", type=int, default=256, help="H in the comparison (default 256)")
+    p.add_argument("--compare-ffn-hidden-size", type=int, default=512, help="F in the comparison (default 512)")
+    p.add_argument("--compare-iters", type=int, default=3, help="timed iterations per variant (default 3)")
+    p.add_argument("--compare-skew", type=float, default=0.0,
+                   help="routing skew of the comparison (see largeep bench layer --help; default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -103,26 +122,73 @@ def report(summary: dict, settings: TrainSettings) -> str:
     return "\n".join(lines)
 
 
+def compare_settings(args: argparse.Namespace) -> LayerBenchSettings:
+    return LayerBenchSettings(
+        hidden_size=args.compare_hidden_size, ffn_hidden_size=args.compare_ffn_hidden_size,
+        tokens_per_rank=args.compare_tokens, top_k=args.top_k, skew=args.compare_skew, warmup=1,
+        iters=args.compare_iters, seed=args.seed,
+    )
+
+
+def comparison_report(rows: list[dict[str, Any]]) -> str:
+    """The table, then large-EP's ratios against the issue's targets, stated as measured."""
+    lines = [format_table(rows)]
+    labels = (("large_ep_over_stock_dropless", "stock dropless"), ("large_ep_over_stock_cf1", "stock cf1.0"),
+              ("large_ep_over_ideal", "ideal"))
+    for r in ratios(rows):
+        lines.append(f"EP {r['ep']:>2}: large-EP = " + ", ".join(f"{r[k]:.2f}x {name}" for k, name in labels if k in r))
+    lines.append("targets (GPU-scale design goals; measured here on CPU ranks sharing the cores): large-EP >= 1.5x "
+                 "stock dropless at EP 16 with 2048 tokens/rank, and >= 0.75x ideal; see docs/deepspeed.md")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
+        bench = None
+        if not args.no_compare:
+            bench = compare_settings(args)
+            compare_eps = parse_list("--compare-ep", args.compare_ep, int)
+            build_stock = stock_builder(["stock_dropless"])
     except ValueError as e:
         print(f"largeep demo: {e}", file=sys.stderr)
         return 2
     m = settings.model
     print(
-        f"largeep demo: {args.world_size} ranks, {m.num_layers} MoE layers x {m.num_experts} experts (top-{m.top_k}), "
-        f"H={m.hidden_size}, F={m.ffn_hidden_size}, {settings.batch_size}x{m.seq_len} tokens per rank, "
-        f"{settings.steps} steps",
+        f"largeep demo, part 1 (training): {args.world_size} ranks, {m.num_layers} MoE layers x {m.num_experts} "
+        f"experts (top-{m.top_k}), H={m.hidden_size}, F={m.ffn_hidden_size}, {settings.batch_size}x{m.seq_len} "
+        f"tokens per rank, {settings.steps} steps",
         file=sys.stderr,
     )
     warm_up_before_fork(settings.model)
     summary = run_world(train_rank, args.world_size, args=(settings,), timeout=args.timeout)[0]
     print(report(summary, settings))
     os.makedirs(args.output_dir, exist_ok=True)
+    flags = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    result: dict[str, Any] = {"flags": flags, "training": summary}
+    if bench is not None:
+        print(
+            f"\nlargeep demo, part 2 (side by side, one MoE layer fwd+bwd): EP {compare_eps}, "
+            f"{bench.tokens_per_rank} tokens/rank, H={bench.hidden_size}, F={bench.ffn_hidden_size}, "
+            f"top-{bench.top_k}, {bench.iters} timed iterations per variant",
+            file=sys.stderr,
+        )
+        progress = ProgressBar(len(compare_eps), label="compare")
+        done: list[int] = []
+
+        def on_row(row: dict[str, Any]) -> None:
+            if row["ep"] not in done and row["variant"] == "ideal":
+                done.append(row["ep"])
+                progress.update(len(done), ep=row["ep"])
+
+        rows = run_layer_bench(bench, compare_eps, list(VARIANTS), build_stock, timeout=args.timeout, on_row=on_row)
+        progress.close()
+        print(comparison_report(rows))
+        result["comparison"] = write_outputs(args.output_dir, bench, rows, "largeep demo: MoE layer fwd+bwd on CPU",
+                                           stem="comparison")
+        result["comparison_rows"] = rows
     path = os.path.join(args.output_dir, "summary.json")
     with open(path, "w", encoding="utf-8") as f:
-        flags = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-        json.dump({"flags": flags, **summary}, f, indent=1)
-    print(f"summary written to {path}")
+        json.dump(result, f, indent=1)
+    print(f"written {path}" + (f", {', '.join(result['comparison'])}" if "comparison" in result else ""))
     return 0

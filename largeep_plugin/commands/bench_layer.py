@@ -1,0 +1,115 @@
+"""``largeep bench layer``: one MoE layer, forward + backward, stock DeepSpeed MoE against large-EP on CPU ranks.
+
+    largeep bench layer                                    # EP 4, 8, 16; 2048 tokens per rank; H=256, F=512
+    largeep bench layer --ep 16 --skew 0.5 --iters 10      # one EP size, skewed routing, more iterations
+    largeep bench layer --variants large_ep,ideal          # without DeepSpeed
+
+Variants (see largeep_plugin/layer_bench.py): stock_dropless, stock_cf1 (DeepSpeed's MoE without / with capacity
+factor 1.0), large_ep, and ideal (the expert MLP alone on perfectly balanced rows). E = EP size experts, one per
+rank, the same weights and tokens everywhere. Each (EP, variant) runs in a fresh world of EP gloo ranks with one
+thread each; on a machine with fewer cores than ranks the ranks share the cores, which inflates compute relative
+to communication. Printed: tokens/s per rank, each variant relative to large-EP, peak memory growth per rank,
+the routing's imbalance and the stock layer's padding; written: JSON and a PNG chart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from ..layer_bench import VARIANTS, LayerBenchSettings, format_table, plot, result_json, run_layer_bench
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("layer", help="one MoE layer: stock DeepSpeed MoE vs large-EP vs ideal, on CPU ranks",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_layer_bench_flags(p, tokens=2048, hidden=256, ffn=512, iters=5)
+    p.add_argument("--output", default="runs/bench_layer", help="directory for the JSON and PNG (default runs/bench_layer)")
+    return p
+
+
+def add_layer_bench_flags(p: argparse.ArgumentParser, *, tokens: int, hidden: int, ffn: int, iters: int) -> None:
+    """The benchmark's flags (shared with ``largeep demo``, which uses smaller defaults)."""
+    p.add_argument("--ep", default="4,8,16", help="EP sizes = ranks = experts, comma-separated (default 4,8,16)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (default all)")
+    p.add_argument("--tokens", type=int, default=tokens, help=f"tokens per rank (default {tokens})")
+    p.add_argument("--hidden-size", type=int, default=hidden, help=f"H (default {hidden})")
+    p.add_argument("--ffn-hidden-size", type=int, default=ffn, help=f"expert FFN width (default {ffn})")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token, 1 or 2 (default 2)")
+    p.add_argument("--skew", type=float, default=0.0,
+                   help="routing skew: 0 = a fresh router's near-uniform routing; s > 0 adds -s*ln(e+1) to expert "
+                        "e's logit (default 0)")
+    p.add_argument("--iters", type=int, default=iters, help=f"timed iterations per variant (default {iters})")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations per variant (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and tokens (default 0)")
+
+
+def parse_list(flag: str, text: str, kind: type) -> list[Any]:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}={text!r} must be a comma-separated list of {kind.__name__}") from None
+    if not values:
+        raise ValueError(f"{flag}={text!r} is empty")
+    return values
+
+
+def settings_from_args(args: argparse.Namespace) -> tuple[LayerBenchSettings, list[int], list[str]]:
+    settings = LayerBenchSettings(
+        hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size, tokens_per_rank=args.tokens,
+        top_k=args.top_k, skew=args.skew, warmup=args.warmup, iters=args.iters, seed=args.seed,
+    )
+    variants = parse_list("--variants", args.variants, str)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: unknown {unknown}; valid are {list(VARIANTS)}")
+    return settings, parse_list("--ep", args.ep, int), variants
+
+
+def stock_builder(variants: list[str]) -> Any:
+    """DeepSpeed's side, imported only when a stock variant is asked for (the core never imports DeepSpeed)."""
+    if not any(v.startswith("stock") for v in variants):
+        return None
+    try:
+        import deepspeed  # noqa: F401  (imported once here, before the ranks fork)
+    except ImportError as e:
+        raise ValueError("the stock variants need DeepSpeed (pip install -e .[deepspeed]); "
+                         "or pass --variants large_ep,ideal") from e
+    from ..adapters.deepspeed import load_deepspeed_ops_before_fork
+    from ..adapters.deepspeed_stock import bench_stock_layer
+
+    load_deepspeed_ops_before_fork()
+    return bench_stock_layer
+
+
+def write_outputs(directory: str, settings: LayerBenchSettings, rows: list[dict[str, Any]], title: str,
+                  stem: str = "layer_bench") -> list[str]:
+    """``<stem>.json`` and ``<stem>.png`` in ``directory``; returns their paths."""
+    os.makedirs(directory, exist_ok=True)
+    json_path = os.path.join(directory, f"{stem}.json")
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(result_json(settings, rows), f, indent=1)
+    png_path = os.path.join(directory, f"{stem}.png")
+    plot(rows, png_path, title)
+    return [json_path, png_path]
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings, eps, variants = settings_from_args(args)
+        build = stock_builder(variants)
+    except ValueError as e:
+        print(f"largeep bench layer: {e}", file=sys.stderr)
+        return 2
+    print(f"bench layer: T={settings.tokens_per_rank} tokens/rank, H={settings.hidden_size}, "
+          f"F={settings.ffn_hidden_size}, top-{settings.top_k}, skew {settings.skew}, EP {eps}", file=sys.stderr)
+    rows = run_layer_bench(settings, eps, variants, build,
+                           on_row=lambda r: print(f"  EP {r['ep']:>2} {r['variant']:<15} "
+                                                  f"{r['tokens_per_s_per_rank']:>10,.0f} tokens/s/rank", file=sys.stderr))
+    print(format_table(rows))
+    for path in write_outputs(args.output, settings, rows, "MoE layer fwd+bwd, CPU gloo ranks"):
+        print(f"written {path}")
+    return 0
