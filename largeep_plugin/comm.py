@@ -7,6 +7,11 @@ Shape legend:
 Everything else in the layer is local computation; the overlap scheduler relies on that contract.
 ``all_to_all_single`` with explicit split sizes is used throughout: it accepts uneven splits on NCCL and gloo
 (the list form rejects uneven sizes on gloo).
+
+    all_to_all / all_to_all_lanes        differentiable, blocking (the plain dispatchers)
+    start_all_to_all / ..._lanes         no autograd, returns at once; ``.wait()`` later (the overlap pipeline):
+                                         a gloo work handle on CPU, a side stream + events on accelerators
+    exchange_counts / exchange_chunk_counts    the small count exchanges that plan the splits
 """
 from __future__ import annotations
 
@@ -111,20 +116,21 @@ def all_to_all_lanes(
 
 
 def exchange_chunk_counts(
-    send_RCW: torch.Tensor, num_tokens: int, group: ProcessGroup | None
+    send_RCW: torch.Tensor, num_tokens: int, group: ProcessGroup | None, device: torch.device | None = None
 ) -> tuple[torch.Tensor, list[int]]:
     """One collective that carries every count a chunked dispatch needs, plus each rank's token count.
 
     Args:
         send_RCW: int64 [R, C, W]: W counts per chunk that this rank tells each rank.
         num_tokens: T of this rank, told to every rank (the overlap pipeline clamps its chunks to the largest T).
+        device: where the collective runs (the tokens' device: NCCL needs GPU tensors); default: send_RCW's.
     Returns:
         recv_RCW: int64 [R, C, W]: what each rank told this rank.
         tokens_R: T of every rank.
     """
     r, c, w = send_RCW.shape
     packed = torch.cat([send_RCW.reshape(r, c * w), send_RCW.new_full((r, 1), num_tokens)], dim=1)
-    recv = exchange_counts(packed, group).tolist()
+    recv = exchange_counts(packed.to(device or send_RCW.device), group).tolist()  # one host sync
     recv_RCW = torch.tensor([row[:-1] for row in recv], dtype=torch.int64).reshape(r, c, w)
     return recv_RCW, [row[-1] for row in recv]
 

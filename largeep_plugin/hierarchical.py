@@ -248,7 +248,7 @@ class HierarchicalDispatcher:
         """
         chunk_T = torch.zeros(x_TH.shape[0], dtype=torch.int64, device=x_TH.device)
         pack = pack_by_node(dest_rank_TK, keep_TK, topk_weights_TK, self.layout, self.rank, chunk_T, 1)
-        recv_RCW, _ = exchange_chunk_counts(pack.send_RCW, x_TH.shape[0], self.ep_group)
+        recv_RCW, _ = exchange_chunk_counts(pack.send_RCW, x_TH.shape[0], self.ep_group, x_TH.device)
         splits = stage_splits(pack, recv_RCW, self.layout, self.rank, 1)[0]
         rows_SH = x_TH.index_select(0, pack.token_S)
         rows_UH, meta_UK2 = all_to_all_lanes([rows_SH, pack.meta_SK2], splits.s1_recv, splits.s1_send, self.ep_group)

@@ -15,9 +15,10 @@ expert [Exchange, Local(gateway reduce), Exchange].
 
 The scheduler walks the chunks in a fixed order, the same on every rank (the collectives must match):
 
-    for c in chunks:  finish dispatch(c); advance dispatch(c+1 .. c+d) by one exchange each;
-                      expert(c);
-                      start combine(c); advance combine(c-1 .. c-d) by one exchange each
+    for c in chunks:  finish dispatch(c); advance dispatch(c+1 .. c+d) by one exchange each
+                      (hierarchical: advance combine(c-1) to its inter-node exchange)
+                      expert(c)
+                      start combine(c); advance combine(c-1) by one exchange
     finish all combines
 
 so while the expert computes chunk c, the dispatch of the next chunk(s) and the combine of the previous one(s)
@@ -147,11 +148,15 @@ def _schedule(n: int, dispatch: Callable[[int], Iterator[None]], compute: Callab
         for j in range(1, ahead_d + 1):
             if c + j < n:
                 get(disp, dispatch, c + j).step()
-        compute(c)
-        get(comb, combine, c).step()
-        for j in range(1, ahead_c + 1):
+        # A combine of several exchanges (hierarchical: intra-node, then inter-node) takes its next step before
+        # the expert, so that its slow inter-node exchange is the one in flight while the expert runs.
+        for j in range(1, ahead_c):
             if c - j >= 0:
                 comb[c - j].step()
+        compute(c)
+        get(comb, combine, c).step()
+        if c >= 1:
+            comb[c - 1].step()
     for c in range(n):
         comb[c].finish()
 
@@ -366,7 +371,7 @@ def pipelined_exchange(
     chunk_T = chunk_of_tokens(t, num_chunks, x_TH.device)
     if layout is None:
         order_A, send_CR = permute_by_chunk_and_destination(dest_rank_TK, keep_TK, num_ranks, chunk_T, num_chunks)
-        recv_RCW, tokens_R = exchange_chunk_counts(send_CR.t().unsqueeze(-1).cpu(), t, group)
+        recv_RCW, tokens_R = exchange_chunk_counts(send_CR.t().unsqueeze(-1).cpu(), t, group, x_TH.device)
         n = effective_chunks(num_chunks, tokens_R)
         send, recv = send_CR.tolist(), recv_RCW[:, :, 0].t().tolist()
         programs, start = [], 0
@@ -378,7 +383,7 @@ def pipelined_exchange(
         return weighted_sum_over_k(back_AH, order_A, topk_weights_TK)
 
     pack = pack_by_node(dest_rank_TK, keep_TK, topk_weights_TK, layout, rank, chunk_T, num_chunks)
-    recv_RCW, tokens_R = exchange_chunk_counts(pack.send_RCW, t, group)
+    recv_RCW, tokens_R = exchange_chunk_counts(pack.send_RCW, t, group, x_TH.device)
     n = effective_chunks(num_chunks, tokens_R)
     programs, start = [], 0
     for c, sp in enumerate(stage_splits(pack, recv_RCW, layout, rank, n)):

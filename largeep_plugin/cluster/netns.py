@@ -165,6 +165,9 @@ class Network:
             run_cmd(["ip", "-n", self.switch, "link", "set", port, "master", "br0", "up"])
             run_cmd(["ip", "-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", NODE_IFACE])
             run_cmd(["ip", "-n", ns, "link", "set", NODE_IFACE, "up"])
+            # Collectives come in bursts separated by compute: without this, TCP falls back to slow start after
+            # every pause longer than its RTO, which an RDMA fabric never does.
+            run_cmd(["ip", "netns", "exec", ns, "sh", "-c", "echo 0 > /proc/sys/net/ipv4/tcp_slow_start_after_idle"])
             self._shape(ns, NODE_IFACE, latency=True)      # upload of node i (+ the one-way latency)
             self._shape(self.switch, port, latency=False)  # download of node i
 

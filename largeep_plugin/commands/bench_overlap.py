@@ -7,8 +7,9 @@
 Needs root and iproute2 (see ``largeep cluster check``). For every cluster shape it builds the emulated cluster
 once and runs, in one job and side by side, every variant of the layer's forward+backward: each dispatch kind with
 overlap off (1 chunk) and on (2, 4, 8 chunks), plus two calibrations per dispatch kind: the communication alone
-(the same layer with an identity expert) and the expert's compute alone (on the rows it receives). Times are the
-median over ``--iters`` steps of the slowest rank. Printed and written to JSON:
+(the same layer with an identity expert) and the expert's compute alone (on the rows it receives). The variants are
+interleaved: every round times one step of each, in turn, so a slow phase of the machine hits all of them alike.
+Times are the median over ``--iters`` rounds of the slowest rank's step. Printed and written to JSON:
 
     hidden = (t_off - t_on) / t_comm     the share of the communication time the overlap hides
     inter-node MB                        bytes the nodes' links really carried per step (their tx counters)
@@ -52,8 +53,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=4, help="experts per token (default 4)")
     p.add_argument("--chunks", default="1,2,4,8", help="overlap_chunks values, 1 = off (default 1,2,4,8)")
     p.add_argument("--dispatch", default="flat,hierarchical", help="dispatch kinds (default flat,hierarchical)")
-    p.add_argument("--iters", type=int, default=3, help="timed steps per variant (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant (default 1)")
+    p.add_argument("--iters", type=int, default=5, help="timed rounds, one step of every variant each (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per cluster before it is killed (default 900)")
     p.add_argument("--output", default="runs/bench_overlap.json", help="JSON results (default runs/bench_overlap.json)")
     return p
@@ -132,7 +133,7 @@ def format_table(res: dict[str, Any], spec: dict[str, Any], bw: str, latency: st
     lines = [
         f"\ncluster {nodes}x{rpn} (EP {nodes * rpn}), inter-node {bw} per node and direction, latency {latency}; "
         f"{spec['tokens']} tokens/rank, H={spec['hidden_size']}, F={spec['ffn_hidden_size']}, top-{spec['top_k']}; "
-        f"median of {spec['iters']} steps, slowest rank ({res['wall_s']} s)",
+        f"median of {spec['iters']} rounds, slowest rank ({res['wall_s']} s)",
         f"{'dispatch':<13}{'chunks':>7}{'fwd+bwd ms':>12}{'vs flat off':>13}{'hidden':>9}{'inter-node MB':>15}",
     ]
     base = res["variants"][0]["ms"]
@@ -150,19 +151,10 @@ def format_table(res: dict[str, Any], spec: dict[str, Any], bw: str, latency: st
 
 
 # ---- the rank side (runs inside the emulated cluster) --------------------------------------------------------------
-def _timed(step: Callable[[], None], warmup: int, iters: int) -> float:
-    """Median over ``iters`` of the slowest rank's time of ``step``, in seconds."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        dist.barrier()
-        t0 = time.perf_counter()
-        step()
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        times.append(float(dt))
-    return statistics.median(times)
+def _slowest(seconds: float) -> float:
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
 
 
 def _link_bytes(local_rank: int) -> int:
@@ -174,6 +166,8 @@ def _link_bytes(local_rank: int) -> int:
 
 
 def rank_main(spec: dict[str, Any], result_path: str) -> None:
+    """Time every variant side by side: round r runs one step of each variant in turn, so slow phases of the
+    machine hit all variants alike; per variant the median over rounds of the slowest rank's step time."""
     rank, world = dist.get_rank(), dist.get_world_size()
     rpn = int(os.environ["LOCAL_WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -186,44 +180,58 @@ def rank_main(spec: dict[str, Any], result_path: str) -> None:
                             num_experts=world, top_k=spec["top_k"], dispatch=dispatch, overlap_chunks=chunks)
         return LargeEPMoE(cfg, ranks_per_node=rpn if dispatch == "hierarchical" else None)
 
-    def step_of(layer: nn.Module) -> Callable[[], None]:
+    def layer_step(layer: nn.Module) -> Callable[[], None]:
         def step() -> None:
             x.grad = None
             layer.zero_grad(set_to_none=True)
             (layer(x) * g).sum().backward()
         return step
 
+    # The variants, and per dispatch kind two calibrations: an identity expert (communication and local work
+    # only) and the expert alone on the rows it receives.
+    steps: dict[tuple[str, Any], Callable[[], None]] = {}
+    for dispatch in spec["dispatch"]:
+        for chunks in spec["chunks"]:
+            steps[(dispatch, chunks)] = layer_step(layer_for(dispatch, chunks))
+        comm_layer = layer_for(dispatch, 1)
+        expert = comm_layer.expert
+        comm_layer.expert = nn.Identity()
+        steps[(dispatch, "comm")] = layer_step(comm_layer)
+        probe = layer_for(dispatch, 1)
+        probe(x.detach())
+        rows = torch.randn(int(probe.last_stats.tokens_per_expert_E[probe.expert_id]), spec["hidden_size"],
+                           requires_grad=True)
+        steps[(dispatch, "compute")] = lambda expert=expert, rows=rows: expert(rows).sum().backward()
+
+    times: dict[tuple[str, Any], list[float]] = {key: [] for key in steps}
+    moved: dict[tuple[str, Any], float] = {key: 0.0 for key in steps}
+    for round_ in range(spec["warmup"] + spec["iters"]):
+        for key, step in steps.items():
+            dist.barrier()
+            before = _link_bytes(local_rank)
+            t0 = time.perf_counter()
+            step()
+            elapsed = time.perf_counter() - t0
+            slowest = _slowest(elapsed)
+            if round_ >= spec["warmup"]:
+                times[key].append(slowest)
+                moved[key] += _link_bytes(local_rank) - before
+    med = {key: 1e3 * statistics.median(v) for key, v in times.items()}
+    sent = torch.tensor([moved[key] for key in steps], dtype=torch.float64)
+    dist.all_reduce(sent)
+    mb = {key: float(b) / spec["iters"] / 1e6 for key, b in zip(steps, sent)}
+
     variants, calibration = [], {}
     for dispatch in spec["dispatch"]:
-        off_ms = None
+        comm_ms, off_ms = med[(dispatch, "comm")], med[(dispatch, 1)]
+        calibration[dispatch] = dict(comm_ms=comm_ms, compute_ms=med[(dispatch, "compute")])
         for chunks in spec["chunks"]:
-            layer = layer_for(dispatch, chunks)
-            before = torch.tensor([_link_bytes(local_rank)], dtype=torch.float64)
-            secs = _timed(step_of(layer), spec["warmup"], spec["iters"])
-            after = torch.tensor([_link_bytes(local_rank)], dtype=torch.float64)
-            moved = after - before
-            dist.all_reduce(moved)
-            variants.append(dict(dispatch=dispatch, chunks=chunks, ms=1e3 * secs,
-                                 inter_node_mb=float(moved) / (spec["warmup"] + spec["iters"]) / 1e6))
-            if chunks == 1:
-                off_ms = 1e3 * secs
-                rows_here = int(layer.last_stats.tokens_per_expert_E[layer.expert_id])
-        # Calibration: the same layer with an identity expert (communication and local work only), and the
-        # expert alone on the rows it receives.
-        layer = layer_for(dispatch, 1)
-        expert = layer.expert
-        layer.expert = nn.Identity()
-        comm_ms = 1e3 * _timed(step_of(layer), spec["warmup"], spec["iters"])
-        rows = torch.randn(rows_here, spec["hidden_size"], requires_grad=True)
-        compute_ms = 1e3 * _timed(lambda: expert(rows).sum().backward(), spec["warmup"], spec["iters"])
-        calibration[dispatch] = dict(comm_ms=comm_ms, compute_ms=compute_ms)
-        for v in variants:
-            if v["dispatch"] == dispatch:
-                v["hidden"] = (off_ms - v["ms"]) / comm_ms
+            ms = med[(dispatch, chunks)]
+            variants.append(dict(dispatch=dispatch, chunks=chunks, ms=ms, hidden=(off_ms - ms) / comm_ms,
+                                 inter_node_mb=mb[(dispatch, chunks)], all_ms=[1e3 * t for t in times[(dispatch, chunks)]]))
 
     # Rows crossing nodes per dispatch, from the routing of the benchmark's tokens.
-    probe = layer_for("flat", 1)
-    routing = probe.router(x.detach())
+    routing = layer_for("flat", 1).router(x.detach())
     counts = torch.tensor(internode_rows(routing.topk_ids_TK, routing.keep_TK, rank,
                                          NodeLayout(num_ranks=world, ranks_per_node=rpn)), dtype=torch.float64)
     dist.all_reduce(counts)
