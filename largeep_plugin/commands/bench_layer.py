@@ -73,13 +73,12 @@ def stock_builder(variants: list[str]) -> Any:
     """DeepSpeed's side, imported only when a stock variant is asked for (the core never imports DeepSpeed)."""
     if not any(v.startswith("stock") for v in variants):
         return None
-    try:
-        import deepspeed  # noqa: F401  (imported once here, before the ranks fork)
+    try:  # the adapter imports DeepSpeed; doing it here, before the ranks fork, imports it once
+        from ..adapters.deepspeed import load_deepspeed_ops_before_fork
+        from ..adapters.deepspeed_stock import bench_stock_layer
     except ImportError as e:
-        raise ValueError("the stock variants need DeepSpeed (pip install -e .[deepspeed]); "
-                         "or pass --variants large_ep,ideal") from e
-    from ..adapters.deepspeed import load_deepspeed_ops_before_fork
-    from ..adapters.deepspeed_stock import bench_stock_layer
+        raise ValueError(f"the stock variants need DeepSpeed ({e}; pip install -e .[deepspeed]); "
+                         "or leave the stock rows out (bench layer --variants large_ep,ideal; demo --no-compare)") from e
 
     load_deepspeed_ops_before_fork()
     return bench_stock_layer

@@ -40,7 +40,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--world-size", type=int, default=16, help="ranks to spawn = experts per layer (default 16)")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per rank per step (default 8)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
     p.add_argument("--hidden-size", type=int, default=64, help="model width H (default 64)")
@@ -61,7 +61,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--compare-tokens", type=int, default=2048, help="tokens per rank in the comparison (default 2048)")
     p.add_argument("--compare-hidden-size", type=int, default=256, help="H in the comparison (default 256)")
     p.add_argument("--compare-ffn-hidden-size", type=int, default=512, help="F in the comparison (default 512)")
-    p.add_argument("--compare-iters", type=int, default=3, help="timed iterations per variant (default 3)")
+    p.add_argument("--compare-iters", type=int, default=5, help="timed iterations per variant (default 5)")
     p.add_argument("--compare-skew", type=float, default=0.0,
                    help="routing skew of the comparison (see largeep bench layer --help; default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -41,7 +41,7 @@ class TrainSettings:
     """
 
     model: TinyMoEConfig
-    steps: int = 100
+    steps: int = 50
     batch_size: int = 8
     lr: float = 3e-3
     bias_update_rate: float = 1e-3
