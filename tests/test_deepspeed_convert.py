@@ -44,7 +44,7 @@ class Net(nn.Module):
 
 def _stock_vs_converted(ep_size: int, k: int) -> dict:
     import deepspeed.utils.groups as groups
-    from largeep_plugin.adapters.deepspeed import ensure_expert_groups
+    from largeep_plugin.adapters.deepspeed import _moe_param_groups, ensure_expert_groups
     from largeep_plugin.adapters.deepspeed_config import parse_large_ep_section
     from largeep_plugin.adapters.deepspeed_convert import LargeEPDeepSpeedMoE, convert_moe_layers
 
@@ -59,7 +59,10 @@ def _stock_vs_converted(ep_size: int, k: int) -> dict:
     converted = Net(ep_size, k)
     converted.moe.set_deepspeed_parallelism()
     old_gate = converted.moe.deepspeed_moe.gate.wg.weight
+    old_params = list(converted.parameters())
     mapping = convert_moe_layers(converted, section, ensure_expert_groups(WORLD))
+    # Parameters listed on the stock model follow the conversion into DeepSpeed's MoE groups.
+    groups_out = _moe_param_groups(old_params, mapping, converted)
     converted.moe.set_deepspeed_parallelism()  # what the engine calls: must accept the converted layer
     x2 = x.clone().requires_grad_(True)
     y_conv = converted(x2)
@@ -80,6 +83,9 @@ def _stock_vs_converted(ep_size: int, k: int) -> dict:
         "gate_mapped": mapping[id(old_gate)] is layer.deepspeed_moe.router.weight,
         "reloaded": torch.equal(layer.deepspeed_moe.router.weight, fresh["deepspeed_moe.gate.wg.weight"]),
         "expert_tags": [(p.allreduce, p.group_name) for p in layer.deepspeed_moe.expert.parameters()],
+        "param_groups": [(g["name"], bool(g.get("moe")), len(g["params"])) for g in groups_out],
+        "groups_cover_model": sorted(id(p) for g in groups_out for p in g["params"])
+        == sorted(id(p) for p in converted.parameters()),
     }
 
 
@@ -147,6 +153,15 @@ def test_converted_layer_keeps_deepspeed_contract(results):
         "deepspeed_moe.gate.wg.weight",
     ]
     assert c["expert_tags"] == [(False, f"ep_size_{WORLD}")] * 2
+
+
+@pytest.mark.parametrize("case", ["top2_ep4", "top2_ep1"])
+def test_stock_parameter_list_follows_the_conversion(results, case):
+    # inp.weight, inp.bias, router weight in the dense group; this rank's two expert matrices in the MoE group
+    # (from the ep_size=1 stock model the three other local experts are gone).
+    for r in results:
+        assert r[case]["param_groups"] == [("params", False, 3), (f"ep_size_{WORLD}", True, 2)]
+        assert r[case]["groups_cover_model"]
 
 
 def test_flag_off_leaves_model_untouched(results):
