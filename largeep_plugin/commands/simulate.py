@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except ValueError as exc:  # bad files, layouts or numbers: say what is wrong, no traceback
+        print(f"largeep simulate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {}
     did = False
     if args.validate:
@@ -107,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         report.update(_simulate(sc, args))
         did = True
     if not did:
-        raise SystemExit("largeep simulate: give --preset, --model/--cluster/--layout, --validate or --calibration "
+        raise ValueError("give --preset, --model/--cluster/--layout, --validate or --calibration "
                          "(see --help)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
@@ -125,7 +134,7 @@ def _scenario(args: argparse.Namespace) -> Scenario:
             cluster = dataclasses.replace(cluster, nodes=args.nodes)
     else:
         if not args.cluster or not args.layout:
-            raise SystemExit("largeep simulate: --model needs --cluster and at least one --layout")
+            raise ValueError("--model needs --cluster and at least one --layout")
         sc = None
         model, cluster = load_model(args.model), load_cluster(args.cluster, nodes=args.nodes)
     if args.calibration:
@@ -138,7 +147,7 @@ def _scenario(args: argparse.Namespace) -> Scenario:
     elif args.mode == "decode":
         training = None
         if decode is None:
-            raise SystemExit("largeep simulate: --mode decode needs --batch and --context (or a preset with them)")
+            raise ValueError("--mode decode needs --batch and --context (or a preset with them)")
     return Scenario(name=sc.name if sc else model.name, description=sc.description if sc else "", model=model,
                     cluster=cluster, training=training, decode=decode, layouts=layouts,
                     claims=sc.claims if sc else {})
@@ -149,7 +158,7 @@ def _training(args: argparse.Namespace, base: TrainingWorkload | None) -> Traini
     if base is None:
         if args.seq_len is None or args.global_batch is None:
             if args.mode in (None, "train", "both") and not (args.batch and args.context is not None):
-                raise SystemExit("largeep simulate: training needs --seq-len and --global-batch (or a preset)")
+                raise ValueError("training needs --seq-len and --global-batch (or a preset)")
             return None
         return TrainingWorkload(**changes)
     if changes.get("overlap") == "chunked" and "overlap_chunks" not in changes and base.overlap_chunks < 2:
