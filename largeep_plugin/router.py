@@ -136,5 +136,13 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.randn(config.num_experts, hidden_size, generator=gen) * init_std)
         self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # ``model.half()``/``.to(bfloat16)`` (and engines that cast whole models) would round the bias to 8 bits
+        # of mantissa, so small bias steps would vanish: keep it in float32, as Megatron does for its expert_bias.
+        super()._apply(fn, recurse)
+        if self.expert_bias.dtype != torch.float32:
+            self.expert_bias = self.expert_bias.float()
+        return self
+
     def forward(self, x_TH: torch.Tensor) -> RoutingResult:
         return route(x_TH, self.weight, self.expert_bias, self.config)

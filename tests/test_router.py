@@ -165,3 +165,16 @@ def test_route_with_capacity(normalize: bool) -> None:
     assert int(r.num_dropped) == dropped_total > 0
     assert not bool(r.topk_weights_TK[~r.keep_TK].any())
     torch.testing.assert_close(r.topk_weights_TK[r.keep_TK], plain.topk_weights_TK[r.keep_TK])
+
+
+def test_expert_bias_stays_float32_when_the_model_is_cast() -> None:
+    """Casting a model to bf16 must not round the selection bias: a step of 1e-3 on a bias of 1.0 survives."""
+    from largeep_plugin.moe_layer import LargeEPMoE
+
+    layer = LargeEPMoE(LargeEPConfig(hidden_size=8, ffn_hidden_size=8, num_experts=1, top_k=1)).to(torch.bfloat16)
+    assert layer.expert.fc1.weight.dtype == torch.bfloat16
+    assert layer.router.expert_bias.dtype == torch.float32
+    layer.router.expert_bias.fill_(1.0)
+    layer.router.expert_bias.add_(1e-3)
+    assert float(layer.router.expert_bias[0]) == pytest.approx(1.001, abs=1e-6)
+    assert "router.expert_bias" in dict(layer.named_buffers())
