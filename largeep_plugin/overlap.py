@@ -109,7 +109,7 @@ class _Chunk:
 
     def __init__(self) -> None:
         self.lanes: dict[str, torch.Tensor] = {}
-        self.tape: dict[tuple[str, int], object] = {}
+        self.tape: dict[tuple[object, ...], object] = {}  # kept graphs, lane flags, exchanged shapes
 
 
 class _Driver:
