@@ -7,7 +7,8 @@ With ``"large_ep": {"enabled": true, "ep_size": 16, ...}`` in the config (see ``
 1. initialises DeepSpeed's communication if needed and creates DeepSpeed's expert-parallel groups
    ``ep_size_<N>`` (so the engine and the large-EP layers share one group layout);
 2. converts every ``deepspeed.moe.layer.MoE`` of the model into a ``LargeEPDeepSpeedMoE`` keeping its weights
-   (gate -> router, expert e -> rank e of its EP group), see ``deepspeed_convert.py``;
+   (gate -> router, expert e -> rank e of its EP group, or where ``placement.topology_file`` plans it:
+   ``deepspeed_placement.py``), see ``deepspeed_convert.py``;
 3. maps ``model_parameters`` (parameters or parameter groups built on the stock model) onto the converted
    parameters and splits them into DeepSpeed's MoE parameter groups (needed by ZeRO stages 1 and 2);
 4. calls ``deepspeed.initialize`` and hooks the optimizer so that every optimizer step is followed by the
@@ -28,14 +29,18 @@ import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
 
 from ..comm import group_size
 from ..load_balance import LoadMonitor
 from ..moe_layer import moe_layers
+from ..placement import Placement
 from .deepspeed_config import SECTION, LargeEPSection, load_ds_config, parse_large_ep_section
 from .deepspeed_convert import ExpertConverter, LargeEPDeepSpeedMoE, convert_moe_layers
+from .deepspeed_placement import (deepspeed_expert_groups, hook_checkpoint_names, plan_section_placement,
+                                  resolve_ranks_per_node)
 
 __all__ = ["initialize", "LargeEPDeepSpeedMoE", "large_ep_section", "update_large_ep_biases"]
 
@@ -73,22 +78,41 @@ def initialize(
                                     config=config, **kwargs)
     if model is None:
         raise ValueError("large_ep.enabled is true but no model was given to initialize")
-    if section.placement.topology_file is not None or section.placement.load_file is not None:
-        raise NotImplementedError(
-            "large_ep.placement (topology_file / load_file) is read but not applied by the DeepSpeed adapter yet: "
-            "remove it; experts are placed one per rank, expert e on rank e of each EP group"
-        )
     _check_monitor(section)
+    # Planned before any group or collective, identically on every rank (pure function of the files).
+    placement = _section_placement(model, section)
+    ranks_per_node = resolve_ranks_per_node(section, placement)
     raw = load_ds_config(config if config is not None else args.deepspeed_config)
     ep_group = ensure_expert_groups(section.ep_size, bool(raw.get("use_data_before_expert_parallel_", False)))
-    mapping = convert_moe_layers(model, section, ep_group, expert_converter=expert_converter)
+    expert_groups = None if placement is None else deepspeed_expert_groups(placement, ep_group, section.group_name)
+    mapping = convert_moe_layers(model, section, ep_group, expert_converter=expert_converter, placement=placement,
+                                 ranks_per_node=ranks_per_node, expert_groups=expert_groups)
     if model_parameters is not None:
         model_parameters = _moe_param_groups(model_parameters, mapping, model)
     outputs = deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                                    config=config, **kwargs)
     engine = outputs[0]
     _hook_bias_updates(engine, section)
+    if placement is not None:
+        expert_id = placement.rank_to_expert[groups._get_expert_parallel_rank(section.group_name)]
+        hook_checkpoint_names(engine, section.group_name, expert_id)
+    engine.large_ep_placement = placement
     return outputs
+
+
+def _section_placement(model: nn.Module, section: LargeEPSection) -> Placement | None:
+    """The section's placement for the model's stock MoE layers (None without a topology file)."""
+    if section.placement.topology_file is None and section.placement.load_file is None:
+        return None
+    stock = [m for m in model.modules() if isinstance(m, MoE) and not isinstance(m, LargeEPDeepSpeedMoE)]
+    if not stock:
+        return None  # convert_moe_layers names the problem
+    counts = sorted({m.num_experts for m in stock})
+    if len(counts) > 1:
+        raise NotImplementedError(f"the MoE layers have different expert counts {counts}: one placement cannot "
+                                  "serve them all")
+    top_k = section.top_k if section.top_k is not None else int(stock[0].deepspeed_moe.gate.k)
+    return plan_section_placement(section, counts[0], top_k)
 
 
 def ensure_expert_groups(ep_size: int, use_data_before_expert_parallel: bool = False) -> dist.ProcessGroup:

@@ -10,7 +10,7 @@ section (never ``"expert_parallel"``: that key switches on DeepSpeed's own AutoE
         "score_function": "softmax",      # "softmax" (the stock gate's) or "sigmoid"
         "capacity_factor": null,          # null: dropless
         "placement": {"topology_file": null, "load_file": null},
-        "overlap": {"chunks": 1, "dispatch": "flat"},
+        "overlap": {"chunks": 1, "dispatch": "flat", "ranks_per_node": null},
         "load_balance": {"bias_update_rate": 0.001, "aux_loss_coeff": 0.0, "z_loss_coeff": 0.0},
         "monitor": {"jsonl_path": null, "tensorboard_dir": null}
     }
@@ -43,10 +43,13 @@ class PlacementSection:
 
 @dataclass(frozen=True, kw_only=True)
 class OverlapSection:
-    """How tokens travel: chunks of the overlap pipeline (1 = none) and the all-to-all kind."""
+    """How tokens travel: chunks of the overlap pipeline (1 = none), the all-to-all kind, and (for
+    ``"hierarchical"``) the ranks of one node, consecutive in the EP group (None: from the placement's topology,
+    else the ``LOCAL_WORLD_SIZE`` environment variable; see ``deepspeed_placement.resolve_ranks_per_node``)."""
 
     chunks: int = 1
     dispatch: str = "flat"
+    ranks_per_node: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,7 +100,7 @@ _SUBSECTIONS: dict[str, type] = {
 _TYPES: dict[str, tuple[type, ...]] = {
     "enabled": _BOOL, "ep_size": _INT, "top_k": _INT, "score_function": _STR, "capacity_factor": _FLOAT,
     "placement.topology_file": _STR, "placement.load_file": _STR,
-    "overlap.chunks": _INT, "overlap.dispatch": _STR,
+    "overlap.chunks": _INT, "overlap.dispatch": _STR, "overlap.ranks_per_node": _INT,
     "load_balance.bias_update_rate": _FLOAT, "load_balance.aux_loss_coeff": _FLOAT,
     "load_balance.z_loss_coeff": _FLOAT,
     "monitor.jsonl_path": _STR, "monitor.tensorboard_dir": _STR,
@@ -178,6 +181,8 @@ def _check_values(s: LargeEPSection) -> None:
         raise ValueError(f"{SECTION}.capacity_factor={s.capacity_factor!r} must be a positive number, or null")
     if s.overlap.chunks < 1:
         raise ValueError(f"{SECTION}.overlap.chunks={s.overlap.chunks} must be >= 1")
+    if s.overlap.ranks_per_node is not None and s.overlap.ranks_per_node < 1:
+        raise ValueError(f"{SECTION}.overlap.ranks_per_node={s.overlap.ranks_per_node} must be >= 1, or null")
     if s.overlap.dispatch not in DISPATCH_KINDS:
         raise ValueError(f"{SECTION}.overlap.dispatch={s.overlap.dispatch!r} is not one of {list(DISPATCH_KINDS)}")
     for name in ("bias_update_rate", "aux_loss_coeff", "z_loss_coeff"):

@@ -27,6 +27,7 @@ import warnings
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
@@ -34,6 +35,8 @@ from deepspeed.utils import groups
 from ..comm import ProcessGroup, group_rank, group_size
 from ..config import LargeEPConfig
 from ..moe_layer import LargeEPMoE
+from ..placement import Placement
+from ..process_groups import ExpertProcessGroups
 from .deepspeed_config import LargeEPSection
 
 # (internal name inside the LargeEPDeepSpeedMoE, stock-layout name in its state dict); prefixes first match wins.
@@ -160,12 +163,15 @@ def _warn_dropped_features(name: str, stock: MoE) -> None:
 
 def convert_stock_layer(
     stock: MoE, section: LargeEPSection, ep_group: ProcessGroup, *, expert_converter: ExpertConverter | None = None,
-    name: str = "MoE",
+    name: str = "MoE", placement: Placement | None = None, ranks_per_node: int | None = None,
+    expert_groups: ExpertProcessGroups | None = None,
 ) -> tuple[LargeEPDeepSpeedMoE, dict[int, nn.Parameter]]:
-    """Convert one stock layer, keeping its weights: gate -> router, this rank's expert -> the large-EP expert.
+    """Convert one stock layer, keeping its weights: gate -> router, the expert this rank holds -> the large-EP
+    expert (expert e on EP rank e, or ``placement.rank_to_expert[EP rank]`` with a placement).
 
     Returns the new layer and ``{id(old parameter): new parameter}`` for the parameters that carried over (so
-    optimizer parameter groups built on the stock model can be mapped).
+    optimizer parameter groups built on the stock model can be mapped). With a placement and a stock model built
+    with ``ep_size=N`` this is collective over ``ep_group`` (expert weights move to the rank that now holds them).
     """
     if stock.use_residual:
         raise NotImplementedError(f"{name}: residual MoE (use_residual=True) has no large-EP equivalent yet")
@@ -177,11 +183,12 @@ def convert_stock_layer(
             f"{name} has {stock.num_experts} experts but large_ep.ep_size={ep_size}: the large-EP layer holds one "
             "expert per rank, so ep_size must equal the number of experts"
         )
+    expert_id = ep_rank if placement is None else placement.rank_to_expert[ep_rank]
     # Which of the stock layer's local experts is the one this rank holds from now on.
     if stock.ep_size == 1:
-        local = ep_rank  # the stock layer holds every expert on every rank
+        local = expert_id  # the stock layer holds every expert on every rank
     elif stock.ep_size == ep_size:
-        local = 0  # one expert per rank already, on the same group layout
+        local = 0  # one expert per rank: stock expert e is on EP rank e (moved below when the placement permutes)
     else:
         raise NotImplementedError(
             f"{name} was built with ep_size={stock.ep_size}; converting to large_ep.ep_size={ep_size} would move "
@@ -191,6 +198,9 @@ def convert_stock_layer(
     gate_weight = stock.deepspeed_moe.gate.wg.weight
     stock_expert = stock.deepspeed_moe.experts.deepspeed_experts[local]
     activation, expert_state = (expert_converter or gelu_mlp_expert)(stock_expert)
+    stock_params = {k: v for k, v in expert_state.items() if isinstance(v, nn.Parameter)}
+    if placement is not None and stock.ep_size == ep_size:
+        expert_state = _fetch_expert(expert_state, expert_id, ep_group)
     top_k = section.top_k if section.top_k is not None else _stock_top_k(stock)
     fc1_rows = expert_state["fc1.weight"].shape[0]
     cfg = LargeEPConfig(
@@ -210,7 +220,7 @@ def convert_stock_layer(
         dispatch=section.overlap.dispatch,
         linear_bias="fc1.bias" in expert_state,
     )
-    layer = LargeEPMoE(cfg, ep_group)
+    layer = LargeEPMoE(cfg, ep_group, placement=placement, ranks_per_node=ranks_per_node, expert_groups=expert_groups)
     with torch.no_grad():
         layer.router.weight.copy_(gate_weight)
         layer.expert.load_state_dict(expert_state)
@@ -219,17 +229,32 @@ def convert_stock_layer(
     # Parameters that carried over, for remapping optimizer parameter groups built on the stock model.
     mapping = {id(gate_weight): layer.router.weight}
     new_params = dict(layer.expert.named_parameters())
-    for key, value in expert_state.items():
-        if isinstance(value, nn.Parameter):
-            mapping[id(value)] = new_params[key]
+    for key, value in stock_params.items():
+        mapping[id(value)] = new_params[key]
     return LargeEPDeepSpeedMoE(layer), mapping
+
+
+@torch.no_grad()
+def _fetch_expert(state: dict[str, torch.Tensor], expert_id: int, ep_group: ProcessGroup) -> dict[str, torch.Tensor]:
+    """The expert state of EP rank ``expert_id`` (where a stock model built with ``ep_size=N`` holds expert
+    ``expert_id``), gathered over ``ep_group``: every rank sends its own expert and keeps the one it now holds.
+    A one-time cost at conversion; keys in sorted order so every rank runs the same collectives."""
+    out = {}
+    for key in sorted(state):
+        mine = state[key].detach().contiguous()
+        gathered = [torch.empty_like(mine) for _ in range(group_size(ep_group))]
+        dist.all_gather(gathered, mine, group=ep_group)
+        out[key] = gathered[expert_id]
+    return out
 
 
 def convert_moe_layers(
     model: nn.Module, section: LargeEPSection, ep_group: ProcessGroup, *,
-    expert_converter: ExpertConverter | None = None,
+    expert_converter: ExpertConverter | None = None, placement: Placement | None = None,
+    ranks_per_node: int | None = None, expert_groups: ExpertProcessGroups | None = None,
 ) -> dict[int, nn.Parameter]:
-    """Replace, in place, every stock ``deepspeed.moe.layer.MoE`` of ``model`` by a ``LargeEPDeepSpeedMoE``.
+    """Replace, in place, every stock ``deepspeed.moe.layer.MoE`` of ``model`` by a ``LargeEPDeepSpeedMoE``
+    (all with the same ``placement``, node size and groups; see ``convert_stock_layer``).
 
     Returns ``{id(old parameter): new parameter}`` over all converted layers. Raises ValueError when the model
     has no stock MoE layer (the flag would then do nothing, which is surely not what was meant).
@@ -246,7 +271,9 @@ def convert_moe_layers(
     for name, stock in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        new, layer_mapping = convert_stock_layer(stock, section, ep_group, expert_converter=expert_converter, name=name)
+        new, layer_mapping = convert_stock_layer(stock, section, ep_group, expert_converter=expert_converter,
+                                                 name=name, placement=placement, ranks_per_node=ranks_per_node,
+                                                 expert_groups=expert_groups)
         setattr(parent, child, new)
         mapping.update(layer_mapping)
     return mapping
