@@ -3,7 +3,7 @@
 Shape legend:
     T  tokens on this rank      K  top_k          H  hidden size       R  ranks in the EP group
     A  kept (token, expert) assignments of this rank (A <= T*K; A < T*K only when capacity drops some)
-    M  rows this rank receives
+    M  rows this rank receives        L  expert slots per rank (1 unless experts are colocated)
 
     rows_MH, handle = dispatcher.dispatch(x_TH, dest_rank_TK, keep_TK, topk_weights_TK)
     y_TH = dispatcher.combine(expert(rows_MH), handle)
@@ -11,6 +11,12 @@ Shape legend:
 ``dispatch`` returns a frozen ``DispatchHandle`` that ``combine`` consumes: the dispatcher keeps no per-call
 state, so several dispatches can be in flight at once (the overlap pipeline relies on it). Permutation and
 un-permutation are local; the only communication is in ``comm.py``.
+
+Colocated experts (several on one rank): ``dispatch(..., local_slot_TK=, num_slots=L)`` sorts the assignments by
+the "virtual destination" ``dest * L + slot`` and exchanges counts per (rank, slot), so each source's block of
+received rows is itself grouped by slot and the handle's ``recv_slot_counts`` tells the receiver how many rows of
+each block belong to each of its experts (``experts.LocalExperts``). The rows still travel in one all-to-all
+with per-rank splits; no expert ids are sent.
 """
 from __future__ import annotations
 
@@ -32,6 +38,8 @@ class DispatchHandle:
         send_splits: rows sent to each rank (length R).
         recv_splits: rows received from each rank (length R).
         num_tokens: T.
+        recv_slot_counts: [R][L] rows received from each rank for each local expert slot, when the dispatch was
+            given ``local_slot_TK``; None otherwise.
     """
 
     order_A: torch.Tensor
@@ -39,6 +47,7 @@ class DispatchHandle:
     send_splits: tuple[int, ...]
     recv_splits: tuple[int, ...]
     num_tokens: int
+    recv_slot_counts: tuple[tuple[int, ...], ...] | None = None
 
 
 def permute_by_destination(dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor, num_ranks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +124,9 @@ class AllToAllDispatcher:
         dest_rank_TK: torch.Tensor,
         keep_TK: torch.Tensor,
         topk_weights_TK: torch.Tensor,
+        *,
+        local_slot_TK: torch.Tensor | None = None,
+        num_slots: int = 1,
     ) -> tuple[torch.Tensor, DispatchHandle]:
         """Send each kept (token, k) row to ``dest_rank_TK``.
 
@@ -123,20 +135,32 @@ class AllToAllDispatcher:
             dest_rank_TK: int64 rank in the EP group that computes each assignment.
             keep_TK: bool, False for assignments dropped by capacity (they are not sent).
             topk_weights_TK: combine weights, kept in the handle for ``combine``.
+            local_slot_TK: colocated experts only: int64 slot in [0, num_slots) of the assignment's expert on its
+                destination rank. None: one expert per rank.
+            num_slots: L, the most experts any rank holds (the slot dimension of the count exchange).
         Returns:
-            rows_MH: received rows, grouped by source rank, each source's rows in its token order.
+            rows_MH: received rows, grouped by source rank, each source's rows in its token order (with
+                ``local_slot_TK``: grouped by slot inside each source's block, token order inside a slot).
             handle: the frozen metadata ``combine`` needs.
         """
-        order_A, send_counts_R = permute_by_destination(dest_rank_TK, keep_TK, self.num_ranks)
-        recv_counts_R = exchange_counts(send_counts_R, self.ep_group)
-        # One host sync for both split lists: all_to_all_single needs them on the host.
-        splits = torch.stack([send_counts_R, recv_counts_R]).tolist()
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
+            raise ValueError(f"num_slots={num_slots!r} must be an integer >= 1")
+        slots = 1 if local_slot_TK is None else num_slots
+        # Sorting by the virtual destination dest * L + slot groups each rank's rows by slot; the counts per
+        # (rank, slot) go in the one count exchange (all_to_all_single sends L of them to each rank).
+        key_TK = dest_rank_TK if local_slot_TK is None else dest_rank_TK * slots + local_slot_TK
+        order_A, send_counts_V = permute_by_destination(key_TK, keep_TK, self.num_ranks * slots)
+        recv_counts_V = exchange_counts(send_counts_V, self.ep_group)
+        # One host sync for both count lists: all_to_all_single needs the splits on the host.
+        send_V, recv_V = torch.stack([send_counts_V, recv_counts_V]).tolist()
+        recv_RL = tuple(tuple(recv_V[r * slots:(r + 1) * slots]) for r in range(self.num_ranks))
         handle = DispatchHandle(
             order_A=order_A,
             topk_weights_TK=topk_weights_TK,
-            send_splits=tuple(splits[0]),
-            recv_splits=tuple(splits[1]),
+            send_splits=tuple(sum(send_V[r * slots:(r + 1) * slots]) for r in range(self.num_ranks)),
+            recv_splits=tuple(sum(c) for c in recv_RL),
             num_tokens=x_TH.shape[0],
+            recv_slot_counts=None if local_slot_TK is None else recv_RL,
         )
         top_k = dest_rank_TK.shape[1] if dest_rank_TK.dim() == 2 else 1
         send_AH = x_TH.index_select(0, order_A // top_k)

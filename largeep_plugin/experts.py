@@ -2,6 +2,7 @@
 
 Shape legend:
     N  rows (tokens received by this expert)    H  hidden size    F  expert ffn hidden size
+    M  rows received by a rank holding several experts    R  ranks in the EP group    L  local experts (slots)
 
 Parameter names (stable: checkpoints and the adapters rely on them):
     GELU:   fc1.weight [F, H], fc2.weight [H, F];            expert(x) = fc2(gelu(fc1(x)))   (exact GELU)
@@ -11,8 +12,14 @@ Parameter names (stable: checkpoints and the adapters rely on them):
 
 Expert parameters carry ``allreduce = False`` (the Megatron and DeepSpeed convention): they are not data-parallel
 over the EP group, so a trainer's gradient all-reduce must skip them (see ``grads.py``).
+
+``LocalExperts`` holds the several experts of a rank when experts are colocated (more experts than GPUs, opt-in):
+a ``ModuleList`` of ``ExpertMLP`` indexed by local slot (parameter names ``<slot>.fc1.weight``, ...), each with the
+seeded init of its global expert id, so slot l equals the dense reference's expert ``expert_ids[l]``.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -57,3 +64,52 @@ class ExpertMLP(nn.Module):
         else:
             h = F.gelu(h)  # exact (erf) GELU
         return self.fc2(h)
+
+
+class LocalExperts(nn.ModuleList):
+    """The experts of one rank that holds several (colocated experts); slot l holds expert ``expert_ids[l]``.
+
+    ``forward(rows_MH, recv_counts_RL)`` takes the rows as the flat dispatcher delivers them: grouped by source
+    rank, and inside each source's block by local slot (``recv_counts_RL[r][l]`` rows of source r for slot l).
+    L may exceed the number of local experts (it is the most experts any rank of the layer holds): the counts
+    of the slots past them must be 0.
+    It gathers each slot's rows into one contiguous buffer (a local permutation), runs that expert on them, and
+    puts the results back in arrival order. A loop over the slots, not a grouped GEMM: colocation is the
+    fallback for clusters with fewer GPUs than experts, not the fast path.
+    """
+
+    def __init__(self, config: ExpertConfig, *, expert_ids: Sequence[int], init_seed: int = 0):
+        ids = tuple(int(e) for e in expert_ids)
+        if not ids or len(set(ids)) != len(ids):
+            raise ValueError(f"expert_ids={tuple(expert_ids)!r} must be a non-empty list of distinct expert ids")
+        super().__init__(ExpertMLP(config, expert_id=e, init_seed=init_seed) for e in ids)
+        self.expert_ids = ids
+
+    def forward(self, rows_MH: torch.Tensor, recv_counts_RL: Sequence[Sequence[int]]) -> torch.Tensor:  # type: ignore[override]
+        num_local = len(self)
+        width = len(recv_counts_RL[0]) if len(recv_counts_RL) else num_local
+        counts = [int(c) for per_source in recv_counts_RL for c in per_source]
+        if (width < num_local or any(len(per_source) != width or any(per_source[num_local:])
+                                     for per_source in recv_counts_RL) or sum(counts) != rows_MH.shape[0]):
+            raise ValueError(
+                f"recv_counts_RL={[list(c) for c in recv_counts_RL]} must give at least {num_local} counts per "
+                f"source rank (0 past them), summing to the {rows_MH.shape[0]} rows received"
+            )
+        dev = rows_MH.device
+        slot_M = torch.repeat_interleave(
+            torch.arange(width, device=dev).repeat(len(recv_counts_RL)), torch.tensor(counts, dtype=torch.long, device=dev)
+        )
+        # Stable: inside one slot, rows stay in (source rank, token) order, as a lone expert would see them.
+        order_M = torch.sort(slot_M, stable=True).indices
+        per_slot = [sum(int(c[l]) for c in recv_counts_RL) for l in range(num_local)]
+        grouped = rows_MH.index_select(0, order_M).split(per_slot)
+        out_MH = torch.cat([expert(part) for expert, part in zip(self, grouped)])
+        # Back to arrival order, so the combine all-to-all returns each row to its source unchanged.
+        return _unsort(out_MH, order_M)
+
+
+def _unsort(sorted_MH: torch.Tensor, order_M: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``index_select(0, order_M)``: row i of the result is row ``inverse[i]`` of ``sorted_MH``."""
+    inverse_M = torch.empty_like(order_M)
+    inverse_M[order_M] = torch.arange(order_M.numel(), device=order_M.device)
+    return sorted_MH.index_select(0, inverse_M)

@@ -2,7 +2,7 @@
 
 Shape legend:
     T  tokens on this rank      H  hidden size      E  experts      K  top_k      R  ranks in the EP group
-    M  rows received by this rank's expert
+    M  rows received by this rank's expert(s)          L  most experts one rank holds (1 unless colocated)
 
 One forward:
     1. route locally (router.py); count assignments and drops
@@ -11,9 +11,15 @@ One forward:
     3. dispatch (dispatcher.py): permute by destination, exchange counts, all-to-all
     4. the expert MLP on the received rows: one dense GEMM pair
     5. combine: reverse all-to-all, weighted sum over the K choices
+
+Colocated experts (more experts than ranks, opt-in through a placement planned with ``allow_colocate=True``):
+every rank runs ``LocalExperts`` (experts.py), the source also sends each (token, k) the slot of its expert on the
+destination rank (``dispatcher.py``: counts exchanged per (rank, slot)), and the receiver runs each local expert
+on its own rows. Flat, unchunked dispatch only; a warning says so once per placement.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -25,13 +31,16 @@ from .config import LargeEPConfig
 from .overlap import TokenExchange
 from .placement import Placement
 from .process_groups import ExpertProcessGroups, build_process_groups
-from .experts import ExpertMLP
+from .experts import ExpertMLP, LocalExperts
 from .load_balance import LoadStats, switch_aux_loss, update_expert_bias, z_loss
 from .router import Router
 
 # Bits of the per-rank input check exchanged in step 2.
 _BAD_HIDDEN = 1
 _NON_FINITE = 2
+
+# Colocated placements already warned about in this process, so a model of many layers warns once.
+_WARNED_COLOCATED: set[tuple[tuple[int, ...], ...]] = set()
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -56,14 +65,21 @@ class LargeEPMoE(nn.Module):
         ep_group: the expert-parallel group; None means the default (world) group, or a single process when
             torch.distributed is not initialised.
         placement: which expert each rank holds and where each token's copy goes (placement.py). None means
-            expert e on rank e, which needs the group size to equal ``num_experts``.
+            expert e on rank e, which needs the group size to equal ``num_experts``. A placement that colocates
+            experts (``plan_placement(..., allow_colocate=True)``) is the explicit opt-in to several experts per
+            rank: it warns once, and needs ``dispatch="flat"`` and ``overlap_chunks=1`` (else NotImplementedError).
         ranks_per_node: ranks of one node, consecutive in the EP group; needed by ``dispatch="hierarchical"``
             (at least two nodes, else ValueError).
 
     Attributes:
         router.weight [E, H], router.expert_bias [E]: the router (replicated on every rank).
-        expert: this rank's ``ExpertMLP`` (see experts.py for the parameter names).
-        expert_id: the expert this rank holds.
+        expert_ids: the experts this rank holds, ascending (one, unless the placement colocates experts).
+        expert: this rank's ``ExpertMLP`` (see experts.py for the parameter names); NotImplementedError when the
+            rank holds several experts.
+        expert_id: the expert this rank holds; NotImplementedError when it holds several.
+        experts: colocated placements only: ``LocalExperts``, slot l holding ``expert_ids[l]`` (state-dict keys
+            ``experts.<slot>.fc1.weight``, ...), on every rank of the layer, even one holding a single expert.
+            Otherwise the single expert is the submodule ``expert`` (keys ``expert.fc1.weight``, ...).
         last_stats: ``LoadStats`` of the latest forward (global counts, imbalance, drops, losses).
 
     ``forward(x)`` takes ``[..., H]`` and returns the same shape. The auxiliary losses (when their
@@ -86,15 +102,29 @@ class LargeEPMoE(nn.Module):
         self.ep_group = ep_group
         self.ep_size = group_size(ep_group)
         self.ep_rank = group_rank(ep_group)
-        self.expert_id = self._expert_of_this_rank(placement)
+        rank_to_experts = self._rank_to_experts(placement)
+        self.expert_ids = rank_to_experts[self.ep_rank]
         self.placement = placement
+        # L: the slot dimension of the count exchange, the same on every rank (the collectives must match).
+        self.num_slots = max(len(held) for held in rank_to_experts)
+        self.colocated = self.num_slots > 1
         if ranks_per_node is None and placement is not None and config.dispatch == "hierarchical":
             ranks_per_node = _uniform_ranks_per_node(placement)
-        self.router = Router(config.router_config, config.hidden_size, init_std=config.init_std, init_seed=config.init_seed)
-        self.expert = ExpertMLP(config.expert_config, expert_id=self.expert_id, init_seed=config.init_seed)
-        self._join_replica_group(placement, expert_groups)
         # Steps 3-5 (overlap.py): flat or node-batched dispatcher, pipelined over chunks when overlap_chunks > 1.
-        self.token_exchange = TokenExchange(config.dispatch_config, ep_group, ranks_per_node)
+        # Built first: an unsupported setting with colocated experts is an error before anything else happens.
+        self.token_exchange = TokenExchange(config.dispatch_config, ep_group, ranks_per_node, colocated=self.colocated)
+        self.router = Router(config.router_config, config.hidden_size, init_std=config.init_std, init_seed=config.init_seed)
+        if self.colocated:
+            self._warn_colocated(rank_to_experts)
+            self.experts = LocalExperts(config.expert_config, expert_ids=self.expert_ids, init_seed=config.init_seed)
+            slot_RE = torch.full((self.ep_size, config.num_experts), -1, dtype=torch.int64)
+            for r, held in enumerate(rank_to_experts):
+                slot_RE[r, list(held)] = torch.arange(len(held))
+            # Slot of expert e on rank r (-1: not there); a buffer so that it follows the layer's device.
+            self.register_buffer("local_slot_RE", slot_RE, persistent=False)
+        else:
+            self.expert = ExpertMLP(config.expert_config, expert_id=self.expert_ids[0], init_seed=config.init_seed)
+        self._join_replica_group(placement, expert_groups)
         self.dispatcher = self.token_exchange.dispatcher
         # Global assignments per expert since the last bias update (summed over forwards and micro-batches).
         self.register_buffer(
@@ -102,16 +132,18 @@ class LargeEPMoE(nn.Module):
         )
         self.last_stats: LoadStats | None = None
 
-    def _expert_of_this_rank(self, placement: Placement | None) -> int:
+    def _rank_to_experts(self, placement: Placement | None) -> tuple[tuple[int, ...], ...]:
+        """The experts of every EP rank, checked against the group and the config."""
         e = self.config.num_experts
         if placement is None:
             if self.ep_size != e:
                 raise ValueError(
                     f"the EP group has {self.ep_size} ranks but num_experts={e}: without a placement each rank "
                     "holds exactly one expert, so they must be equal (pass a placement from "
-                    "largeep_plugin.placement for replicas)"
+                    "largeep_plugin.placement for replicas, or plan_placement(..., allow_colocate=True) to put "
+                    "several experts on one rank)"
                 )
-            return self.ep_rank
+            return tuple((r,) for r in range(e))
         if getattr(placement, "num_experts", e) != e:
             raise ValueError(f"placement.num_experts={placement.num_experts} but config.num_experts={e}")
         if getattr(placement, "expert_tp_degree", 1) != 1:
@@ -119,19 +151,56 @@ class LargeEPMoE(nn.Module):
                 f"placement.expert_tp_degree={placement.expert_tp_degree}: experts split with tensor parallelism "
                 "are planned by placement.py but not run by LargeEPMoE yet"
             )
-        rank_to_expert = placement.rank_to_expert  # NotImplementedError for colocated placements
-        if len(rank_to_expert) != self.ep_size:
+        rank_to_experts = getattr(placement, "rank_to_experts", None)
+        if rank_to_experts is None:  # a placement-like object that only has the one-expert-per-rank view
+            rank_to_experts = tuple((x,) if x >= 0 else () for x in placement.rank_to_expert)
+        rank_to_experts = tuple(tuple(held) for held in rank_to_experts)
+        if len(rank_to_experts) != self.ep_size:
             raise ValueError(
-                f"placement.rank_to_expert has {len(rank_to_expert)} entries but the EP group has {self.ep_size} ranks"
+                f"placement.rank_to_experts has {len(rank_to_experts)} entries but the EP group has {self.ep_size} ranks"
             )
-        expert_id = rank_to_expert[self.ep_rank]
-        if not 0 <= expert_id < e:
-            raise ValueError(f"placement gives EP rank {self.ep_rank} expert {expert_id}: every rank must hold one of 0..{e - 1}")
-        return expert_id
+        held = rank_to_experts[self.ep_rank]
+        if not held or not all(0 <= x < e for x in held):
+            what = f"expert {held[0]}" if len(held) == 1 else f"experts {held}"
+            raise ValueError(f"placement gives EP rank {self.ep_rank} {what}: every rank must hold at least one of "
+                             f"0..{e - 1}")
+        return rank_to_experts
+
+    def _warn_colocated(self, rank_to_experts: tuple[tuple[int, ...], ...]) -> None:
+        key = rank_to_experts
+        if key in _WARNED_COLOCATED:
+            return
+        _WARNED_COLOCATED.add(key)
+        warnings.warn(
+            f"LargeEPMoE: {self.config.num_experts} experts on {self.ep_size} ranks, up to {self.num_slots} per rank "
+            "(colocated experts: each rank runs its experts one after another; flat dispatch without overlap)",
+            stacklevel=3,
+        )
+
+    @property
+    def expert(self) -> nn.Module:
+        """This rank's expert, when it holds exactly one."""
+        if "expert" in self._modules:
+            return self._modules["expert"]  # type: ignore[return-value]
+        if len(self.expert_ids) == 1:
+            return self.experts[0]
+        raise NotImplementedError(f"EP rank {self.ep_rank} holds experts {self.expert_ids}: use .experts")
+
+    @property
+    def expert_id(self) -> int:
+        """The expert this rank holds, when it holds exactly one."""
+        if len(self.expert_ids) != 1:
+            raise NotImplementedError(f"EP rank {self.ep_rank} holds experts {self.expert_ids}: use .expert_ids")
+        return self.expert_ids[0]
+
+    def local_experts(self) -> list[tuple[int, nn.Module]]:
+        """(expert id, module) of every expert this rank holds, in ``expert_ids`` order."""
+        modules = list(self.experts) if self.colocated else [self.expert]
+        return list(zip(self.expert_ids, modules))
 
     def _join_replica_group(self, placement: Placement | None, expert_groups: ExpertProcessGroups | None) -> None:
-        """Tag the expert's parameters with the group its gradients are summed over (``grads.py``): the ranks that
-        hold a replica of the same expert. Groups are built here when not given; pass ``expert_groups`` (from
+        """Tag each local expert's parameters with the group its gradients are summed over (``grads.py``): the
+        ranks that hold a replica of the same expert. Groups are built here when not given; pass ``expert_groups`` (from
         ``build_process_groups``) to share one set of groups between layers."""
         if placement is None:
             return
@@ -140,9 +209,10 @@ class LargeEPMoE(nn.Module):
             if max(placement.num_replicas) == 1 and placement.world_size == group_size(None):
                 return  # no expert has a second copy: nothing to reduce, no group to build
             expert_groups = build_process_groups(placement)
-        group = expert_groups.expert_dp_groups.get(self.expert_id)
-        for p in self.expert.parameters():
-            p.expert_dp_group = group
+        for expert_id, module in self.local_experts():
+            group = expert_groups.expert_dp_groups.get(expert_id)
+            for p in module.parameters():
+                p.expert_dp_group = group
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +241,12 @@ class LargeEPMoE(nn.Module):
 
         # Steps 3-5: dispatch, expert, combine.
         dest_rank_TK = self._destination_ranks(routing.topk_ids_TK)
-        y_TH = self.token_exchange(x_TH, dest_rank_TK, routing.keep_TK, routing.topk_weights_TK, self.expert)
+        if self.colocated:
+            local_slot_TK = self.local_slot_RE[dest_rank_TK, routing.topk_ids_TK]
+            y_TH = self.token_exchange(x_TH, dest_rank_TK, routing.keep_TK, routing.topk_weights_TK, self.experts,
+                                       local_slot_TK=local_slot_TK, num_slots=self.num_slots)
+        else:
+            y_TH = self.token_exchange(x_TH, dest_rank_TK, routing.keep_TK, routing.topk_weights_TK, self.expert)
 
         aux = self._aux_losses(routing.scores_TE, routing.logits_TE, global_counts_E)
         with torch.no_grad():
@@ -238,7 +313,7 @@ class LargeEPMoE(nn.Module):
         c = self.config
         return (
             f"experts={c.num_experts}, top_k={c.top_k}, hidden={c.hidden_size}, ffn={c.ffn_hidden_size}, "
-            f"ep_size={self.ep_size}, expert_id={self.expert_id}, activation={c.activation}"
+            f"ep_size={self.ep_size}, expert_ids={self.expert_ids}, activation={c.activation}"
         )
 
 

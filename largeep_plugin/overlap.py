@@ -405,12 +405,21 @@ class TokenExchange:
         config: ``dispatch`` ("flat" | "hierarchical") and ``overlap_chunks`` (1 = no pipeline).
         ep_group: the EP process group.
         ranks_per_node: ranks per node, consecutive; required for "hierarchical" (at least two nodes).
+        colocated: ranks hold several experts (calls pass ``local_slot_TK``); only the flat, unchunked path
+            supports it (NotImplementedError otherwise).
 
     ``dispatcher`` is the unchunked dispatcher (``AllToAllDispatcher`` or ``HierarchicalDispatcher``), with the
     dispatch/combine stage methods; with overlap_chunks > 1 the call goes through the overlap pipeline instead.
     """
 
-    def __init__(self, config: DispatchConfig, ep_group: ProcessGroup | None, ranks_per_node: int | None = None):
+    def __init__(self, config: DispatchConfig, ep_group: ProcessGroup | None, ranks_per_node: int | None = None,
+                 colocated: bool = False):
+        if colocated and (config.overlap_chunks > 1 or config.dispatch != "flat"):
+            raise NotImplementedError(
+                f"colocated experts (several experts on one rank) run only with dispatch='flat' and "
+                f"overlap_chunks=1, got dispatch={config.dispatch!r}, overlap_chunks={config.overlap_chunks}"
+            )
+        self.colocated = colocated
         self.num_chunks = config.overlap_chunks
         self.ep_group = ep_group
         self.layout: NodeLayout | None = None
@@ -429,7 +438,16 @@ class TokenExchange:
             self.dispatcher = AllToAllDispatcher(ep_group)
 
     def __call__(self, x_TH: torch.Tensor, dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor,
-                 topk_weights_TK: torch.Tensor, expert: nn.Module) -> torch.Tensor:
+                 topk_weights_TK: torch.Tensor, expert: nn.Module, *, local_slot_TK: torch.Tensor | None = None,
+                 num_slots: int = 1) -> torch.Tensor:
+        """y_TH of the batch. Colocated (``local_slot_TK`` given, see ``AllToAllDispatcher.dispatch``): ``expert``
+        is called as ``expert(rows_MH, recv_slot_counts)`` (``experts.LocalExperts``)."""
+        if (local_slot_TK is not None) != self.colocated:
+            raise ValueError(f"local_slot_TK must be given exactly when colocated={self.colocated}")
+        if self.colocated:
+            rows_MH, handle = self.dispatcher.dispatch(x_TH, dest_rank_TK, keep_TK, topk_weights_TK,  # type: ignore[call-arg]
+                                                       local_slot_TK=local_slot_TK, num_slots=num_slots)
+            return self.dispatcher.combine(expert(rows_MH, handle.recv_slot_counts), handle)  # type: ignore[arg-type]
         if self.num_chunks > 1:
             return pipelined_exchange(x_TH, dest_rank_TK, keep_TK, topk_weights_TK, expert, group=self.ep_group,
                                       num_chunks=self.num_chunks, layout=self.layout)
