@@ -58,7 +58,8 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 
 class LargeEPMoE(nn.Module):
-    """A Mixture-of-Experts layer with one expert per rank of ``ep_group``.
+    """A Mixture-of-Experts layer over ``ep_group``: one expert per rank, or as a ``placement`` says (replicas of
+    hot experts on spare ranks; several experts on a rank when explicitly colocated).
 
     Args:
         config: the layer's settings.
