@@ -1,9 +1,11 @@
 """Distributed checkpoint of a Megatron GPT with large-EP layers: saved at EP 4, loaded at EP 2, and back.
 
 The experts are stored under their global expert id (``adapters/megatron_checkpoint.py``), so a model built with
-another EP size asks for the slices of the experts it holds. With one expert per rank (the core layer's rule) a
-2-expert model runs at EP 2 (one expert per rank) and at EP 4 with each expert replicated twice (a placement).
-At EP 4 the model runs forward only (training replicas needs their gradient reduction, not in Megatron's DDP).
+another EP size asks for the slices of the experts it holds. Two models on 4 ranks:
+
+* 4 experts: EP 4 with one expert per rank, and EP 2 with two colocated experts per rank (a placement with
+  ``rank_to_experts=((0, 1), (2, 3))``; the other two ranks are its expert-data-parallel copies);
+* 2 experts: EP 2 with one expert per rank, and EP 4 with each expert replicated twice (a placement; forward only).
 
 Megatron's ``dist_checkpointing.save`` cannot run on CPU (its torch_dist writer calls ``torch.cuda.synchronize``
 and its ShardedTensor placements say ``cuda``), so the bytes go through a minimal writer here: every rank stores
@@ -28,7 +30,6 @@ import torch.distributed as dist  # noqa: E402
 from conftest import world  # noqa: E402
 from megatron_helpers import init_megatron, tiny_config, tiny_gpt, tokens  # noqa: E402
 
-EXPERTS = 2
 VOCAB, SEQ = 32, 8
 
 
@@ -75,11 +76,24 @@ def _load(sharded: dict[str, Any], directory: str) -> dict[str, Any]:
     return state
 
 
-def _model(ep: int, seed: int) -> Any:
+def _placement(experts: int, ep: int) -> Any:
+    """None (expert e on EP rank e), replicas (EP > experts) or consecutive experts colocated (EP < experts)."""
+    from largeep_plugin.placement import Placement
+    from largeep_plugin.topology import Topology
+
+    if ep > experts:
+        return Replicated(experts, ep)
+    if ep < experts:
+        per_rank = experts // ep
+        held = tuple(tuple(range(r * per_rank, (r + 1) * per_rank)) for r in range(ep))
+        return Placement(topology=Topology.uniform(1, ep), num_experts=experts, rank_to_experts=held)
+    return None
+
+
+def _model(experts: int, ep: int, seed: int) -> Any:
     init_megatron(ep=ep)
-    placement = Replicated(EXPERTS, ep) if ep > EXPERTS else None
-    model = tiny_gpt(tiny_config(num_layers=2, num_moe_experts=EXPERTS), seed=seed, vocab=VOCAB, seq=SEQ,
-                     large_ep={"init_seed": seed}, placement=placement)
+    model = tiny_gpt(tiny_config(num_layers=2, num_moe_experts=experts), seed=seed, vocab=VOCAB, seq=SEQ,
+                     large_ep={"init_seed": seed}, placement=_placement(experts, ep))
     model.eval()
     return model
 
@@ -90,18 +104,19 @@ def _logits(model: Any, rank: int) -> torch.Tensor:
     return model(ids, pos, None)
 
 
-def _round_trip(rank: int, save_ep: int, load_ep: int, directory: str) -> dict[str, Any]:
-    source = _model(save_ep, seed=1)
+def _round_trip(rank: int, experts: int, save_ep: int, load_ep: int, directory: str) -> dict[str, Any]:
+    source = _model(experts, save_ep, seed=1)
     want = _logits(source, rank)
     saved = _save(source.sharded_state_dict(), directory)
-    target = _model(load_ep, seed=2)
+    target = _model(experts, load_ep, seed=2)
     before = _logits(target, rank)
     missing, unexpected = target.load_state_dict(_load(target.sharded_state_dict(), directory), strict=False)
     after = _logits(target, rank)
     layer = target.decoder.layers[0].mlp
     return {
         "saved": saved,
-        "expert_id": layer.expert_id,
+        "expert_ids": list(layer.expert_ids),
+        "expert_keys": sorted(k for k in target.state_dict() if k.startswith("decoder.layers.0.mlp.experts.")),
         "ep_size": layer.ep_size,
         "differed_before": float((before - want).abs().max()),
         "err_after": float((after - want).abs().max()),
@@ -111,24 +126,33 @@ def _round_trip(rank: int, save_ep: int, load_ep: int, directory: str) -> dict[s
     }
 
 
-def _rank(rank: int, world_size: int, root: str) -> dict[str, Any]:
-    ep4_to_ep2 = os.path.join(root, "ep4")
-    ep2_to_ep4 = os.path.join(root, "ep2")
-    return {
-        "4->2": _round_trip(rank, 4, 2, ep4_to_ep2),
-        "2->4": _round_trip(rank, 2, 4, ep2_to_ep4),
-    }
+# (experts, save EP, load EP) -> the experts each of the 4 ranks holds after loading (EP groups are
+# consecutive ranks, so at EP 2 ranks 2, 3 repeat ranks 0, 1 as their expert-data-parallel copies).
+CASES = {
+    (4, 4, 2): [[0, 1], [2, 3], [0, 1], [2, 3]],  # colocated: two experts per rank
+    (4, 2, 4): [[0], [1], [2], [3]],
+    (2, 4, 2): [[0], [1], [0], [1]],
+    (2, 2, 4): [[0], [1], [0], [1]],              # replicated inside the EP group
+}
+
+
+def _rank(rank: int, world_size: int, root: str) -> dict[tuple[int, int, int], Any]:
+    return {case: _round_trip(rank, *case, os.path.join(root, "_".join(map(str, case)))) for case in CASES}
 
 
 def test_checkpoint_saved_at_one_ep_size_loads_at_another(tmp_path: Any) -> None:
-    for sub in ("ep4", "ep2"):
-        (tmp_path / sub).mkdir()
-    results = world(_rank, 4, str(tmp_path), timeout=180)
-    for case, load_ep in (("4->2", 2), ("2->4", 4)):
+    for case in CASES:
+        (tmp_path / "_".join(map(str, case))).mkdir()
+    results = world(_rank, 4, str(tmp_path), timeout=240)
+    for case, held in CASES.items():
+        experts, _, load_ep = case
         rows = [r[case] for r in results]
         for rank, row in enumerate(rows):
-            assert row["ep_size"] == load_ep and row["expert_id"] == rank % EXPERTS
+            assert row["ep_size"] == load_ep and row["expert_ids"] == held[rank], (case, rank, row)
             assert not row["missing"] and not row["unexpected"], row
             assert row["differed_before"] > 1e-3 * row["scale"], "the target model started equal: nothing tested"
             assert row["err_after"] <= 1e-6 * row["scale"], f"{case}, rank {rank}: outputs differ after loading: {row}"
         assert sum(row["saved"] for row in rows) > 0
+        # A colocated rank keeps one module per expert; the checkpoint keys are the same either way.
+        want = "local_experts.1." if len(held[0]) > 1 else "experts.expert."
+        assert any(want in k for k in rows[0]["expert_keys"]), rows[0]["expert_keys"]

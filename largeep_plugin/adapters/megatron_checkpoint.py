@@ -9,14 +9,13 @@ piece's offset in it. The expert of EP rank r is saved as the slice ``[e]`` of g
     (+ .bias entries with linear_bias)
 
 so the file does not depend on which rank held which expert: a model built with another EP size (or another
-placement) asks for the slices of the experts it holds and gets them. Ranks that hold a copy of the same expert
-(the expert-data-parallel group, or replicas inside the EP group under a placement) have distinct
-``replica_id`` s and only the main replica ``(0, 0, 0)`` is written. The router (``mlp.router.weight``,
-``mlp.router.expert_bias``) is replicated and saved by Megatron's defaults.
-
-What the layout allows today: any EP size whose ranks each hold one expert, i.e. EP = E with placement None, or
-EP > E with a placement that replicates experts. Loading E experts into fewer than E ranks needs a rank to hold
-several experts, which the core layer does not do (one expert per rank).
+placement) asks for the slices of the experts it holds and gets them. A rank that holds several experts
+(a colocated placement: state-dict keys ``mlp.experts.local_experts.<slot>.fc1.weight``) gives one slice per expert,
+all under the same checkpoint key ``mlp.experts.expert.fc1.weight``, so EP = E, EP < E (colocated) and EP > E
+(replicated) read and write one layout. Ranks that hold a copy of the same expert (the expert-data-parallel group,
+or replicas inside the EP group under a placement) have distinct ``replica_id`` s and only the main replica
+``(0, 0, 0)`` is written. The router (``mlp.router.weight``, ``mlp.router.expert_bias``) is replicated and saved by
+Megatron's defaults.
 """
 from __future__ import annotations
 
@@ -27,10 +26,10 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 
-def replica_index(rank_to_expert: Sequence[int], rank: int) -> int:
-    """How many lower EP ranks hold the same expert as ``rank`` (0 for the first holder)."""
-    expert = rank_to_expert[rank]
-    return sum(1 for r in range(rank) if rank_to_expert[r] == expert)
+def replica_index(rank_to_experts: Sequence[Sequence[int]], rank: int, expert: int) -> int:
+    """How many lower EP ranks hold ``expert`` too (0 for its first holder); ``rank_to_experts[r]`` lists the
+    experts of EP rank r."""
+    return sum(1 for r in range(rank) if expert in rank_to_experts[r])
 
 
 def expert_sharded_state_dict(
@@ -41,6 +40,7 @@ def expert_sharded_state_dict(
     expert_id: int,
     num_experts: int,
     replica_id: tuple[int, int, int],
+    checkpoint_prefix: str | None = None,
 ) -> dict[str, Any]:
     """Wrap one expert's tensors as slices of global per-expert tensors.
 
@@ -51,15 +51,17 @@ def expert_sharded_state_dict(
         expert_id: the expert's global id e (its index on the new axis).
         num_experts: E (the size of the new axis).
         replica_id: (0, replica inside the EP group, rank in the expert-data-parallel group).
+        checkpoint_prefix: key prefix in the checkpoint when it differs from the state dict's (a colocated rank's
+            ``...experts.local_experts.<slot>.`` is stored as ``...experts.expert.``); None: ``prefix``.
     Returns:
-        ``{state dict key: ShardedTensor}``; the checkpoint key equals the state dict key.
+        ``{state dict key: ShardedTensor}``; the checkpoint key is the state dict key with ``checkpoint_prefix``.
     """
+    checkpoint_prefix = prefix if checkpoint_prefix is None else checkpoint_prefix
     axis = len(sharded_offsets)
     out: dict[str, Any] = {}
     for name, tensor in state_dict.items():
-        key = f"{prefix}{name}"
-        out[key] = ShardedTensor.from_rank_offsets(
-            key,
+        out[f"{prefix}{name}"] = ShardedTensor.from_rank_offsets(
+            f"{checkpoint_prefix}{name}",
             tensor,
             *sharded_offsets,
             (axis, expert_id, num_experts),

@@ -2,13 +2,13 @@
 
 Shape legend:
     T  tokens on this rank      H  hidden size      E  experts      K  top_k
-    M  rows this rank's expert receives
+    M  rows this rank's expert(s) receive      R  ranks in the EP group      L  expert slots per rank (colocated)
 
 Megatron's ``MoELayer`` drives a dispatcher through six stages (so that its EP overlap can schedule them):
 
     dispatch_preprocess(x, routing_map_TE, probs_TE)  local    [T, E] masks -> top-k ids, destination ranks
     token_dispatch(x_TH, probs)                       comm     permute + count exchange + all-to-all (core)
-    dispatch_postprocess(rows_MH, probs)              local    rows for the one local expert
+    dispatch_postprocess(rows_MH, probs)              local    rows for the local expert(s)
     combine_preprocess(out_MH)                        local    nothing to do
     token_combine(out_MH)                             comm     reverse all-to-all + weighted sum (core)
     combine_postprocess(y_TH)                         local    back to the input's shape
@@ -18,6 +18,12 @@ The token movement is the core ``AllToAllDispatcher`` (``dispatch -> (rows, froz
 ``self`` between ``token_dispatch`` and ``token_combine``, exactly as Megatron's own dispatchers keep their state;
 a layer runs one micro-batch's forward at a time, and misuse (combine before dispatch) is an error, not a
 silent mix-up.
+
+Colocated experts (a placement with several experts on some rank): ``dispatch_preprocess`` also finds each
+assignment's slot on its destination rank, ``token_dispatch`` exchanges counts per (rank, slot) (the core
+dispatcher's colocated mode), and ``dispatch_postprocess`` hands the experts the [R, L] counts as
+``tokens_per_expert``: ``LocalExperts`` groups the rows by slot and puts the results back in arrival order, so
+the combine is unchanged.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ class _Routed:
     keep_TK: torch.Tensor
     topk_weights_TK: torch.Tensor
     hidden_shape: torch.Size
+    local_slot_TK: torch.Tensor | None = None
 
 
 def topk_from_routing_map(
@@ -67,14 +74,27 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
         pg_collection: Megatron's process groups (``ep`` is the EP group).
         ep_rank: this rank in the EP group.
         placement: the plugin's placement (None: expert e on EP rank e).
+        rank_to_experts: colocated placements only: the experts of every EP rank (ascending); None: one expert
+            per rank.
     """
 
-    def __init__(self, *, config: Any, pg_collection: Any, ep_rank: int, placement: Any = None):
+    def __init__(
+        self, *, config: Any, pg_collection: Any, ep_rank: int, placement: Any = None,
+        rank_to_experts: Any = None,
+    ):
         super().__init__(config=config, pg_collection=pg_collection)
         self.top_k = config.moe_router_topk
         self.ep_rank = ep_rank
         self.placement = placement
         self.dispatcher = AllToAllDispatcher(self.ep_group)
+        self.num_slots = 1
+        self.local_slot_RE: torch.Tensor | None = None
+        if rank_to_experts is not None:
+            # Slot of expert e on rank r (-1: not there); L is the same on every rank (the count exchange matches).
+            self.num_slots = max(len(held) for held in rank_to_experts)
+            self.local_slot_RE = torch.full((len(rank_to_experts), config.num_moe_experts), -1, dtype=torch.int64)
+            for r, held in enumerate(rank_to_experts):
+                self.local_slot_RE[r, list(held)] = torch.arange(len(held))
         # Per-call state between stages (see the module docstring); each is taken by the next stage.
         self._routed: _Routed | None = None
         self._in_flight: tuple[DispatchHandle, torch.Size] | None = None
@@ -90,14 +110,19 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
             dest_rank_TK = topk_ids_TK  # expert e lives on EP rank e
         else:
             dest_rank_TK = self.placement.destination_ranks(topk_ids_TK, self.ep_rank)
-        self._routed = _Routed(dest_rank_TK, keep_TK, weights_TK, hidden_states.shape)
+        local_slot_TK = None
+        if self.local_slot_RE is not None:
+            slot_RE = self.local_slot_RE.to(topk_ids_TK.device)
+            local_slot_TK = slot_RE[dest_rank_TK, topk_ids_TK]
+        self._routed = _Routed(dest_rank_TK, keep_TK, weights_TK, hidden_states.shape, local_slot_TK)
         return x_TH, probs
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Communication: send every kept assignment to its expert's rank. Returns ``(rows_MH, probs)``."""
         routed = self._take("_routed", "token_dispatch", "dispatch_preprocess")
         rows_MH, handle = self.dispatcher.dispatch(
-            hidden_states, routed.dest_rank_TK, routed.keep_TK, routed.topk_weights_TK
+            hidden_states, routed.dest_rank_TK, routed.keep_TK, routed.topk_weights_TK,
+            local_slot_TK=routed.local_slot_TK, num_slots=self.num_slots,
         )
         self._in_flight = (handle, routed.hidden_shape)
         return rows_MH, probs
@@ -105,10 +130,17 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
     def dispatch_postprocess(
         self, hidden_states: torch.Tensor, probs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """Local: one expert per rank, so the received rows are already its contiguous input.
+        """Local: with one expert per rank the received rows are already its contiguous input.
 
-        Returns ``(rows_MH, tokens_per_expert [1] on the host, None)``: the combine weights are applied in
-        ``token_combine``, not by the expert, so no permuted probabilities go to it."""
+        Returns ``(rows_MH, tokens_per_expert, None)``: tokens_per_expert is int64 on the host, [1] with one expert
+        per rank, [R, L] rows per (source rank, local slot) with colocated experts (``LargeEPExperts`` groups the
+        rows by slot itself). The combine weights are applied in ``token_combine``, not by the expert, so no
+        permuted probabilities go to it."""
+        if self.local_slot_RE is not None:
+            if self._in_flight is None:
+                raise RuntimeError("LargeEPTokenDispatcher.dispatch_postprocess called without token_dispatch first")
+            counts_RL = self._in_flight[0].recv_slot_counts
+            return hidden_states, torch.tensor(counts_RL, dtype=torch.int64), None
         return hidden_states, torch.tensor([hidden_states.shape[0]], dtype=torch.int64), None
 
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:

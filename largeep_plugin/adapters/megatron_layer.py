@@ -18,7 +18,8 @@ rank), expert-DP = ``expt_dp`` (Megatron's DDP reduces the expert gradients over
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+import warnings
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,7 +31,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from ..config import LargeEPConfig
-from ..experts import ExpertMLP
+from ..experts import ExpertMLP, LocalExperts
 from ..load_balance import LoadStats
 from .megatron_checkpoint import expert_sharded_state_dict, replica_index
 from .megatron_config import large_ep_config_from_megatron
@@ -39,61 +40,116 @@ from .megatron_router import LargeEPRouter
 
 
 class LargeEPExperts(nn.Module):
-    """The one expert of this rank, called the way ``MoELayer`` calls its experts.
+    """The expert(s) of this rank, called the way ``MoELayer`` calls its experts.
 
-    ``forward(rows_MH, tokens_per_expert, permuted_probs) -> (rows_MH, None)``; the parameters are the core
-    ``ExpertMLP``'s (``expert.fc1.weight`` ...), tagged ``allreduce=False``. ``sharded_state_dict`` stores them
-    under the global expert id (``megatron_checkpoint.py``).
+    ``forward(rows_MH, tokens_per_expert, permuted_probs) -> (rows_MH, None)``. One expert per rank: the core
+    ``ExpertMLP`` as ``expert`` (``expert.fc1.weight`` ...). A colocated placement (several experts on some rank):
+    the core ``LocalExperts`` as ``local_experts`` (``local_experts.<slot>.fc1.weight`` ..., slot l holding
+    ``expert_ids[l]``), on every rank of the layer; ``tokens_per_expert`` is then the dispatcher's [R, L] rows per
+    (source rank, slot). Parameters are tagged ``allreduce=False``; ``sharded_state_dict`` stores every expert
+    under its global expert id (``megatron_checkpoint.py``).
+
+    Args:
+        config: the layer's ``LargeEPConfig``.
+        expert_ids: the experts this rank holds, ascending.
+        ep_replicas: for each of them, its replica index inside the EP group (0: its first holder).
+        expt_dp_group: Megatron's expert-data-parallel group.
+        colocated: whether some rank of the layer holds several experts (then ``local_experts`` on every rank).
     """
 
-    def __init__(self, config: LargeEPConfig, *, expert_id: int, ep_replica: int, expt_dp_group: Any):
+    def __init__(
+        self,
+        config: LargeEPConfig,
+        *,
+        expert_ids: Sequence[int],
+        ep_replicas: Sequence[int],
+        expt_dp_group: Any,
+        colocated: bool = False,
+    ):
         super().__init__()
-        self.expert = ExpertMLP(config.expert_config, expert_id=expert_id, init_seed=config.init_seed)
-        self.expert_id = expert_id
+        self.expert_ids = tuple(int(e) for e in expert_ids)
+        if len(ep_replicas) != len(self.expert_ids) or (len(self.expert_ids) > 1 and not colocated):
+            raise ValueError(f"expert_ids={self.expert_ids} with ep_replicas={tuple(ep_replicas)} and "
+                             f"colocated={colocated}: one replica index per expert; several experts need colocated")
+        self.colocated = colocated
+        if colocated:
+            self.local_experts = LocalExperts(config.expert_config, expert_ids=self.expert_ids, init_seed=config.init_seed)
+        else:
+            self.expert = ExpertMLP(config.expert_config, expert_id=self.expert_ids[0], init_seed=config.init_seed)
         self.num_experts = config.num_experts
-        self.ep_replica = ep_replica
+        self.ep_replicas = tuple(int(r) for r in ep_replicas)
         self.expt_dp_group = expt_dp_group
+
+    @property
+    def expert_id(self) -> int:
+        """The expert of this rank, when it holds exactly one."""
+        if len(self.expert_ids) != 1:
+            raise NotImplementedError(f"this rank holds experts {self.expert_ids}: use expert_ids")
+        return self.expert_ids[0]
+
+    def experts_by_id(self) -> list[tuple[int, nn.Module]]:
+        """(expert id, ``ExpertMLP``) of every expert of this rank, in ``expert_ids`` order."""
+        modules = list(self.local_experts) if self.colocated else [self.expert]
+        return list(zip(self.expert_ids, modules))
 
     def forward(
         self, rows_MH: torch.Tensor, tokens_per_expert: torch.Tensor | None = None, permuted_probs: Any = None
     ) -> tuple[torch.Tensor, None]:
+        if self.colocated:
+            if tokens_per_expert is None or tokens_per_expert.dim() != 2:
+                raise ValueError("colocated experts need tokens_per_expert as the dispatcher's [R, L] counts, got "
+                                 f"{None if tokens_per_expert is None else tuple(tokens_per_expert.shape)}")
+            return self.local_experts(rows_MH, tokens_per_expert.tolist()), None
         return self.expert(rows_MH), None
 
     def backward_dw(self) -> None:
         """Nothing to do: weight gradients are computed in the ordinary backward."""
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
-        return expert_sharded_state_dict(
-            self.expert.state_dict(prefix="", keep_vars=True),
-            f"{prefix}expert.",
-            sharded_offsets,
-            expert_id=self.expert_id,
-            num_experts=self.num_experts,
-            replica_id=(0, self.ep_replica, get_pg_rank(self.expt_dp_group)),
-        )
+        dp_rank = get_pg_rank(self.expt_dp_group)
+        out: dict[str, Any] = {}
+        for slot, ((expert_id, module), ep_replica) in enumerate(zip(self.experts_by_id(), self.ep_replicas)):
+            out.update(expert_sharded_state_dict(
+                module.state_dict(prefix="", keep_vars=True),
+                f"{prefix}local_experts.{slot}." if self.colocated else f"{prefix}expert.",
+                sharded_offsets,
+                expert_id=expert_id,
+                num_experts=self.num_experts,
+                replica_id=(0, ep_replica, dp_rank),
+                checkpoint_prefix=f"{prefix}expert.",
+            ))
+        return out
 
 
-def _local_expert(num_experts: int, ep_size: int, ep_rank: int, placement: Any) -> tuple[int, int, bool]:
-    """(expert id of this rank, its replica index inside the EP group, whether any expert is replicated)."""
+def rank_to_experts_of(num_experts: int, ep_size: int, placement: Any) -> tuple[tuple[int, ...], ...]:
+    """The experts of every EP rank: expert r on rank r without a placement; else the placement's
+    ``rank_to_experts`` (or, for a placement-like object with only ``rank_to_expert``, one expert per rank),
+    checked against the EP group and the config."""
     if placement is None:
         if ep_size != num_experts:
             raise ValueError(
-                f"num_moe_experts={num_experts} but the expert-model-parallel size is {ep_size}: the large-EP layer "
-                "holds one expert per EP rank, so they must be equal (or pass a placement from "
-                "largeep_plugin.placement to replicate experts when EP > experts)"
+                f"num_moe_experts={num_experts} but the expert-model-parallel size is {ep_size}: without a placement "
+                "the large-EP layer holds one expert per EP rank, so they must be equal (or pass a placement from "
+                "largeep_plugin.placement: replicas when EP > experts, colocated experts when EP < experts)"
             )
-        return ep_rank, 0, False
-    rank_to_expert = list(placement.rank_to_expert)
-    if len(rank_to_expert) != ep_size:
-        raise ValueError(
-            f"placement.rank_to_expert has {len(rank_to_expert)} entries but the EP group has {ep_size} ranks"
-        )
-    missing = sorted(set(range(num_experts)) - set(rank_to_expert))
-    if missing or any(not 0 <= e < num_experts for e in rank_to_expert):
-        raise ValueError(
-            f"placement.rank_to_expert={rank_to_expert} must hold every expert 0..{num_experts - 1} (missing {missing})"
-        )
-    return rank_to_expert[ep_rank], replica_index(rank_to_expert, ep_rank), len(set(rank_to_expert)) < ep_size
+        return tuple((r,) for r in range(num_experts))
+    if getattr(placement, "expert_tp_degree", 1) != 1:
+        raise NotImplementedError(f"placement.expert_tp_degree={placement.expert_tp_degree}: experts split with "
+                                  "tensor parallelism are not run by the large-EP layer")
+    if getattr(placement, "num_experts", num_experts) != num_experts:
+        raise ValueError(f"placement.num_experts={placement.num_experts} but num_moe_experts={num_experts}")
+    held = getattr(placement, "rank_to_experts", None)
+    if held is None:
+        held = [(e,) for e in placement.rank_to_expert]
+    held = tuple(tuple(int(e) for e in h) for h in held)
+    if len(held) != ep_size:
+        raise ValueError(f"placement.rank_to_experts has {len(held)} entries but the EP group has {ep_size} ranks")
+    bad = [r for r, h in enumerate(held) if not h or len(set(h)) != len(h) or any(not 0 <= e < num_experts for e in h)]
+    missing = sorted(set(range(num_experts)) - {e for h in held for e in h})
+    if bad or missing:
+        raise ValueError(f"placement.rank_to_experts={held}: every EP rank must hold distinct experts of "
+                         f"0..{num_experts - 1} (ranks {bad} do not) and every expert must be placed (missing {missing})")
+    return held
 
 
 class LargeEPMoELayer(MoELayer):
@@ -106,10 +162,13 @@ class LargeEPMoELayer(MoELayer):
         layer_number: Megatron's 1-based global layer number.
         pg_collection: Megatron's process groups (None: the default collection).
         large_ep: ``LargeEPConfig`` overrides (plugin-only fields; see ``megatron_config.py``).
-        placement: which expert each EP rank holds (``largeep_plugin.placement``); None: expert e on EP rank e.
+        placement: which experts each EP rank holds (``largeep_plugin.placement``); None: expert e on EP rank e.
+            Replicas (EP > experts) run forward only; colocated experts (several on a rank, e.g.
+            ``rank_to_experts=((0, 1), (2, 3))``) train too, with flat dispatch (a warning says so once).
 
-    Attributes (besides ``MoELayer``'s): ``large_ep_config``, ``expert_id``, ``ep_rank``, ``ep_size``,
-    ``last_stats`` (the router's ``LoadStats`` of the latest forward).
+    Attributes (besides ``MoELayer``'s): ``large_ep_config``, ``expert_ids``, ``expert_id`` (NotImplementedError
+    when the rank holds several), ``ep_rank``, ``ep_size``, ``last_stats`` (the router's ``LoadStats`` of the
+    latest forward).
     """
 
     def __init__(
@@ -134,14 +193,21 @@ class LargeEPMoELayer(MoELayer):
                 "flat all-to-all and Megatron's own EP overlap drives its stages; use overlap_chunks=1, dispatch='flat'"
             )
         ep_size, ep_rank = get_pg_size(pg_collection.ep), get_pg_rank(pg_collection.ep)
-        expert_id, ep_replica, replicated = _local_expert(lep.num_experts, ep_size, ep_rank, placement)
+        rank_to_experts = rank_to_experts_of(lep.num_experts, ep_size, placement)
+        expert_ids = rank_to_experts[ep_rank]
+        colocated = max(len(h) for h in rank_to_experts) > 1
+        replicated = sum(len(h) for h in rank_to_experts) > lep.num_experts
+        if colocated:
+            warnings.warn(f"LargeEPMoELayer: {lep.num_experts} experts on {ep_size} EP ranks, "
+                          f"rank_to_experts={rank_to_experts} (colocated experts run one after another on a rank)",
+                          stacklevel=2)
         expt_tp = get_pg_size(pg_collection.expt_tp)
         if expt_tp != 1:
             raise NotImplementedError(f"the expert tensor-parallel group has {expt_tp} ranks: the large-EP layer needs 1")
 
         # BaseMoELayer.__init__ asserts num_experts % EP == 0 and gives each rank a contiguous block of experts;
-        # under a placement an EP rank holds whichever expert the placement says (EP > E with replicas), so the
-        # attributes BaseMoELayer and MoELayer set are set here, for one local expert.
+        # under a placement an EP rank holds whichever experts the placement says (replicas when EP > E, colocated
+        # experts when EP < E), so the attributes BaseMoELayer and MoELayer set are set here, for those experts.
         MegatronModule.__init__(self, config)
         self.config = config
         self.layer_number = layer_number
@@ -149,8 +215,8 @@ class LargeEPMoELayer(MoELayer):
         self.ep_group = pg_collection.ep
         self.attn_tp_group = pg_collection.tp
         self.tp_group = pg_collection.tp
-        self.num_local_experts = 1
-        self.local_expert_indices = [expert_id]
+        self.num_local_experts = len(expert_ids)
+        self.local_expert_indices = list(expert_ids)
         self.use_shared_expert = config.moe_shared_expert_intermediate_size is not None
         self.shared_expert_overlap = config.moe_shared_expert_overlap
         self.moe_layer_recompute = (
@@ -165,10 +231,13 @@ class LargeEPMoELayer(MoELayer):
         if layer_number is not None:
             self.router.set_layer_number(layer_number)
         self.token_dispatcher = LargeEPTokenDispatcher(
-            config=config, pg_collection=pg_collection, ep_rank=ep_rank, placement=placement
+            config=config, pg_collection=pg_collection, ep_rank=ep_rank, placement=placement,
+            rank_to_experts=rank_to_experts if colocated else None,
         )
         self.experts = build_module(
-            submodules.experts, lep, expert_id=expert_id, ep_replica=ep_replica, expt_dp_group=pg_collection.expt_dp
+            submodules.experts, lep, expert_ids=expert_ids,
+            ep_replicas=[replica_index(rank_to_experts, ep_rank, e) for e in expert_ids],
+            expt_dp_group=pg_collection.expt_dp, colocated=colocated,
         )
         self.shared_experts = None
         if self.use_shared_expert:
@@ -179,11 +248,16 @@ class LargeEPMoELayer(MoELayer):
         self.fwd_execution_map = ["route", "expert_compute", "postprocess"]
 
         self.large_ep_config = lep
-        self.expert_id = expert_id
+        self.expert_ids = expert_ids
         self.ep_rank = ep_rank
         self.ep_size = ep_size
         self.placement = placement
         self._replicated = replicated
+
+    @property
+    def expert_id(self) -> int:
+        """The expert of this rank, when it holds exactly one (NotImplementedError otherwise)."""
+        return self.experts.expert_id
 
     @property
     def last_stats(self) -> LoadStats | None:
