@@ -1,14 +1,18 @@
 """Helpers of the Megatron-Core tests (tests/test_megatron_*.py); they run inside a rank of a gloo world.
 
 Megatron on CPU: ``use_cpu_initialization=True``, the plugin's ``TorchSDPAttention`` instead of Megatron's local
-attention (which allocates on CUDA), ``GlooDataParallel`` instead of Megatron's DDP.
+attention (which allocates on CUDA), ``GlooDataParallel`` instead of Megatron's DDP, and a minimal
+distributed-checkpoint writer (``save_shards`` / ``load_shards``; see tests/test_megatron_checkpoint.py).
 """
 from __future__ import annotations
 
+import glob
+import os
 import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 # Megatron warns at import time about missing Transformer Engine / Apex, and TransformerLayer warns that it does
 # not know the large-EP mlp class (it then passes no pg_collection, as designed).
@@ -75,3 +79,60 @@ def tokens(batch: int, seq: int, vocab: int, seed: int) -> tuple[torch.Tensor, t
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
     return ids, torch.arange(seq).expand(batch, seq)
+
+
+class Replicated:
+    """A placement (the ``PlacementLike`` protocol of ``moe_layer.py``): EP rank r holds expert r % E, and a token
+    goes to the copy in its own block of E ranks."""
+
+    def __init__(self, num_experts: int, ep_size: int):
+        self.num_experts = num_experts
+        self.rank_to_expert = [r % num_experts for r in range(ep_size)]
+
+    def destination_ranks(self, topk_ids_TK: torch.Tensor, src_rank: int) -> torch.Tensor:
+        return topk_ids_TK + self.num_experts * (src_rank // self.num_experts)
+
+
+def save_shards(sharded: dict[str, Any], directory: str) -> int:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
+    from megatron.core.dist_checkpointing.validation import determine_global_metadata, validate_sharding_integrity
+
+    _, global_metadata = determine_global_metadata(sharded)
+    validate_sharding_integrity(global_metadata)  # raises on rank 0 for holes or overlaps
+    mine = []
+    for sh in sharded.values():
+        if isinstance(sh, (ShardedTensor, ShardedObject)) and is_main_replica(sh.replica_id):
+            data = sh.data.detach().clone() if isinstance(sh, ShardedTensor) else sh.data
+            mine.append((sh.key, tuple(sh.global_offset), data))
+    torch.save(mine, os.path.join(directory, f"rank{dist.get_rank()}.pt"))
+    dist.barrier()
+    return len(mine)
+
+
+def load_shards(sharded: dict[str, Any], directory: str) -> dict[str, Any]:
+    stored = {}
+    for path in glob.glob(os.path.join(directory, "rank*.pt")):
+        for key, offset, data in torch.load(path, weights_only=False):
+            stored[(key, offset)] = data
+    state = {}
+    for name, sh in sharded.items():
+        data = stored[(sh.key, tuple(sh.global_offset))]
+        if isinstance(data, torch.Tensor) and data.shape != sh.data.shape:
+            raise AssertionError(f"{sh.key} at {sh.global_offset}: stored {tuple(data.shape)}, "
+                                 f"asked {tuple(sh.data.shape)}")
+        state[name] = data
+    return state
+
+
+def placement_for(experts: int, ep: int) -> Any:
+    """None (expert e on EP rank e), replicas (EP > experts) or consecutive experts colocated (EP < experts)."""
+    from largeep_plugin.placement import Placement
+    from largeep_plugin.topology import Topology
+
+    if ep > experts:
+        return Replicated(experts, ep)
+    if ep < experts:
+        per_rank = experts // ep
+        held = tuple(tuple(range(r * per_rank, (r + 1) * per_rank)) for r in range(ep))
+        return Placement(topology=Topology.uniform(1, ep), num_experts=experts, rank_to_experts=held)
+    return None

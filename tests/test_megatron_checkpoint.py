@@ -8,14 +8,13 @@ another EP size asks for the slices of the experts it holds. Two models on 4 ran
 * 2 experts: EP 2 with one expert per rank, and EP 4 with each expert replicated twice (a placement; forward only).
 
 Megatron's ``dist_checkpointing.save`` cannot run on CPU (its torch_dist writer calls ``torch.cuda.synchronize``
-and its ShardedTensor placements say ``cuda``), so the bytes go through a minimal writer here: every rank stores
+and its ShardedTensor placements say ``cuda``), so the bytes go through a minimal writer (``megatron_helpers.save_shards`` / ``load_shards``): every rank stores
 the *main replicas* of its ``ShardedTensor`` s / ``ShardedObject`` s by (checkpoint key, global offset), and a load
 fills each requested shard from there. What Megatron checks before it writes, it checks here too:
 ``validate_sharding_integrity`` (main replicas cover every global tensor exactly once).
 """
 from __future__ import annotations
 
-import glob
 import os
 from typing import Any
 
@@ -25,75 +24,17 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 pytestmark = pytest.mark.filterwarnings("ignore:full scope is deprecated")
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 from conftest import world  # noqa: E402
-from megatron_helpers import init_megatron, tiny_config, tiny_gpt, tokens  # noqa: E402
+from megatron_helpers import init_megatron, load_shards, placement_for, save_shards, tiny_config, tiny_gpt, tokens  # noqa: E402,E501
 
 VOCAB, SEQ = 32, 8
-
-
-class Replicated:
-    """A placement (the ``PlacementLike`` protocol of ``moe_layer.py``): EP rank r holds expert r % E, and a token
-    goes to the copy in its own block of E ranks."""
-
-    def __init__(self, num_experts: int, ep_size: int):
-        self.num_experts = num_experts
-        self.rank_to_expert = [r % num_experts for r in range(ep_size)]
-
-    def destination_ranks(self, topk_ids_TK: torch.Tensor, src_rank: int) -> torch.Tensor:
-        return topk_ids_TK + self.num_experts * (src_rank // self.num_experts)
-
-
-def _save(sharded: dict[str, Any], directory: str) -> int:
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
-    from megatron.core.dist_checkpointing.validation import determine_global_metadata, validate_sharding_integrity
-
-    _, global_metadata = determine_global_metadata(sharded)
-    validate_sharding_integrity(global_metadata)  # raises on rank 0 for holes or overlaps
-    mine = []
-    for sh in sharded.values():
-        if isinstance(sh, (ShardedTensor, ShardedObject)) and is_main_replica(sh.replica_id):
-            data = sh.data.detach().clone() if isinstance(sh, ShardedTensor) else sh.data
-            mine.append((sh.key, tuple(sh.global_offset), data))
-    torch.save(mine, os.path.join(directory, f"rank{dist.get_rank()}.pt"))
-    dist.barrier()
-    return len(mine)
-
-
-def _load(sharded: dict[str, Any], directory: str) -> dict[str, Any]:
-    stored = {}
-    for path in glob.glob(os.path.join(directory, "rank*.pt")):
-        for key, offset, data in torch.load(path, weights_only=False):
-            stored[(key, offset)] = data
-    state = {}
-    for name, sh in sharded.items():
-        data = stored[(sh.key, tuple(sh.global_offset))]
-        if isinstance(data, torch.Tensor) and data.shape != sh.data.shape:
-            raise AssertionError(f"{sh.key} at {sh.global_offset}: stored {tuple(data.shape)}, "
-                                 f"asked {tuple(sh.data.shape)}")
-        state[name] = data
-    return state
-
-
-def _placement(experts: int, ep: int) -> Any:
-    """None (expert e on EP rank e), replicas (EP > experts) or consecutive experts colocated (EP < experts)."""
-    from largeep_plugin.placement import Placement
-    from largeep_plugin.topology import Topology
-
-    if ep > experts:
-        return Replicated(experts, ep)
-    if ep < experts:
-        per_rank = experts // ep
-        held = tuple(tuple(range(r * per_rank, (r + 1) * per_rank)) for r in range(ep))
-        return Placement(topology=Topology.uniform(1, ep), num_experts=experts, rank_to_experts=held)
-    return None
 
 
 def _model(experts: int, ep: int, seed: int) -> Any:
     init_megatron(ep=ep)
     model = tiny_gpt(tiny_config(num_layers=2, num_moe_experts=experts), seed=seed, vocab=VOCAB, seq=SEQ,
-                     large_ep={"init_seed": seed}, placement=_placement(experts, ep))
+                     large_ep={"init_seed": seed}, placement=placement_for(experts, ep))
     model.eval()
     return model
 
@@ -107,10 +48,10 @@ def _logits(model: Any, rank: int) -> torch.Tensor:
 def _round_trip(rank: int, experts: int, save_ep: int, load_ep: int, directory: str) -> dict[str, Any]:
     source = _model(experts, save_ep, seed=1)
     want = _logits(source, rank)
-    saved = _save(source.sharded_state_dict(), directory)
+    saved = save_shards(source.sharded_state_dict(), directory)
     target = _model(experts, load_ep, seed=2)
     before = _logits(target, rank)
-    missing, unexpected = target.load_state_dict(_load(target.sharded_state_dict(), directory), strict=False)
+    missing, unexpected = target.load_state_dict(load_shards(target.sharded_state_dict(), directory), strict=False)
     after = _logits(target, rank)
     layer = target.decoder.layers[0].mlp
     return {

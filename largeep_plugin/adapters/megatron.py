@@ -20,7 +20,7 @@ from .megatron_attention import TorchSDPAttention
 from .megatron_balance import install_bias_update_hook, log_expert_load, update_large_ep_biases
 from .megatron_checkpoint import expert_sharded_state_dict
 from .megatron_config import check_megatron_config, large_ep_config_from_megatron
-from .megatron_cpu import GlooDataParallel
+from .megatron_cpu import GlooDataParallel, sum_replica_gradients_
 from .megatron_dispatcher import LargeEPTokenDispatcher
 from .megatron_layer import LargeEPExperts, LargeEPMoELayer, large_ep_moe_layers
 from .megatron_router import LargeEPRouter
@@ -33,6 +33,7 @@ from .megatron_specs import (
 
 __all__ = [
     "GlooDataParallel",
+    "sum_replica_gradients_",
     "LargeEPExperts",
     "LargeEPMoELayer",
     "LargeEPRouter",

@@ -7,6 +7,8 @@ cannot wrap a model on CPU. ``GlooDataParallel`` is the part of it that ``finali
     non-expert parameters:                  average over DP x CP
     expert parameters (allreduce=False):    sum over expert-DP, then divide by DP x CP
                                             (each expert already received the tokens of its whole EP group)
+    replicated experts (EP > experts):      first summed over the expert's replicas inside the EP group
+                                            (``sum_replica_gradients_``): each replica got part of its tokens
 
 so the example and the tests run Megatron's own ``finalize_model_grads`` (bias update included) on CPU. On GPUs use
 Megatron's DDP.
@@ -24,6 +26,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig
 
 from ..grads import allreduce_gradients, is_expert_param
+from .megatron_layer import large_ep_moe_layers
 
 
 def _sum_and_scale_(grads: list[torch.Tensor], group: Any, scale: float) -> None:
@@ -38,6 +41,36 @@ def _sum_and_scale_(grads: list[torch.Tensor], group: Any, scale: float) -> None
         flat.mul_(scale)
         for g, reduced in zip(same, _unflatten_dense_tensors(flat, same)):
             g.copy_(reduced)
+
+
+def sum_replica_gradients_(model: Any) -> int:
+    """Sum, in place, the gradients of every expert replicated inside its EP group over its replicas there.
+
+    A placement with EP > experts sends each token to one replica, so each replica's gradient covers only the
+    tokens it received; after the sum every replica holds the gradient of all of them, as a lone expert would,
+    and the replicas stay identical through the optimizer step. One all_reduce per layer over the EP group, of a
+    [E, N] buffer (N: one expert's parameter count) where each rank fills the rows of the experts it holds: no
+    extra process groups. Parameters without a gradient count as zero. Returns the number of layers reduced.
+    """
+    layers = 0
+    for _, layer in large_ep_moe_layers(model):
+        if not layer.replicated:
+            continue
+        held = layer.experts.experts_by_id()
+        params = [list(module.parameters()) for _, module in held]
+        for p in (p for group in params for p in group):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [[p.grad for p in group] for group in params]
+        flat_EN = grads[0][0].new_zeros((layer.large_ep_config.num_experts, sum(g.numel() for g in grads[0])))
+        for (expert_id, _), group in zip(held, grads):
+            flat_EN[expert_id] = _flatten_dense_tensors(group)
+        dist.all_reduce(flat_EN, group=layer.ep_group)
+        for (expert_id, _), group in zip(held, grads):
+            for g, reduced in zip(group, _unflatten_dense_tensors(flat_EN[expert_id], group)):
+                g.copy_(reduced)
+        layers += 1
+    return layers
 
 
 class GlooDataParallel(nn.Module):
@@ -56,12 +89,15 @@ class GlooDataParallel(nn.Module):
         self.ddp_config = DistributedDataParallelConfig()
         self.dp_cp_group = dp_cp_group or parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.expt_dp_group = expt_dp_group or parallel_state.get_expert_data_parallel_group()
+        for _, layer in large_ep_moe_layers(module):
+            layer.replica_grads_summed = True  # finish_grad_sync sums replicated experts' gradients
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
     def finish_grad_sync(self, force_all_reduce: bool = False) -> None:
         """Reduce the gradients (called by ``finalize_model_grads``)."""
+        sum_replica_gradients_(self.module)
         allreduce_gradients(self.module, group=self.dp_cp_group, average=True)  # skips expert parameters
         experts = [p.grad for p in self.module.parameters() if p.grad is not None and is_expert_param(p)]
         if experts:

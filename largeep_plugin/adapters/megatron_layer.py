@@ -163,7 +163,7 @@ class LargeEPMoELayer(MoELayer):
         pg_collection: Megatron's process groups (None: the default collection).
         large_ep: ``LargeEPConfig`` overrides (plugin-only fields; see ``megatron_config.py``).
         placement: which experts each EP rank holds (``largeep_plugin.placement``); None: expert e on EP rank e.
-            Replicas (EP > experts) run forward only; colocated experts (several on a rank, e.g.
+            Replicas (EP > experts) train only under ``GlooDataParallel`` (forward only otherwise); colocated experts (several on a rank, e.g.
             ``rank_to_experts=((0, 1), (2, 3))``) train too, with flat dispatch (a warning says so once).
 
     Attributes (besides ``MoELayer``'s): ``large_ep_config``, ``expert_ids``, ``expert_id`` (NotImplementedError
@@ -252,7 +252,9 @@ class LargeEPMoELayer(MoELayer):
         self.ep_rank = ep_rank
         self.ep_size = ep_size
         self.placement = placement
-        self._replicated = replicated
+        self.replicated = replicated
+        # Set by a trainer wrapper that sums replicated experts' gradients over their replicas (GlooDataParallel).
+        self.replica_grads_summed = False
 
     @property
     def expert_id(self) -> int:
@@ -264,10 +266,11 @@ class LargeEPMoELayer(MoELayer):
         return self.router.last_stats
 
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors: Any = None, padding_mask: Any = None) -> Any:
-        if self._replicated and self.training and torch.is_grad_enabled():
+        if self.replicated and not self.replica_grads_summed and self.training and torch.is_grad_enabled():
             raise NotImplementedError(
-                "training with experts replicated inside the EP group needs their gradients reduced over each "
-                "expert's replica group, which Megatron's DDP does not do; this placement runs forward only"
+                "training with experts replicated inside the EP group needs their gradients summed over each "
+                "expert's replicas, which Megatron's DDP does not do: wrap the model in GlooDataParallel (its "
+                "finish_grad_sync sums them), or run this placement forward only"
             )
         return super().forward(hidden_states, intermediate_tensors, padding_mask)
 

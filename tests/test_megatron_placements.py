@@ -1,0 +1,142 @@
+"""Training under placements inside Megatron: colocated experts (EP < experts) and replicated experts (EP > experts).
+
+Each case builds a model at one EP size, copies it through the distributed checkpoint into a model at the other
+(so both start from the same weights), trains both with Megatron's ``finalize_model_grads`` over
+``GlooDataParallel`` and SGD on the same per-rank tokens, and compares every expert, by its global id, between them:
+
+* 4 experts, EP 4 (one per rank) against EP 2 with two colocated experts per rank;
+* 2 experts, EP 2 (one per rank) against EP 4 with each expert replicated twice: the replicas' gradients are
+  summed over the replicas (``sum_replica_gradients_``), so they equal the lone expert's and the replicas stay
+  identical step after step.
+
+Without ``GlooDataParallel`` a replicated layer refuses to train (Megatron's DDP does not sum replicas).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e .[megatron])")
+pytestmark = pytest.mark.filterwarnings("ignore:full scope is deprecated", "ignore:LargeEPMoELayer")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from conftest import world  # noqa: E402
+from megatron_helpers import init_megatron, load_shards, placement_for, save_shards, tiny_config, tiny_gpt, tokens  # noqa: E402,E501
+
+VOCAB, SEQ, STEPS, LR = 32, 8, 3, 0.5
+
+
+def _build(experts: int, ep: int, seed: int) -> Any:
+    init_megatron(ep=ep)
+    cfg = tiny_config(num_layers=2, num_moe_experts=experts)
+    return cfg, tiny_gpt(cfg, seed=seed, vocab=VOCAB, seq=SEQ, large_ep={"init_seed": seed},
+                         placement=placement_for(experts, ep))
+
+
+def _experts(model: Any, grads: bool) -> dict[tuple[int, int], torch.Tensor]:
+    """{(layer, expert id): fc1 weight (or its gradient)} of this rank's experts."""
+    from largeep_plugin.adapters.megatron import large_ep_moe_layers
+
+    out = {}
+    for i, (_, layer) in enumerate(large_ep_moe_layers(model)):
+        for expert_id, module in layer.experts.experts_by_id():
+            w = module.fc1.weight
+            out[(i, expert_id)] = (w.grad if grads else w).detach().clone()
+    return out
+
+
+def _train(rank: int, cfg: Any, model: Any) -> dict[str, Any]:
+    from megatron.core.distributed import finalize_model_grads
+
+    from largeep_plugin.adapters.megatron import GlooDataParallel
+
+    ddp = GlooDataParallel(cfg, model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    first_grads, weights, losses = None, [], []
+    for step in range(STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        ids, pos = tokens(2, SEQ, VOCAB, seed=100 * step + rank)
+        loss = ddp(ids, pos, None, labels=ids).float().mean()
+        loss.backward()
+        finalize_model_grads([ddp])
+        if first_grads is None:
+            first_grads = _experts(model, grads=True)
+        optimizer.step()
+        weights.append(_experts(model, grads=False))
+        losses.append(float(loss))
+    return {"grads": first_grads, "weights": weights, "losses": losses}
+
+
+def _case(rank: int, experts: int, eps: tuple[int, int], directory: str) -> dict[str, Any]:
+    cfg, source = _build(experts, eps[0], seed=1)
+    save_shards(source.sharded_state_dict(), directory)
+    out = {"a": _train(rank, cfg, source)}
+    cfg, target = _build(experts, eps[1], seed=2)
+    target.load_state_dict(load_shards(target.sharded_state_dict(), directory), strict=False)
+    out["b"] = _train(rank, cfg, target)
+    return out
+
+
+def _refuses_without_gloo_ddp(rank: int) -> str:
+    _, model = _build(2, 4, seed=1)
+    ids, pos = tokens(2, SEQ, VOCAB, seed=rank)
+    try:
+        model(ids, pos, None)
+    except NotImplementedError as e:
+        return str(e)
+    return ""
+
+
+def _rank(rank: int, world_size: int, root: str) -> dict[str, Any]:
+    out = {"colocated": _case(rank, 4, (4, 2), os.path.join(root, "colocated")),
+           "replicated": _case(rank, 2, (2, 4), os.path.join(root, "replicated")),
+           "refusal": _refuses_without_gloo_ddp(rank)}
+    dist.barrier()
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: Any) -> list[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("placements")
+    for sub in ("colocated", "replicated"):
+        (root / sub).mkdir()
+    return world(_rank, 4, str(root), timeout=300)
+
+
+def _by_expert(results: list[dict[str, Any]], case: str, side: str, what: str, step: int | None = None
+               ) -> dict[tuple[int, int], list[torch.Tensor]]:
+    """{(layer, expert id): [the tensor on every rank holding a copy]} over the 4 ranks."""
+    out: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for r in results:
+        data = r[case][side][what] if step is None else r[case][side][what][step]
+        for key, t in data.items():
+            out.setdefault(key, []).append(t)
+    return out
+
+
+@pytest.mark.parametrize("case", ["colocated", "replicated"])
+def test_training_under_a_placement_matches_one_expert_per_rank(results: list[dict[str, Any]], case: str) -> None:
+    experts = 4 if case == "colocated" else 2
+    grads_a, grads_b = (_by_expert(results, case, side, "grads") for side in ("a", "b"))
+    assert sorted(grads_a) == sorted(grads_b) == [(i, e) for i in range(2) for e in range(experts)]
+    for key in grads_a:
+        want = grads_a[key][0]
+        assert float(want.abs().max()) > 0, f"{case} {key}: no gradient reached the expert: nothing tested"
+        for got in grads_a[key] + grads_b[key]:  # every copy on every rank, both layouts
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), f"{case} {key}: {float((got - want).abs().max())}"
+    for step in range(STEPS):
+        a, b = (_by_expert(results, case, side, "weights", step) for side in ("a", "b"))
+        for key in a:
+            for got in a[key] + b[key]:
+                assert torch.allclose(got, a[key][0], rtol=1e-5, atol=1e-6), f"{case} step {step} {key}"
+    for r in results:
+        assert r[case]["a"]["losses"] == pytest.approx(r[case]["b"]["losses"], rel=1e-5), case
+
+
+def test_replicas_refuse_training_without_the_replica_sum(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        assert "GlooDataParallel" in r["refusal"] and "replicas" in r["refusal"], r["refusal"]
