@@ -128,11 +128,22 @@ def exchange_chunk_counts(
         recv_RCW: int64 [R, C, W]: what each rank told this rank.
         tokens_R: T of every rank.
     """
+    recv_RCW, tokens_R, _ = exchange_chunk_counts_with_sent(send_RCW, num_tokens, group, device)
+    return recv_RCW, tokens_R
+
+
+def exchange_chunk_counts_with_sent(
+    send_RCW: torch.Tensor, num_tokens: int, group: ProcessGroup | None, device: torch.device | None = None
+) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """``exchange_chunk_counts`` that also returns ``send_RCW`` on the host, read in the same single host sync
+    (for callers whose counts live on the device)."""
     r, c, w = send_RCW.shape
     packed = torch.cat([send_RCW.reshape(r, c * w), send_RCW.new_full((r, 1), num_tokens)], dim=1)
-    recv = exchange_counts(packed.to(device or send_RCW.device), group).tolist()  # one host sync
-    recv_RCW = torch.tensor([row[:-1] for row in recv], dtype=torch.int64).reshape(r, c, w)
-    return recv_RCW, [row[-1] for row in recv]
+    packed = packed.to(device or send_RCW.device)
+    both = torch.stack([exchange_counts(packed, group), packed]).tolist()  # one host sync
+    recv_RCW = torch.tensor([row[:-1] for row in both[0]], dtype=torch.int64).reshape(r, c, w)
+    sent_RCW = torch.tensor([row[:-1] for row in both[1]], dtype=torch.int64).reshape(r, c, w)
+    return recv_RCW, [row[-1] for row in both[0]], sent_RCW
 
 
 # ---- asynchronous all-to-all (the overlap pipeline) ---------------------------------------------------------------

@@ -48,11 +48,17 @@ def allreduce_gradients(
     """Reduce the gradients of a model's parameters as described in the module docstring.
 
     Every rank must call this with the same model structure (the collectives follow parameter order).
-    Parameters without a gradient are skipped. Returns the number of gradients reduced.
+    Trainable parameters without a gradient get a zero one (as DDP does), so the collectives always match.
+    Returns the number of gradients reduced.
     """
     if isinstance(params, nn.Module):
         params = params.parameters()
-    params = [p for p in params if p.grad is not None]
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        # A parameter that got no gradient on this rank (an expert that received no token, an unused branch)
+        # still joins the collectives with zeros, so that every rank reduces the same tensors.
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     world = group_size(group)
     dense = [p.grad for p in params if not is_expert_param(p)]
     # Expert gradients, per replica group, in parameter order (identical on the ranks of a group).

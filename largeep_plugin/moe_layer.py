@@ -48,13 +48,13 @@ class _AttachAuxLoss(torch.autograd.Function):
     backward pass without the trainer having to add them to its loss."""
 
     @staticmethod
-    def forward(ctx, y, loss):  # type: ignore[override]
-        ctx.loss_shape = loss.shape
+    def forward(ctx, y, loss, scale):  # type: ignore[override]
+        ctx.loss_shape, ctx.scale = loss.shape, scale
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        return grad_y, torch.ones(ctx.loss_shape, dtype=torch.float32, device=grad_y.device)
+        return grad_y, torch.full(ctx.loss_shape, ctx.scale, dtype=torch.float32, device=grad_y.device), None
 
 
 class LargeEPMoE(nn.Module):
@@ -71,6 +71,10 @@ class LargeEPMoE(nn.Module):
             rank: it warns once, and needs ``dispatch="flat"`` and ``overlap_chunks=1`` (else NotImplementedError).
         ranks_per_node: ranks of one node, consecutive in the EP group; needed by ``dispatch="hierarchical"``
             (at least two nodes, else ValueError).
+        expert_groups: the groups expert gradients are summed over (``process_groups.build_process_groups``).
+            When the world holds several data-parallel copies of the EP group, or the placement replicates
+            experts, and none are given, the layer builds them: collectively, so every rank of the world must
+            construct the layer.
 
     Attributes:
         router.weight [E, H], router.expert_bias [E]: the router (replicated on every rank).
@@ -132,6 +136,10 @@ class LargeEPMoE(nn.Module):
             "tokens_per_expert_since_update", torch.zeros(config.num_experts, dtype=torch.int64), persistent=False
         )
         self.last_stats: LoadStats | None = None
+        # Gradient the attached auxiliary losses receive: set it to whatever the trainer multiplies its loss by
+        # before backward (a dynamic fp16 loss scale, 1 / gradient-accumulation steps), as Megatron's
+        # MoEAuxLossAutoScaler.set_loss_scale does.
+        self.aux_loss_scale = 1.0
 
     def _rank_to_experts(self, placement: Placement | None) -> tuple[tuple[int, ...], ...]:
         """The experts of every EP rank, checked against the group and the config."""
@@ -200,16 +208,26 @@ class LargeEPMoE(nn.Module):
         return list(zip(self.expert_ids, modules))
 
     def _join_replica_group(self, placement: Placement | None, expert_groups: ExpertProcessGroups | None) -> None:
-        """Tag each local expert's parameters with the group its gradients are summed over (``grads.py``): the
-        ranks that hold a replica of the same expert. Groups are built here when not given; pass ``expert_groups`` (from
-        ``build_process_groups``) to share one set of groups between layers."""
-        if placement is None:
-            return
+        """Tag each local expert's parameters with the group its gradients are summed over (``grads.py``): every
+        rank, in every data-parallel copy of the EP group, that holds the same expert.
+
+        Groups are needed when an expert has replicas or the world holds several copies of the EP group. They are
+        built here when not given, from the real EP groups (gathered from every rank); each layer built that way
+        creates its own groups, so for more than a few layers build them once with
+        ``process_groups.build_process_groups`` and pass ``expert_groups`` to every layer."""
+        my_ep_ranks = _ep_ranks(self.ep_group)
         if expert_groups is None:
             # Decided alike on every rank: building groups is collective.
-            if max(placement.num_replicas) == 1 and placement.world_size == group_size(None):
-                return  # no expert has a second copy: nothing to reduce, no group to build
-            expert_groups = build_process_groups(placement)
+            replicated = placement is not None and max(placement.num_replicas) > 1
+            if not replicated and len(my_ep_ranks) == group_size(None):
+                return  # one copy of every expert: nothing to reduce, no group to build
+            layout = placement if placement is not None else Placement.identity(self.config.num_experts)
+            expert_groups = build_process_groups(layout, ep_ranks=_ep_partition(my_ep_ranks))
+        elif tuple(expert_groups.ep_ranks) != tuple(my_ep_ranks):
+            raise ValueError(
+                f"expert_groups were built for the EP ranks {list(expert_groups.ep_ranks)}, but this layer's "
+                f"ep_group holds {my_ep_ranks}: build them with ep_ranks matching the EP groups"
+            )
         for expert_id, module in self.local_experts():
             group = expert_groups.expert_dp_groups.get(expert_id)
             for p in module.parameters():
@@ -218,10 +236,10 @@ class LargeEPMoE(nn.Module):
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
-        bad = self._input_problems(x)
+        bad = _BAD_HIDDEN if x.dim() == 0 or x.shape[-1] != cfg.hidden_size else 0
         if bad and not cfg.check_inputs:
             raise ValueError(self._describe_problems({self.ep_rank: bad}, x))
-        x_TH = x.reshape(-1, cfg.hidden_size) if not bad & _BAD_HIDDEN else x.new_zeros((0, cfg.hidden_size))
+        x_TH = x.reshape(-1, cfg.hidden_size) if not bad else x.new_zeros((0, cfg.hidden_size))
 
         # Step 1: route locally.
         routing = self.router(x_TH)
@@ -230,7 +248,9 @@ class LargeEPMoE(nn.Module):
         local = torch.zeros(cfg.num_experts + 1 + self.ep_size, dtype=torch.int64, device=x_TH.device)
         local[: cfg.num_experts] = routing.tokens_per_expert_E
         local[cfg.num_experts] = routing.num_dropped
-        local[cfg.num_experts + 1 + self.ep_rank] = bad
+        if cfg.check_inputs:
+            # On the device, so the .tolist() below stays the only host sync of this step.
+            local[cfg.num_experts + 1 + self.ep_rank] = bad + _NON_FINITE * (~torch.isfinite(x_TH).all()).long()
         if self.ep_size > 1:
             dist.all_reduce(local, group=self.ep_group)
         if cfg.check_inputs:
@@ -250,8 +270,10 @@ class LargeEPMoE(nn.Module):
             y_TH = self.token_exchange(x_TH, dest_rank_TK, routing.keep_TK, routing.topk_weights_TK, self.expert)
 
         aux = self._aux_losses(routing.scores_TE, routing.logits_TE, global_counts_E)
-        with torch.no_grad():
-            self.tokens_per_expert_since_update += global_counts_E
+        if self.training and torch.is_grad_enabled():
+            # Only training forwards move the bias: evaluation and no-grad inference must not.
+            with torch.no_grad():
+                self.tokens_per_expert_since_update += global_counts_E
         self.last_stats = LoadStats(
             tokens_per_expert_E=global_counts_E.detach(),
             dropped=local[cfg.num_experts].detach(),
@@ -263,7 +285,7 @@ class LargeEPMoE(nn.Module):
         if return_aux:
             return y, total_aux
         if total_aux.requires_grad:
-            y = _AttachAuxLoss.apply(y, total_aux)
+            y = _AttachAuxLoss.apply(y, total_aux, self.aux_loss_scale)
         return y
 
     def _destination_ranks(self, topk_ids_TK: torch.Tensor) -> torch.Tensor:
@@ -282,13 +304,6 @@ class LargeEPMoE(nn.Module):
             zl = cfg.z_loss_coeff * z_loss(logits_TE)
         return aux, zl
 
-    def _input_problems(self, x: torch.Tensor) -> int:
-        if x.dim() == 0 or x.shape[-1] != self.config.hidden_size:
-            return _BAD_HIDDEN
-        if self.config.check_inputs and x.numel() and not bool(torch.isfinite(x).all()):
-            return _NON_FINITE
-        return 0
-
     def _describe_problems(self, problems: dict[int, int], x: torch.Tensor) -> str:
         parts = []
         hidden = [r for r, f in problems.items() if f & _BAD_HIDDEN]
@@ -304,9 +319,16 @@ class LargeEPMoE(nn.Module):
 
     # ---- load balancing ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def update_expert_bias(self) -> None:
+    def update_expert_bias(self, dp_group: ProcessGroup | None = None) -> None:
         """Apply the aux-loss-free bias update from the global counts since the last call, then reset them.
-        Call after the optimizer step; every rank computes the same update."""
+        Call after the optimizer step; every rank of the EP group computes the same update.
+
+        Args:
+            dp_group: with several data-parallel copies of the EP group, the group of ranks that hold the same
+                EP rank in every copy: the counts are summed over it first, so all copies keep one bias.
+        """
+        if dp_group is not None and group_size(dp_group) > 1:
+            dist.all_reduce(self.tokens_per_expert_since_update, group=dp_group)
         update_expert_bias(self.router.expert_bias, self.tokens_per_expert_since_update, self.config.bias_update_rate)
         self.tokens_per_expert_since_update.zero_()
 
@@ -316,6 +338,23 @@ class LargeEPMoE(nn.Module):
             f"experts={c.num_experts}, top_k={c.top_k}, hidden={c.hidden_size}, ffn={c.ffn_hidden_size}, "
             f"ep_size={self.ep_size}, expert_ids={self.expert_ids}, activation={c.activation}"
         )
+
+
+def _ep_ranks(ep_group: ProcessGroup | None) -> list[int]:
+    """Global ranks of ``ep_group`` in group-rank order (the world, or [0] without torch.distributed)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return [0]
+    if ep_group is None:
+        return list(range(dist.get_world_size()))
+    return list(dist.get_process_group_ranks(ep_group))
+
+
+def _ep_partition(my_ep_ranks: list[int]) -> list[list[int]]:
+    """Every rank's EP group, gathered from all ranks (collective): the data-parallel copies of the EP group."""
+    everyone: list[list[int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, my_ep_ranks)
+    copies = {tuple(c) for c in everyone if c is not None}
+    return [list(c) for c in sorted(copies, key=min)]
 
 
 def _uniform_ranks_per_node(placement: Placement) -> int | None:
@@ -334,11 +373,12 @@ def moe_layers(model: nn.Module) -> Iterator[tuple[str, LargeEPMoE]]:
             yield name, module
 
 
-def update_expert_biases(model: nn.Module) -> int:
-    """Apply the bias update of every large-EP layer in ``model``; returns how many layers were updated."""
+def update_expert_biases(model: nn.Module, dp_group: ProcessGroup | None = None) -> int:
+    """Apply the bias update of every large-EP layer in ``model`` (``dp_group``: see ``update_expert_bias``);
+    returns how many layers were updated."""
     n = 0
     for _, layer in moe_layers(model):
-        layer.update_expert_bias()
+        layer.update_expert_bias(dp_group)
         n += 1
     return n
 

@@ -47,7 +47,15 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from .comm import CommStream, ProcessGroup, exchange_chunk_counts, group_rank, group_size, start_all_to_all_lanes
+from .comm import (
+    CommStream,
+    ProcessGroup,
+    exchange_chunk_counts,
+    exchange_chunk_counts_with_sent,
+    group_rank,
+    group_size,
+    start_all_to_all_lanes,
+)
 from .config import DispatchConfig
 from .dispatcher import AllToAllDispatcher, permute_by_chunk_and_destination, weighted_sum_over_k
 from .hierarchical import HierarchicalDispatcher, NodeLayout, gateway_expand, gateway_reduce, pack_by_node, source_reduce, stage_splits
@@ -371,9 +379,9 @@ def pipelined_exchange(
     chunk_T = chunk_of_tokens(t, num_chunks, x_TH.device)
     if layout is None:
         order_A, send_CR = permute_by_chunk_and_destination(dest_rank_TK, keep_TK, num_ranks, chunk_T, num_chunks)
-        recv_RCW, tokens_R = exchange_chunk_counts(send_CR.t().unsqueeze(-1).cpu(), t, group, x_TH.device)
+        recv_RCW, tokens_R, sent_RCW = exchange_chunk_counts_with_sent(send_CR.t().unsqueeze(-1), t, group, x_TH.device)
         n = effective_chunks(num_chunks, tokens_R)
-        send, recv = send_CR.tolist(), recv_RCW[:, :, 0].t().tolist()
+        send, recv = sent_RCW[:, :, 0].t().tolist(), recv_RCW[:, :, 0].t().tolist()
         programs, start = [], 0
         for c in range(n):
             ex = Exchange(("rows",), tuple(send[c]), tuple(recv[c]))

@@ -83,11 +83,13 @@ def test_bad_inputs_raise_on_every_rank() -> None:
 
 
 def _group_size_rank(rank: int, world_size: int) -> dict[str, tuple[str, str]]:
-    half = dist.new_group([0, 1])  # every rank takes part in creating a group
+    halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank takes part in creating every group
+    half = halves[rank // 2]
     out = {"world": _outcome(lambda: LargeEPMoE(make_config(world_size + 2)))}
     if rank < 2:
         out["subgroup"] = _outcome(lambda: LargeEPMoE(make_config(world_size), ep_group=half))
-        out["subgroup-ok"] = _outcome(lambda: LargeEPMoE(make_config(2), ep_group=half)(_tokens(rank)))
+    # Two copies of a 2-rank EP group: every rank builds its layer (the expert-DP groups are built collectively).
+    out["subgroup-ok"] = _outcome(lambda: LargeEPMoE(make_config(2), ep_group=half)(_tokens(rank)))
     return out
 
 
@@ -99,7 +101,7 @@ def test_group_size_must_equal_num_experts() -> None:
         if rank < 2:
             kind, msg = r["subgroup"]
             assert kind == "ValueError" and "num_experts=4" in msg and "2 ranks" in msg, (rank, r)
-            assert r["subgroup-ok"] == ("ok", "")
+        assert r["subgroup-ok"] == ("ok", "")
 
 
 def test_placement_must_fit_the_group_and_the_experts() -> None:

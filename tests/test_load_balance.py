@@ -106,9 +106,9 @@ def _balance_rank(rank: int, world_size: int, steps: int) -> dict[str, object]:
     history = []
     for step in range(steps):
         x = torch.randn(16, HIDDEN, generator=torch.Generator().manual_seed(1000 * step + rank)) + 0.5
-        with torch.no_grad():
-            layer(x)
-            layer(x.flip(0))  # two micro-batches per step: the update uses both
+        # Training forwards (grad enabled): evaluation and no-grad forwards do not count towards the bias.
+        layer(x)
+        layer(x.flip(0))  # two micro-batches per step: the update uses both
         assert torch.equal(layer.tokens_per_expert_since_update, 2 * layer.last_stats.tokens_per_expert_E)
         history.append(layer.last_stats.imbalance)
         assert update_expert_biases(model) == 1
