@@ -39,6 +39,7 @@ from .config import LargeEPConfig
 from .experts import ExpertMLP
 from .launch import run_world
 from .moe_layer import LargeEPMoE
+from .pyplot import pyplot
 from .router import Router, route
 
 VARIANTS = ("stock_dropless", "stock_cf1", "large_ep", "ideal")
@@ -280,12 +281,7 @@ def result_json(settings: LayerBenchSettings, rows: list[dict[str, Any]]) -> dic
 
 def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     """Grouped bars of tokens/s per rank by EP size and variant, written as a PNG."""
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise ValueError("the chart needs matplotlib (pip install matplotlib), or leave out the PNG") from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the comparison chart")
 
     eps = sorted({r["ep"] for r in rows})
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]

@@ -7,20 +7,11 @@ standard library.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from largeep_plugin.placement import Placement
 from largeep_plugin.placement_figures import PlacementFigures
-
-
-def _matplotlib() -> Any:
-    try:
-        import matplotlib
-    except ImportError as err:
-        raise ImportError("placement charts need matplotlib: pip install matplotlib") from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+from largeep_plugin.pyplot import pyplot
 
 
 def plot_placement(placement: Placement, figures: Mapping[str, PlacementFigures], path: str | Path, *,
@@ -28,7 +19,7 @@ def plot_placement(placement: Placement, figures: Mapping[str, PlacementFigures]
     """Write a PNG: the plan's GPUs by node (label: expert ids, colour: tokens per GPU), its inter-node link
     matrix (MB per dispatch), and the largest link time / GPU load of every placement in ``figures`` (which must
     have the key "ours")."""
-    plt = _matplotlib()
+    plt = pyplot("placement charts")
     ours = figures["ours"]
     topo = placement.topology
     fig, (ax_gpu, ax_link, ax_bar) = plt.subplots(1, 3, figsize=(15, 4.6),
@@ -89,7 +80,7 @@ def plot_compare(labels: Sequence[str], figures: Sequence[Mapping[str, Placement
     mean, one bar per placement."""
     if not labels or len(labels) != len(figures):
         raise ValueError(f"plot_compare needs one figures mapping per label, got {len(labels)} and {len(figures)}")
-    plt = _matplotlib()
+    plt = pyplot("placement charts")
     names = list(figures[0])
     fig, (ax_link, ax_gpu) = plt.subplots(2, 1, figsize=(max(8, 1.2 * len(labels)), 7), sharex=True)
     width = 0.8 / len(names)

@@ -9,23 +9,14 @@ from pathlib import Path
 from typing import Sequence
 
 from largeep_plugin.perfmodel.training import BREAKDOWN_KEYS, TrainingResult
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as exc:  # pragma: no cover - matplotlib is an install requirement
-        raise ImportError("plots need matplotlib: pip install matplotlib") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+from largeep_plugin.pyplot import pyplot
 
 
 def plot_ep_sweep(results: Sequence[TrainingResult], path: str | Path, title: str = "") -> Path:
     """Tokens/s (and MFU on a second axis) against EP size, one point per result; writes a PNG."""
     if not results:
         raise ValueError("plot_ep_sweep needs at least one result")
-    plt = _pyplot()
+    plt = pyplot("performance-model plots")
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     eps = [r.layout.ep for r in results]
     ax.plot(eps, [r.tokens_per_s for r in results], "o-", label="tokens/s")
@@ -55,7 +46,7 @@ def plot_breakdown(results: Sequence[TrainingResult], path: str | Path, title: s
     """Stacked bars of seconds per step by part (the breakdown), one bar per layout; writes a PNG."""
     if not results:
         raise ValueError("plot_breakdown needs at least one result")
-    plt = _pyplot()
+    plt = pyplot("performance-model plots")
     fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(results) + 3.0), 4.4))
     names = [r.layout.name for r in results]
     bottom = [0.0] * len(results)
