@@ -112,7 +112,7 @@ def report(summary: dict, settings: TrainSettings) -> str:
         f"throughput: {summary['tokens_per_s']:,.0f} tokens/s over {summary['timed_steps']} steps "
         f"({summary['tokens_per_step']:,} tokens per step, forward + backward + optimizer)"
         if summary["tokens_per_s"] else "throughput: too few steps to time",
-        f"imbalance max/mean, step 1 -> last step, per layer: "
+        "imbalance max/mean, step 1 -> last step, per layer: "
         + ", ".join(f"{a:.2f}->{b:.2f}" for a, b in zip(summary["first_step_imbalance"], summary["last_step_imbalance"])),
         "tokens per expert over the run (% of the layer's assignments):",
         load_table(summary["load_per_layer"]),
