@@ -22,20 +22,27 @@ nodes. So both directions cross nodes once per (token, remote node) instead of o
 the inter-node rows shrink by the dedup factor (``internode_rows``). Results equal the flat dispatcher up to the
 order of a float32 sum (per node, then over nodes).
 
-Both stages are ``all_to_all_single`` over the EP group with zero splits outside the stage (the rail, the node), so
-no extra process group is needed. All counts of both stages and all chunks come from ONE small exchange up front:
+By default both stages are ``all_to_all_single`` over the EP group with zero splits outside the stage (the rail,
+the node), so no extra process group is needed. Given ``NodeGroups`` (``process_groups.build_node_groups``), stage
+1 runs on the rail group and stage 2 on the node group: a collective over G (or N) ranks instead of R, which on
+gloo and NCCL alike does not touch the peers it has nothing for. The split sizes are computed in EP-group order
+and converted to the subgroup's order (``to_subgroup``). All counts of both stages and all chunks come from ONE small exchange up front:
 rank s tells rank r, per chunk, [its flat count to r, its stage-1 rows to r, its flat counts to each rank of r's
 node]; from that r knows what it receives in stage 1, what it forwards in stage 2 (as a gateway) and what it
-receives in stage 2 (as an expert).
+receives in stage 2 (as an expert). The counts are built on the tokens' device and read on the host once, by
+that exchange (``exchange_chunk_counts_with_sent`` returns the sent counts from the same sync).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+import torch.distributed as dist
 
-from .comm import ProcessGroup, all_to_all, all_to_all_lanes, exchange_chunk_counts, group_rank, group_size
+from .comm import ProcessGroup, all_to_all, all_to_all_lanes, exchange_chunk_counts_with_sent, group_rank, group_size
 from .dispatcher import weighted_sum_over_k
+from .process_groups import NodeGroups
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,20 +83,19 @@ class NodePack:
         token_S, node_S: int64 token and destination node of each stage-1 row.
         meta_SK2: float32 [weights (0 for experts elsewhere) | local destination rank (-1 for none)];
             differentiable in the weights.
-        send_RCW: int64 [R, C, 2 + G] counts to exchange (see the module docstring).
-        rows_C: stage-1 rows per chunk.
+        send_RCW: int64 [R, C, 2 + G] counts to exchange (see the module docstring), on the tokens' device.
     """
 
     token_S: torch.Tensor
     node_S: torch.Tensor
     meta_SK2: torch.Tensor
     send_RCW: torch.Tensor
-    rows_C: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class StageSplits:
-    """Split sizes (length R each) of one chunk's two stages, seen from this rank, dispatch direction."""
+    """Split sizes of one chunk's two stages, seen from this rank, dispatch direction: length R each over the EP
+    group, or over the rail group (stage 1) and the node group (stage 2) when node groups are used."""
 
     s1_send: tuple[int, ...]
     s1_recv: tuple[int, ...]
@@ -126,19 +132,47 @@ def pack_by_node(
 
     # Counts: [flat count to r | stage-1 rows to r | flat counts to every rank of r's node], per chunk.
     flat_key = (chunk_T.unsqueeze(1) * r + dest_rank_TK)[keep_TK]
-    flat_CR = torch.bincount(flat_key, minlength=num_chunks * r).view(num_chunks, r).cpu()
-    rows_CN = torch.bincount(key_S, minlength=num_chunks * n).view(num_chunks, n).cpu()
-    gateways = [m * g + layout.local_of(rank) for m in range(n)]
-    send_RCW = torch.zeros(r, num_chunks, 2 + g, dtype=torch.int64)
+    # Built on the device, no host copy here: the count exchange reads them on the host in its one sync.
+    device = dest_rank_TK.device
+    flat_CR = torch.bincount(flat_key, minlength=num_chunks * r).view(num_chunks, r)
+    rows_CN = torch.bincount(key_S, minlength=num_chunks * n).view(num_chunks, n)
+    gateways = torch.arange(n, device=device) * g + layout.local_of(rank)
+    send_RCW = torch.zeros(r, num_chunks, 2 + g, dtype=torch.int64, device=device)
     send_RCW[:, :, 0] = flat_CR.t()
     send_RCW[gateways, :, 1] = rows_CN.t()
-    node_of_R = torch.arange(r) // g
+    node_of_R = torch.arange(r, device=device) // g
     send_RCW[:, :, 2:] = flat_CR.view(num_chunks, n, g)[:, node_of_R, :].permute(1, 0, 2)
-    return NodePack(token_S, node_S, meta_SK2, send_RCW, tuple(rows_CN.sum(dim=1).tolist()))
+    return NodePack(token_S, node_S, meta_SK2, send_RCW)
 
 
-def stage_splits(pack: NodePack, recv_RCW: torch.Tensor, layout: NodeLayout, rank: int, num_chunks: int) -> list[StageSplits]:
-    """Step 2, local: the split sizes of both stages of every chunk, from the exchanged counts."""
+def stage1_rows_per_chunk(sent_RCW: torch.Tensor, num_chunks: int) -> list[int]:
+    """Stage-1 rows this rank sends per chunk, from the host copy of ``NodePack.send_RCW``."""
+    return [int(sent_RCW[:, c, 1].sum()) for c in range(num_chunks)]
+
+
+def to_subgroup(splits_R: Sequence[int], members: Sequence[int], what: str) -> tuple[int, ...]:
+    """Split sizes over the EP group -> over a subgroup whose rank i is EP rank ``members[i]``.
+
+    The splits to ranks outside the subgroup are zero by construction (stage 1 talks to the rail, stage 2 to the
+    node); a non-zero one means the groups do not match the layout, and is refused rather than dropped.
+    """
+    inside = set(members)
+    outside = {r: n for r, n in enumerate(splits_R) if n and r not in inside}
+    if outside:
+        raise ValueError(
+            f"{what}: non-zero split sizes {outside} to EP ranks outside the subgroup {tuple(members)}; the node "
+            "groups do not match ranks_per_node / the EP group (build them with build_node_groups)"
+        )
+    return tuple(splits_R[m] for m in members)
+
+
+def stage_splits(sent_RCW: torch.Tensor, recv_RCW: torch.Tensor, layout: NodeLayout, rank: int, num_chunks: int,
+                 node_groups: NodeGroups | None = None) -> list[StageSplits]:
+    """Step 2, local: the split sizes of both stages of every chunk, from the exchanged counts (host tensors).
+
+    Without ``node_groups`` the splits are over the EP group (length R); with them, stage 1's over the rail group
+    and stage 2's over the node group.
+    """
     g, r = layout.ranks_per_node, layout.num_ranks
     node, local = layout.node_of(rank), layout.local_of(rank)
     mates = list(range(node * g, (node + 1) * g))
@@ -149,12 +183,15 @@ def stage_splits(pack: NodePack, recv_RCW: torch.Tensor, layout: NodeLayout, ran
         for j, m in enumerate(mates):
             s2_send[m] = int(recv_RCW[rail, c, 2 + j].sum())  # what this gateway forwards to node-mate j
             s2_recv[m] = int(recv_RCW[[s for s in range(r) if s % g == j], c, 0].sum())  # what gateway m sends me
-        out.append(StageSplits(
-            s1_send=tuple(pack.send_RCW[:, c, 1].tolist()),
-            s1_recv=tuple(recv_RCW[:, c, 1].tolist()),
-            s2_send=tuple(s2_send),
-            s2_recv=tuple(s2_recv),
-        ))
+        sp = StageSplits(s1_send=tuple(sent_RCW[:, c, 1].tolist()), s1_recv=tuple(recv_RCW[:, c, 1].tolist()),
+                         s2_send=tuple(s2_send), s2_recv=tuple(s2_recv))
+        if node_groups is not None:
+            rail, node = node_groups.rail_members, node_groups.node_members
+            sp = StageSplits(s1_send=to_subgroup(sp.s1_send, rail, "stage 1 send"),
+                             s1_recv=to_subgroup(sp.s1_recv, rail, "stage 1 receive"),
+                             s2_send=to_subgroup(sp.s2_send, node, "stage 2 send"),
+                             s2_recv=to_subgroup(sp.s2_recv, node, "stage 2 receive"))
+        out.append(sp)
     return out
 
 
@@ -199,6 +236,19 @@ def internode_rows(dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor, rank: int,
     return flat, int(present.sum())
 
 
+def check_node_groups(node_groups: NodeGroups, ep_group: ProcessGroup | None, ranks_per_node: int) -> None:
+    """ValueError unless ``node_groups`` were built for ``ep_group`` with ``ranks_per_node`` (no collective)."""
+    if not isinstance(node_groups, NodeGroups):
+        raise ValueError(f"node_groups={node_groups!r} must be a NodeGroups from build_node_groups, or None")
+    if node_groups.ranks_per_node != ranks_per_node:
+        raise ValueError(f"node_groups were built with ranks_per_node={node_groups.ranks_per_node}, "
+                         f"the dispatch uses ranks_per_node={ranks_per_node}")
+    ep_ranks = tuple(dist.get_process_group_ranks(ep_group if ep_group is not None else dist.group.WORLD))
+    if node_groups.ep_ranks != ep_ranks:
+        raise ValueError(f"node_groups were built for the EP group {node_groups.ep_ranks}, "
+                         f"the dispatch runs on {ep_ranks}")
+
+
 @dataclass(frozen=True)
 class HierarchicalHandle:
     """What ``HierarchicalDispatcher.combine`` needs to undo a dispatch.
@@ -227,13 +277,23 @@ class HierarchicalDispatcher:
     Args:
         ep_group: the expert-parallel process group (None = default group).
         ranks_per_node: G; EP rank r is on node r // G. At least two nodes (else ValueError).
+        node_groups: this rank's node and rail groups (``process_groups.build_node_groups``) to run stage 2 on the
+            node group and stage 1 on the rail group; None runs both over the EP group.
+
+    Attributes:
+        stage1_group, stage2_group: the groups the two stages run on.
     """
 
-    def __init__(self, ep_group: ProcessGroup | None, ranks_per_node: int):
+    def __init__(self, ep_group: ProcessGroup | None, ranks_per_node: int, node_groups: NodeGroups | None = None):
         self.ep_group = ep_group
         self.num_ranks = group_size(ep_group)
         self.rank = group_rank(ep_group)
         self.layout = NodeLayout(num_ranks=self.num_ranks, ranks_per_node=ranks_per_node)
+        self.node_groups = node_groups
+        self.stage1_group, self.stage2_group = ep_group, ep_group
+        if node_groups is not None:
+            check_node_groups(node_groups, ep_group, ranks_per_node)
+            self.stage1_group, self.stage2_group = node_groups.rail_group, node_groups.node_group
 
     def dispatch(
         self,
@@ -248,12 +308,12 @@ class HierarchicalDispatcher:
         """
         chunk_T = torch.zeros(x_TH.shape[0], dtype=torch.int64, device=x_TH.device)
         pack = pack_by_node(dest_rank_TK, keep_TK, topk_weights_TK, self.layout, self.rank, chunk_T, 1)
-        recv_RCW, _ = exchange_chunk_counts(pack.send_RCW, x_TH.shape[0], self.ep_group, x_TH.device)
-        splits = stage_splits(pack, recv_RCW, self.layout, self.rank, 1)[0]
+        recv_RCW, _, sent_RCW = exchange_chunk_counts_with_sent(pack.send_RCW, x_TH.shape[0], self.ep_group, x_TH.device)
+        splits = stage_splits(sent_RCW, recv_RCW, self.layout, self.rank, 1, self.node_groups)[0]
         rows_SH = x_TH.index_select(0, pack.token_S)
-        rows_UH, meta_UK2 = all_to_all_lanes([rows_SH, pack.meta_SK2], splits.s1_recv, splits.s1_send, self.ep_group)
+        rows_UH, meta_UK2 = all_to_all_lanes([rows_SH, pack.meta_SK2], splits.s1_recv, splits.s1_send, self.stage1_group)
         rows_BH, weights_UK, order_B = gateway_expand(rows_UH, meta_UK2)
-        rows_MH = all_to_all(rows_BH, splits.s2_recv, splits.s2_send, self.ep_group)
+        rows_MH = all_to_all(rows_BH, splits.s2_recv, splits.s2_send, self.stage2_group)
         handle = HierarchicalHandle(
             splits=splits, weights_UK=weights_UK, order_B=order_B, token_S=pack.token_S, node_S=pack.node_S,
             num_tokens=x_TH.shape[0], num_nodes=self.layout.num_nodes,
@@ -263,7 +323,7 @@ class HierarchicalDispatcher:
     def combine(self, rows_MH: torch.Tensor, handle: HierarchicalHandle) -> torch.Tensor:
         """Send expert outputs back through their gateways (summed per node there) and sum them per token."""
         s = handle.splits
-        back_BH = all_to_all(rows_MH, s.s2_send, s.s2_recv, self.ep_group)
+        back_BH = all_to_all(rows_MH, s.s2_send, s.s2_recv, self.stage2_group)
         partial_UH = gateway_reduce(back_BH, handle.weights_UK, handle.order_B)
-        partial_SH = all_to_all(partial_UH, s.s1_send, s.s1_recv, self.ep_group)
+        partial_SH = all_to_all(partial_UH, s.s1_send, s.s1_recv, self.stage1_group)
         return source_reduce(partial_SH, handle.token_S, handle.node_S, handle.num_tokens, handle.num_nodes)

@@ -30,7 +30,7 @@ from .comm import ProcessGroup, group_rank, group_size
 from .config import LargeEPConfig
 from .overlap import TokenExchange
 from .placement import Placement
-from .process_groups import ExpertProcessGroups, build_process_groups
+from .process_groups import ExpertProcessGroups, NodeGroups, build_process_groups
 from .experts import ExpertMLP, LocalExperts
 from .load_balance import LoadStats, switch_aux_loss, update_expert_bias, z_loss
 from .router import Router
@@ -70,7 +70,9 @@ class LargeEPMoE(nn.Module):
             experts (``plan_placement(..., allow_colocate=True)``) is the explicit opt-in to several experts per
             rank: it warns once, and needs ``dispatch="flat"`` and ``overlap_chunks=1`` (else NotImplementedError).
         ranks_per_node: ranks of one node, consecutive in the EP group; needed by ``dispatch="hierarchical"``
-            (at least two nodes, else ValueError).
+            (at least two nodes, else ValueError). Default: from ``node_groups`` or the placement's topology.
+        node_groups: ``dispatch="hierarchical"`` only: this rank's node and rail groups
+            (``process_groups.build_node_groups``); its two stages then run on them instead of the whole EP group.
         expert_groups: the groups expert gradients are summed over (``process_groups.build_process_groups``).
             When the world holds several data-parallel copies of the EP group, or the placement replicates
             experts, and none are given, the layer builds them: collectively, so every rank of the world must
@@ -99,6 +101,7 @@ class LargeEPMoE(nn.Module):
         placement: Placement | None = None,
         ranks_per_node: int | None = None,
         expert_groups: ExpertProcessGroups | None = None,
+        node_groups: NodeGroups | None = None,
     ):
         super().__init__()
         self.config = config
@@ -113,11 +116,14 @@ class LargeEPMoE(nn.Module):
         # L: the slot dimension of the count exchange, the same on every rank (the collectives must match).
         self.num_slots = max(len(held) for held in rank_to_experts)
         self.colocated = self.num_slots > 1
+        if ranks_per_node is None and node_groups is not None:
+            ranks_per_node = node_groups.ranks_per_node
         if ranks_per_node is None and placement is not None and config.dispatch == "hierarchical":
             ranks_per_node = _uniform_ranks_per_node(placement)
         # Steps 3-5 (overlap.py): flat or node-batched dispatcher, pipelined over chunks when overlap_chunks > 1.
         # Built first: an unsupported setting with colocated experts is an error before anything else happens.
-        self.token_exchange = TokenExchange(config.dispatch_config, ep_group, ranks_per_node, colocated=self.colocated)
+        self.token_exchange = TokenExchange(config.dispatch_config, ep_group, ranks_per_node, colocated=self.colocated,
+                                            node_groups=node_groups)
         self.router = Router(config.router_config, config.hidden_size, init_std=config.init_std, init_seed=config.init_seed)
         if self.colocated:
             self._warn_colocated(rank_to_experts)

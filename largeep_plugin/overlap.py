@@ -50,7 +50,6 @@ from torch.autograd.function import once_differentiable
 from .comm import (
     CommStream,
     ProcessGroup,
-    exchange_chunk_counts,
     exchange_chunk_counts_with_sent,
     group_rank,
     group_size,
@@ -58,20 +57,32 @@ from .comm import (
 )
 from .config import DispatchConfig
 from .dispatcher import AllToAllDispatcher, permute_by_chunk_and_destination, weighted_sum_over_k
-from .hierarchical import HierarchicalDispatcher, NodeLayout, gateway_expand, gateway_reduce, pack_by_node, source_reduce, stage_splits
+from .hierarchical import (
+    HierarchicalDispatcher,
+    NodeLayout,
+    gateway_expand,
+    gateway_reduce,
+    pack_by_node,
+    source_reduce,
+    stage1_rows_per_chunk,
+    stage_splits,
+)
+from .process_groups import NodeGroups
 
 
 # ---- programs -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Exchange:
-    """An all-to-all of ``lanes`` (row-aligned 2-D tensors), as seen from this rank."""
+    """An all-to-all of ``lanes`` (row-aligned 2-D tensors), as seen from this rank, over ``group`` (None: the
+    pipeline's group; the node-batched stages may run on a node or rail subgroup, splits in its rank order)."""
 
     lanes: tuple[str, ...]
     send_splits: tuple[int, ...]
     recv_splits: tuple[int, ...]
+    group: ProcessGroup | None = None
 
     def reverse(self, lanes: tuple[str, ...] | None = None) -> "Exchange":
-        return Exchange(lanes or self.lanes, self.recv_splits, self.send_splits)
+        return Exchange(lanes or self.lanes, self.recv_splits, self.send_splits, self.group)
 
 
 @dataclass(frozen=True)
@@ -215,7 +226,7 @@ class _PipelineRun:
         for i, step in enumerate(steps):
             if isinstance(step, Exchange):
                 pending = start_all_to_all_lanes([ch.lanes[n] for n in step.lanes], step.recv_splits,
-                                                 step.send_splits, self.group, self.stream)
+                                                 step.send_splits, self._group_of(step), self.stream)
                 yield
                 for name, t in zip(step.lanes, pending.wait()):
                     ch.lanes[name] = t
@@ -284,7 +295,7 @@ class _PipelineRun:
                     sends.append(g if g is not None else torch.zeros(shape, dtype=dtype, device=self._device()))
             if not names:
                 continue
-            pending = start_all_to_all_lanes(sends, step.send_splits, step.recv_splits, self.group, self.stream)
+            pending = start_all_to_all_lanes(sends, step.send_splits, step.recv_splits, self._group_of(step), self.stream)
             yield
             grads.update(zip(names, pending.wait()))
 
@@ -306,6 +317,9 @@ class _PipelineRun:
                 if g is not None:
                     grads[n] = g
         return list(got[len(wanted):])
+
+    def _group_of(self, step: Exchange) -> ProcessGroup | None:
+        return step.group if step.group is not None else self.group
 
     def _device(self) -> torch.device:
         return self.stream.device if self.stream is not None else torch.device("cpu")
@@ -364,6 +378,7 @@ def pipelined_exchange(
     group: ProcessGroup | None,
     num_chunks: int,
     layout: NodeLayout | None = None,
+    node_groups: NodeGroups | None = None,
 ) -> torch.Tensor:
     """Dispatch, expert and combine of a whole batch, pipelined over ``num_chunks`` chunks.
 
@@ -371,6 +386,8 @@ def pipelined_exchange(
         x_TH, dest_rank_TK, keep_TK, topk_weights_TK: as ``AllToAllDispatcher.dispatch``.
         expert: this rank's expert MLP.
         layout: None for the flat all-to-all, a ``NodeLayout`` for the node-batched one.
+        node_groups: node-batched only: run stage 1 on the rail group and stage 2 on the node group (None: both
+            over ``group``).
     Returns:
         y_TH, equal to the unchunked dispatcher's result (values and gradients, up to float rounding).
     """
@@ -391,16 +408,19 @@ def pipelined_exchange(
         return weighted_sum_over_k(back_AH, order_A, topk_weights_TK)
 
     pack = pack_by_node(dest_rank_TK, keep_TK, topk_weights_TK, layout, rank, chunk_T, num_chunks)
-    recv_RCW, tokens_R = exchange_chunk_counts(pack.send_RCW, t, group, x_TH.device)
+    recv_RCW, tokens_R, sent_RCW = exchange_chunk_counts_with_sent(pack.send_RCW, t, group, x_TH.device)
     n = effective_chunks(num_chunks, tokens_R)
+    rows_C = stage1_rows_per_chunk(sent_RCW, n)
+    g1 = node_groups.rail_group if node_groups is not None else None
+    g2 = node_groups.node_group if node_groups is not None else None
     programs, start = [], 0
-    for c, sp in enumerate(stage_splits(pack, recv_RCW, layout, rank, n)):
-        s1 = Exchange(("rows", "meta"), sp.s1_send, sp.s1_recv)
-        s2 = Exchange(("rows",), sp.s2_send, sp.s2_recv)
+    for c, sp in enumerate(stage_splits(sent_RCW, recv_RCW, layout, rank, n, node_groups)):
+        s1 = Exchange(("rows", "meta"), sp.s1_send, sp.s1_recv, g1)
+        s2 = Exchange(("rows",), sp.s2_send, sp.s2_recv, g2)
         expand = Local(gateway_expand, ("rows", "meta"), ("rows", "weights", "order"))
         reduce = Local(lambda back, w, order: (gateway_reduce(back, w, order),), ("rows", "weights", "order"), ("rows",))
-        programs.append(ChunkProgram(start, start + pack.rows_C[c], (s1, expand, s2), (s2.reverse(), reduce, s1.reverse(("rows",)))))
-        start += pack.rows_C[c]
+        programs.append(ChunkProgram(start, start + rows_C[c], (s1, expand, s2), (s2.reverse(), reduce, s1.reverse(("rows",)))))
+        start += rows_C[c]
     inputs = {"rows": x_TH.index_select(0, pack.token_S), "meta": pack.meta_SK2}
     partial_SH = run_pipeline(programs, inputs, expert, group)
     return source_reduce(partial_SH, pack.token_S, pack.node_S, t, layout.num_nodes)
@@ -415,13 +435,15 @@ class TokenExchange:
         ranks_per_node: ranks per node, consecutive; required for "hierarchical" (at least two nodes).
         colocated: ranks hold several experts (calls pass ``local_slot_TK``); only the flat, unchunked path
             supports it (NotImplementedError otherwise).
+        node_groups: "hierarchical" only (ValueError otherwise): run its stage 1 on the rail group and stage 2 on
+            the node group (``process_groups.build_node_groups``); None runs both over ``ep_group``.
 
     ``dispatcher`` is the unchunked dispatcher (``AllToAllDispatcher`` or ``HierarchicalDispatcher``), with the
     dispatch/combine stage methods; with overlap_chunks > 1 the call goes through the overlap pipeline instead.
     """
 
     def __init__(self, config: DispatchConfig, ep_group: ProcessGroup | None, ranks_per_node: int | None = None,
-                 colocated: bool = False):
+                 colocated: bool = False, node_groups: NodeGroups | None = None):
         if colocated and (config.overlap_chunks > 1 or config.dispatch != "flat"):
             raise NotImplementedError(
                 f"colocated experts (several experts on one rank) run only with dispatch='flat' and "
@@ -431,14 +453,17 @@ class TokenExchange:
         self.num_chunks = config.overlap_chunks
         self.ep_group = ep_group
         self.layout: NodeLayout | None = None
+        self.node_groups = node_groups
         self.dispatcher: AllToAllDispatcher | HierarchicalDispatcher
+        if node_groups is not None and config.dispatch != "hierarchical":
+            raise ValueError(f"node_groups are used by dispatch='hierarchical' only, got dispatch={config.dispatch!r}")
         if config.dispatch == "hierarchical":
             if ranks_per_node is None:
                 raise ValueError(
                     "dispatch='hierarchical' needs ranks_per_node (the ranks of one node, consecutive in the EP "
                     "group), got None"
                 )
-            self.dispatcher = HierarchicalDispatcher(ep_group, ranks_per_node)
+            self.dispatcher = HierarchicalDispatcher(ep_group, ranks_per_node, node_groups)
             self.layout = self.dispatcher.layout
         else:
             if ranks_per_node is not None and (isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int) or ranks_per_node < 1):
@@ -458,6 +483,6 @@ class TokenExchange:
             return self.dispatcher.combine(expert(rows_MH, handle.recv_slot_counts), handle)  # type: ignore[arg-type]
         if self.num_chunks > 1:
             return pipelined_exchange(x_TH, dest_rank_TK, keep_TK, topk_weights_TK, expert, group=self.ep_group,
-                                      num_chunks=self.num_chunks, layout=self.layout)
+                                      num_chunks=self.num_chunks, layout=self.layout, node_groups=self.node_groups)
         rows_MH, handle = self.dispatcher.dispatch(x_TH, dest_rank_TK, keep_TK, topk_weights_TK)
         return self.dispatcher.combine(expert(rows_MH), handle)  # type: ignore[arg-type]

@@ -15,6 +15,10 @@ Groups, for the rank that builds them:
 ``torch.distributed.new_group`` must be called by every rank of the world, for every group, in the same order,
 even for groups the rank is not in: ``build_process_groups`` walks all groups in one fixed order on every rank.
 Groups of one rank are not created (None): there is nothing to reduce.
+
+``build_node_groups`` creates the two subgroups of the node-batched dispatch (hierarchical.py): per EP group, one
+*node group* per node (G consecutive EP ranks) and one *rail group* per local index (the ranks with that local
+index on every node). Stage 1 of that dispatch only talks to the rail, stage 2 only to the node.
 """
 from __future__ import annotations
 
@@ -117,6 +121,73 @@ def build_process_groups(placement: Placement, *, ep_ranks: Sequence[Sequence[in
     return ExpertProcessGroups(placement=placement, rank=rank, ep_ranks=tuple(mine), ep_group=ep_group,
                                expert_tp_group=tp_group, expert_dp_groups=dp_groups, expert_dp_ranks=dp_ranks,
                                replica_groups=replica_groups, replica_ranks=replica_ranks)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeGroups:
+    """This rank's node and rail groups (``build_node_groups``), for ``HierarchicalDispatcher``.
+
+    Attributes:
+        ep_ranks: global ranks of this rank's EP group, in EP-group order (sorted, as ``new_group`` orders them).
+        ranks_per_node: G; EP rank i is on node i // G with local index i % G.
+        node_group: the G ranks of this rank's node (stage 2).
+        rail_group: the ranks with this rank's local index, one per node (stage 1).
+        node_members, rail_members: EP-group ranks (not global ranks) of the two groups, in each group's own
+            rank order, so a split list over the EP group converts to the subgroup's order by indexing.
+    """
+
+    ep_ranks: tuple[int, ...]
+    ranks_per_node: int
+    node_group: dist.ProcessGroup
+    rail_group: dist.ProcessGroup
+    node_members: tuple[int, ...]
+    rail_members: tuple[int, ...]
+
+
+def build_node_groups(ep_ranks: Sequence[int] | Sequence[Sequence[int]], ranks_per_node: int, *,
+                      backend: str | None = None) -> NodeGroups:
+    """Create the node and rail groups of every EP group (collectively: every rank of the world calls this with
+    the same arguments, also ranks outside the EP groups given).
+
+    Args:
+        ep_ranks: global ranks of one EP group ([R]), or of every EP group of the world ([dp][R]); this rank must
+            be in one of them.
+        ranks_per_node: G consecutive EP ranks per node; must divide R and leave at least two nodes.
+        backend: backend of the new groups (default: the world's).
+    Returns:
+        this rank's groups.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("build_node_groups needs torch.distributed to be initialised")
+    g = ranks_per_node
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise ValueError(f"ranks_per_node={g!r} must be an integer >= 1")
+    nested = len(ep_ranks) > 0 and not isinstance(ep_ranks[0], int)
+    copies = [sorted(int(r) for r in c) for c in (ep_ranks if nested else [ep_ranks])]  # type: ignore[union-attr]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    everyone = [r for c in copies for r in c]
+    if not everyone or len(set(everyone)) != len(everyone) or not all(0 <= r < world for r in everyone):
+        raise ValueError(f"ep_ranks={[list(c) for c in copies]} must be disjoint groups of ranks in [0, {world})")
+    for c in copies:
+        if len(c) % g or len(c) // g < 2:
+            raise ValueError(f"ranks_per_node={g} must divide the EP group size {len(c)} into at least two nodes "
+                             f"(ep_ranks={c})")
+    mine = next((c for c in copies if rank in c), None)
+    if mine is None:
+        raise ValueError(f"rank {rank} is in none of ep_ranks={copies}")
+    found: dict[str, tuple[dist.ProcessGroup, tuple[int, ...]]] = {}
+    # One fixed order on every rank: per EP group, the nodes, then the rails (new_group is collective).
+    for c in copies:
+        n = len(c) // g
+        subsets = [("node", list(range(m * g, (m + 1) * g))) for m in range(n)]
+        subsets += [("rail", list(range(l, len(c), g))) for l in range(g)]
+        for kind, members in subsets:
+            # members ascend, so the group's rank order (sorted global ranks) is the members' order
+            grp = dist.new_group([c[i] for i in members], backend=backend)
+            if c is mine and mine.index(rank) in members:
+                found[kind] = (grp, tuple(members))
+    return NodeGroups(ep_ranks=tuple(mine), ranks_per_node=g, node_group=found["node"][0],
+                      rail_group=found["rail"][0], node_members=found["node"][1], rail_members=found["rail"][1])
 
 
 def reduce_expert_grads(groups: ExpertProcessGroups, params_by_expert: Mapping[int, Iterable[torch.Tensor]], *,

@@ -5,7 +5,9 @@ Nodes are emulated by rank grouping (ranks_per_node consecutive ranks per node),
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -13,9 +15,11 @@ import torch.distributed as dist
 
 from largeep_plugin.config import LargeEPConfig
 from largeep_plugin.dispatcher import AllToAllDispatcher
-from largeep_plugin.hierarchical import HierarchicalDispatcher, NodeLayout, internode_rows
+from largeep_plugin.hierarchical import HierarchicalDispatcher, NodeLayout, internode_rows, to_subgroup
 from largeep_plugin.moe_layer import LargeEPMoE
 from largeep_plugin.overlap import TokenExchange
+from largeep_plugin.process_groups import build_node_groups
+import test_overlap
 from conftest import make_config, world
 from test_overlap import assert_close, compare, layer_run
 
@@ -125,3 +129,71 @@ def test_bad_layouts_are_refused() -> None:
         cfg.replace(dispatch="nodes")
     with pytest.raises(ValueError, match="ranks_per_node=-1"):
         TokenExchange(cfg.replace(dispatch="flat").dispatch_config, None, ranks_per_node=-1)
+
+
+def _layer_run_groups(config: LargeEPConfig, counts: list[int], seed: int, node_groups: Any) -> dict[str, torch.Tensor]:
+    """``layer_run`` (test_overlap) with the node and rail groups given to the layer it builds."""
+    with mock.patch.object(test_overlap, "LargeEPMoE", functools.partial(LargeEPMoE, node_groups=node_groups)):
+        return layer_run(config, counts, seed)
+
+
+def _node_groups_rank(rank: int, world_size: int, ranks_per_node: int) -> dict[str, Any]:
+    groups = build_node_groups(list(range(world_size)), ranks_per_node)
+    e, g = world_size, ranks_per_node
+    counts = [3 + 5 * r % 7 for r in range(world_size)]
+    counts[1] = 0
+    layer = {}
+    for i, fields in enumerate([dict(top_k=2), dict(activation="swiglu", score_function="sigmoid", top_k=3)]):
+        want = layer_run(make_config(e, **fields), counts, seed=20 + i)
+        for chunks in (1, 3):
+            cfg = make_config(e, dispatch="hierarchical", overlap_chunks=chunks, **fields)
+            layer[f"case{i}-chunks{chunks}"] = compare(_layer_run_groups(cfg, counts, 20 + i, groups), want)
+    # The dispatcher on the subgroups delivers the same rows as over the whole EP group, splits in subgroup order.
+    x_TH, dest_TK, keep_TK, weights_TK = _tagged_plan(rank, world_size)
+    sub = HierarchicalDispatcher(None, g, groups)
+    whole = HierarchicalDispatcher(None, g)
+    rows_s, handle_s = sub.dispatch(x_TH, dest_TK, keep_TK, weights_TK)
+    rows_w, handle_w = whole.dispatch(x_TH, dest_TK, keep_TK, weights_TK)
+    y_s = sub.combine(rows_s * (rank + 1), handle_s)
+    y_w = whole.combine(rows_w * (rank + 1), handle_w)
+    errors = {}
+    wrong_g = world_size // 2 if g != world_size // 2 else 1
+    try:
+        HierarchicalDispatcher(None, wrong_g, groups)
+    except ValueError as err:
+        errors["mismatch"] = str(err)
+    try:
+        build_node_groups(list(range(world_size)), 3)
+    except ValueError as err:
+        errors["not_dividing"] = str(err)
+    return {
+        "layer": layer, "wrong_g": wrong_g, "errors": errors,
+        "rows_equal": torch.equal(rows_s, rows_w), "y_equal": torch.equal(y_s, y_w),
+        "node_members": groups.node_members, "rail_members": groups.rail_members,
+        "s1_len": len(handle_s.splits.s1_send), "s2_len": len(handle_s.splits.s2_recv),
+        "node_size": dist.get_world_size(groups.node_group), "rail_size": dist.get_world_size(groups.rail_group),
+    }
+
+
+@pytest.mark.parametrize("ep,ranks_per_node", [(4, 2), (8, 4)], ids=["2x2", "2x4"])
+def test_node_and_rail_groups_equal_whole_group(ep: int, ranks_per_node: int) -> None:
+    results = world(_node_groups_rank, ep, ranks_per_node)
+    assert_close([r["layer"] for r in results])
+    nodes = ep // ranks_per_node
+    for rank, r in enumerate(results):
+        node, local = rank // ranks_per_node, rank % ranks_per_node
+        assert r["node_members"] == tuple(range(node * ranks_per_node, (node + 1) * ranks_per_node)), r
+        assert r["rail_members"] == tuple(range(local, ep, ranks_per_node)), r
+        assert (r["node_size"], r["rail_size"]) == (ranks_per_node, nodes), r
+        assert (r["s1_len"], r["s2_len"]) == (nodes, ranks_per_node), r
+        assert r["rows_equal"] and r["y_equal"], rank
+        assert f"built with ranks_per_node={ranks_per_node}" in r["errors"]["mismatch"], r
+        assert "ranks_per_node=3 must divide the EP group size" in r["errors"]["not_dividing"], r
+
+
+def test_splits_outside_the_subgroup_are_refused() -> None:
+    assert to_subgroup([0, 5, 0, 7], (1, 3), "stage 1 send") == (5, 7)
+    with pytest.raises(ValueError, match=r"stage 2 send: non-zero split sizes \{2: 4\}"):
+        to_subgroup([0, 5, 4, 7], (1, 3), "stage 2 send")
+    with pytest.raises(RuntimeError, match="needs torch.distributed"):
+        build_node_groups([0, 1, 2, 3], 2)
