@@ -5,9 +5,7 @@ Nodes are emulated by rank grouping (ranks_per_node consecutive ranks per node),
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
-from unittest import mock
 
 import pytest
 import torch
@@ -19,7 +17,6 @@ from largeep_plugin.hierarchical import HierarchicalDispatcher, NodeLayout, inte
 from largeep_plugin.moe_layer import LargeEPMoE
 from largeep_plugin.overlap import TokenExchange
 from largeep_plugin.process_groups import build_node_groups
-import test_overlap
 from conftest import make_config, world
 from test_overlap import assert_close, compare, layer_run
 
@@ -131,12 +128,6 @@ def test_bad_layouts_are_refused() -> None:
         TokenExchange(cfg.replace(dispatch="flat").dispatch_config, None, ranks_per_node=-1)
 
 
-def _layer_run_groups(config: LargeEPConfig, counts: list[int], seed: int, node_groups: Any) -> dict[str, torch.Tensor]:
-    """``layer_run`` (test_overlap) with the node and rail groups given to the layer it builds."""
-    with mock.patch.object(test_overlap, "LargeEPMoE", functools.partial(LargeEPMoE, node_groups=node_groups)):
-        return layer_run(config, counts, seed)
-
-
 def _node_groups_rank(rank: int, world_size: int, ranks_per_node: int) -> dict[str, Any]:
     groups = build_node_groups(list(range(world_size)), ranks_per_node)
     e, g = world_size, ranks_per_node
@@ -147,7 +138,7 @@ def _node_groups_rank(rank: int, world_size: int, ranks_per_node: int) -> dict[s
         want = layer_run(make_config(e, **fields), counts, seed=20 + i)
         for chunks in (1, 3):
             cfg = make_config(e, dispatch="hierarchical", overlap_chunks=chunks, **fields)
-            layer[f"case{i}-chunks{chunks}"] = compare(_layer_run_groups(cfg, counts, 20 + i, groups), want)
+            layer[f"case{i}-chunks{chunks}"] = compare(layer_run(cfg, counts, 20 + i, node_groups=groups), want)
     # The dispatcher on the subgroups delivers the same rows as over the whole EP group, splits in subgroup order.
     x_TH, dest_TK, keep_TK, weights_TK = _tagged_plan(rank, world_size)
     sub = HierarchicalDispatcher(None, g, groups)

@@ -22,11 +22,14 @@ from largeep_plugin.overlap import chunk_of_tokens, effective_chunks
 TOL = 1e-5
 
 
-def layer_run(config: LargeEPConfig, counts: list[int], seed: int, ranks_per_node: int | None = None) -> dict[str, torch.Tensor]:
-    """Forward + backward of one rank's slice of a seeded global batch; returns output and gradients."""
+def layer_run(
+    config: LargeEPConfig, counts: list[int], seed: int, ranks_per_node: int | None = None, **layer_kwargs: Any
+) -> dict[str, torch.Tensor]:
+    """Forward + backward of one rank's slice of a seeded global batch; returns output and gradients.
+    ``layer_kwargs`` go to ``LargeEPMoE`` (e.g. ``node_groups``)."""
     rank = dist.get_rank()
     x_GH, g_GH = global_batch(counts, config.hidden_size, seed)
-    layer = LargeEPMoE(config, ranks_per_node=ranks_per_node)
+    layer = LargeEPMoE(config, ranks_per_node=ranks_per_node, **layer_kwargs)
     x = x_GH[rank_slice(counts, rank)].clone().requires_grad_(True)
     y = layer(x)
     (y * g_GH[rank_slice(counts, rank)]).sum().backward()
