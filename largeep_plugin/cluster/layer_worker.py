@@ -2,13 +2,16 @@
 
     largeep cluster run --nodes 2 --ranks-per-node 2 -- python -m largeep_plugin.cluster.layer_worker \\
         --dispatch hierarchical --chunks 2 --check
+    largeep cluster run --nodes 2 --ranks-per-node 4 -- python -m largeep_plugin.cluster.layer_worker \\
+        --dispatch hierarchical --node-groups --check        # the two stages on node and rail groups
     largeep cluster run --nodes 2 --ranks-per-node 2 -- python -m largeep_plugin.cluster.layer_worker \\
         --steps 1000 --watchdog-timeout 3 --die-rank 3 --die-step 2       # fault injection
 
 It reads the torchrun variables (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), builds one
 ``LargeEPMoE`` with one expert per rank (ranks_per_node = LOCAL_WORLD_SIZE) and runs ``--steps`` forward+backward
 steps on seeded tokens. ``--check`` compares the output, the input gradient and the expert's gradients with the
-dense reference on the same global batch and fails when they differ. ``--die-rank R --die-step S`` makes rank R
+dense reference on the same global batch and fails when they differ. ``--node-groups`` (hierarchical only)
+builds the node and rail groups with ``build_node_groups`` on every rank and runs the two stages on them. ``--die-rank R --die-step S`` makes rank R
 kill itself (SIGKILL, no goodbye; or raise ``InjectedFault`` with ``--die-mode raise``) at the start of step S:
 with ``--watchdog-timeout`` the other ranks must then stop with ``RankLostError`` naming R and exit with code 75.
 """
@@ -26,6 +29,7 @@ import torch.distributed as dist
 
 from ..config import LargeEPConfig
 from ..moe_layer import LargeEPMoE
+from ..process_groups import build_node_groups
 from ..reference import DenseMoEReference
 from .watchdog import EXIT_RANK_LOST, RankLostError, RankWatchdog
 
@@ -43,6 +47,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--dispatch", choices=("flat", "hierarchical"), default="flat")
     p.add_argument("--chunks", type=int, default=1, help="overlap_chunks")
+    p.add_argument("--node-groups", action="store_true",
+                   help="hierarchical only: run stage 1 on the rail group and stage 2 on the node group")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--check", action="store_true", help="compare with the dense reference (fails above --tol)")
     p.add_argument("--tol", type=float, default=1e-5)
@@ -72,7 +78,9 @@ def run_rank(args: argparse.Namespace) -> float:
     cfg = LargeEPConfig(hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size, num_experts=world,
                         top_k=args.top_k, dispatch=args.dispatch, overlap_chunks=args.chunks, init_std=0.4)
     rpn = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    layer = LargeEPMoE(cfg, ranks_per_node=rpn if args.dispatch == "hierarchical" else None)
+    # build_node_groups is collective: every rank creates every node and rail group, in the same order.
+    groups = build_node_groups(list(range(world)), rpn) if args.node_groups else None
+    layer = LargeEPMoE(cfg, ranks_per_node=rpn if args.dispatch == "hierarchical" else None, node_groups=groups)
     ref = DenseMoEReference(cfg) if args.check else None
     worst = 0.0
     for step in range(args.steps):
@@ -103,6 +111,8 @@ def run_rank(args: argparse.Namespace) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.node_groups and args.dispatch != "hierarchical":
+        raise ValueError(f"--node-groups needs --dispatch hierarchical, got --dispatch {args.dispatch}")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.collective_timeout))
     rank, world = dist.get_rank(), dist.get_world_size()

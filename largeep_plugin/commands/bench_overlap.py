@@ -1,4 +1,5 @@
-"""``largeep bench overlap``: flat vs hierarchical dispatch, overlap off vs 2/4/8 chunks, on the emulated cluster.
+"""``largeep bench overlap``: flat vs hierarchical dispatch (also on node and rail groups), overlap off vs 2/4/8
+chunks, on the emulated cluster.
 
     largeep bench overlap                                   # 2 nodes x 4 ranks and 4 x 4 (EP 16), 1gbit links
     largeep bench overlap --clusters 2x4 --iters 5          # one cluster, more iterations
@@ -7,7 +8,10 @@
 Needs root and iproute2 (see ``largeep cluster check``). For every cluster shape it builds the emulated cluster
 once and runs, in one job and side by side, every variant of the layer's forward+backward: each dispatch kind with
 overlap off (1 chunk) and on (2, 4, 8 chunks), plus two calibrations per dispatch kind: the communication alone
-(the same layer with an identity expert) and the expert's compute alone (on the rows it receives). The variants are
+(the same layer with an identity expert) and the expert's compute alone (on the rows it receives). With
+hierarchical dispatch it also runs "hier+groups": hierarchical with its two stages on node and rail groups
+(``build_node_groups``) instead of the whole EP group, for ``--node-group-chunks`` (default off and 2 chunks) plus
+its own communication-alone calibration (the expert compute is the hierarchical one's). The variants are
 interleaved: every round times one step of each, in turn, so a slow phase of the machine hits all of them alike.
 Times are the median over ``--iters`` rounds of the slowest rank's step. Printed and written to JSON:
 
@@ -39,6 +43,10 @@ from ..cluster import ClusterUnavailable, EmulatedCluster
 from ..config import LargeEPConfig
 from ..hierarchical import NodeLayout, internode_rows
 from ..moe_layer import LargeEPMoE
+from ..process_groups import build_node_groups
+
+# The variant name of hierarchical dispatch with its two stages on node and rail groups.
+GROUPED = "hier+groups"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -53,6 +61,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=4, help="experts per token (default 4)")
     p.add_argument("--chunks", default="1,2,4,8", help="overlap_chunks values, 1 = off (default 1,2,4,8)")
     p.add_argument("--dispatch", default="flat,hierarchical", help="dispatch kinds (default flat,hierarchical)")
+    p.add_argument("--node-group-chunks", default="1,2",
+                   help="overlap_chunks of the hier+groups variant, must include 1; '' for none (default 1,2)")
     p.add_argument("--iters", type=int, default=5, help="timed rounds, one step of every variant each (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per cluster before it is killed (default 900)")
@@ -73,11 +83,18 @@ def _spec_from_args(args: argparse.Namespace) -> tuple[list[tuple[int, int]], di
     kinds = [d.strip() for d in args.dispatch.split(",")]
     if any(d not in ("flat", "hierarchical") for d in kinds):
         raise ValueError(f"--dispatch={args.dispatch!r}: each item is flat or hierarchical")
+    group_chunks = [int(c) for c in args.node_group_chunks.split(",") if c.strip()]
+    if "hierarchical" not in kinds:
+        group_chunks = []  # node groups only exist for the hierarchical dispatch
+    if group_chunks and (1 not in group_chunks or any(c < 1 for c in group_chunks)):
+        raise ValueError(f"--node-group-chunks={args.node_group_chunks!r} must be positive and include 1 "
+                         "(overlap off, the baseline of its hidden share)")
     for name in ("tokens", "hidden_size", "ffn_hidden_size", "top_k", "iters"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     spec = dict(tokens=args.tokens, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
-                top_k=args.top_k, chunks=sorted(chunks), dispatch=kinds, iters=args.iters, warmup=max(0, args.warmup))
+                top_k=args.top_k, chunks=sorted(chunks), dispatch=kinds, node_group_chunks=sorted(group_chunks),
+                iters=args.iters, warmup=max(0, args.warmup))
     return shapes, spec
 
 
@@ -104,8 +121,9 @@ def run(args: argparse.Namespace) -> int:
                    "--result", result_path]
             try:
                 with EmulatedCluster(nodes, rpn, args.inter_bw, args.inter_latency) as cluster:
-                    print(f"cluster {nodes}x{rpn}: running {len(spec['dispatch']) * (len(spec['chunks']) + 2)} "
-                          "variants ...", flush=True)
+                    count = len(spec["dispatch"]) * (len(spec["chunks"]) + 2)
+                    count += len(spec["node_group_chunks"]) + (1 if spec["node_group_chunks"] else 0)
+                    print(f"cluster {nodes}x{rpn}: running {count} variants ...", flush=True)
                     res = cluster.run(cmd, timeout=args.timeout)
             except ClusterUnavailable as err:
                 print(f"largeep bench overlap: needs the emulated cluster: {err}", file=sys.stderr)
@@ -175,10 +193,17 @@ def rank_main(spec: dict[str, Any], result_path: str) -> None:
     x = torch.randn(spec["tokens"], spec["hidden_size"], generator=gen).requires_grad_(True)
     g = torch.randn(spec["tokens"], spec["hidden_size"], generator=gen)
 
+    group_chunks = spec.get("node_group_chunks", [])
+    # Collective (every rank, same order); built once and shared by the hier+groups layers, which run in turn.
+    node_groups = build_node_groups(list(range(world)), rpn) if group_chunks else None
+
     def layer_for(dispatch: str, chunks: int) -> LargeEPMoE:
+        grouped = dispatch == GROUPED
         cfg = LargeEPConfig(hidden_size=spec["hidden_size"], ffn_hidden_size=spec["ffn_hidden_size"],
-                            num_experts=world, top_k=spec["top_k"], dispatch=dispatch, overlap_chunks=chunks)
-        return LargeEPMoE(cfg, ranks_per_node=rpn if dispatch == "hierarchical" else None)
+                            num_experts=world, top_k=spec["top_k"], dispatch="hierarchical" if grouped else dispatch,
+                            overlap_chunks=chunks)
+        return LargeEPMoE(cfg, ranks_per_node=rpn if dispatch != "flat" else None,
+                          node_groups=node_groups if grouped else None)
 
     def layer_step(layer: nn.Module) -> Callable[[], None]:
         def step() -> None:
@@ -202,6 +227,13 @@ def rank_main(spec: dict[str, Any], result_path: str) -> None:
         rows = torch.randn(int(probe.last_stats.tokens_per_expert_E[probe.expert_id]), spec["hidden_size"],
                            requires_grad=True)
         steps[(dispatch, "compute")] = lambda expert=expert, rows=rows: expert(rows).sum().backward()
+        if dispatch == "hierarchical" and group_chunks:
+            # Right after plain hierarchical, so the two are timed back to back in every round.
+            for chunks in group_chunks:
+                steps[(GROUPED, chunks)] = layer_step(layer_for(GROUPED, chunks))
+            comm_layer = layer_for(GROUPED, 1)
+            comm_layer.expert = nn.Identity()
+            steps[(GROUPED, "comm")] = layer_step(comm_layer)
 
     times: dict[tuple[str, Any], list[float]] = {key: [] for key in steps}
     moved: dict[tuple[str, Any], float] = {key: 0.0 for key in steps}
@@ -222,10 +254,15 @@ def rank_main(spec: dict[str, Any], result_path: str) -> None:
     mb = {key: float(b) / spec["iters"] / 1e6 for key, b in zip(steps, sent)}
 
     variants, calibration = [], {}
-    for dispatch in spec["dispatch"]:
+    kinds = [(d, spec["chunks"]) for d in spec["dispatch"]]
+    if group_chunks:
+        kinds.insert(spec["dispatch"].index("hierarchical") + 1, (GROUPED, group_chunks))
+    for dispatch, chunk_list in kinds:
         comm_ms, off_ms = med[(dispatch, "comm")], med[(dispatch, 1)]
-        calibration[dispatch] = dict(comm_ms=comm_ms, compute_ms=med[(dispatch, "compute")])
-        for chunks in spec["chunks"]:
+        # The expert and the rows it receives are the same with or without node groups.
+        compute = med[("hierarchical" if dispatch == GROUPED else dispatch, "compute")]
+        calibration[dispatch] = dict(comm_ms=comm_ms, compute_ms=compute)
+        for chunks in chunk_list:
             ms = med[(dispatch, chunks)]
             variants.append(dict(dispatch=dispatch, chunks=chunks, ms=ms, hidden=(off_ms - ms) / comm_ms,
                                  inter_node_mb=mb[(dispatch, chunks)], all_ms=[1e3 * t for t in times[(dispatch, chunks)]]))
