@@ -60,9 +60,10 @@ def test_refuses_without_root_or_iproute2(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @needs_netns
-def test_layer_runs_across_two_namespaces_and_matches_the_reference() -> None:
+@pytest.mark.parametrize("groups", [[], ["--node-groups"]], ids=["ep-group", "node-and-rail-groups"])
+def test_layer_runs_across_two_namespaces_and_matches_the_reference(groups: list[str]) -> None:
     cmd = [sys.executable, "-m", "largeep_plugin.cluster.layer_worker", "--dispatch", "hierarchical", "--chunks", "2",
-           "--steps", "1", "--check"]
+           "--steps", "1", "--check", *groups]
     with EmulatedCluster(2, 2, "1gbit", "0") as cluster:
         tag = cluster.network.tag
         result = cluster.run(cmd, timeout=120)
