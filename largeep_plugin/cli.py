@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 # Subcommand modules, in the order ``--help`` lists them.
 _COMMANDS = (
@@ -31,11 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
         "performance model and an emulated multi-node cluster.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMANDS:
-        module = importlib.import_module(f"largeep_plugin.commands.{name}")
-        p = module.add_parser(sub)
-        p.set_defaults(_run=module.run)
+    register_subcommands(sub, [f"largeep_plugin.commands.{name}" for name in _COMMANDS], "_run")
     return parser
+
+
+def register_subcommands(subparsers: Any, module_names: Sequence[str], run_key: str) -> None:
+    """Import each module, let it add its parser, and remember its ``run`` under ``args.<run_key>``."""
+    for name in module_names:
+        module = importlib.import_module(name)
+        p = module.add_parser(subparsers)
+        p.set_defaults(**{run_key: module.run})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

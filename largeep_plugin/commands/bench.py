@@ -8,9 +8,10 @@ subcommand; add its name to ``_BENCHES`` (one line) to register it.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from typing import Any
+
+from largeep_plugin.cli import register_subcommands
 
 # Benchmark modules (commands/bench_<name>.py), in the order ``--help`` lists them.
 _BENCHES = (
@@ -23,10 +24,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmarks (largeep bench --help lists them)", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="bench_name", metavar="BENCH")
-    for name in _BENCHES:
-        module = importlib.import_module(f"largeep_plugin.commands.bench_{name}")
-        q = module.add_parser(sub)
-        q.set_defaults(_bench_run=module.run)
+    register_subcommands(sub, [f"largeep_plugin.commands.bench_{name}" for name in _BENCHES], "_bench_run")
     return p
 
 
