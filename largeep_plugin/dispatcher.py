@@ -8,6 +8,12 @@ Shape legend:
     rows_MH, handle = dispatcher.dispatch(x_TH, dest_rank_TK, keep_TK, topk_weights_TK)
     y_TH = dispatcher.combine(expert(rows_MH), handle)
 
+``dispatch`` is three steps that callers with their own stage boundaries (Megatron's six-stage dispatcher) can
+run separately: ``route`` (local: the order of the kept assignments and the rows per destination), ``exchange``
+(the count collective, one host sync, the frozen handle) and ``send`` (the row all-to-all, for the tokens and for
+any row-aligned lane such as the combine weights). A handle made with ``topk_weights_TK=None`` combines by a
+plain sum over k: the expert side has already multiplied each row by its weight.
+
 ``dispatch`` returns a frozen ``DispatchHandle`` that ``combine`` consumes: the dispatcher keeps no per-call
 state, so several dispatches can be in flight at once (the overlap pipeline relies on it). Permutation and
 un-permutation are local; the only communication is in ``comm.py``.
@@ -34,7 +40,8 @@ class DispatchHandle:
     Attributes:
         order_A: int64 indices into the flattened T*K assignments, the kept ones sorted by destination rank
             (stable, so rows to one rank stay in token order).
-        topk_weights_TK: combine weights (float32, differentiable; 0 for dropped assignments).
+        topk_weights_TK: combine weights (float32, differentiable; 0 for dropped assignments); None when the rows
+            come back already weighted (``combine`` then sums over k).
         send_splits: rows sent to each rank (length R).
         recv_splits: rows received from each rank (length R).
         num_tokens: T.
@@ -43,11 +50,16 @@ class DispatchHandle:
     """
 
     order_A: torch.Tensor
-    topk_weights_TK: torch.Tensor
+    topk_weights_TK: torch.Tensor | None
     send_splits: tuple[int, ...]
     recv_splits: tuple[int, ...]
     num_tokens: int
     recv_slot_counts: tuple[tuple[int, ...], ...] | None = None
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if self.topk_weights_TK is None and self.top_k < 1:
+            raise ValueError(f"DispatchHandle without topk_weights_TK needs top_k >= 1, got top_k={self.top_k}")
 
 
 def permute_by_destination(dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor, num_ranks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,12 +77,22 @@ def permute_by_destination(dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor, nu
 
 
 def unpermute_and_reduce(rows_AH: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-    """Put expert outputs back at their (token, k) slot and take the weighted sum over k.
+    """Put expert outputs back at their (token, k) slot and take the weighted sum over k (the plain sum when the
+    handle has no weights: the rows were weighted before they came back).
 
     Index-copy into a [T*K, H] buffer then a sum over K (instead of an index_add over tokens) keeps the
     reduction order fixed, so results are deterministic on every device.
     """
+    if handle.topk_weights_TK is None:
+        return sum_over_k(rows_AH, handle.order_A, handle.num_tokens, handle.top_k)
     return weighted_sum_over_k(rows_AH, handle.order_A, handle.topk_weights_TK)
+
+
+def sum_over_k(rows_AH: torch.Tensor, order_A: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """y_TH[t] = sum_k row of assignment (t, k), for rows already multiplied by their weights; assignments not in
+    ``order_A`` count as 0. The sum is taken in float32 and returned in the dtype of ``rows_AH``."""
+    full = rows_AH.new_zeros((num_tokens * top_k, rows_AH.shape[-1])).index_copy(0, order_A, rows_AH)
+    return full.view(num_tokens, top_k, rows_AH.shape[-1]).float().sum(dim=1).to(rows_AH.dtype)
 
 
 def weighted_sum_over_k(rows_AH: torch.Tensor, order_A: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
@@ -143,29 +165,74 @@ class AllToAllDispatcher:
                 ``local_slot_TK``: grouped by slot inside each source's block, token order inside a slot).
             handle: the frozen metadata ``combine`` needs.
         """
+        order_A, send_counts_V = self.route(dest_rank_TK, keep_TK, local_slot_TK=local_slot_TK, num_slots=num_slots)
+        top_k = dest_rank_TK.shape[1] if dest_rank_TK.dim() == 2 else 1
+        handle = self.exchange(
+            order_A, send_counts_V, num_tokens=x_TH.shape[0], top_k=top_k, topk_weights_TK=topk_weights_TK,
+            num_slots=None if local_slot_TK is None else num_slots,
+        )
+        return self.send(x_TH.index_select(0, order_A // top_k), handle), handle
+
+    def route(
+        self,
+        dest_rank_TK: torch.Tensor,
+        keep_TK: torch.Tensor,
+        *,
+        local_slot_TK: torch.Tensor | None = None,
+        num_slots: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local: the order in which the kept assignments are sent, and the rows per destination.
+
+        Returns:
+            order_A: int64 indices into the flattened [T*K] assignments, sorted by destination (and by slot
+                inside a destination when ``local_slot_TK`` is given); row a sent is token ``order_A[a] // K``.
+            send_counts_V: int64 rows per destination rank [R], or per (rank, slot) [R*L] with ``local_slot_TK``.
+        """
         if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"num_slots={num_slots!r} must be an integer >= 1")
         slots = 1 if local_slot_TK is None else num_slots
         # Sorting by the virtual destination dest * L + slot groups each rank's rows by slot; the counts per
         # (rank, slot) go in the one count exchange (all_to_all_single sends L of them to each rank).
         key_TK = dest_rank_TK if local_slot_TK is None else dest_rank_TK * slots + local_slot_TK
-        order_A, send_counts_V = permute_by_destination(key_TK, keep_TK, self.num_ranks * slots)
+        return permute_by_destination(key_TK, keep_TK, self.num_ranks * slots)
+
+    def exchange(
+        self,
+        order_A: torch.Tensor,
+        send_counts_V: torch.Tensor,
+        *,
+        num_tokens: int,
+        top_k: int,
+        topk_weights_TK: torch.Tensor | None,
+        num_slots: int | None = None,
+    ) -> DispatchHandle:
+        """Communication: exchange the counts of ``route`` and freeze what ``send``/``combine`` need.
+
+        Args:
+            num_slots: L of ``route`` when it was given ``local_slot_TK`` (the handle then carries
+                ``recv_slot_counts``); None otherwise.
+            topk_weights_TK: the combine weights, or None when the expert side weights the rows (then ``combine``
+                sums over k).
+        """
         recv_counts_V = exchange_counts(send_counts_V, self.ep_group)
         # One host sync for both count lists: all_to_all_single needs the splits on the host.
         send_V, recv_V = torch.stack([send_counts_V, recv_counts_V]).tolist()
+        slots = 1 if num_slots is None else num_slots
         recv_RL = tuple(tuple(recv_V[r * slots:(r + 1) * slots]) for r in range(self.num_ranks))
-        handle = DispatchHandle(
+        return DispatchHandle(
             order_A=order_A,
             topk_weights_TK=topk_weights_TK,
             send_splits=tuple(sum(send_V[r * slots:(r + 1) * slots]) for r in range(self.num_ranks)),
             recv_splits=tuple(sum(c) for c in recv_RL),
-            num_tokens=x_TH.shape[0],
-            recv_slot_counts=None if local_slot_TK is None else recv_RL,
+            num_tokens=num_tokens,
+            recv_slot_counts=None if num_slots is None else recv_RL,
+            top_k=top_k,
         )
-        top_k = dest_rank_TK.shape[1] if dest_rank_TK.dim() == 2 else 1
-        send_AH = x_TH.index_select(0, order_A // top_k)
-        rows_MH = all_to_all(send_AH, handle.recv_splits, handle.send_splits, self.ep_group)
-        return rows_MH, handle
+
+    def send(self, rows_AX: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """Communication: the differentiable all-to-all of rows in ``route`` order (tokens, or any row-aligned
+        lane such as the combine weights [A] or [A, 1]) to the destinations; returns the received [M, ...]."""
+        return all_to_all(rows_AX, handle.recv_splits, handle.send_splits, self.ep_group)
 
     def combine(self, rows_MH: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """Send expert outputs back to their source ranks and reduce them to ``y_TH``."""

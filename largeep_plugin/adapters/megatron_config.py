@@ -58,8 +58,6 @@ _UNSUPPORTED: tuple[tuple[str, tuple[Any, ...], str], ...] = (
     ("moe_apply_probs_on_input", (False,), "combine weights are applied on the expert output"),
     ("moe_token_dispatcher_type", ("allgather", "alltoall"), "'flex' selects DeepEP/HybridEP hooks; the large-EP "
      "layer brings its own dispatcher (leave 'alltoall')"),
-    ("overlap_moe_expert_parallel_comm", (False,), "Megatron's fine-grained EP overlap detaches every tensor between "
-     "stages, and the combine weights travel with the dispatch handle, not through the stage arguments"),
     ("delay_wgrad_compute", (False,), "delayed weight gradients are not implemented"),
     ("fp8", (None,), "FP8 experts are not implemented"),
     ("fp4", (None,), "FP4 experts are not implemented"),

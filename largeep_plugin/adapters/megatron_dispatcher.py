@@ -6,24 +6,33 @@ Shape legend:
 
 Megatron's ``MoELayer`` drives a dispatcher through six stages (so that its EP overlap can schedule them):
 
-    dispatch_preprocess(x, routing_map_TE, probs_TE)  local    [T, E] masks -> top-k ids, destination ranks
-    token_dispatch(x_TH, probs)                       comm     permute + count exchange + all-to-all (core)
-    dispatch_postprocess(rows_MH, probs)              local    rows for the local expert(s)
+    dispatch_preprocess(x, routing_map_TE, probs_TE)  local    top-k lists, destinations, rows and weights in
+                                                               send order: (tokens_AH, probs_A)
+    token_dispatch(tokens_AH, probs_A)                comm     count exchange + all-to-all of the rows and one of
+                                                               their weights: (rows_MH, probs_M)
+    dispatch_postprocess(rows_MH, probs_M)            local    rows for the local expert(s), their counts, probs_M
+    (experts)                                         local    expert(rows) * probs_M: the expert weights its rows
     combine_preprocess(out_MH)                        local    nothing to do
-    token_combine(out_MH)                             comm     reverse all-to-all + weighted sum (core)
+    token_combine(out_MH)                             comm     reverse all-to-all + sum over the K choices
     combine_postprocess(y_TH)                         local    back to the input's shape
 
-The token movement is the core ``AllToAllDispatcher`` (``dispatch -> (rows, frozen handle)``,
-``combine(rows, handle)``). Megatron's ``combine(output)`` stage has no argument for the handle, so it waits on
-``self`` between ``token_dispatch`` and ``token_combine``, exactly as Megatron's own dispatchers keep their state;
-a layer runs one micro-batch's forward at a time, and misuse (combine before dispatch) is an error, not a
-silent mix-up.
+This is the contract of Megatron's own all-to-all dispatcher: the combine weights travel with the tokens and are
+applied by the expert, so every differentiable tensor crosses a stage boundary as a stage argument. Megatron's
+fine-grained EP overlap (``overlap_moe_expert_parallel_comm``) runs each stage as a separate schedule node that
+detaches its inputs, backpropagates node by node and frees the inputs of the dispatch, expert and combine nodes
+right after their forward; nothing differentiable may hide in dispatcher state across nodes, and no backward may
+need a freed input. What stays on ``self`` between stages is integer bookkeeping only (send order, counts,
+shapes), taken by the next stage: a layer runs one micro-batch's forward at a time, and misuse (combine before
+dispatch) is an error, not a silent mix-up.
+
+The token movement is the core ``AllToAllDispatcher`` in its three steps (``route`` / ``exchange`` / ``send``);
+the handle carries no weights, so ``combine`` sums the pre-weighted rows.
 
 Colocated experts (a placement with several experts on some rank): ``dispatch_preprocess`` also finds each
 assignment's slot on its destination rank, ``token_dispatch`` exchanges counts per (rank, slot) (the core
 dispatcher's colocated mode), and ``dispatch_postprocess`` hands the experts the [R, L] counts as
 ``tokens_per_expert``: ``LocalExperts`` groups the rows by slot and puts the results back in arrival order, so
-the combine is unchanged.
+the weights (in arrival order) and the combine are unchanged.
 """
 from __future__ import annotations
 
@@ -39,13 +48,12 @@ from ..dispatcher import AllToAllDispatcher, DispatchHandle
 
 @dataclass(frozen=True)
 class _Routed:
-    """What ``dispatch_preprocess`` decided, for ``token_dispatch``."""
+    """What ``dispatch_preprocess`` decided, for ``token_dispatch`` (no differentiable tensor: see above)."""
 
-    dest_rank_TK: torch.Tensor
-    keep_TK: torch.Tensor
-    topk_weights_TK: torch.Tensor
+    order_A: torch.Tensor
+    send_counts_V: torch.Tensor
     hidden_shape: torch.Size
-    local_slot_TK: torch.Tensor | None = None
+    num_tokens: int
 
 
 def topk_from_routing_map(
@@ -103,7 +111,13 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
     def dispatch_preprocess(
         self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Local: the top-k lists and each assignment's destination rank. Returns ``(x_TH, probs)``."""
+        """Local: the top-k lists, each assignment's destination, and the rows and weights in send order.
+
+        Returns:
+            tokens_AH: one row per kept assignment, sorted by destination rank (a new tensor: Megatron's overlap
+                frees it after the dispatch).
+            probs_A: float32 combine weight of each row (differentiable w.r.t. ``probs``).
+        """
         x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
         topk_ids_TK, keep_TK, weights_TK = topk_from_routing_map(routing_map, probs, self.top_k)
         if self.placement is None:
@@ -114,40 +128,56 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
         if self.local_slot_RE is not None:
             slot_RE = self.local_slot_RE.to(topk_ids_TK.device)
             local_slot_TK = slot_RE[dest_rank_TK, topk_ids_TK]
-        self._routed = _Routed(dest_rank_TK, keep_TK, weights_TK, hidden_states.shape, local_slot_TK)
-        return x_TH, probs
+        order_A, send_counts_V = self.dispatcher.route(
+            dest_rank_TK, keep_TK, local_slot_TK=local_slot_TK, num_slots=self.num_slots
+        )
+        self._routed = _Routed(order_A, send_counts_V, hidden_states.shape, x_TH.shape[0])
+        tokens_AH = x_TH.index_select(0, order_A // self.top_k)
+        probs_A = weights_TK.reshape(-1).index_select(0, order_A)
+        return tokens_AH, probs_A
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Communication: send every kept assignment to its expert's rank. Returns ``(rows_MH, probs)``."""
+        """Communication: the count exchange, then the rows and their weights to the experts' ranks. Returns
+        ``(rows_MH, probs_M)``.
+
+        Two all-to-alls, never one merged buffer: Megatron's overlap frees the received rows after the expert's
+        forward, and weights that were a view of the same buffer would go with them."""
         routed = self._take("_routed", "token_dispatch", "dispatch_preprocess")
-        rows_MH, handle = self.dispatcher.dispatch(
-            hidden_states, routed.dest_rank_TK, routed.keep_TK, routed.topk_weights_TK,
-            local_slot_TK=routed.local_slot_TK, num_slots=self.num_slots,
+        handle = self.dispatcher.exchange(
+            routed.order_A, routed.send_counts_V, num_tokens=routed.num_tokens, top_k=self.top_k,
+            topk_weights_TK=None, num_slots=None if self.local_slot_RE is None else self.num_slots,
         )
+        rows_MH = self.dispatcher.send(hidden_states, handle)
+        probs_M = self.dispatcher.send(probs, handle)
         self._in_flight = (handle, routed.hidden_shape)
-        return rows_MH, probs
+        return rows_MH, probs_M
 
     def dispatch_postprocess(
         self, hidden_states: torch.Tensor, probs: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Local: with one expert per rank the received rows are already its contiguous input.
 
-        Returns ``(rows_MH, tokens_per_expert, None)``: tokens_per_expert is int64 on the host, [1] with one expert
-        per rank, [R, L] rows per (source rank, local slot) with colocated experts (``LargeEPExperts`` groups the
-        rows by slot itself). The combine weights are applied in ``token_combine``, not by the expert, so no
-        permuted probabilities go to it."""
+        Returns ``(rows_MH, tokens_per_expert, probs_M)``: tokens_per_expert is int64 on the host, [1] with one
+        expert per rank, [R, L] rows per (source rank, local slot) with colocated experts (``LargeEPExperts``
+        groups the rows by slot itself); ``probs_M`` are the rows' combine weights, which the expert applies.
+
+        Under Megatron's fine-grained EP overlap the expert node frees its input (the received rows) right after
+        its forward, while the expert's first linear keeps its input for the weight gradient: the rows are then
+        copied here (colocated experts gather them by slot, a copy already)."""
         if self.local_slot_RE is not None:
             if self._in_flight is None:
                 raise RuntimeError("LargeEPTokenDispatcher.dispatch_postprocess called without token_dispatch first")
             counts_RL = self._in_flight[0].recv_slot_counts
-            return hidden_states, torch.tensor(counts_RL, dtype=torch.int64), None
-        return hidden_states, torch.tensor([hidden_states.shape[0]], dtype=torch.int64), None
+            return hidden_states, torch.tensor(counts_RL, dtype=torch.int64), probs
+        if self.config.overlap_moe_expert_parallel_comm and torch.is_grad_enabled():
+            hidden_states = hidden_states.clone()
+        return hidden_states, torch.tensor([hidden_states.shape[0]], dtype=torch.int64), probs
 
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states
 
     def token_combine(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Communication: return expert outputs to their tokens and take the weighted sum over the K choices."""
+        """Communication: return the (weighted) expert outputs to their tokens and sum over the K choices."""
         handle, shape = self._take("_in_flight", "token_combine", "token_dispatch")
         self._combined_shape = shape
         return self.dispatcher.combine(hidden_states, handle)

@@ -42,7 +42,7 @@ from .megatron_router import LargeEPRouter
 class LargeEPExperts(nn.Module):
     """The expert(s) of this rank, called the way ``MoELayer`` calls its experts.
 
-    ``forward(rows_MH, tokens_per_expert, permuted_probs) -> (rows_MH, None)``. One expert per rank: the core
+    ``forward(rows_MH, tokens_per_expert, permuted_probs) -> (rows_MH * permuted_probs, None)``. One expert per rank: the core
     ``ExpertMLP`` as ``expert`` (``expert.fc1.weight`` ...). A colocated placement (several experts on some rank):
     the core ``LocalExperts`` as ``local_experts`` (``local_experts.<slot>.fc1.weight`` ..., slot l holding
     ``expert_ids[l]``), on every rank of the layer; ``tokens_per_expert`` is then the dispatcher's [R, L] rows per
@@ -93,14 +93,25 @@ class LargeEPExperts(nn.Module):
         return list(zip(self.expert_ids, modules))
 
     def forward(
-        self, rows_MH: torch.Tensor, tokens_per_expert: torch.Tensor | None = None, permuted_probs: Any = None
+        self, rows_MH: torch.Tensor, tokens_per_expert: torch.Tensor | None = None,
+        permuted_probs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
+        """``expert(rows_MH) * permuted_probs`` (the product in float32, returned in the rows' dtype): the
+        dispatcher sends each row's combine weight with it and sums the returned rows. ``permuted_probs=None``:
+        the unweighted expert output."""
         if self.colocated:
             if tokens_per_expert is None or tokens_per_expert.dim() != 2:
                 raise ValueError("colocated experts need tokens_per_expert as the dispatcher's [R, L] counts, got "
                                  f"{None if tokens_per_expert is None else tuple(tokens_per_expert.shape)}")
-            return self.local_experts(rows_MH, tokens_per_expert.tolist()), None
-        return self.expert(rows_MH), None
+            out_MH = self.local_experts(rows_MH, tokens_per_expert.tolist())
+        else:
+            out_MH = self.expert(rows_MH)
+        if permuted_probs is None:
+            return out_MH, None
+        if permuted_probs.shape != out_MH.shape[:1]:
+            raise ValueError(f"permuted_probs of shape {tuple(permuted_probs.shape)} for {out_MH.shape[0]} rows: "
+                             "one combine weight per received row")
+        return (out_MH.float() * permuted_probs.float().unsqueeze(-1)).to(out_MH.dtype), None
 
     def backward_dw(self) -> None:
         """Nothing to do: weight gradients are computed in the ordinary backward."""
