@@ -59,7 +59,23 @@ def _dispatcher_rank(rank: int, world_size: int, tokens: tuple[int, ...]) -> dic
     (y_TH * g_TH).sum().backward()
     # dL/dw[t, k] = keep * (dest + 1) * <x[t], g[t]>: the gradient of each weight went to its own slot.
     want_dw = keep_TK * (dest_TK + 1) * (x_TH.detach() * g_TH).sum(dim=1, keepdim=True)
+
+    # The same exchange in its three steps (route / exchange / send), the weights sent with the rows and applied
+    # by the "expert", the handle without weights (combine sums over k): Megatron's dispatcher contract.
+    x2_TH = x_TH.detach().clone().requires_grad_(True)
+    w2_TK = weights_TK.detach().clone().requires_grad_(True)
+    order_A, send_counts_R = dispatcher.route(dest_TK, keep_TK)
+    handle2 = dispatcher.exchange(order_A, send_counts_R, num_tokens=t, top_k=K, topk_weights_TK=None)
+    rows2_MH = dispatcher.send(x2_TH.index_select(0, order_A // K), handle2)
+    w_M = dispatcher.send(w2_TK.reshape(-1).index_select(0, order_A), handle2)
+    y2_TH = dispatcher.combine(rows2_MH * (rank + 1) * w_M[:, None], handle2)
+    (y2_TH * g_TH).sum().backward()
+    three_step = [float((y2_TH.detach() - y_TH.detach()).abs().max()) if t else 0.0,
+                  float((x2_TH.grad - x_TH.grad).abs().max()) if t else 0.0,
+                  float((w2_TK.grad - want_dw).abs().max()) if t else 0.0]
     return {
+        "three_step_err": max(three_step),
+        "three_step_arrived": [(int(a), int(b)) for a, b in rows2_MH[:, :2].tolist()],
         "arrived": arrived,
         "expected": expected,
         "send_splits": handle.send_splits,
@@ -79,12 +95,21 @@ def test_dispatch_delivers_tagged_rows_in_order_and_combine_returns_them(tokens:
     for rank, r in enumerate(results):
         assert r["arrived"] == r["expected"], f"rank {rank} received {r['arrived']}, expected {r['expected']}"
         assert r["y_err"] < 1e-5 and r["dx_err"] < 1e-5 and r["dw_err"] < 1e-5, (rank, r)
+        assert r["three_step_arrived"] == r["expected"] and r["three_step_err"] < 1e-5, (rank, r)
         assert sum(r["send_splits"]) == r["num_kept"]
     # What rank a sends to rank b is what rank b receives from rank a.
     for a in range(4):
         for b in range(4):
             assert results[a]["send_splits"][b] == results[b]["recv_splits"][a]
     assert sum(len(r["arrived"]) for r in results) == sum(r["num_kept"] for r in results) > 0
+
+
+def test_handle_without_weights_needs_top_k() -> None:
+    from largeep_plugin.dispatcher import DispatchHandle
+
+    with pytest.raises(ValueError, match="top_k >= 1, got top_k=0"):
+        DispatchHandle(order_A=torch.zeros(0, dtype=torch.int64), topk_weights_TK=None, send_splits=(0,),
+                       recv_splits=(0,), num_tokens=0)
 
 
 def test_permute_by_destination_is_stable_and_skips_dropped() -> None:
