@@ -8,7 +8,8 @@ How to run (from a Megatron-LM checkout at core_r0.16, with this package install
         [--deepspeed_config ds.json] [--large-ep-monitor load.jsonl]
 
 Without ``--large-ep`` (and without ``"enabled": true`` in the DeepSpeed JSON's ``large_ep`` section) this is
-Megatron-LM's ``pretrain_gpt.py`` unchanged. See README.md next to this file.
+Megatron-LM's ``pretrain_gpt.py`` unchanged. A ``placement`` in the ``large_ep`` section (a topology YAML of one
+EP group, optionally a load file) places the experts topology-aware. See README.md next to this file.
 """
 import os
 import sys

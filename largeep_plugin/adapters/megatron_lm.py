@@ -16,28 +16,45 @@ Arguments added:
 The "large_ep" section is the one DeepSpeed users write (``adapters/deepspeed_config.py``, parsed strictly by the
 same code). In Megatron, the model's shape comes from Megatron's arguments: ``ep_size``, ``top_k``,
 ``score_function``, ``capacity_factor`` and the loss coefficients may appear only with the values Megatron's
-arguments give; what the section adds is ``enabled``, ``load_balance.bias_update_rate``, ``overlap`` and
-``monitor``.
+arguments give; what the section adds is ``enabled``, ``load_balance.bias_update_rate``, ``overlap``,
+``monitor`` and ``placement``.
+
+``placement.topology_file`` (the topology of one EP group: EP rank r is its r-th GPU, counted node by node) and
+optionally ``placement.load_file`` (tokens per expert) give a topology-aware permutation of the experts over the
+EP ranks: planned once per process from ``--num-experts``, ``--moe-router-topk`` and
+``--expert-model-parallel-size`` by the DeepSpeed adapter's planner (``deepspeed_placement.plan_section_placement``,
+pure, so every rank plans the same without communicating), carried in ``LargeEPSettings.placement`` and given to
+every large-EP layer through the layer spec. Every EP group uses the same permutation, so Megatron's
+expert-data-parallel gradient reduction (the same EP rank in every copy) still joins copies of one expert, and the
+distributed checkpoint keys experts by global expert id. Refused: a topology whose GPU count is not the EP size
+(``ValueError``), and experts != EP size (replicas, whose gradients Megatron's DDP does not sum over the replica
+group; or several experts per GPU), both ``NotImplementedError``. The planner's module imports DeepSpeed, so
+placement files need it installed (imported only when a section names them).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .deepspeed_config import LargeEPSection, load_ds_config, parse_large_ep_section
+from ..placement import Placement
+from ..topology import load_topology
+from .deepspeed_config import SECTION, LargeEPSection, PlacementSection, load_ds_config, parse_large_ep_section
 
 
 @dataclass(frozen=True, kw_only=True)
 class LargeEPSettings:
     """What the Megatron-LM route decided: on or off, the ``LargeEPConfig`` overrides, the EP size the section
-    asks for, and where the per-expert load goes."""
+    asks for, the placement planned from the section's files (None: expert e on EP rank e), and where the
+    per-expert load goes."""
 
     enabled: bool
     overrides: Mapping[str, Any] = field(default_factory=dict)
     ep_size: int | None = None
+    placement: Placement | None = None
     monitor: str | None = None
     tensorboard_dir: str | None = None
 
@@ -87,11 +104,8 @@ def read_deepspeed_large_ep_section(path: str) -> dict[str, Any] | None:
 
 def overrides_from_section(raw: Mapping[str, Any], section: LargeEPSection) -> dict[str, Any]:
     """``LargeEPConfig`` overrides from a parsed section; only the keys the user wrote (``raw``) count, so a
-    default of the section never contradicts Megatron's arguments."""
-    if section.placement.topology_file or section.placement.load_file:
-        raise NotImplementedError(
-            "large_ep.placement files are not used by the Megatron route yet: there experts = EP, one per rank"
-        )
+    default of the section never contradicts Megatron's arguments. (The placement files give
+    ``LargeEPSettings.placement``, see ``plan_megatron_placement``.)"""
     out: dict[str, Any] = {}
     for key in ("top_k", "score_function", "capacity_factor"):
         if key in raw and getattr(section, key) is not None:
@@ -134,13 +148,59 @@ def large_ep_settings(args: Any) -> LargeEPSettings:
             "large-EP settings (--large-ep-config, a large_ep section or --large-ep-monitor) are given but the "
             "large-EP layer is off: add --large-ep or \"enabled\": true"
         )
+    placement = None
+    if enabled and (section.placement.topology_file is not None or section.placement.load_file is not None):
+        placement = plan_megatron_placement(
+            section.placement, num_experts=getattr(args, "num_experts", None), top_k=args.moe_router_topk,
+            ep_size=args.expert_model_parallel_size,
+        )
     return LargeEPSettings(
         enabled=enabled,
         overrides=overrides_from_section(raw, section),
         ep_size=section.ep_size,
+        placement=placement,
         monitor=monitor or section.monitor.jsonl_path,
         tensorboard_dir=section.monitor.tensorboard_dir,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def plan_megatron_placement(files: PlacementSection, *, num_experts: int | None, top_k: int,
+                            ep_size: int) -> Placement | None:
+    """The placement of ``large_ep.placement`` for Megatron-LM's ``--num-experts``, ``--moe-router-topk`` and
+    ``--expert-model-parallel-size``: the DeepSpeed adapter's ``plan_section_placement`` after the checks that
+    Megatron needs (the topology is one EP group, one expert per EP rank). Deterministic and cached by these
+    arguments: planned once per process (files are read on the first call only), the same on every rank."""
+    try:  # the planner's module imports deepspeed.utils.groups at module level; only placement files need it
+        from .deepspeed_placement import plan_section_placement
+    except ImportError as e:
+        raise ImportError(f"{SECTION}.placement under Megatron-LM is planned by adapters/deepspeed_placement.py, "
+                          f"which imports DeepSpeed: pip install deepspeed ({e})") from e
+    where = f"{SECTION}.placement.topology_file={files.topology_file!r}"
+    if files.topology_file is not None:
+        if not num_experts:
+            raise ValueError(f"{where} places the experts of the MoE layers but --num-experts is not set")
+        try:
+            w = load_topology(files.topology_file).world_size
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{where} cannot be read: {e}") from e
+        if w != ep_size:
+            raise ValueError(f"{where} describes {w} GPUs but --expert-model-parallel-size is {ep_size}: the "
+                             "topology is that of one expert-parallel group (EP rank r is its r-th GPU)")
+        if num_experts < w:
+            raise NotImplementedError(
+                f"{where} describes {w} GPUs for --num-experts {num_experts}, which replicates experts: the replicas "
+                "of an expert would have to sum their gradients over their replica group, which Megatron's DDP "
+                "does not do. Give --num-experts equal to --expert-model-parallel-size"
+            )
+        if num_experts > w:
+            raise NotImplementedError(
+                f"{where} describes {w} GPUs for --num-experts {num_experts}: several experts per GPU are not "
+                "planned from placement files. Give --num-experts equal to --expert-model-parallel-size"
+            )
+    # The section as plan_section_placement reads it: the files, and EP = Megatron's EP size. Without a topology
+    # file it raises (a load file needs one) before num_experts is used.
+    return plan_section_placement(LargeEPSection(ep_size=ep_size, placement=files), num_experts or 0, top_k)
 
 
 _UNSUPPORTED_ARGS = (
@@ -188,10 +248,19 @@ def _build_gpt(args: Any, settings: LargeEPSettings, pre_process: bool, post_pro
             f"large_ep.ep_size={settings.ep_size} contradicts --expert-model-parallel-size "
             f"{config.expert_model_parallel_size}: set it in Megatron's arguments"
         )
+    placement = settings.placement
+    if placement is not None and (placement.num_experts, placement.world_size) != (
+            config.num_moe_experts, config.expert_model_parallel_size):
+        raise ValueError(
+            f"the large_ep.placement plan is for {placement.num_experts} experts on {placement.world_size} EP ranks "
+            f"but the Megatron config has num_moe_experts={config.num_moe_experts}, expert_model_parallel_size="
+            f"{config.expert_model_parallel_size}: plan it from the same arguments"
+        )
     block = get_gpt_decoder_block_spec_with_large_ep(
         config,
         use_transformer_engine=args.transformer_impl == "transformer_engine",
         large_ep=settings.overrides,
+        placement=placement,
         normalization=args.normalization,
         qk_l2_norm=args.qk_l2_norm,
         vp_stage=vp_stage,
