@@ -119,7 +119,7 @@ def test_settings_conflicts_are_errors(tmp_path: Any) -> None:
 
 def test_placement_is_planned_from_the_section_files(tmp_path: Any) -> None:
     from largeep_plugin.adapters.deepspeed_config import parse_large_ep_section
-    from largeep_plugin.adapters.deepspeed_placement import plan_section_placement
+    from largeep_plugin.adapters.section_placement import plan_section_placement
 
     hot = (0, 4, 8, 12)
     load = write_json(tmp_path / "load.json", {"tokens_per_expert": [100 if e in hot else 1 for e in range(16)]})
@@ -246,7 +246,7 @@ def _builder_rank(rank: int, world_size: int, monitor: str, ds_dir: str) -> dict
 
 
 def test_builder_on_builds_large_ep_layers_and_installs_the_hook(tmp_path: Any) -> None:
-    from largeep_plugin.adapters.deepspeed_placement import plan_section_placement
+    from largeep_plugin.adapters.section_placement import plan_section_placement
     from largeep_plugin.adapters.deepspeed_config import parse_large_ep_section
     from largeep_plugin.load_balance import read_monitor
 

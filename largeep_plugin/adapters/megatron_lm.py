@@ -22,7 +22,7 @@ arguments give; what the section adds is ``enabled``, ``load_balance.bias_update
 ``placement.topology_file`` (the topology of one EP group: EP rank r is its r-th GPU, counted node by node) and
 optionally ``placement.load_file`` (tokens per expert) give a topology-aware permutation of the experts over the
 EP ranks: planned once per process from ``--num-experts``, ``--moe-router-topk`` and
-``--expert-model-parallel-size`` by the DeepSpeed adapter's planner (``deepspeed_placement.plan_section_placement``,
+``--expert-model-parallel-size`` by the DeepSpeed adapter's planner (``section_placement.plan_section_placement``,
 pure, so every rank plans the same without communicating), carried in ``LargeEPSettings.placement`` and given to
 every large-EP layer through the layer spec. Every EP group uses the same permutation, so Megatron's
 expert-data-parallel gradient reduction (the same EP rank in every copy) still joins copies of one expert, and the
@@ -43,6 +43,7 @@ from typing import Any, Callable, Mapping
 from ..placement import Placement
 from ..topology import load_topology
 from .deepspeed_config import SECTION, LargeEPSection, PlacementSection, load_ds_config, parse_large_ep_section
+from .section_placement import plan_section_placement
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,11 +172,6 @@ def plan_megatron_placement(files: PlacementSection, *, num_experts: int | None,
     ``--expert-model-parallel-size``: the DeepSpeed adapter's ``plan_section_placement`` after the checks that
     Megatron needs (the topology is one EP group, one expert per EP rank). Deterministic and cached by these
     arguments: planned once per process (files are read on the first call only), the same on every rank."""
-    try:  # the planner's module imports deepspeed.utils.groups at module level; only placement files need it
-        from .deepspeed_placement import plan_section_placement
-    except ImportError as e:
-        raise ImportError(f"{SECTION}.placement under Megatron-LM is planned by adapters/deepspeed_placement.py, "
-                          f"which imports DeepSpeed: pip install deepspeed ({e})") from e
     where = f"{SECTION}.placement.topology_file={files.topology_file!r}"
     if files.topology_file is not None:
         if not num_experts:
