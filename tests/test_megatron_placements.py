@@ -7,9 +7,12 @@ Each case builds a model at one EP size, copies it through the distributed check
 * 4 experts, EP 4 (one per rank) against EP 2 with two colocated experts per rank;
 * 2 experts, EP 2 (one per rank) against EP 4 with each expert replicated twice: the replicas' gradients are
   summed over the replicas (``sum_replica_gradients_``), so they equal the lone expert's and the replicas stay
-  identical step after step.
+  identical step after step. Twice: under ``GlooDataParallel`` (which sums them in ``finish_grad_sync``), and
+  under a stand-in for Megatron's DDP (whose buffers need CUDA) on its gradient path: Megatron's reduction
+  without a replica sum, gradients in ``param.main_grad``, the optimizer reading ``main_grad``; there
+  ``enable_replica_gradient_sum`` makes ``config.finalize_model_grads_func`` sum them.
 
-Without ``GlooDataParallel`` a replicated layer refuses to train (Megatron's DDP does not sum replicas).
+Without either a replicated layer refuses to train (Megatron's DDP does not sum replicas).
 """
 from __future__ import annotations
 
@@ -49,12 +52,41 @@ def _experts(model: Any, grads: bool) -> dict[tuple[int, int], torch.Tensor]:
     return out
 
 
-def _train(rank: int, cfg: Any, model: Any) -> dict[str, Any]:
+def _main_grad_ddp(config: Any, module: torch.nn.Module) -> Any:
+    """A stand-in for Megatron's DDP (whose buffers need CUDA), on its gradient path: Megatron's reduction
+    (``GlooDataParallel.reduce_data_parallel``) and no replica sum, then the gradients moved to
+    ``param.main_grad`` where DDP keeps them."""
+    from largeep_plugin.adapters.megatron import GlooDataParallel, large_ep_moe_layers
+
+    class _MainGradDDP(GlooDataParallel):
+        def finish_grad_sync(self, force_all_reduce: bool = False) -> None:
+            self.reduce_data_parallel()
+            for p in self.module.parameters():
+                p.main_grad, p.grad = (p.grad if p.grad is not None else torch.zeros_like(p)), None
+
+        def scale_gradients(self, scaling_factor: float) -> None:
+            for p in self.module.parameters():
+                p.main_grad.mul_(scaling_factor)
+
+    ddp = _MainGradDDP(config, module)
+    for _, layer in large_ep_moe_layers(module):
+        layer.replica_grads_summed = False  # Megatron's DDP does not sum replicas: enable_replica_gradient_sum must
+    return ddp
+
+
+def _train(rank: int, cfg: Any, model: Any, ddp_kind: str = "gloo") -> dict[str, Any]:
     from megatron.core.distributed import finalize_model_grads
 
-    from largeep_plugin.adapters.megatron import GlooDataParallel
+    from largeep_plugin.adapters.megatron import GlooDataParallel, enable_replica_gradient_sum
 
-    ddp = GlooDataParallel(cfg, model)
+    if ddp_kind == "gloo":
+        ddp, finalize = GlooDataParallel(cfg, model), finalize_model_grads
+    else:
+        ddp = _main_grad_ddp(cfg, model)
+        cfg.finalize_model_grads_func = None
+        assert enable_replica_gradient_sum(ddp, cfg) == 2  # both layers of the model are replicated
+        enable_replica_gradient_sum(ddp, cfg)  # idempotent: the sum must not run twice
+        finalize = cfg.finalize_model_grads_func
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     first_grads, weights, losses = None, [], []
     for step in range(STEPS):
@@ -62,7 +94,10 @@ def _train(rank: int, cfg: Any, model: Any) -> dict[str, Any]:
         ids, pos = tokens(2, SEQ, VOCAB, seed=100 * step + rank)
         loss = ddp(ids, pos, None, labels=ids).float().mean()
         loss.backward()
-        finalize_model_grads([ddp])
+        finalize([ddp])
+        if ddp_kind == "main_grad":  # Megatron's optimizer steps on main_grad
+            for p in model.parameters():
+                p.grad = p.main_grad
         if first_grads is None:
             first_grads = _experts(model, grads=True)
         optimizer.step()
@@ -78,6 +113,10 @@ def _case(rank: int, experts: int, eps: tuple[int, int], directory: str) -> dict
     cfg, target = _build(experts, eps[1], seed=2)
     target.load_state_dict(load_shards(target.sharded_state_dict(), directory), strict=False)
     out["b"] = _train(rank, cfg, target)
+    if eps[1] > experts:  # replicated: again under the stand-in of Megatron's DDP
+        cfg, target = _build(experts, eps[1], seed=2)
+        target.load_state_dict(load_shards(target.sharded_state_dict(), directory), strict=False)
+        out["c"] = _train(rank, cfg, target, ddp_kind="main_grad")
     return out
 
 
@@ -121,22 +160,29 @@ def _by_expert(results: list[dict[str, Any]], case: str, side: str, what: str, s
 @pytest.mark.parametrize("case", ["colocated", "replicated"])
 def test_training_under_a_placement_matches_one_expert_per_rank(results: list[dict[str, Any]], case: str) -> None:
     experts = 4 if case == "colocated" else 2
-    grads_a, grads_b = (_by_expert(results, case, side, "grads") for side in ("a", "b"))
-    assert sorted(grads_a) == sorted(grads_b) == [(i, e) for i in range(2) for e in range(experts)]
-    for key in grads_a:
-        want = grads_a[key][0]
+    sides = ("a", "b") if case == "colocated" else ("a", "b", "c")
+    grads = [_by_expert(results, case, side, "grads") for side in sides]
+    for by_side in grads:
+        assert sorted(by_side) == [(i, e) for i in range(2) for e in range(experts)]
+    for key in grads[0]:
+        want = grads[0][key][0]
         assert float(want.abs().max()) > 0, f"{case} {key}: no gradient reached the expert: nothing tested"
-        for got in grads_a[key] + grads_b[key]:  # every copy on every rank, both layouts
-            assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), f"{case} {key}: {float((got - want).abs().max())}"
+        for side, by_side in zip(sides, grads):  # every copy on every rank, every layout
+            for got in by_side[key]:
+                assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), \
+                    f"{case}/{side} {key}: {float((got - want).abs().max())}"
     for step in range(STEPS):
-        a, b = (_by_expert(results, case, side, "weights", step) for side in ("a", "b"))
-        for key in a:
-            for got in a[key] + b[key]:
-                assert torch.allclose(got, a[key][0], rtol=1e-5, atol=1e-6), f"{case} step {step} {key}"
+        weights = [_by_expert(results, case, side, "weights", step) for side in sides]
+        for key in weights[0]:
+            for side, by_side in zip(sides, weights):
+                for got in by_side[key]:
+                    assert torch.allclose(got, weights[0][key][0], rtol=1e-5, atol=1e-6), f"{case}/{side} step {step} {key}"
     for r in results:
-        assert r[case]["a"]["losses"] == pytest.approx(r[case]["b"]["losses"], rel=1e-5), case
+        for side in sides[1:]:
+            assert r[case]["a"]["losses"] == pytest.approx(r[case][side]["losses"], rel=1e-5), (case, side)
 
 
 def test_replicas_refuse_training_without_the_replica_sum(results: list[dict[str, Any]]) -> None:
     for r in results:
-        assert "GlooDataParallel" in r["refusal"] and "replicas" in r["refusal"], r["refusal"]
+        for words in ("enable_replica_gradient_sum", "GlooDataParallel", "replicas"):
+            assert words in r["refusal"], r["refusal"]

@@ -14,15 +14,17 @@ What lives where:
     megatron_attention.py   TorchSDPAttention: a core attention that runs on CPU
     megatron_balance.py     bias update (finalize_model_grads for sigmoid, the plugin's hook otherwise), load logging
     megatron_cpu.py         GlooDataParallel: Megatron's gradient reduction on CPU (its DDP needs CUDA)
+    megatron_replicas.py    replicated experts: their gradients summed over the replicas (Megatron's DDP or CPU)
     megatron_lm.py          the Megatron-LM route: extra arguments, the large_ep section of a DeepSpeed JSON
 """
 from .megatron_attention import TorchSDPAttention
 from .megatron_balance import install_bias_update_hook, log_expert_load, update_large_ep_biases
 from .megatron_checkpoint import expert_sharded_state_dict
 from .megatron_config import check_megatron_config, large_ep_config_from_megatron
-from .megatron_cpu import GlooDataParallel, sum_replica_gradients_
+from .megatron_cpu import GlooDataParallel
 from .megatron_dispatcher import LargeEPTokenDispatcher
 from .megatron_layer import LargeEPExperts, LargeEPMoELayer, large_ep_moe_layers
+from .megatron_replicas import enable_replica_gradient_sum, sum_replica_gradients_
 from .megatron_router import LargeEPRouter
 from .megatron_specs import (
     get_gpt_decoder_block_spec_with_large_ep,
@@ -40,6 +42,7 @@ __all__ = [
     "LargeEPTokenDispatcher",
     "TorchSDPAttention",
     "check_megatron_config",
+    "enable_replica_gradient_sum",
     "expert_sharded_state_dict",
     "get_gpt_decoder_block_spec_with_large_ep",
     "get_gpt_layer_spec_with_large_ep",

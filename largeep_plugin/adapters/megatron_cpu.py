@@ -8,10 +8,11 @@ cannot wrap a model on CPU. ``GlooDataParallel`` is the part of it that ``finali
     expert parameters (allreduce=False):    sum over expert-DP, then divide by DP x CP
                                             (each expert already received the tokens of its whole EP group)
     replicated experts (EP > experts):      first summed over the expert's replicas inside the EP group
-                                            (``sum_replica_gradients_``): each replica got part of its tokens
+                                            (``megatron_replicas.sum_replica_gradients_``): each replica got
+                                            part of its tokens
 
 so the example and the tests run Megatron's own ``finalize_model_grads`` (bias update included) on CPU. On GPUs use
-Megatron's DDP.
+Megatron's DDP (and, for replicated experts, ``megatron_replicas.enable_replica_gradient_sum``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from megatron.core.distributed import DistributedDataParallelConfig
 
 from ..grads import allreduce_gradients, is_expert_param
 from .megatron_layer import large_ep_moe_layers
+from .megatron_replicas import sum_replica_gradients_
 
 
 def _sum_and_scale_(grads: list[torch.Tensor], group: Any, scale: float) -> None:
@@ -41,36 +43,6 @@ def _sum_and_scale_(grads: list[torch.Tensor], group: Any, scale: float) -> None
         flat.mul_(scale)
         for g, reduced in zip(same, _unflatten_dense_tensors(flat, same)):
             g.copy_(reduced)
-
-
-def sum_replica_gradients_(model: Any) -> int:
-    """Sum, in place, the gradients of every expert replicated inside its EP group over its replicas there.
-
-    A placement with EP > experts sends each token to one replica, so each replica's gradient covers only the
-    tokens it received; after the sum every replica holds the gradient of all of them, as a lone expert would,
-    and the replicas stay identical through the optimizer step. One all_reduce per layer over the EP group, of a
-    [E, N] buffer (N: one expert's parameter count) where each rank fills the rows of the experts it holds: no
-    extra process groups. Parameters without a gradient count as zero. Returns the number of layers reduced.
-    """
-    layers = 0
-    for _, layer in large_ep_moe_layers(model):
-        if not layer.replicated:
-            continue
-        held = layer.experts.experts_by_id()
-        params = [list(module.parameters()) for _, module in held]
-        for p in (p for group in params for p in group):
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [[p.grad for p in group] for group in params]
-        flat_EN = grads[0][0].new_zeros((layer.large_ep_config.num_experts, sum(g.numel() for g in grads[0])))
-        for (expert_id, _), group in zip(held, grads):
-            flat_EN[expert_id] = _flatten_dense_tensors(group)
-        dist.all_reduce(flat_EN, group=layer.ep_group)
-        for (expert_id, _), group in zip(held, grads):
-            for g, reduced in zip(group, _unflatten_dense_tensors(flat_EN[expert_id], group)):
-                g.copy_(reduced)
-        layers += 1
-    return layers
 
 
 class GlooDataParallel(nn.Module):
@@ -96,8 +68,13 @@ class GlooDataParallel(nn.Module):
         return self.module(*args, **kwargs)
 
     def finish_grad_sync(self, force_all_reduce: bool = False) -> None:
-        """Reduce the gradients (called by ``finalize_model_grads``)."""
+        """Reduce the gradients (called by ``finalize_model_grads``): replicas first, then data parallel."""
         sum_replica_gradients_(self.module)
+        self.reduce_data_parallel()
+
+    def reduce_data_parallel(self) -> None:
+        """Megatron DDP's reduction alone (no replica sum): non-expert gradients averaged over DP x CP, expert
+        gradients summed over expert-DP and divided by DP x CP."""
         allreduce_gradients(self.module, group=self.dp_cp_group, average=True)  # skips expert parameters
         experts = [p.grad for p in self.module.parameters() if p.grad is not None and is_expert_param(p)]
         if experts:

@@ -174,7 +174,8 @@ class LargeEPMoELayer(MoELayer):
         pg_collection: Megatron's process groups (None: the default collection).
         large_ep: ``LargeEPConfig`` overrides (plugin-only fields; see ``megatron_config.py``).
         placement: which experts each EP rank holds (``largeep_plugin.placement``); None: expert e on EP rank e.
-            Replicas (EP > experts) train only under ``GlooDataParallel`` (forward only otherwise); colocated experts (several on a rank, e.g.
+            Replicas (EP > experts) train once their gradients are summed over the replicas (Megatron's DDP with
+            ``enable_replica_gradient_sum``, or ``GlooDataParallel``; forward only otherwise); colocated experts (several on a rank, e.g.
             ``rank_to_experts=((0, 1), (2, 3))``) train too, with flat dispatch (a warning says so once).
 
     Attributes (besides ``MoELayer``'s): ``large_ep_config``, ``expert_ids``, ``expert_id`` (NotImplementedError
@@ -264,7 +265,8 @@ class LargeEPMoELayer(MoELayer):
         self.ep_size = ep_size
         self.placement = placement
         self.replicated = replicated
-        # Set by a trainer wrapper that sums replicated experts' gradients over their replicas (GlooDataParallel).
+        # Set by whatever sums replicated experts' gradients over their replicas (GlooDataParallel,
+        # enable_replica_gradient_sum).
         self.replica_grads_summed = False
 
     @property
@@ -280,8 +282,10 @@ class LargeEPMoELayer(MoELayer):
         if self.replicated and not self.replica_grads_summed and self.training and torch.is_grad_enabled():
             raise NotImplementedError(
                 "training with experts replicated inside the EP group needs their gradients summed over each "
-                "expert's replicas, which Megatron's DDP does not do: wrap the model in GlooDataParallel (its "
-                "finish_grad_sync sums them), or run this placement forward only"
+                "expert's replicas, which Megatron's DDP does not do: call "
+                "largeep_plugin.megatron.enable_replica_gradient_sum(model, config) after wrapping the model in "
+                "Megatron's DDP (its finalize_model_grads_func then sums them), wrap it in GlooDataParallel on CPU "
+                "(its finish_grad_sync sums them), or run this placement forward only"
             )
         return super().forward(hidden_states, intermediate_tensors, padding_mask)
 
