@@ -99,13 +99,15 @@ Step = Exchange | Local
 
 @dataclass(frozen=True)
 class ChunkProgram:
-    """One chunk: rows ``start:stop`` of every input lane, then dispatch steps, the expert on lane "rows",
+    """One chunk: rows ``start:stop`` of every input lane, then dispatch steps, the expert on lane "rows"
+    (called ``expert(rows, *expert_args)``: colocated experts get the chunk's [R][L] received rows per slot),
     combine steps; the result is lane "rows"."""
 
     start: int
     stop: int
     dispatch: tuple[Step, ...]
     combine: tuple[Step, ...]
+    expert_args: tuple[object, ...] = ()
 
 
 def chunk_of_tokens(num_tokens: int, num_chunks: int, device: torch.device | None = None) -> torch.Tensor:
@@ -206,7 +208,8 @@ class _PipelineRun:
                 ch.tape[("needs", name)] = nd
 
         def compute(c: int) -> None:
-            self._local(self.chunks[c], ("expert", 0), lambda rows: (self.expert(rows),), ("rows",), ("rows",))
+            args = self.programs[c].expert_args
+            self._local(self.chunks[c], ("expert", 0), lambda rows: (self.expert(rows, *args),), ("rows",), ("rows",))
 
         _schedule(len(self.programs),
                   lambda c: self._forward_steps(c, "dispatch", self.programs[c].dispatch), compute,
@@ -379,30 +382,42 @@ def pipelined_exchange(
     num_chunks: int,
     layout: NodeLayout | None = None,
     node_groups: NodeGroups | None = None,
+    local_slot_TK: torch.Tensor | None = None,
+    num_slots: int = 1,
 ) -> torch.Tensor:
     """Dispatch, expert and combine of a whole batch, pipelined over ``num_chunks`` chunks.
 
     Args:
         x_TH, dest_rank_TK, keep_TK, topk_weights_TK: as ``AllToAllDispatcher.dispatch``.
-        expert: this rank's expert MLP.
+        expert: this rank's expert MLP (colocated: ``experts.LocalExperts``, called with the chunk's counts).
         layout: None for the flat all-to-all, a ``NodeLayout`` for the node-batched one.
         node_groups: node-batched only: run stage 1 on the rail group and stage 2 on the node group (None: both
             over ``group``).
+        local_slot_TK, num_slots: flat only, colocated experts: as ``AllToAllDispatcher.dispatch``. The one count
+            exchange then carries counts per (chunk, rank, slot), and each chunk's expert call gets its [R][L].
     Returns:
         y_TH, equal to the unchunked dispatcher's result (values and gradients, up to float rounding).
     """
     t, k = dest_rank_TK.shape
     num_ranks, rank = group_size(group), group_rank(group)
     chunk_T = chunk_of_tokens(t, num_chunks, x_TH.device)
+    if local_slot_TK is not None and layout is not None:
+        raise NotImplementedError("colocated experts are dispatched flat only, not node-batched")
     if layout is None:
-        order_A, send_CR = permute_by_chunk_and_destination(dest_rank_TK, keep_TK, num_ranks, chunk_T, num_chunks)
-        recv_RCW, tokens_R, sent_RCW = exchange_chunk_counts_with_sent(send_CR.t().unsqueeze(-1), t, group, x_TH.device)
+        slots = 1 if local_slot_TK is None else num_slots
+        # Colocated: sorting by the virtual destination dest * L + slot groups each rank's rows by slot inside
+        # every chunk (as the unchunked dispatcher does for the whole batch).
+        key_TK = dest_rank_TK if local_slot_TK is None else dest_rank_TK * slots + local_slot_TK
+        order_A, send_CV = permute_by_chunk_and_destination(key_TK, keep_TK, num_ranks * slots, chunk_T, num_chunks)
+        send_RCL = send_CV.view(num_chunks, num_ranks, slots).permute(1, 0, 2).contiguous()
+        recv_RCL, tokens_R, sent_RCL = exchange_chunk_counts_with_sent(send_RCL, t, group, x_TH.device)
         n = effective_chunks(num_chunks, tokens_R)
-        send, recv = sent_RCW[:, :, 0].t().tolist(), recv_RCW[:, :, 0].t().tolist()
+        send, recv = sent_RCL.sum(-1).t().tolist(), recv_RCL.sum(-1).t().tolist()
         programs, start = [], 0
         for c in range(n):
             ex = Exchange(("rows",), tuple(send[c]), tuple(recv[c]))
-            programs.append(ChunkProgram(start, start + sum(send[c]), (ex,), (ex.reverse(),)))
+            args = () if local_slot_TK is None else (recv_RCL[:, c, :].tolist(),)
+            programs.append(ChunkProgram(start, start + sum(send[c]), (ex,), (ex.reverse(),), args))
             start += sum(send[c])
         back_AH = run_pipeline(programs, {"rows": x_TH.index_select(0, order_A // k)}, expert, group)
         return weighted_sum_over_k(back_AH, order_A, topk_weights_TK)
@@ -433,8 +448,8 @@ class TokenExchange:
         config: ``dispatch`` ("flat" | "hierarchical") and ``overlap_chunks`` (1 = no pipeline).
         ep_group: the EP process group.
         ranks_per_node: ranks per node, consecutive; required for "hierarchical" (at least two nodes).
-        colocated: ranks hold several experts (calls pass ``local_slot_TK``); only the flat, unchunked path
-            supports it (NotImplementedError otherwise).
+        colocated: ranks hold several experts (calls pass ``local_slot_TK``); flat dispatch only, chunked or not
+            (NotImplementedError for "hierarchical").
         node_groups: "hierarchical" only (ValueError otherwise): run its stage 1 on the rail group and stage 2 on
             the node group (``process_groups.build_node_groups``); None runs both over ``ep_group``.
 
@@ -444,10 +459,10 @@ class TokenExchange:
 
     def __init__(self, config: DispatchConfig, ep_group: ProcessGroup | None, ranks_per_node: int | None = None,
                  colocated: bool = False, node_groups: NodeGroups | None = None):
-        if colocated and (config.overlap_chunks > 1 or config.dispatch != "flat"):
+        if colocated and config.dispatch != "flat":
             raise NotImplementedError(
-                f"colocated experts (several experts on one rank) run only with dispatch='flat' and "
-                f"overlap_chunks=1, got dispatch={config.dispatch!r}, overlap_chunks={config.overlap_chunks}"
+                f"colocated experts (several experts on one rank) run only with dispatch='flat', got "
+                f"dispatch={config.dispatch!r}"
             )
         self.colocated = colocated
         self.num_chunks = config.overlap_chunks
@@ -477,6 +492,9 @@ class TokenExchange:
         is called as ``expert(rows_MH, recv_slot_counts)`` (``experts.LocalExperts``)."""
         if (local_slot_TK is not None) != self.colocated:
             raise ValueError(f"local_slot_TK must be given exactly when colocated={self.colocated}")
+        if self.colocated and self.num_chunks > 1:
+            return pipelined_exchange(x_TH, dest_rank_TK, keep_TK, topk_weights_TK, expert, group=self.ep_group,
+                                      num_chunks=self.num_chunks, local_slot_TK=local_slot_TK, num_slots=num_slots)
         if self.colocated:
             rows_MH, handle = self.dispatcher.dispatch(x_TH, dest_rank_TK, keep_TK, topk_weights_TK,  # type: ignore[call-arg]
                                                        local_slot_TK=local_slot_TK, num_slots=num_slots)

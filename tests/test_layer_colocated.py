@@ -4,8 +4,9 @@ Checked against the dense reference on 2 and 4 gloo ranks, one world each, many 
 input gradient, the router gradient, every local expert's gradients (expert e on its rank vs the reference's
 expert e), and that each expert received exactly the rows routed to it. Placements: the planner's (with
 ``allow_colocate=True``), uneven hand-made ones (3 + 1 experts, a rank with one expert among ranks with several),
-and colocated + replicated experts (gradients summed over the replica group). Single process: the warning is
-emitted once, unsupported dispatch settings and the single-expert views raise NotImplementedError.
+and colocated + replicated experts (gradients summed over the replica group), each also through the chunked overlap
+pipeline. Single process: the warning is emitted once, hierarchical dispatch and the single-expert views raise
+NotImplementedError.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def _colocated_parity(placement: Placement, counts: list[int], seed: int, **over
     received: dict[int, int] = {}
     def count_rows(e: int):
         def hook(module, inputs, output) -> None:
-            received.setdefault(e, inputs[0].shape[0])  # the first forward only
+            received[e] = received.get(e, 0) + inputs[0].shape[0]  # summed over chunks; removed after one forward
         return hook
 
     hooks = [mod.register_forward_hook(count_rows(e)) for e, mod in layer.local_experts()]
@@ -127,6 +128,11 @@ def _two_ranks(rank: int, world_size: int) -> dict:
         "uneven-gelu-top1-sigmoid": _colocated_parity(uneven, [15, 21], seed=4, top_k=1, score_function="sigmoid"),
         "uneven-gelu-top2-capacity": _colocated_parity(uneven, [32, 32], seed=5, top_k=2, capacity_factor=0.75),
         "empty-rank": _colocated_parity(uneven, [19, 0], seed=6, top_k=2),
+        # The overlap pipeline: counts per (chunk, rank, slot) in its one count exchange.
+        "planned-gelu-top2-chunks3": _colocated_parity(planned, [20, 13], seed=7, top_k=2, overlap_chunks=3),
+        "uneven-swiglu-top2-capacity-chunks2": _colocated_parity(uneven, [32, 32], seed=8, top_k=2, activation="swiglu",
+                                                                 capacity_factor=0.75, overlap_chunks=2),
+        "empty-rank-chunks4": _colocated_parity(uneven, [19, 0], seed=9, top_k=2, overlap_chunks=4),
     }
     # The single-expert views: a rank with one expert still has them, a rank with several raises.
     with warnings.catch_warnings():
@@ -148,6 +154,7 @@ def test_two_ranks_four_experts() -> None:
     assert max(len(h) for h in planned) == 2, planned  # the planner did colocate: the case is real
     _check([r["cases"] for r in results])
     assert results[0]["cases"]["uneven-gelu-top2-capacity"]["dropped"] > 0  # capacity really dropped some
+    assert results[0]["cases"]["uneven-swiglu-top2-capacity-chunks2"]["dropped"] > 0
     assert results[0]["cases"]["planned-gelu-top2"]["dropped"] == 0
     v0, v1 = results[0]["views"], results[1]["views"]
     assert v0["expert_ids"] == (0, 1, 2) and v1["expert_ids"] == (3,)
@@ -171,6 +178,9 @@ def _four_ranks(rank: int, world_size: int) -> dict:
         "uneven-swiglu-top2-capacity": _colocated_parity(uneven, [24, 24, 24, 24], seed=14, top_k=2,
                                                          activation="swiglu", capacity_factor=0.5),
         "replicated-gelu-top2": _colocated_parity(replicated, [16, 12, 9, 20], seed=15, top_k=2),
+        "uneven-gelu-top2-chunks3": _colocated_parity(uneven, [14, 7, 0, 18], seed=16, top_k=2, overlap_chunks=3),
+        "replicated-swiglu-top2-chunks2": _colocated_parity(replicated, [16, 12, 9, 20], seed=17, top_k=2,
+                                                            activation="swiglu", overlap_chunks=2),
     }
 
 
@@ -208,11 +218,10 @@ def test_one_rank_holding_every_expert_matches_reference_and_warns_once() -> Non
             assert rel_err(p.grad, dict(ref.experts[e].named_parameters())[name].grad) <= 1e-5, (e, name)
 
 
-@pytest.mark.parametrize("overrides", [dict(overlap_chunks=2), dict(dispatch="hierarchical")])
-def test_colocation_refuses_overlap_and_hierarchical(overrides: dict) -> None:
+def test_colocation_refuses_hierarchical_dispatch() -> None:
     placement = _placement(((0, 1),), 2)
-    with pytest.raises(NotImplementedError, match=r"dispatch='flat' and overlap_chunks=1.*got dispatch="):
-        LargeEPMoE(make_config(2, **overrides), placement=placement)
+    with pytest.raises(NotImplementedError, match=r"only with dispatch='flat', got dispatch='hierarchical'"):
+        LargeEPMoE(make_config(2, dispatch="hierarchical", overlap_chunks=2), placement=placement)
 
 
 def test_planner_refuses_colocation_without_opt_in_and_layer_needs_a_placement() -> None:
