@@ -12,6 +12,9 @@ Checked against the same layer run as one module (itself checked against the den
 tests/test_megatron_layer.py): outputs, input gradients and every parameter gradient (attention, norms, router
 with the switch loss and z-loss, experts), for one expert per rank and for colocated experts with capacity drops.
 The freed inputs really are freed (storage of size 0), so a backward that needed one would fail here.
+
+The schedule runs bf16 models only (a Megatron rule): the layer cast to bf16, as ``Float16Module`` casts its
+module, matches float32 within bf16 rounding, and the router's bias and counts stay float32.
 """
 from __future__ import annotations
 
@@ -154,3 +157,44 @@ def test_fine_grained_overlap_nodes_equal_the_layer(variant: str) -> None:
         assert res["router_grad"] > 0
     if variant == "colocated_with_drops":
         assert results[0]["drops"] > 0, "capacity 1.0 with these tokens should drop some assignments"
+
+
+def _bf16_vs_fp32(rank: int, world_size: int) -> dict[str, Any]:
+    """The schedule above runs bf16 models: the layer cast to bf16 (what Megatron's ``Float16Module`` does to its
+    module) against the same layer in float32, sigmoid routing with Megatron's bias update on."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from largeep_plugin.adapters.megatron import TorchSDPAttention, get_gpt_layer_spec_with_large_ep
+
+    init_megatron(ep=world_size)
+    gen = torch.Generator().manual_seed(300 + rank)
+    x = torch.randn(6, 2, 12, generator=gen)
+    g = torch.randn(6, 2, 12, generator=gen)
+    out = {}
+    for bf16 in (False, True):
+        config = tiny_config(bf16=bf16, moe_token_dispatcher_type="alltoall", moe_router_score_function="sigmoid",
+                             moe_router_enable_expert_bias=True, moe_aux_loss_coeff=0.0)
+        torch.manual_seed(0)
+        layer = build_module(get_gpt_layer_spec_with_large_ep(world_size, core_attention=TorchSDPAttention),
+                             config=config, layer_number=1)
+        if bf16:
+            layer = layer.bfloat16()
+        xi = (x.bfloat16() if bf16 else x.clone()).requires_grad_(True)
+        y, _ = layer(xi)
+        (y.float() * g).sum().backward()
+        out[bf16] = {"y": y.detach().float(), "dx": xi.grad.float(), "y_dtype": y.dtype,
+                     "fc1": layer.mlp.experts.expert.fc1.weight.grad.float(),
+                     "router": layer.mlp.router.weight.grad.float(),
+                     "bias_dtype": layer.mlp.router.expert_bias.dtype,
+                     "counts_dtype": layer.mlp.router.local_tokens_per_expert.dtype}
+    ref, got = out[False], out[True]
+    return {"errors": {k: rel_err(got[k], ref[k]) for k in ("y", "dx", "fc1", "router")},
+            "dtypes": (got["y_dtype"], got["bias_dtype"], got["counts_dtype"])}
+
+
+def test_layer_in_bf16_matches_float32_within_bf16_rounding() -> None:
+    for rank, res in enumerate(world(_bf16_vs_fp32, 2)):
+        assert res["dtypes"] == (torch.bfloat16, torch.float32, torch.float32), (rank, res["dtypes"])
+        # bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4 %): a few roundings deep, a few percent at most.
+        assert max(res["errors"].values()) < 3e-2, (rank, res["errors"])
+        assert min(res["errors"].values()) > 0, (rank, res["errors"])  # it really ran in bf16
