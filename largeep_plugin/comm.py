@@ -11,7 +11,9 @@ Everything else in the layer is local computation; the overlap scheduler relies 
     all_to_all / all_to_all_lanes        differentiable, blocking (the plain dispatchers)
     start_all_to_all / ..._lanes         no autograd, returns at once; ``.wait()`` later (the overlap pipeline):
                                          a gloo work handle on CPU, a side stream + events on accelerators
-    exchange_counts / exchange_chunk_counts    the small count exchanges that plan the splits
+    exchange_counts / exchange_count_rows / exchange_chunk_counts
+                                         the small count exchange that plans the splits (one per dispatch; it
+                                         can carry the layer's load statistics and input checks along)
 """
 from __future__ import annotations
 
@@ -133,17 +135,53 @@ def exchange_chunk_counts(
 
 
 def exchange_chunk_counts_with_sent(
-    send_RCW: torch.Tensor, num_tokens: int, group: ProcessGroup | None, device: torch.device | None = None
+    send_RCW: torch.Tensor,
+    num_tokens: int,
+    group: ProcessGroup | None,
+    device: torch.device | None = None,
+    *,
+    shared_X: torch.Tensor | None = None,
+    on_shared: Callable[[list[list[int]]], None] | None = None,
 ) -> tuple[torch.Tensor, list[int], torch.Tensor]:
     """``exchange_chunk_counts`` that also returns ``send_RCW`` on the host, read in the same single host sync
-    (for callers whose counts live on the device)."""
+    (for callers whose counts live on the device). ``shared_X`` / ``on_shared``: as ``exchange_count_rows``."""
     r, c, w = send_RCW.shape
     packed = torch.cat([send_RCW.reshape(r, c * w), send_RCW.new_full((r, 1), num_tokens)], dim=1)
-    packed = packed.to(device or send_RCW.device)
-    both = torch.stack([exchange_counts(packed, group), packed]).tolist()  # one host sync
-    recv_RCW = torch.tensor([row[:-1] for row in both[0]], dtype=torch.int64).reshape(r, c, w)
-    sent_RCW = torch.tensor([row[:-1] for row in both[1]], dtype=torch.int64).reshape(r, c, w)
-    return recv_RCW, [row[-1] for row in both[0]], sent_RCW
+    sent, recv = exchange_count_rows(packed, group, device=device, shared_X=shared_X, on_shared=on_shared)
+    recv_RCW = torch.tensor([row[:-1] for row in recv], dtype=torch.int64).reshape(r, c, w)
+    sent_RCW = torch.tensor([row[:-1] for row in sent], dtype=torch.int64).reshape(r, c, w)
+    return recv_RCW, [row[-1] for row in recv], sent_RCW
+
+
+def exchange_count_rows(
+    send_RP: torch.Tensor,
+    group: ProcessGroup | None,
+    *,
+    device: torch.device | None = None,
+    shared_X: torch.Tensor | None = None,
+    on_shared: Callable[[list[list[int]]], None] | None = None,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The one count collective of a dispatch: rank s tells rank d row d of its ``send_RP`` (P counts).
+
+    ``shared_X`` (int64 [X], optional) rides along: the same X numbers to every rank, so a layer's per-expert
+    load, drops and input checks need no collective of their own; every rank then receives all ranks' rows and
+    ``on_shared`` gets them (host lists [R][X], rank order) right after the host sync, before any token moves: a
+    callback that raises does so on every rank at the same point. One ``all_to_all_single`` of R*(P+X) int64 and
+    one host sync.
+
+    Args:
+        device: where the collective runs (the tokens' device: NCCL needs GPU tensors); default: send_RP's.
+    Returns:
+        sent_RP, recv_RP: host lists [R][P]: what this rank told each rank, what each rank told this rank.
+    """
+    p = send_RP.shape[1]
+    payload = send_RP.to(device or send_RP.device)
+    if shared_X is not None:
+        payload = torch.cat([payload, shared_X.to(payload.device).expand(payload.shape[0], -1)], dim=1)
+    sent, recv = torch.stack([payload, exchange_counts(payload, group)]).tolist()  # one host sync
+    if on_shared is not None:
+        on_shared([row[p:] for row in recv])
+    return [row[:p] for row in sent], [row[:p] for row in recv]
 
 
 # ---- asynchronous all-to-all (the overlap pipeline) ---------------------------------------------------------------

@@ -27,10 +27,11 @@ with per-rank splits; no expert ids are sent.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from .comm import ProcessGroup, all_to_all, exchange_counts, group_size
+from .comm import ProcessGroup, all_to_all, exchange_count_rows, group_size
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,8 @@ class AllToAllDispatcher:
         *,
         local_slot_TK: torch.Tensor | None = None,
         num_slots: int = 1,
+        shared_X: torch.Tensor | None = None,
+        on_shared: Callable[[list[list[int]]], None] | None = None,
     ) -> tuple[torch.Tensor, DispatchHandle]:
         """Send each kept (token, k) row to ``dest_rank_TK``.
 
@@ -160,6 +163,7 @@ class AllToAllDispatcher:
             local_slot_TK: colocated experts only: int64 slot in [0, num_slots) of the assignment's expert on its
                 destination rank. None: one expert per rank.
             num_slots: L, the most experts any rank holds (the slot dimension of the count exchange).
+            shared_X, on_shared: numbers that ride along in the count exchange (``comm.exchange_count_rows``).
         Returns:
             rows_MH: received rows, grouped by source rank, each source's rows in its token order (with
                 ``local_slot_TK``: grouped by slot inside each source's block, token order inside a slot).
@@ -169,7 +173,7 @@ class AllToAllDispatcher:
         top_k = dest_rank_TK.shape[1] if dest_rank_TK.dim() == 2 else 1
         handle = self.exchange(
             order_A, send_counts_V, num_tokens=x_TH.shape[0], top_k=top_k, topk_weights_TK=topk_weights_TK,
-            num_slots=None if local_slot_TK is None else num_slots,
+            num_slots=None if local_slot_TK is None else num_slots, shared_X=shared_X, on_shared=on_shared,
         )
         return self.send(x_TH.index_select(0, order_A // top_k), handle), handle
 
@@ -205,6 +209,8 @@ class AllToAllDispatcher:
         top_k: int,
         topk_weights_TK: torch.Tensor | None,
         num_slots: int | None = None,
+        shared_X: torch.Tensor | None = None,
+        on_shared: Callable[[list[list[int]]], None] | None = None,
     ) -> DispatchHandle:
         """Communication: exchange the counts of ``route`` and freeze what ``send``/``combine`` need.
 
@@ -213,16 +219,18 @@ class AllToAllDispatcher:
                 ``recv_slot_counts``); None otherwise.
             topk_weights_TK: the combine weights, or None when the expert side weights the rows (then ``combine``
                 sums over k).
+            shared_X, on_shared: numbers that ride along (``comm.exchange_count_rows``).
         """
-        recv_counts_V = exchange_counts(send_counts_V, self.ep_group)
-        # One host sync for both count lists: all_to_all_single needs the splits on the host.
-        send_V, recv_V = torch.stack([send_counts_V, recv_counts_V]).tolist()
         slots = 1 if num_slots is None else num_slots
-        recv_RL = tuple(tuple(recv_V[r * slots:(r + 1) * slots]) for r in range(self.num_ranks))
+        # One host sync for both count lists: all_to_all_single needs the splits on the host.
+        send_RL, recv_RL_lists = exchange_count_rows(
+            send_counts_V.view(self.num_ranks, slots), self.ep_group, shared_X=shared_X, on_shared=on_shared
+        )
+        recv_RL = tuple(tuple(row) for row in recv_RL_lists)
         return DispatchHandle(
             order_A=order_A,
             topk_weights_TK=topk_weights_TK,
-            send_splits=tuple(sum(send_V[r * slots:(r + 1) * slots]) for r in range(self.num_ranks)),
+            send_splits=tuple(sum(row) for row in send_RL),
             recv_splits=tuple(sum(c) for c in recv_RL),
             num_tokens=num_tokens,
             recv_slot_counts=None if num_slots is None else recv_RL,

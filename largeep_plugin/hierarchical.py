@@ -35,7 +35,7 @@ that exchange (``exchange_chunk_counts_with_sent`` returns the sent counts from 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -301,14 +301,19 @@ class HierarchicalDispatcher:
         dest_rank_TK: torch.Tensor,
         keep_TK: torch.Tensor,
         topk_weights_TK: torch.Tensor,
+        *,
+        shared_X: torch.Tensor | None = None,
+        on_shared: Callable[[list[list[int]]], None] | None = None,
     ) -> tuple[torch.Tensor, HierarchicalHandle]:
         """Send each token once to every node that holds one of its kept experts, then to those experts.
 
-        Args and returns as ``AllToAllDispatcher.dispatch``; rows_MH is grouped by gateway rank.
+        Args and returns as ``AllToAllDispatcher.dispatch`` (``shared_X`` / ``on_shared`` ride along in the one
+        count exchange, over the whole EP group); rows_MH is grouped by gateway rank.
         """
         chunk_T = torch.zeros(x_TH.shape[0], dtype=torch.int64, device=x_TH.device)
         pack = pack_by_node(dest_rank_TK, keep_TK, topk_weights_TK, self.layout, self.rank, chunk_T, 1)
-        recv_RCW, _, sent_RCW = exchange_chunk_counts_with_sent(pack.send_RCW, x_TH.shape[0], self.ep_group, x_TH.device)
+        recv_RCW, _, sent_RCW = exchange_chunk_counts_with_sent(pack.send_RCW, x_TH.shape[0], self.ep_group, x_TH.device,
+                                                                shared_X=shared_X, on_shared=on_shared)
         splits = stage_splits(sent_RCW, recv_RCW, self.layout, self.rank, 1, self.node_groups)[0]
         rows_SH = x_TH.index_select(0, pack.token_S)
         rows_UH, meta_UK2 = all_to_all_lanes([rows_SH, pack.meta_SK2], splits.s1_recv, splits.s1_send, self.stage1_group)

@@ -6,8 +6,9 @@ Shape legend:
 
 One forward:
     1. route locally (router.py); count assignments and drops
-    2. one tiny all_reduce over the EP group: global counts, drops, and every rank's input check
-       (so a bad input on one rank is an error on all ranks, not a hang in the all-to-all)
+    2. the global counts, drops and every rank's input check ride in the dispatch's count exchange (one small
+       all_to_all, no collective of their own): a bad input on one rank is an error on all ranks before any token
+       moves, not a hang in the all-to-all
     3. dispatch (dispatcher.py): permute by destination, exchange counts, all-to-all
     4. the expert MLP on the received rows: one dense GEMM pair
     5. combine: reverse all-to-all, weighted sum over the K choices
@@ -251,30 +252,35 @@ class LargeEPMoE(nn.Module):
         # Step 1: route locally.
         routing = self.router(x_TH)
 
-        # Step 2: one all_reduce carries the global counts, the drops and every rank's input check.
-        local = torch.zeros(cfg.num_experts + 1 + self.ep_size, dtype=torch.int64, device=x_TH.device)
-        local[: cfg.num_experts] = routing.tokens_per_expert_E
-        local[cfg.num_experts] = routing.num_dropped
+        # Step 2 rides in the dispatch's one count exchange (comm.exchange_count_rows): every rank tells every rank
+        # its per-expert counts, its drops and its input check, so the global load costs no collective of its own,
+        # and a bad input on any rank is an error on every rank before a token moves.
+        e = cfg.num_experts
+        shared_X = torch.zeros(e + 2, dtype=torch.int64, device=x_TH.device)
+        shared_X[:e] = routing.tokens_per_expert_E
+        shared_X[e] = routing.num_dropped
         if cfg.check_inputs:
-            # On the device, so the .tolist() below stays the only host sync of this step.
-            local[cfg.num_experts + 1 + self.ep_rank] = bad + _NON_FINITE * (~torch.isfinite(x_TH).all()).long()
-        if self.ep_size > 1:
-            dist.all_reduce(local, group=self.ep_group)
-        if cfg.check_inputs:
-            flags = local[cfg.num_experts + 1 :].tolist()
-            problems = {r: f for r, f in enumerate(flags) if f}
+            shared_X[e + 1] = bad + _NON_FINITE * (~torch.isfinite(x_TH).all()).long()
+        totals: list[int] = []
+
+        def on_shared(rows_RX: list[list[int]]) -> None:
+            problems = {r: row[e + 1] for r, row in enumerate(rows_RX) if row[e + 1]}
             if problems:
                 raise ValueError(self._describe_problems(problems, x))
-        global_counts_E = local[: cfg.num_experts]
+            totals.extend(sum(column) for column in zip(*rows_RX))
 
         # Steps 3-5: dispatch, expert, combine.
         dest_rank_TK = self._destination_ranks(routing.topk_ids_TK)
+        shared = dict(shared_X=shared_X, on_shared=on_shared)
         if self.colocated:
             local_slot_TK = self.local_slot_RE[dest_rank_TK, routing.topk_ids_TK]
             y_TH = self.token_exchange(x_TH, dest_rank_TK, routing.keep_TK, routing.topk_weights_TK, self.experts,
-                                       local_slot_TK=local_slot_TK, num_slots=self.num_slots)
+                                       local_slot_TK=local_slot_TK, num_slots=self.num_slots, **shared)
         else:
-            y_TH = self.token_exchange(x_TH, dest_rank_TK, routing.keep_TK, routing.topk_weights_TK, self.expert)
+            y_TH = self.token_exchange(x_TH, dest_rank_TK, routing.keep_TK, routing.topk_weights_TK, self.expert,
+                                       **shared)
+        global_counts_E = torch.tensor(totals[:e], dtype=torch.int64, device=x_TH.device)
+        dropped = torch.tensor(totals[e], dtype=torch.int64, device=x_TH.device)
 
         aux = self._aux_losses(routing.scores_TE, routing.logits_TE, global_counts_E)
         if self.training and torch.is_grad_enabled():
@@ -283,7 +289,7 @@ class LargeEPMoE(nn.Module):
                 self.tokens_per_expert_since_update += global_counts_E
         self.last_stats = LoadStats(
             tokens_per_expert_E=global_counts_E.detach(),
-            dropped=local[cfg.num_experts].detach(),
+            dropped=dropped,
             aux_loss=aux[0].detach(),
             z_loss=aux[1].detach(),
         )

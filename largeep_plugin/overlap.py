@@ -384,6 +384,8 @@ def pipelined_exchange(
     node_groups: NodeGroups | None = None,
     local_slot_TK: torch.Tensor | None = None,
     num_slots: int = 1,
+    shared_X: torch.Tensor | None = None,
+    on_shared: Callable[[list[list[int]]], None] | None = None,
 ) -> torch.Tensor:
     """Dispatch, expert and combine of a whole batch, pipelined over ``num_chunks`` chunks.
 
@@ -395,6 +397,7 @@ def pipelined_exchange(
             over ``group``).
         local_slot_TK, num_slots: flat only, colocated experts: as ``AllToAllDispatcher.dispatch``. The one count
             exchange then carries counts per (chunk, rank, slot), and each chunk's expert call gets its [R][L].
+        shared_X, on_shared: numbers that ride along in the one count exchange (``comm.exchange_count_rows``).
     Returns:
         y_TH, equal to the unchunked dispatcher's result (values and gradients, up to float rounding).
     """
@@ -410,7 +413,8 @@ def pipelined_exchange(
         key_TK = dest_rank_TK if local_slot_TK is None else dest_rank_TK * slots + local_slot_TK
         order_A, send_CV = permute_by_chunk_and_destination(key_TK, keep_TK, num_ranks * slots, chunk_T, num_chunks)
         send_RCL = send_CV.view(num_chunks, num_ranks, slots).permute(1, 0, 2).contiguous()
-        recv_RCL, tokens_R, sent_RCL = exchange_chunk_counts_with_sent(send_RCL, t, group, x_TH.device)
+        recv_RCL, tokens_R, sent_RCL = exchange_chunk_counts_with_sent(send_RCL, t, group, x_TH.device,
+                                                                      shared_X=shared_X, on_shared=on_shared)
         n = effective_chunks(num_chunks, tokens_R)
         send, recv = sent_RCL.sum(-1).t().tolist(), recv_RCL.sum(-1).t().tolist()
         programs, start = [], 0
@@ -423,7 +427,8 @@ def pipelined_exchange(
         return weighted_sum_over_k(back_AH, order_A, topk_weights_TK)
 
     pack = pack_by_node(dest_rank_TK, keep_TK, topk_weights_TK, layout, rank, chunk_T, num_chunks)
-    recv_RCW, tokens_R, sent_RCW = exchange_chunk_counts_with_sent(pack.send_RCW, t, group, x_TH.device)
+    recv_RCW, tokens_R, sent_RCW = exchange_chunk_counts_with_sent(pack.send_RCW, t, group, x_TH.device,
+                                                                  shared_X=shared_X, on_shared=on_shared)
     n = effective_chunks(num_chunks, tokens_R)
     rows_C = stage1_rows_per_chunk(sent_RCW, n)
     g1 = node_groups.rail_group if node_groups is not None else None
@@ -487,20 +492,21 @@ class TokenExchange:
 
     def __call__(self, x_TH: torch.Tensor, dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor,
                  topk_weights_TK: torch.Tensor, expert: nn.Module, *, local_slot_TK: torch.Tensor | None = None,
-                 num_slots: int = 1) -> torch.Tensor:
+                 num_slots: int = 1, shared_X: torch.Tensor | None = None,
+                 on_shared: Callable[[list[list[int]]], None] | None = None) -> torch.Tensor:
         """y_TH of the batch. Colocated (``local_slot_TK`` given, see ``AllToAllDispatcher.dispatch``): ``expert``
-        is called as ``expert(rows_MH, recv_slot_counts)`` (``experts.LocalExperts``)."""
+        is called as ``expert(rows_MH, recv_slot_counts)`` (``experts.LocalExperts``). ``shared_X`` / ``on_shared``
+        ride along in the one count exchange of every path (``comm.exchange_count_rows``)."""
         if (local_slot_TK is not None) != self.colocated:
             raise ValueError(f"local_slot_TK must be given exactly when colocated={self.colocated}")
-        if self.colocated and self.num_chunks > 1:
-            return pipelined_exchange(x_TH, dest_rank_TK, keep_TK, topk_weights_TK, expert, group=self.ep_group,
-                                      num_chunks=self.num_chunks, local_slot_TK=local_slot_TK, num_slots=num_slots)
-        if self.colocated:
-            rows_MH, handle = self.dispatcher.dispatch(x_TH, dest_rank_TK, keep_TK, topk_weights_TK,  # type: ignore[call-arg]
-                                                       local_slot_TK=local_slot_TK, num_slots=num_slots)
-            return self.dispatcher.combine(expert(rows_MH, handle.recv_slot_counts), handle)  # type: ignore[arg-type]
+        shared = dict(shared_X=shared_X, on_shared=on_shared)
         if self.num_chunks > 1:
             return pipelined_exchange(x_TH, dest_rank_TK, keep_TK, topk_weights_TK, expert, group=self.ep_group,
-                                      num_chunks=self.num_chunks, layout=self.layout, node_groups=self.node_groups)
-        rows_MH, handle = self.dispatcher.dispatch(x_TH, dest_rank_TK, keep_TK, topk_weights_TK)
+                                      num_chunks=self.num_chunks, layout=self.layout, node_groups=self.node_groups,
+                                      local_slot_TK=local_slot_TK, num_slots=num_slots, **shared)
+        if self.colocated:
+            rows_MH, handle = self.dispatcher.dispatch(x_TH, dest_rank_TK, keep_TK, topk_weights_TK,  # type: ignore[call-arg]
+                                                       local_slot_TK=local_slot_TK, num_slots=num_slots, **shared)
+            return self.dispatcher.combine(expert(rows_MH, handle.recv_slot_counts), handle)  # type: ignore[arg-type]
+        rows_MH, handle = self.dispatcher.dispatch(x_TH, dest_rank_TK, keep_TK, topk_weights_TK, **shared)
         return self.dispatcher.combine(expert(rows_MH), handle)  # type: ignore[arg-type]
