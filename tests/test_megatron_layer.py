@@ -322,3 +322,36 @@ def test_router_drives_the_stock_moe_layer() -> None:
     (result,) = world(_stock_layer_rank, 1, timeout=60)
     assert result["k_per_token"] == [2] * 10
     assert result["err"] <= TOL, result
+
+
+def _collectives_rank(rank: int, world_size: int) -> dict[str, Any]:
+    """Count the layer's all_reduce calls in one forward, with and without the switch loss, and its load stats."""
+    from unittest import mock
+
+    from largeep_plugin.adapters.megatron import LargeEPMoELayer
+
+    init_megatron(ep=world_size)
+    x = torch.randn(7, 2, 12, generator=torch.Generator().manual_seed(40 + rank))
+    out = {}
+    for coeff in (0.0, 0.1):
+        torch.manual_seed(0)
+        layer = LargeEPMoELayer(tiny_config(num_moe_experts=world_size, moe_aux_loss_coeff=coeff), layer_number=1)
+        calls = []
+        real = dist.all_reduce
+        with mock.patch.object(dist, "all_reduce", lambda *a, **k: calls.append(1) or real(*a, **k)):
+            y, _ = layer(x)
+        out[coeff] = {"all_reduces": len(calls), "counts": layer.last_stats.tokens_per_expert_E.tolist(),
+                      "dropped": int(layer.last_stats.dropped), "y": y.detach()}
+    return out
+
+
+def test_router_counts_ride_in_the_count_exchange_when_no_switch_loss_needs_them() -> None:
+    results = world(_collectives_rank, 2)
+    for r in results:
+        # Without the switch loss the global load comes with the dispatcher's count exchange; with it, the router
+        # needs it during its forward and all-reduces it.
+        assert r[0.0]["all_reduces"] == 0 and r[0.1]["all_reduces"] == 1, r
+        assert r[0.0]["counts"] == r[0.1]["counts"] and r[0.0]["dropped"] == r[0.1]["dropped"] == 0
+        assert sum(r[0.0]["counts"]) == 2 * 7 * 2 * 2  # all ranks' tokens x top-2: global, not this rank's
+        assert torch.allclose(r[0.0]["y"], r[0.1]["y"], atol=1e-6)
+    assert results[0][0.0]["counts"] == results[1][0.0]["counts"]

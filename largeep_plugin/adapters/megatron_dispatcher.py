@@ -84,6 +84,10 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
         placement: the plugin's placement (None: expert e on EP rank e).
         rank_to_experts: colocated placements only: the experts of every EP rank (ascending); None: one expert
             per rank.
+
+    Attributes:
+        count_source: set by ``LargeEPMoELayer`` to its router: ``token_dispatch`` sends what the router's
+            ``take_shared_counts`` gives (the global load and input checks) along in its count exchange.
     """
 
     def __init__(
@@ -103,6 +107,7 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
             self.local_slot_RE = torch.full((len(rank_to_experts), config.num_moe_experts), -1, dtype=torch.int64)
             for r, held in enumerate(rank_to_experts):
                 self.local_slot_RE[r, list(held)] = torch.arange(len(held))
+        self.count_source: Any = None
         # Per-call state between stages (see the module docstring); each is taken by the next stage.
         self._routed: _Routed | None = None
         self._in_flight: tuple[DispatchHandle, torch.Size] | None = None
@@ -143,9 +148,11 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
         Two all-to-alls, never one merged buffer: Megatron's overlap frees the received rows after the expert's
         forward, and weights that were a view of the same buffer would go with them."""
         routed = self._take("_routed", "token_dispatch", "dispatch_preprocess")
+        shared = self.count_source.take_shared_counts() if self.count_source is not None else None
         handle = self.dispatcher.exchange(
             routed.order_A, routed.send_counts_V, num_tokens=routed.num_tokens, top_k=self.top_k,
             topk_weights_TK=None, num_slots=None if self.local_slot_RE is None else self.num_slots,
+            shared_X=None if shared is None else shared[0], on_shared=None if shared is None else shared[1],
         )
         rows_MH = self.dispatcher.send(hidden_states, handle)
         probs_M = self.dispatcher.send(probs, handle)

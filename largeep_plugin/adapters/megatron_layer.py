@@ -246,6 +246,10 @@ class LargeEPMoELayer(MoELayer):
             config=config, pg_collection=pg_collection, ep_rank=ep_rank, placement=placement,
             rank_to_experts=rank_to_experts if colocated else None,
         )
+        # The router's global load and input checks ride in the dispatcher's count exchange (one collective fewer)
+        # whenever no switch loss needs them during the router's forward.
+        self.router.counts_in_dispatch = True
+        self.token_dispatcher.count_source = self.router
         self.experts = build_module(
             submodules.experts, lep, expert_ids=expert_ids,
             ep_replicas=[replica_index(rank_to_experts, ep_rank, e) for e in expert_ids],

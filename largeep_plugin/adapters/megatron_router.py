@@ -14,14 +14,16 @@ hook does the same (``megatron_balance.update_large_ep_biases``).
 
 One forward:
     1. route locally (core ``route``)
-    2. one all_reduce over the EP group: global counts (for the switch loss and ``last_stats``), drops, and
-       every rank's "input is finite" flag (a NaN on one rank is an error on all ranks, not a hang)
+    2. the global counts (for the switch loss and ``last_stats``), drops, and every rank's "input is finite" flag
+       (a NaN on one rank is an error on all ranks, not a hang) go over the EP group: with the switch loss on, in
+       one all_reduce here (the loss needs them now); otherwise, inside ``LargeEPMoELayer``, they ride in the
+       dispatcher's count exchange (``counts_in_dispatch``; ``take_shared_counts``), one collective fewer
     3. the switch loss and the z-loss are attached to ``probs_TE`` with Megatron's ``MoEAuxLossAutoScaler`` so that
        Megatron's schedules scale their gradients like the main loss (micro-batches, loss scale)
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -52,6 +54,9 @@ class LargeEPRouter(Router):
         local_tokens_per_expert [E]: float32 assignments of this rank since the last bias update (training only).
         bias_managed_by_megatron: True when Megatron's ``finalize_model_grads`` updates the bias.
         last_stats: ``LoadStats`` of the latest forward (global over the EP group).
+        counts_in_dispatch: set by ``LargeEPMoELayer``: when no switch loss needs the global counts during the
+            forward, leave them (and the input check) to the dispatcher's count exchange. False: one all_reduce
+            here (the router on its own, e.g. driving Megatron's stock dispatcher).
     """
 
     def __init__(self, *, config: Any, pg_collection: Any = None, large_ep_config: LargeEPConfig | None = None):
@@ -79,6 +84,8 @@ class LargeEPRouter(Router):
             "local_tokens_per_expert", torch.zeros(lep.num_experts, dtype=torch.float32), persistent=False
         )
         self.last_stats: LoadStats | None = None
+        self.counts_in_dispatch = False
+        self._pending_shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
@@ -110,7 +117,11 @@ class LargeEPRouter(Router):
         cfg = self.large_ep_config
         x_TH = input.reshape(-1, cfg.hidden_size)
         routing = self.route_tokens(x_TH)
-        global_counts_E, dropped = self._global_counts(routing, x_TH)
+        local_X = self._local_counts(routing, x_TH)
+        deferred = self.counts_in_dispatch and cfg.aux_loss_coeff == 0
+        global_counts_E = dropped = None
+        if not deferred:
+            global_counts_E, dropped = self._global_counts(local_X)
 
         e = cfg.num_experts
         probs_TE = routing.topk_weights_TK.new_zeros((x_TH.shape[0], e)).scatter(
@@ -126,27 +137,60 @@ class LargeEPRouter(Router):
                 probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, total)
             with torch.no_grad():
                 self.local_tokens_per_expert += routing.tokens_per_expert_E.float()
-        self.last_stats = LoadStats(
-            tokens_per_expert_E=global_counts_E, dropped=dropped, aux_loss=aux.detach(), z_loss=zl.detach()
-        )
+        if deferred:
+            self.last_stats = None  # set by finish_shared_counts, from the dispatcher's count exchange
+            self._pending_shared = (local_X, aux.detach(), zl.detach())
+        else:
+            self.last_stats = LoadStats(
+                tokens_per_expert_E=global_counts_E, dropped=dropped, aux_loss=aux.detach(), z_loss=zl.detach()
+            )
         return probs_TE, routing_map_TE
 
-    def _global_counts(self, routing: RoutingResult, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def take_shared_counts(self) -> tuple[torch.Tensor, Callable[[list[list[int]]], None]] | None:
+        """For the dispatcher: this forward's [E counts | drops | input flag] to send along in its count exchange,
+        and the callback that checks every rank's flag and sets ``last_stats``; None when the router did its own
+        all_reduce. Taken once."""
+        pending, self._pending_shared = self._pending_shared, None
+        if pending is None:
+            return None
+        local_X, aux, zl = pending
+
+        def on_shared(rows_RX: list[list[int]]) -> None:
+            self._raise_on_bad_input([row[-1] for row in rows_RX])
+            totals = [sum(column) for column in zip(*rows_RX)]
+            self.last_stats = LoadStats(
+                tokens_per_expert_E=torch.tensor(totals[:-2], dtype=torch.int64, device=local_X.device),
+                dropped=torch.tensor(totals[-2], dtype=torch.int64, device=local_X.device), aux_loss=aux, z_loss=zl,
+            )
+
+        return local_X, on_shared
+
+    def _local_counts(self, routing: RoutingResult, x_TH: torch.Tensor) -> torch.Tensor:
+        """int64 [E + 2]: this rank's assignments per expert, its drops, and its input flag (1: NaN or Inf)."""
         e = self.large_ep_config.num_experts
-        local = torch.zeros(e + 1 + self.ep_size, dtype=torch.int64, device=x_TH.device)
-        local[:e] = routing.tokens_per_expert_E
-        local[e] = routing.num_dropped
+        local_X = torch.zeros(e + 2, dtype=torch.int64, device=x_TH.device)
+        local_X[:e] = routing.tokens_per_expert_E
+        local_X[e] = routing.num_dropped
         if self.large_ep_config.check_inputs and x_TH.numel():
-            local[e + 1 + self.ep_rank] = int(not bool(torch.isfinite(x_TH).all()))
+            local_X[e + 1] = (~torch.isfinite(x_TH).all()).long()
+        return local_X
+
+    def _global_counts(self, local_X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One all_reduce of the counts, drops and every rank's input flag (in its own slot) over the EP group."""
+        e = self.large_ep_config.num_experts
+        local = torch.zeros(e + 1 + self.ep_size, dtype=torch.int64, device=local_X.device)
+        local[: e + 1] = local_X[: e + 1]
+        local[e + 1 + self.ep_rank] = local_X[e + 1]
         if self.ep_size > 1:
             dist.all_reduce(local, group=self.ep_group)
-        if self.large_ep_config.check_inputs:
-            bad = [r for r, flag in enumerate(local[e + 1 :].tolist()) if flag]
-            if bad:
-                raise ValueError(
-                    f"LargeEPRouter (layer {self.layer_number}): input contains NaN or Inf on EP rank(s) {bad}"
-                )
+        if self.large_ep_config.check_inputs:  # the only host sync of the forward: skipped when checks are off
+            self._raise_on_bad_input(local[e + 1 :].tolist())
         return local[:e].detach(), local[e].detach()
+
+    def _raise_on_bad_input(self, flags_R: list[int]) -> None:
+        bad = [r for r, flag in enumerate(flags_R) if flag]
+        if bad:
+            raise ValueError(f"LargeEPRouter (layer {self.layer_number}): input contains NaN or Inf on EP rank(s) {bad}")
 
     def _loss_scale(self, num_tokens: int) -> float:
         # Router gradients are summed over TP under sequence parallelism: divide so the sum is the mean.
@@ -156,8 +200,9 @@ class LargeEPRouter(Router):
             scale *= num_tokens
         return scale
 
-    def _losses(self, routing: RoutingResult, global_counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The switch loss and the z-loss of this rank, coefficients applied (0 when off or not training)."""
+    def _losses(self, routing: RoutingResult, global_counts_E: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The switch loss and the z-loss of this rank, coefficients applied (0 when off or not training).
+        ``global_counts_E`` may be None only when the switch loss is off."""
         cfg = self.large_ep_config
         aux = zl = routing.scores_TE.new_zeros(())
         if not (self.training and torch.is_grad_enabled()):
