@@ -81,9 +81,10 @@ class NodePack:
 
     Attributes:
         token_S, node_S: int64 token and destination node of each stage-1 row.
-        meta_SK2: float32 [weights (0 for experts elsewhere) | local destination rank (-1 for none)];
+        meta_SK2: float32 [weights (0 for experts elsewhere) | local destination (-1 for none)]; the local
+            destination is the node-local rank, or with colocated experts ``local rank * L + slot``;
             differentiable in the weights.
-        send_RCW: int64 [R, C, 2 + G] counts to exchange (see the module docstring), on the tokens' device.
+        send_RCW: int64 [R, C, L + 1 + G*L] counts to exchange (see ``pack_by_node``), on the tokens' device.
     """
 
     token_S: torch.Tensor
@@ -95,12 +96,15 @@ class NodePack:
 @dataclass(frozen=True)
 class StageSplits:
     """Split sizes of one chunk's two stages, seen from this rank, dispatch direction: length R each over the EP
-    group, or over the rail group (stage 1) and the node group (stage 2) when node groups are used."""
+    group, or over the rail group (stage 1) and the node group (stage 2) when node groups are used.
+    ``s2_recv_slots``: colocated experts only: rows received in stage 2 from each source (in arrival order), per
+    local expert slot (what ``experts.LocalExperts`` takes); None otherwise."""
 
     s1_send: tuple[int, ...]
     s1_recv: tuple[int, ...]
     s2_send: tuple[int, ...]
     s2_recv: tuple[int, ...]
+    s2_recv_slots: tuple[tuple[int, ...], ...] | None = None
 
 
 def pack_by_node(
@@ -111,10 +115,21 @@ def pack_by_node(
     rank: int,
     chunk_T: torch.Tensor,
     num_chunks: int,
+    local_slot_TK: torch.Tensor | None = None,
+    num_slots: int = 1,
 ) -> NodePack:
-    """Step 1 of a hierarchical dispatch, local: one row per (token, node) and the counts to exchange."""
+    """Step 1 of a hierarchical dispatch, local: one row per (token, node) and the counts to exchange.
+
+    Counts told to rank r, per chunk (L = ``num_slots`` with colocated experts, else 1):
+    [flat count to r per slot (L) | stage-1 rows to r | flat counts to every rank of r's node, per slot (G*L)].
+    With colocated experts (``local_slot_TK``: the slot of each assignment's expert on its destination rank) the
+    gateway forwards copies sorted by (local rank, slot), so each expert rank receives every gateway's block
+    grouped by slot, as the flat colocated dispatch delivers them.
+    """
     t, k = dest_rank_TK.shape
     g, n, r = layout.ranks_per_node, layout.num_nodes, layout.num_ranks
+    slots = 1 if local_slot_TK is None else num_slots
+    slot_TK = torch.zeros_like(dest_rank_TK) if local_slot_TK is None else local_slot_TK
     node_TK = dest_rank_TK // g
     # Which nodes each token needs (dropped assignments need none).
     present_TN = torch.zeros(t, n, dtype=torch.bool, device=dest_rank_TK.device)
@@ -127,27 +142,27 @@ def pack_by_node(
 
     on_node_SK = (node_TK[token_S] == node_S.unsqueeze(1)) & keep_TK[token_S]
     weights_SK = topk_weights_TK.index_select(0, token_S) * on_node_SK
-    local_SK = torch.where(on_node_SK, dest_rank_TK[token_S] % g, torch.full_like(dest_rank_TK[token_S], -1))
+    vlocal_TK = (dest_rank_TK % g) * slots + slot_TK
+    local_SK = torch.where(on_node_SK, vlocal_TK[token_S], torch.full_like(vlocal_TK[token_S], -1))
     meta_SK2 = torch.cat([weights_SK.float(), local_SK.float()], dim=1)
 
-    # Counts: [flat count to r | stage-1 rows to r | flat counts to every rank of r's node], per chunk.
-    flat_key = (chunk_T.unsqueeze(1) * r + dest_rank_TK)[keep_TK]
     # Built on the device, no host copy here: the count exchange reads them on the host in its one sync.
+    flat_key = ((chunk_T.unsqueeze(1) * r + dest_rank_TK) * slots + slot_TK)[keep_TK]
     device = dest_rank_TK.device
-    flat_CR = torch.bincount(flat_key, minlength=num_chunks * r).view(num_chunks, r)
+    flat_CRL = torch.bincount(flat_key, minlength=num_chunks * r * slots).view(num_chunks, r, slots)
     rows_CN = torch.bincount(key_S, minlength=num_chunks * n).view(num_chunks, n)
     gateways = torch.arange(n, device=device) * g + layout.local_of(rank)
-    send_RCW = torch.zeros(r, num_chunks, 2 + g, dtype=torch.int64, device=device)
-    send_RCW[:, :, 0] = flat_CR.t()
-    send_RCW[gateways, :, 1] = rows_CN.t()
+    send_RCW = torch.zeros(r, num_chunks, slots + 1 + g * slots, dtype=torch.int64, device=device)
+    send_RCW[:, :, :slots] = flat_CRL.permute(1, 0, 2)
+    send_RCW[gateways, :, slots] = rows_CN.t()
     node_of_R = torch.arange(r, device=device) // g
-    send_RCW[:, :, 2:] = flat_CR.view(num_chunks, n, g)[:, node_of_R, :].permute(1, 0, 2)
+    send_RCW[:, :, slots + 1:] = flat_CRL.reshape(num_chunks, n, g * slots)[:, node_of_R, :].permute(1, 0, 2)
     return NodePack(token_S, node_S, meta_SK2, send_RCW)
 
 
-def stage1_rows_per_chunk(sent_RCW: torch.Tensor, num_chunks: int) -> list[int]:
+def stage1_rows_per_chunk(sent_RCW: torch.Tensor, num_chunks: int, num_slots: int = 1) -> list[int]:
     """Stage-1 rows this rank sends per chunk, from the host copy of ``NodePack.send_RCW``."""
-    return [int(sent_RCW[:, c, 1].sum()) for c in range(num_chunks)]
+    return [int(sent_RCW[:, c, num_slots].sum()) for c in range(num_chunks)]
 
 
 def to_subgroup(splits_R: Sequence[int], members: Sequence[int], what: str) -> tuple[int, ...]:
@@ -167,30 +182,41 @@ def to_subgroup(splits_R: Sequence[int], members: Sequence[int], what: str) -> t
 
 
 def stage_splits(sent_RCW: torch.Tensor, recv_RCW: torch.Tensor, layout: NodeLayout, rank: int, num_chunks: int,
-                 node_groups: NodeGroups | None = None) -> list[StageSplits]:
+                 node_groups: NodeGroups | None = None, num_slots: int | None = None) -> list[StageSplits]:
     """Step 2, local: the split sizes of both stages of every chunk, from the exchanged counts (host tensors).
 
     Without ``node_groups`` the splits are over the EP group (length R); with them, stage 1's over the rail group
-    and stage 2's over the node group.
+    and stage 2's over the node group. ``num_slots``: L of ``pack_by_node`` with colocated experts; the splits then
+    also carry ``s2_recv_slots``.
     """
     g, r = layout.ranks_per_node, layout.num_ranks
+    slots = 1 if num_slots is None else num_slots
     node, local = layout.node_of(rank), layout.local_of(rank)
     mates = list(range(node * g, (node + 1) * g))
     rail = [s for s in range(r) if s % g == local]
+    rails = [[s for s in range(r) if s % g == j] for j in range(g)]
     out = []
     for c in range(num_chunks):
         s2_send, s2_recv = [0] * r, [0] * r
+        # Rows this rank's experts receive from each node-mate gateway m, per slot: the flat counts of m's rail.
+        from_mate = [recv_RCW[rails[j], c, :slots].sum(dim=0).tolist() for j in range(g)]
         for j, m in enumerate(mates):
-            s2_send[m] = int(recv_RCW[rail, c, 2 + j].sum())  # what this gateway forwards to node-mate j
-            s2_recv[m] = int(recv_RCW[[s for s in range(r) if s % g == j], c, 0].sum())  # what gateway m sends me
-        sp = StageSplits(s1_send=tuple(sent_RCW[:, c, 1].tolist()), s1_recv=tuple(recv_RCW[:, c, 1].tolist()),
-                         s2_send=tuple(s2_send), s2_recv=tuple(s2_recv))
+            s2_send[m] = int(recv_RCW[rail, c, slots + 1 + j * slots: slots + 1 + (j + 1) * slots].sum())
+            s2_recv[m] = sum(from_mate[j])  # what gateway m sends me
+        recv_slots = None
+        if num_slots is not None:
+            # Per stage-2 source in the order its rows arrive (the collective's group order); zeros off the node.
+            members = node_groups.node_members if node_groups is not None else range(r)
+            recv_slots = tuple(tuple(from_mate[mates.index(m)]) if m in mates else (0,) * slots for m in members)
+        sp = StageSplits(s1_send=tuple(sent_RCW[:, c, slots].tolist()), s1_recv=tuple(recv_RCW[:, c, slots].tolist()),
+                         s2_send=tuple(s2_send), s2_recv=tuple(s2_recv), s2_recv_slots=recv_slots)
         if node_groups is not None:
-            rail, node = node_groups.rail_members, node_groups.node_members
-            sp = StageSplits(s1_send=to_subgroup(sp.s1_send, rail, "stage 1 send"),
-                             s1_recv=to_subgroup(sp.s1_recv, rail, "stage 1 receive"),
-                             s2_send=to_subgroup(sp.s2_send, node, "stage 2 send"),
-                             s2_recv=to_subgroup(sp.s2_recv, node, "stage 2 receive"))
+            rail_m, node_m = node_groups.rail_members, node_groups.node_members
+            sp = StageSplits(s1_send=to_subgroup(sp.s1_send, rail_m, "stage 1 send"),
+                             s1_recv=to_subgroup(sp.s1_recv, rail_m, "stage 1 receive"),
+                             s2_send=to_subgroup(sp.s2_send, node_m, "stage 2 send"),
+                             s2_recv=to_subgroup(sp.s2_recv, node_m, "stage 2 receive"),
+                             s2_recv_slots=recv_slots)
         out.append(sp)
     return out
 
@@ -259,6 +285,7 @@ class HierarchicalHandle:
         order_B: int64 gateway-side (row, slot) order of the forwarded copies.
         token_S, node_S: int64 token and node of each stage-1 row this rank sent.
         num_tokens: T.  num_nodes: N.
+        recv_slot_counts: colocated experts: rows received per stage-2 source and local slot; None otherwise.
     """
 
     splits: StageSplits
@@ -268,6 +295,7 @@ class HierarchicalHandle:
     node_S: torch.Tensor
     num_tokens: int
     num_nodes: int
+    recv_slot_counts: tuple[tuple[int, ...], ...] | None = None
 
 
 class HierarchicalDispatcher:
@@ -302,26 +330,31 @@ class HierarchicalDispatcher:
         keep_TK: torch.Tensor,
         topk_weights_TK: torch.Tensor,
         *,
+        local_slot_TK: torch.Tensor | None = None,
+        num_slots: int = 1,
         shared_X: torch.Tensor | None = None,
         on_shared: Callable[[list[list[int]]], None] | None = None,
     ) -> tuple[torch.Tensor, HierarchicalHandle]:
         """Send each token once to every node that holds one of its kept experts, then to those experts.
 
         Args and returns as ``AllToAllDispatcher.dispatch`` (``shared_X`` / ``on_shared`` ride along in the one
-        count exchange, over the whole EP group); rows_MH is grouped by gateway rank.
+        count exchange, over the whole EP group; colocated experts: ``local_slot_TK`` / ``num_slots``, and the
+        handle's ``recv_slot_counts``); rows_MH is grouped by gateway rank (then by slot).
         """
         chunk_T = torch.zeros(x_TH.shape[0], dtype=torch.int64, device=x_TH.device)
-        pack = pack_by_node(dest_rank_TK, keep_TK, topk_weights_TK, self.layout, self.rank, chunk_T, 1)
+        pack = pack_by_node(dest_rank_TK, keep_TK, topk_weights_TK, self.layout, self.rank, chunk_T, 1,
+                            local_slot_TK=local_slot_TK, num_slots=num_slots)
         recv_RCW, _, sent_RCW = exchange_chunk_counts_with_sent(pack.send_RCW, x_TH.shape[0], self.ep_group, x_TH.device,
                                                                 shared_X=shared_X, on_shared=on_shared)
-        splits = stage_splits(sent_RCW, recv_RCW, self.layout, self.rank, 1, self.node_groups)[0]
+        splits = stage_splits(sent_RCW, recv_RCW, self.layout, self.rank, 1, self.node_groups,
+                              num_slots=None if local_slot_TK is None else num_slots)[0]
         rows_SH = x_TH.index_select(0, pack.token_S)
         rows_UH, meta_UK2 = all_to_all_lanes([rows_SH, pack.meta_SK2], splits.s1_recv, splits.s1_send, self.stage1_group)
         rows_BH, weights_UK, order_B = gateway_expand(rows_UH, meta_UK2)
         rows_MH = all_to_all(rows_BH, splits.s2_recv, splits.s2_send, self.stage2_group)
         handle = HierarchicalHandle(
             splits=splits, weights_UK=weights_UK, order_B=order_B, token_S=pack.token_S, node_S=pack.node_S,
-            num_tokens=x_TH.shape[0], num_nodes=self.layout.num_nodes,
+            num_tokens=x_TH.shape[0], num_nodes=self.layout.num_nodes, recv_slot_counts=splits.s2_recv_slots,
         )
         return rows_MH, handle
 

@@ -16,8 +16,9 @@ One forward:
 Colocated experts (more experts than ranks, opt-in through a placement planned with ``allow_colocate=True``):
 every rank runs ``LocalExperts`` (experts.py), the source sorts each destination's rows by the slot of their
 expert there (``dispatcher.py``: counts exchanged per (rank, slot), no expert ids sent), and the receiver runs
-each local expert on its own rows. Flat dispatch only, chunked overlap included (the one count exchange then
-carries counts per (chunk, rank, slot)); a warning says so once per placement.
+each local expert on its own rows. Every dispatch path runs it: flat or node-batched (the gateway forwards copies
+sorted by (local rank, slot)), chunked or not (the one count exchange carries counts per (chunk, rank, slot)); a
+warning says so once per placement.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ class LargeEPMoE(nn.Module):
         placement: which expert each rank holds and where each token's copy goes (placement.py). None means
             expert e on rank e, which needs the group size to equal ``num_experts``. A placement that colocates
             experts (``plan_placement(..., allow_colocate=True)``) is the explicit opt-in to several experts per
-            rank: it warns once, and needs ``dispatch="flat"`` (else NotImplementedError); ``overlap_chunks`` works.
+            rank: it warns once; every dispatch setting runs it.
         ranks_per_node: ranks of one node, consecutive in the EP group; needed by ``dispatch="hierarchical"``
             (at least two nodes, else ValueError). Default: from ``node_groups`` or the placement's topology.
         node_groups: ``dispatch="hierarchical"`` only: this rank's node and rail groups
@@ -190,7 +191,7 @@ class LargeEPMoE(nn.Module):
         _WARNED_COLOCATED.add(key)
         warnings.warn(
             f"LargeEPMoE: {self.config.num_experts} experts on {self.ep_size} ranks, up to {self.num_slots} per rank "
-            "(colocated experts: each rank runs its experts one after another; flat dispatch only)",
+            "(colocated experts: each rank runs its experts one after another)",
             stacklevel=3,
         )
 

@@ -395,8 +395,8 @@ def pipelined_exchange(
         layout: None for the flat all-to-all, a ``NodeLayout`` for the node-batched one.
         node_groups: node-batched only: run stage 1 on the rail group and stage 2 on the node group (None: both
             over ``group``).
-        local_slot_TK, num_slots: flat only, colocated experts: as ``AllToAllDispatcher.dispatch``. The one count
-            exchange then carries counts per (chunk, rank, slot), and each chunk's expert call gets its [R][L].
+        local_slot_TK, num_slots: colocated experts: as ``AllToAllDispatcher.dispatch``. The one count exchange
+            then carries counts per (chunk, rank, slot), and each chunk's expert call gets its [sources][L].
         shared_X, on_shared: numbers that ride along in the one count exchange (``comm.exchange_count_rows``).
     Returns:
         y_TH, equal to the unchunked dispatcher's result (values and gradients, up to float rounding).
@@ -404,8 +404,6 @@ def pipelined_exchange(
     t, k = dest_rank_TK.shape
     num_ranks, rank = group_size(group), group_rank(group)
     chunk_T = chunk_of_tokens(t, num_chunks, x_TH.device)
-    if local_slot_TK is not None and layout is not None:
-        raise NotImplementedError("colocated experts are dispatched flat only, not node-batched")
     if layout is None:
         slots = 1 if local_slot_TK is None else num_slots
         # Colocated: sorting by the virtual destination dest * L + slot groups each rank's rows by slot inside
@@ -426,20 +424,24 @@ def pipelined_exchange(
         back_AH = run_pipeline(programs, {"rows": x_TH.index_select(0, order_A // k)}, expert, group)
         return weighted_sum_over_k(back_AH, order_A, topk_weights_TK)
 
-    pack = pack_by_node(dest_rank_TK, keep_TK, topk_weights_TK, layout, rank, chunk_T, num_chunks)
+    slots = None if local_slot_TK is None else num_slots
+    pack = pack_by_node(dest_rank_TK, keep_TK, topk_weights_TK, layout, rank, chunk_T, num_chunks,
+                        local_slot_TK=local_slot_TK, num_slots=num_slots)
     recv_RCW, tokens_R, sent_RCW = exchange_chunk_counts_with_sent(pack.send_RCW, t, group, x_TH.device,
                                                                   shared_X=shared_X, on_shared=on_shared)
     n = effective_chunks(num_chunks, tokens_R)
-    rows_C = stage1_rows_per_chunk(sent_RCW, n)
+    rows_C = stage1_rows_per_chunk(sent_RCW, n, slots or 1)
     g1 = node_groups.rail_group if node_groups is not None else None
     g2 = node_groups.node_group if node_groups is not None else None
     programs, start = [], 0
-    for c, sp in enumerate(stage_splits(sent_RCW, recv_RCW, layout, rank, n, node_groups)):
+    for c, sp in enumerate(stage_splits(sent_RCW, recv_RCW, layout, rank, n, node_groups, num_slots=slots)):
         s1 = Exchange(("rows", "meta"), sp.s1_send, sp.s1_recv, g1)
         s2 = Exchange(("rows",), sp.s2_send, sp.s2_recv, g2)
         expand = Local(gateway_expand, ("rows", "meta"), ("rows", "weights", "order"))
         reduce = Local(lambda back, w, order: (gateway_reduce(back, w, order),), ("rows", "weights", "order"), ("rows",))
-        programs.append(ChunkProgram(start, start + rows_C[c], (s1, expand, s2), (s2.reverse(), reduce, s1.reverse(("rows",)))))
+        args = () if slots is None else (sp.s2_recv_slots,)
+        programs.append(ChunkProgram(start, start + rows_C[c], (s1, expand, s2), (s2.reverse(), reduce, s1.reverse(("rows",))),
+                                     args))
         start += rows_C[c]
     inputs = {"rows": x_TH.index_select(0, pack.token_S), "meta": pack.meta_SK2}
     partial_SH = run_pipeline(programs, inputs, expert, group)
@@ -453,8 +455,7 @@ class TokenExchange:
         config: ``dispatch`` ("flat" | "hierarchical") and ``overlap_chunks`` (1 = no pipeline).
         ep_group: the EP process group.
         ranks_per_node: ranks per node, consecutive; required for "hierarchical" (at least two nodes).
-        colocated: ranks hold several experts (calls pass ``local_slot_TK``); flat dispatch only, chunked or not
-            (NotImplementedError for "hierarchical").
+        colocated: ranks hold several experts (calls pass ``local_slot_TK``); every path supports it.
         node_groups: "hierarchical" only (ValueError otherwise): run its stage 1 on the rail group and stage 2 on
             the node group (``process_groups.build_node_groups``); None runs both over ``ep_group``.
 
@@ -464,11 +465,6 @@ class TokenExchange:
 
     def __init__(self, config: DispatchConfig, ep_group: ProcessGroup | None, ranks_per_node: int | None = None,
                  colocated: bool = False, node_groups: NodeGroups | None = None):
-        if colocated and config.dispatch != "flat":
-            raise NotImplementedError(
-                f"colocated experts (several experts on one rank) run only with dispatch='flat', got "
-                f"dispatch={config.dispatch!r}"
-            )
         self.colocated = colocated
         self.num_chunks = config.overlap_chunks
         self.ep_group = ep_group

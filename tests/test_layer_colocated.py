@@ -5,8 +5,8 @@ input gradient, the router gradient, every local expert's gradients (expert e on
 expert e), and that each expert received exactly the rows routed to it. Placements: the planner's (with
 ``allow_colocate=True``), uneven hand-made ones (3 + 1 experts, a rank with one expert among ranks with several),
 and colocated + replicated experts (gradients summed over the replica group), each also through the chunked overlap
-pipeline. Single process: the warning is emitted once, hierarchical dispatch and the single-expert views raise
-NotImplementedError.
+pipeline, and through the node-batched (hierarchical) dispatch on 2 nodes x 2 ranks, with and without node/rail
+groups and chunks. Single process: the warning is emitted once, the single-expert views raise NotImplementedError.
 """
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ from largeep_plugin.experts import LocalExperts
 from largeep_plugin.grads import allreduce_gradients
 from largeep_plugin.moe_layer import LargeEPMoE
 from largeep_plugin.placement import Placement, plan_placement
+from largeep_plugin.process_groups import build_node_groups
 from largeep_plugin.reference import DenseMoEReference
 from largeep_plugin.topology import Topology
 
 
-def _placement(rank_to_experts: tuple[tuple[int, ...], ...], num_experts: int) -> Placement:
-    topo = Topology.uniform(1, len(rank_to_experts))
+def _placement(rank_to_experts: tuple[tuple[int, ...], ...], num_experts: int, nodes: int = 1) -> Placement:
+    topo = Topology.uniform(nodes, len(rank_to_experts) // nodes)
     return Placement(topology=topo, num_experts=num_experts, rank_to_experts=rank_to_experts)
 
 
@@ -36,7 +37,7 @@ def _planned(num_experts: int, num_ranks: int, load: list[int] | None = None) ->
         return plan_placement(num_experts, Topology.uniform(1, num_ranks), load=load, allow_colocate=True)
 
 
-def _colocated_parity(placement: Placement, counts: list[int], seed: int, **overrides) -> dict[str, float]:
+def _colocated_parity(placement: Placement, counts: list[int], seed: int, node_groups=None, **overrides) -> dict[str, float]:
     """One case inside a rank: errors of the colocated layer against the dense reference (this rank's experts).
 
     Loss = sum(y * g) summed over ranks; the reference runs each rank's tokens as a separate call (capacity is
@@ -47,7 +48,7 @@ def _colocated_parity(placement: Placement, counts: list[int], seed: int, **over
     cfg = make_config(placement.num_experts, **overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        layer = LargeEPMoE(cfg, placement=placement)
+        layer = LargeEPMoE(cfg, placement=placement, node_groups=node_groups)
     ref = DenseMoEReference(cfg)
     x_GH, g_GH = global_batch(counts, HIDDEN, seed)
     own = rank_slice(counts, rank)
@@ -171,6 +172,9 @@ def _four_ranks(rank: int, world_size: int) -> dict:
     uneven = _placement(((0, 1, 2), (3,), (4, 5), (6, 7)), 8)
     # Colocated and replicated: experts 0, 1, 2 each on two ranks, two experts on ranks 0 and 3.
     replicated = _placement(((0, 1), (2,), (0,), (1, 2)), 3)
+    uneven_2x2 = _placement(((0, 1, 2), (3,), (4, 5), (6, 7)), 8, nodes=2)
+    replicated_2x2 = _placement(((0, 1), (2,), (0,), (1, 2)), 3, nodes=2)
+    groups = build_node_groups(list(range(world_size)), 2)
     return {
         "planned-swiglu-top2": _colocated_parity(planned, [12, 9, 16, 10], seed=11, top_k=2, activation="swiglu"),
         "planned-gelu-top1": _colocated_parity(planned, [11, 11, 11, 11], seed=12, top_k=1),
@@ -181,6 +185,19 @@ def _four_ranks(rank: int, world_size: int) -> dict:
         "uneven-gelu-top2-chunks3": _colocated_parity(uneven, [14, 7, 0, 18], seed=16, top_k=2, overlap_chunks=3),
         "replicated-swiglu-top2-chunks2": _colocated_parity(replicated, [16, 12, 9, 20], seed=17, top_k=2,
                                                             activation="swiglu", overlap_chunks=2),
+        # Node-batched dispatch over 2 nodes x 2 ranks: gateways forward copies sorted by (local rank, slot).
+        "hier-uneven-gelu-top2": _colocated_parity(uneven_2x2, [14, 7, 0, 18], seed=18, top_k=2,
+                                                   dispatch="hierarchical"),
+        "hier-uneven-swiglu-top2-capacity-chunks3": _colocated_parity(
+            uneven_2x2, [24, 24, 24, 24], seed=19, top_k=2, activation="swiglu", capacity_factor=0.5,
+            dispatch="hierarchical", overlap_chunks=3),
+        "hier-replicated-gelu-top2-chunks2": _colocated_parity(replicated_2x2, [16, 12, 9, 20], seed=20, top_k=2,
+                                                               dispatch="hierarchical", overlap_chunks=2),
+        "hier-groups-uneven-gelu-top1": _colocated_parity(uneven_2x2, [13, 11, 17, 9], seed=21, top_k=1,
+                                                          dispatch="hierarchical", node_groups=groups),
+        "hier-groups-uneven-gelu-top2-chunks2": _colocated_parity(uneven_2x2, [13, 11, 17, 9], seed=22, top_k=2,
+                                                                  dispatch="hierarchical", overlap_chunks=2,
+                                                                  node_groups=groups),
     }
 
 
@@ -188,6 +205,7 @@ def test_four_ranks_eight_experts_uneven_and_replicated() -> None:
     results = world(_four_ranks, 4)
     _check(results)
     assert results[0]["uneven-swiglu-top2-capacity"]["dropped"] > 0
+    assert results[0]["hier-uneven-swiglu-top2-capacity-chunks3"]["dropped"] > 0
 
 
 # ---- single process ----------------------------------------------------------------------------------------------
@@ -216,12 +234,6 @@ def test_one_rank_holding_every_expert_matches_reference_and_warns_once() -> Non
     for e, mod in layers[0].local_experts():
         for name, p in mod.named_parameters():
             assert rel_err(p.grad, dict(ref.experts[e].named_parameters())[name].grad) <= 1e-5, (e, name)
-
-
-def test_colocation_refuses_hierarchical_dispatch() -> None:
-    placement = _placement(((0, 1),), 2)
-    with pytest.raises(NotImplementedError, match=r"only with dispatch='flat', got dispatch='hierarchical'"):
-        LargeEPMoE(make_config(2, dispatch="hierarchical", overlap_chunks=2), placement=placement)
 
 
 def test_planner_refuses_colocation_without_opt_in_and_layer_needs_a_placement() -> None:
