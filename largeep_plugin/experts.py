@@ -10,6 +10,12 @@ Parameter names (stable: checkpoints and the adapters rely on them):
             fc2.weight [H, F];                               expert(x) = fc2(silu(gate(x)) * up(x))
     With ``linear_bias`` the linears also have ``fc1.bias`` and ``fc2.bias``.
 
+Expert tensor parallelism (``tp_size`` t > 1): shard j of t holds rows j*F/t..(j+1)*F/t-1 of fc1 (for SwiGLU the
+same rows of the gate and of the up projection, still gate first: ``fc1.weight`` [2F/t, H]), the same columns
+of fc2 (``fc2.weight`` [H, F/t]) and, on shard 0 only, ``fc2.bias``: its output is a partial sum, and the t
+partials of a row add up to the whole expert's output (the activation is elementwise over F). The shards are
+slices of the expert's seeded weights, so they equal the dense reference's expert e sliced.
+
 Expert parameters carry ``allreduce = False`` (the Megatron and DeepSpeed convention): they are not data-parallel
 over the EP group, so a trainer's gradient all-reduce must skip them (see ``grads.py``).
 
@@ -34,27 +40,51 @@ def expert_seed(init_seed: int, expert_id: int) -> int:
 
 
 class ExpertMLP(nn.Module):
-    """One expert. ``forward(rows_NH) -> rows_NH``; an empty input gives an empty output (no special case)."""
+    """One expert, or shard ``tp_rank`` of ``tp_size`` of it. ``forward(rows_NH) -> rows_NH`` (a shard: its
+    partial sum of the output); an empty input gives an empty output (no special case)."""
 
-    def __init__(self, config: ExpertConfig, *, expert_id: int, init_seed: int = 0):
+    def __init__(self, config: ExpertConfig, *, expert_id: int, init_seed: int = 0, tp_rank: int = 0,
+                 tp_size: int = 1):
         super().__init__()
+        if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+            raise ValueError(f"tp_size={tp_size!r} must be an integer >= 1")
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank={tp_rank!r} must be in [0, {tp_size})")
+        if config.ffn_hidden_size % tp_size:
+            raise ValueError(f"ffn_hidden_size={config.ffn_hidden_size} is not divisible by the expert-TP size "
+                             f"{tp_size}")
         self.config = config
         self.expert_id = expert_id
-        h, f = config.hidden_size, config.ffn_hidden_size
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        h, f = config.hidden_size, config.ffn_hidden_size // tp_size
         fc1_out = 2 * f if config.activation == "swiglu" else f
         self.fc1 = nn.Linear(h, fc1_out, bias=config.linear_bias)
-        self.fc2 = nn.Linear(f, h, bias=config.linear_bias)
+        self.fc2 = nn.Linear(f, h, bias=config.linear_bias and tp_rank == 0)
         self.reset_parameters(init_seed)
         for p in self.parameters():
             p.allreduce = False  # expert parameter: not reduced over the EP group
 
     @torch.no_grad()
     def reset_parameters(self, init_seed: int) -> None:
+        """The expert's seeded weights (the whole expert's, on the host, then this shard's slice); zero biases."""
         gen = torch.Generator().manual_seed(expert_seed(init_seed, self.expert_id))
+        h, f = self.config.hidden_size, self.config.ffn_hidden_size
+        fc1_rows = 2 * f if self.config.activation == "swiglu" else f
+        fc1 = torch.randn((fc1_rows, h), generator=gen) * self.config.init_std
+        fc2 = torch.randn((h, f), generator=gen) * self.config.init_std
+        rows = self.ffn_rows()
+        self.fc1.weight.copy_(fc1[rows])
+        self.fc2.weight.copy_(fc2[:, rows[: f // self.tp_size]])
         for lin in (self.fc1, self.fc2):
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * self.config.init_std)
             if lin.bias is not None:
                 lin.bias.zero_()
+
+    def ffn_rows(self) -> torch.Tensor:
+        """int64: the rows of the whole expert's ``fc1`` this shard holds (gate rows, then up rows for SwiGLU);
+        the first F/t of them are also its columns of ``fc2``."""
+        f = self.config.ffn_hidden_size
+        part = torch.arange(self.tp_rank * f // self.tp_size, (self.tp_rank + 1) * f // self.tp_size)
+        return torch.cat([part, part + f]) if self.config.activation == "swiglu" else part
 
     def forward(self, rows_NH: torch.Tensor) -> torch.Tensor:
         h = self.fc1(rows_NH)

@@ -72,6 +72,8 @@ class LargeEPMoE(nn.Module):
             expert e on rank e, which needs the group size to equal ``num_experts``. A placement that colocates
             experts (``plan_placement(..., allow_colocate=True)``) is the explicit opt-in to several experts per
             rank: it warns once; every dispatch setting runs it.
+            A placement with ``expert_tp_degree`` t > 1 splits each copy of an expert over t consecutive ranks
+            (``ExpertMLP`` shards; each token goes to all t, their partial outputs add up in the combine).
         ranks_per_node: ranks of one node, consecutive in the EP group; needed by ``dispatch="hierarchical"``
             (at least two nodes, else ValueError). Default: from ``node_groups`` or the placement's topology.
         node_groups: ``dispatch="hierarchical"`` only: this rank's node and rail groups
@@ -84,8 +86,8 @@ class LargeEPMoE(nn.Module):
     Attributes:
         router.weight [E, H], router.expert_bias [E]: the router (replicated on every rank).
         expert_ids: the experts this rank holds, ascending (one, unless the placement colocates experts).
-        expert: this rank's ``ExpertMLP`` (see experts.py for the parameter names); NotImplementedError when the
-            rank holds several experts.
+        expert: this rank's ``ExpertMLP`` (see experts.py for the parameter names; with expert TP its shard
+            ``tp_rank`` of ``tp_size``); NotImplementedError when the rank holds several experts.
         expert_id: the expert this rank holds; NotImplementedError when it holds several.
         experts: colocated placements only: ``LocalExperts``, slot l holding ``expert_ids[l]`` (state-dict keys
             ``experts.<slot>.fc1.weight``, ...), on every rank of the layer, even one holding a single expert.
@@ -119,6 +121,12 @@ class LargeEPMoE(nn.Module):
         # L: the slot dimension of the count exchange, the same on every rank (the collectives must match).
         self.num_slots = max(len(held) for held in rank_to_experts)
         self.colocated = self.num_slots > 1
+        # Expert tensor parallelism: t consecutive ranks hold one copy of an expert, shard j on the j-th of them.
+        self.tp_size = int(getattr(placement, "expert_tp_degree", 1))
+        self.tp_rank = 0
+        if self.tp_size > 1:
+            self.tp_rank = next(rep.index(self.ep_rank) for rep in placement.replicas(self.expert_ids[0])
+                                if self.ep_rank in rep)
         if ranks_per_node is None and node_groups is not None:
             ranks_per_node = node_groups.ranks_per_node
         if ranks_per_node is None and placement is not None and config.dispatch == "hierarchical":
@@ -137,7 +145,8 @@ class LargeEPMoE(nn.Module):
             # Slot of expert e on rank r (-1: not there); a buffer so that it follows the layer's device.
             self.register_buffer("local_slot_RE", slot_RE, persistent=False)
         else:
-            self.expert = ExpertMLP(config.expert_config, expert_id=self.expert_ids[0], init_seed=config.init_seed)
+            self.expert = ExpertMLP(config.expert_config, expert_id=self.expert_ids[0], init_seed=config.init_seed,
+                                    tp_rank=self.tp_rank, tp_size=self.tp_size)
         self._join_replica_group(placement, expert_groups)
         self.dispatcher = self.token_exchange.dispatcher
         # Global assignments per expert since the last bias update (summed over forwards and micro-batches).
@@ -164,11 +173,6 @@ class LargeEPMoE(nn.Module):
             return tuple((r,) for r in range(e))
         if getattr(placement, "num_experts", e) != e:
             raise ValueError(f"placement.num_experts={placement.num_experts} but config.num_experts={e}")
-        if getattr(placement, "expert_tp_degree", 1) != 1:
-            raise NotImplementedError(
-                f"placement.expert_tp_degree={placement.expert_tp_degree}: experts split with tensor parallelism "
-                "are planned by placement.py but not run by LargeEPMoE yet"
-            )
         rank_to_experts = getattr(placement, "rank_to_experts", None)
         if rank_to_experts is None:  # a placement-like object that only has the one-expert-per-rank view
             rank_to_experts = tuple((x,) if x >= 0 else () for x in placement.rank_to_expert)
@@ -272,14 +276,20 @@ class LargeEPMoE(nn.Module):
 
         # Steps 3-5: dispatch, expert, combine.
         dest_rank_TK = self._destination_ranks(routing.topk_ids_TK)
+        keep_TK, weights_TK = routing.keep_TK, routing.topk_weights_TK
+        if self.tp_size > 1:
+            # Each (token, k) goes to all t shards of its replica, with the same weight: the combine's weighted
+            # sum over the K*t copies adds the shards' partial sums into the expert's output.
+            t = self.tp_size
+            dest_rank_TK = (dest_rank_TK.unsqueeze(-1) + torch.arange(t, device=dest_rank_TK.device)).flatten(1)
+            keep_TK, weights_TK = keep_TK.repeat_interleave(t, dim=1), weights_TK.repeat_interleave(t, dim=1)
         shared = dict(shared_X=shared_X, on_shared=on_shared)
         if self.colocated:
             local_slot_TK = self.local_slot_RE[dest_rank_TK, routing.topk_ids_TK]
-            y_TH = self.token_exchange(x_TH, dest_rank_TK, routing.keep_TK, routing.topk_weights_TK, self.experts,
+            y_TH = self.token_exchange(x_TH, dest_rank_TK, keep_TK, weights_TK, self.experts,
                                        local_slot_TK=local_slot_TK, num_slots=self.num_slots, **shared)
         else:
-            y_TH = self.token_exchange(x_TH, dest_rank_TK, routing.keep_TK, routing.topk_weights_TK, self.expert,
-                                       **shared)
+            y_TH = self.token_exchange(x_TH, dest_rank_TK, keep_TK, weights_TK, self.expert, **shared)
         global_counts_E = torch.tensor(totals[:e], dtype=torch.int64, device=x_TH.device)
         dropped = torch.tensor(totals[e], dtype=torch.int64, device=x_TH.device)
 
