@@ -135,3 +135,14 @@ def test_shards_are_slices_of_the_seeded_expert_and_add_up_to_it() -> None:
 def test_bad_shard_arguments_name_the_value(kwargs: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         ExpertMLP(make_config(2).expert_config, expert_id=0, **kwargs)
+
+
+def test_node_batched_dispatch_crosses_to_a_tp_group_once_per_token() -> None:
+    from largeep_plugin.hierarchical import NodeLayout, internode_rows
+
+    # Rank 0 (node 0) sends 3 tokens, top-1, to the expert held by ranks 2 and 3 (node 1) as two TP shards: the
+    # layer expands each (token, k) to both shards. Flat: 6 rows cross nodes; node-batched: 3.
+    first_T1 = torch.full((3, 1), 2)
+    dest_TK = (first_T1.unsqueeze(-1) + torch.arange(2)).flatten(1)
+    keep_TK = torch.ones_like(dest_TK, dtype=torch.bool)
+    assert internode_rows(dest_TK, keep_TK, 0, NodeLayout(num_ranks=4, ranks_per_node=2)) == (6, 3)
