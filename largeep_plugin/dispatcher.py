@@ -79,37 +79,41 @@ def permute_by_destination(dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor, nu
 
 def unpermute_and_reduce(rows_AH: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
     """Put expert outputs back at their (token, k) slot and take the weighted sum over k (the plain sum when the
-    handle has no weights: the rows were weighted before they came back).
-
-    Index-copy into a [T*K, H] buffer then a sum over K (instead of an index_add over tokens) keeps the
-    reduction order fixed, so results are deterministic on every device.
-    """
-    if handle.topk_weights_TK is None:
-        return sum_over_k(rows_AH, handle.order_A, handle.num_tokens, handle.top_k)
-    return weighted_sum_over_k(rows_AH, handle.order_A, handle.topk_weights_TK)
-
-
-def sum_over_k(rows_AH: torch.Tensor, order_A: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
-    """y_TH[t] = sum_k row of assignment (t, k), for rows already multiplied by their weights; assignments not in
-    ``order_A`` count as 0. The sum is taken in float32 and returned in the dtype of ``rows_AH``."""
-    full = rows_AH.new_zeros((num_tokens * top_k, rows_AH.shape[-1])).index_copy(0, order_A, rows_AH)
-    return full.view(num_tokens, top_k, rows_AH.shape[-1]).float().sum(dim=1).to(rows_AH.dtype)
+    handle has no weights: the rows were weighted before they came back)."""
+    return sum_over_k(rows_AH, handle.order_A, handle.num_tokens, handle.top_k, handle.topk_weights_TK)
 
 
 def weighted_sum_over_k(rows_AH: torch.Tensor, order_A: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """y_TH[t] = sum_k weights_TK[t, k] * row of assignment (t, k); assignments not in ``order_A`` count as 0.
+    """y_TH[t] = sum_k weights_TK[t, k] * row of assignment (t, k) (``sum_over_k`` with T, K from the weights)."""
+    return sum_over_k(rows_AH, order_A, weights_TK.shape[0], weights_TK.shape[1], weights_TK)
+
+
+def sum_over_k(rows_AH: torch.Tensor, order_A: torch.Tensor, num_tokens: int, top_k: int,
+               weights_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """y_TH[t] = sum_k weights_TK[t, k] * row of assignment (t, k), or the plain sum without weights (rows the
+    expert side already weighted); assignments not in ``order_A`` count as 0.
+
+    Index-copy into a [T*K, H] buffer then a sum over K (instead of an index_add over tokens) keeps the
+    reduction order fixed, so results are deterministic on every device.
 
     Args:
         rows_AH: one row per entry of ``order_A``.
         order_A: int64 indices into the flattened [T*K] assignments.
-        weights_TK: float32 weights (differentiable).
+        weights_TK: float32 weights (differentiable), or None.
     Returns:
         y_TH in the dtype of ``rows_AH`` (the sum is taken in float32).
     """
-    t, k = weights_TK.shape
-    full = rows_AH.new_zeros((t * k, rows_AH.shape[-1])).index_copy(0, order_A, rows_AH)
-    y_TH = (full.view(t, k, rows_AH.shape[-1]).float() * weights_TK.unsqueeze(-1)).sum(dim=1)
-    return y_TH.to(rows_AH.dtype)
+    full = rows_AH.new_zeros((num_tokens * top_k, rows_AH.shape[-1])).index_copy(0, order_A, rows_AH)
+    per_k = full.view(num_tokens, top_k, rows_AH.shape[-1]).float()
+    if weights_TK is not None:
+        per_k = per_k * weights_TK.unsqueeze(-1)
+    return per_k.sum(dim=1).to(rows_AH.dtype)
+
+
+def slot_key(dest_rank_TK: torch.Tensor, local_slot_TK: torch.Tensor | None, num_slots: int) -> torch.Tensor:
+    """The sort key of an assignment: its destination rank, or with colocated experts the virtual destination
+    ``dest * L + slot``, which groups each rank's rows by slot (counts then go per (rank, slot))."""
+    return dest_rank_TK if local_slot_TK is None else dest_rank_TK * num_slots + local_slot_TK
 
 
 def permute_by_chunk_and_destination(
@@ -195,10 +199,8 @@ class AllToAllDispatcher:
         if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"num_slots={num_slots!r} must be an integer >= 1")
         slots = 1 if local_slot_TK is None else num_slots
-        # Sorting by the virtual destination dest * L + slot groups each rank's rows by slot; the counts per
-        # (rank, slot) go in the one count exchange (all_to_all_single sends L of them to each rank).
-        key_TK = dest_rank_TK if local_slot_TK is None else dest_rank_TK * slots + local_slot_TK
-        return permute_by_destination(key_TK, keep_TK, self.num_ranks * slots)
+        # The counts per (rank, slot) go in the one count exchange (all_to_all_single sends L of them to each rank).
+        return permute_by_destination(slot_key(dest_rank_TK, local_slot_TK, slots), keep_TK, self.num_ranks * slots)
 
     def exchange(
         self,

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import ProcessGroup, all_to_all, all_to_all_lanes, exchange_chunk_counts_with_sent, group_rank, group_size
-from .dispatcher import weighted_sum_over_k
+from .dispatcher import slot_key, weighted_sum_over_k
 from .process_groups import NodeGroups
 
 
@@ -129,7 +129,6 @@ def pack_by_node(
     t, k = dest_rank_TK.shape
     g, n, r = layout.ranks_per_node, layout.num_nodes, layout.num_ranks
     slots = 1 if local_slot_TK is None else num_slots
-    slot_TK = torch.zeros_like(dest_rank_TK) if local_slot_TK is None else local_slot_TK
     node_TK = dest_rank_TK // g
     # Which nodes each token needs (dropped assignments need none).
     present_TN = torch.zeros(t, n, dtype=torch.bool, device=dest_rank_TK.device)
@@ -142,12 +141,12 @@ def pack_by_node(
 
     on_node_SK = (node_TK[token_S] == node_S.unsqueeze(1)) & keep_TK[token_S]
     weights_SK = topk_weights_TK.index_select(0, token_S) * on_node_SK
-    vlocal_TK = (dest_rank_TK % g) * slots + slot_TK
+    vlocal_TK = slot_key(dest_rank_TK % g, local_slot_TK, slots)
     local_SK = torch.where(on_node_SK, vlocal_TK[token_S], torch.full_like(vlocal_TK[token_S], -1))
     meta_SK2 = torch.cat([weights_SK.float(), local_SK.float()], dim=1)
 
     # Built on the device, no host copy here: the count exchange reads them on the host in its one sync.
-    flat_key = ((chunk_T.unsqueeze(1) * r + dest_rank_TK) * slots + slot_TK)[keep_TK]
+    flat_key = slot_key(chunk_T.unsqueeze(1) * r + dest_rank_TK, local_slot_TK, slots)[keep_TK]
     device = dest_rank_TK.device
     flat_CRL = torch.bincount(flat_key, minlength=num_chunks * r * slots).view(num_chunks, r, slots)
     rows_CN = torch.bincount(key_S, minlength=num_chunks * n).view(num_chunks, n)

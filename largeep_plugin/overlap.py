@@ -56,7 +56,7 @@ from .comm import (
     start_all_to_all_lanes,
 )
 from .config import DispatchConfig
-from .dispatcher import AllToAllDispatcher, permute_by_chunk_and_destination, weighted_sum_over_k
+from .dispatcher import AllToAllDispatcher, permute_by_chunk_and_destination, slot_key, weighted_sum_over_k
 from .hierarchical import (
     HierarchicalDispatcher,
     NodeLayout,
@@ -406,9 +406,7 @@ def pipelined_exchange(
     chunk_T = chunk_of_tokens(t, num_chunks, x_TH.device)
     if layout is None:
         slots = 1 if local_slot_TK is None else num_slots
-        # Colocated: sorting by the virtual destination dest * L + slot groups each rank's rows by slot inside
-        # every chunk (as the unchunked dispatcher does for the whole batch).
-        key_TK = dest_rank_TK if local_slot_TK is None else dest_rank_TK * slots + local_slot_TK
+        key_TK = slot_key(dest_rank_TK, local_slot_TK, slots)  # colocated: rows grouped by slot in every chunk
         order_A, send_CV = permute_by_chunk_and_destination(key_TK, keep_TK, num_ranks * slots, chunk_T, num_chunks)
         send_RCL = send_CV.view(num_chunks, num_ranks, slots).permute(1, 0, 2).contiguous()
         recv_RCL, tokens_R, sent_RCL = exchange_chunk_counts_with_sent(send_RCL, t, group, x_TH.device,

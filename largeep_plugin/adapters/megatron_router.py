@@ -138,7 +138,7 @@ class LargeEPRouter(Router):
             with torch.no_grad():
                 self.local_tokens_per_expert += routing.tokens_per_expert_E.float()
         if deferred:
-            self.last_stats = None  # set by finish_shared_counts, from the dispatcher's count exchange
+            self.last_stats = None  # set by take_shared_counts' callback, from the dispatcher's count exchange
             self._pending_shared = (local_X, aux.detach(), zl.detach())
         else:
             self.last_stats = LoadStats(
