@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from .comm import ProcessGroup, group_rank, group_size
 from .config import LargeEPConfig
-from .overlap import TokenExchange
+from .token_exchange import TokenExchange
 from .placement import Placement
 from .process_groups import ExpertProcessGroups, NodeGroups, build_process_groups
 from .experts import ExpertMLP, LocalExperts
@@ -131,7 +131,7 @@ class LargeEPMoE(nn.Module):
             ranks_per_node = node_groups.ranks_per_node
         if ranks_per_node is None and placement is not None and config.dispatch == "hierarchical":
             ranks_per_node = _uniform_ranks_per_node(placement)
-        # Steps 3-5 (overlap.py): flat or node-batched dispatcher, pipelined over chunks when overlap_chunks > 1.
+        # Steps 3-5 (token_exchange.py): flat or node-batched, pipelined over chunks when overlap_chunks > 1.
         # Built first: an unsupported setting with colocated experts is an error before anything else happens.
         self.token_exchange = TokenExchange(config.dispatch_config, ep_group, ranks_per_node, colocated=self.colocated,
                                             node_groups=node_groups)
