@@ -80,7 +80,7 @@ def build_model(args: argparse.Namespace, ep: int) -> tuple[Any, Any]:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from largeep_plugin.adapters.megatron import TorchSDPAttention, get_gpt_decoder_block_spec_with_large_ep
+    from largeep_plugin.integrations.megatron import TorchSDPAttention, get_gpt_decoder_block_spec_with_large_ep
 
     sigmoid = args.score_function == "sigmoid"
     config = TransformerConfig(
@@ -125,8 +125,8 @@ def train(rank: int, world: int, args: argparse.Namespace) -> dict[str, Any]:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
 
-    from largeep_plugin.adapters.megatron import GlooDataParallel, install_bias_update_hook, log_expert_load
-    from largeep_plugin.load_balance import LoadMonitor
+    from largeep_plugin.integrations.megatron import GlooDataParallel, install_bias_update_hook, log_expert_load
+    from largeep_plugin.layer.load_balance import LoadMonitor
 
     ep = args.ep or world // args.tp
     ps.initialize_model_parallel(
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda":
             print("--device cuda: start the ranks with torchrun", file=sys.stderr)
             return 2
-        from largeep_plugin.launch import run_world
+        from largeep_plugin.tools.launch import run_world
 
         world = args.nproc
         result = run_world(train, world, args=(args,), timeout=900)[0]

@@ -7,7 +7,7 @@ How to run (CPU, gloo; from the repository root):
     deepspeed --num_gpus 16 examples/train_deepspeed.py --deepspeed_config ds_configs/large_ep_cpu.json   # GPUs
 
 The model is written the stock DeepSpeed way (``deepspeed.moe.layer.MoE`` blocks, MoE parameter groups split
-before initialisation). ``largeep_plugin.adapters.deepspeed.initialize`` is a drop-in for ``deepspeed.initialize``:
+before initialisation). ``largeep_plugin.integrations.deepspeed.engine.initialize`` is a drop-in for ``deepspeed.initialize``:
 with ``"large_ep": {"enabled": true, ...}`` in the config it converts the MoE blocks to large-EP layers (one expert
 per rank) and updates their balancing bias after every ``engine.step()``; without it the model stays stock.
 Experts per layer: the config's ``large_ep.ep_size`` when enabled, else ``--num-experts`` (default: world size).
@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-from largeep_plugin.adapters.deepspeed import init_deepspeed_comm, initialize, large_ep_section
-from largeep_plugin.adapters.deepspeed_stock import stock_moe_factory
+from largeep_plugin.integrations.deepspeed.engine import init_deepspeed_comm, initialize, large_ep_section
+from largeep_plugin.integrations.deepspeed.stock import stock_moe_factory
 from largeep_plugin.models.synthetic import MarkovChainData
 from largeep_plugin.models.tiny_moe import TinyMoEConfig, TinyMoETransformer
 

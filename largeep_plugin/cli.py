@@ -10,9 +10,10 @@ so that adding a subcommand never touches another one. Run ``largeep --help`` fo
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from typing import Any, Sequence
+from typing import Sequence
+
+from largeep_plugin.commands import register_subcommands
 
 # Subcommand modules, in the order ``--help`` lists them.
 _COMMANDS = (
@@ -33,14 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     register_subcommands(sub, [f"largeep_plugin.commands.{name}" for name in _COMMANDS], "_run")
     return parser
-
-
-def register_subcommands(subparsers: Any, module_names: Sequence[str], run_key: str) -> None:
-    """Import each module, let it add its parser, and remember its ``run`` under ``args.<run_key>``."""
-    for name in module_names:
-        module = importlib.import_module(name)
-        p = module.add_parser(subparsers)
-        p.set_defaults(**{run_key: module.run})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

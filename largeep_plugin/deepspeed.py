@@ -1,6 +1,6 @@
-"""``largeep_plugin.deepspeed``: a short name for ``largeep_plugin.adapters.deepspeed``.
+"""``largeep_plugin.deepspeed``: a short name for ``largeep_plugin.integrations.deepspeed``.
 
-The adapter is imported on first attribute access, so importing the core never imports deepspeed.
+The integration is imported on first attribute access, so importing the core never imports deepspeed.
 """
 from __future__ import annotations
 
@@ -8,6 +8,6 @@ from typing import Any
 
 
 def __getattr__(name: str) -> Any:
-    from .adapters import deepspeed as _adapter
+    from largeep_plugin.integrations import deepspeed as _integration
 
-    return getattr(_adapter, name)
+    return getattr(_integration, name)

@@ -1,6 +1,6 @@
-"""``largeep_plugin.megatron``: a short name for ``largeep_plugin.adapters.megatron``.
+"""``largeep_plugin.megatron``: a short name for ``largeep_plugin.integrations.megatron``.
 
-The adapter is imported on first attribute access, so importing the core never imports megatron.
+The integration is imported on first attribute access, so importing the core never imports megatron.
 """
 from __future__ import annotations
 
@@ -8,6 +8,6 @@ from typing import Any
 
 
 def __getattr__(name: str) -> Any:
-    from .adapters import megatron as _adapter
+    from largeep_plugin.integrations import megatron as _integration
 
-    return getattr(_adapter, name)
+    return getattr(_integration, name)

@@ -17,10 +17,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from largeep_plugin.config import LargeEPConfig
-from largeep_plugin.launch import run_world
-from largeep_plugin.moe_layer import LargeEPMoE
-from largeep_plugin.reference import DenseMoEReference
+from largeep_plugin.layer.config import LargeEPConfig
+from largeep_plugin.tools.launch import run_world
+from largeep_plugin.layer.moe_layer import LargeEPMoE
+from largeep_plugin.layer.reference import DenseMoEReference
 
 # The CUDA check lives in the tests, never in the core.
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")

@@ -62,7 +62,7 @@ def tiny_gpt(
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    from largeep_plugin.adapters.megatron import TorchSDPAttention, get_gpt_decoder_block_spec_with_large_ep
+    from largeep_plugin.integrations.megatron import TorchSDPAttention, get_gpt_decoder_block_spec_with_large_ep
 
     block = get_gpt_decoder_block_spec_with_large_ep(
         config, core_attention=TorchSDPAttention, large_ep=large_ep, placement=placement
@@ -126,8 +126,8 @@ def load_shards(sharded: dict[str, Any], directory: str) -> dict[str, Any]:
 
 def placement_for(experts: int, ep: int) -> Any:
     """None (expert e on EP rank e), replicas (EP > experts) or consecutive experts colocated (EP < experts)."""
-    from largeep_plugin.placement import Placement
-    from largeep_plugin.topology import Topology
+    from largeep_plugin.placement.plan import Placement
+    from largeep_plugin.placement.topology import Topology
 
     if ep > experts:
         return Replicated(experts, ep)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import HIDDEN, make_config, world
-from largeep_plugin.moe_layer import LargeEPMoE
+from largeep_plugin.layer.moe_layer import LargeEPMoE
 
 
 def _outcome(call: Callable[[], object]) -> tuple[str, str]:

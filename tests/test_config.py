@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from largeep_plugin.config import LargeEPConfig
+from largeep_plugin.layer.config import LargeEPConfig
 
 BASE = dict(hidden_size=16, ffn_hidden_size=32, num_experts=4)
 

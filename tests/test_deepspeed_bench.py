@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("deepspeed")
 
 from largeep_plugin.cli import main  # noqa: E402
-from largeep_plugin.layer_bench import VARIANTS, LayerBenchSettings, rank_tokens, router_weight  # noqa: E402
+from largeep_plugin.tools.layer_bench import VARIANTS, LayerBenchSettings, rank_tokens, router_weight  # noqa: E402
 
 SMALL = ["--tokens", "64", "--hidden-size", "16", "--ffn-hidden-size", "32", "--iters", "2", "--warmup", "1"]
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from largeep_plugin.adapters.deepspeed_config import (
+from largeep_plugin.integrations.section.config import (
     LargeEPSection,
     large_ep_section_from_config,
     parse_large_ep_section,

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 pytest.importorskip("deepspeed")
 
-from largeep_plugin.launch import run_world  # noqa: E402
+from largeep_plugin.tools.launch import run_world  # noqa: E402
 
 WORLD = 4
 H, F = 16, 24
@@ -44,9 +44,9 @@ class Net(nn.Module):
 
 def _stock_vs_converted(ep_size: int, k: int) -> dict:
     import deepspeed.utils.groups as groups
-    from largeep_plugin.adapters.deepspeed import _moe_param_groups, ensure_expert_groups
-    from largeep_plugin.adapters.deepspeed_config import parse_large_ep_section
-    from largeep_plugin.adapters.deepspeed_convert import LargeEPDeepSpeedMoE, convert_moe_layers
+    from largeep_plugin.integrations.deepspeed.engine import _moe_param_groups, ensure_expert_groups
+    from largeep_plugin.integrations.section.config import parse_large_ep_section
+    from largeep_plugin.integrations.deepspeed.convert import LargeEPDeepSpeedMoE, convert_moe_layers
 
     stock = Net(ep_size, k)
     stock.moe.set_deepspeed_parallelism()
@@ -91,7 +91,7 @@ def _stock_vs_converted(ep_size: int, k: int) -> dict:
 
 def _flag_off(rank: int) -> dict:
     import deepspeed
-    from largeep_plugin.adapters.deepspeed import initialize
+    from largeep_plugin.integrations.deepspeed.engine import initialize
 
     model = Net(WORLD, 2)
     before = [(name, type(m)) for name, m in model.named_modules()]
@@ -114,7 +114,7 @@ def _flag_off(rank: int) -> dict:
 
 
 def _world(rank: int, world: int) -> dict:
-    from largeep_plugin.adapters.deepspeed import init_deepspeed_comm
+    from largeep_plugin.integrations.deepspeed.engine import init_deepspeed_comm
 
     init_deepspeed_comm()
     return {
@@ -127,7 +127,7 @@ def _world(rank: int, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def results():
-    from largeep_plugin.adapters.deepspeed import load_deepspeed_ops_before_fork
+    from largeep_plugin.integrations.deepspeed.engine import load_deepspeed_ops_before_fork
 
     load_deepspeed_ops_before_fork()  # imports DeepSpeed and loads its CPU op once here, not once per forked rank
 

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from largeep_plugin.launch import run_world  # noqa: E402
+from largeep_plugin.tools.launch import run_world  # noqa: E402
 from largeep_plugin.models.synthetic import MarkovChainData  # noqa: E402
 from largeep_plugin.models.tiny_moe import TinyMoEConfig  # noqa: E402
 
@@ -36,8 +36,8 @@ def _config(large_ep: dict | None, stage: int = 1) -> dict:
 
 
 def _engine(large_ep: dict | None, seed: int = MODEL.seed, stage: int = 1):
-    from largeep_plugin.adapters.deepspeed import initialize
-    from largeep_plugin.adapters.deepspeed_stock import stock_moe_factory
+    from largeep_plugin.integrations.deepspeed.engine import initialize
+    from largeep_plugin.integrations.deepspeed.stock import stock_moe_factory
     from largeep_plugin.models.tiny_moe import TinyMoETransformer
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -65,8 +65,8 @@ def _train(engine, rank: int, steps: int, start: int = 0) -> list[float]:
 
 
 def _world(rank: int, world: int, ckpt_dir: str) -> dict:
-    from largeep_plugin.adapters.deepspeed import init_deepspeed_comm
-    from largeep_plugin.moe_layer import moe_layers
+    from largeep_plugin.integrations.deepspeed.engine import init_deepspeed_comm
+    from largeep_plugin.layer.moe_layer import moe_layers
 
     init_deepspeed_comm()
     out: dict = {}
@@ -106,7 +106,7 @@ def _world(rank: int, world: int, ckpt_dir: str) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from largeep_plugin.adapters.deepspeed import load_deepspeed_ops_before_fork
+    from largeep_plugin.integrations.deepspeed.engine import load_deepspeed_ops_before_fork
 
     load_deepspeed_ops_before_fork()  # imports DeepSpeed and loads its CPU op once here, not once per forked rank
 

@@ -16,10 +16,10 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from largeep_plugin.adapters.deepspeed_config import parse_large_ep_section  # noqa: E402
-from largeep_plugin.adapters.deepspeed_placement import (plan_section_placement, read_load_file,  # noqa: E402
+from largeep_plugin.integrations.section.config import parse_large_ep_section  # noqa: E402
+from largeep_plugin.integrations.deepspeed.placement import (plan_section_placement, read_load_file,  # noqa: E402
                                                          resolve_ranks_per_node)
-from largeep_plugin.launch import run_world  # noqa: E402
+from largeep_plugin.tools.launch import run_world  # noqa: E402
 from test_deepspeed_convert import Net  # noqa: E402
 from test_deepspeed_engine import _engine, _train  # noqa: E402
 
@@ -45,9 +45,9 @@ def _placement_section(tmp_path) -> dict:
 
 def _converted_vs_stock(files: dict, ep_size: int) -> dict:
     import deepspeed.utils.groups as groups
-    from largeep_plugin.adapters.deepspeed import ensure_expert_groups
-    from largeep_plugin.adapters.deepspeed_convert import convert_moe_layers
-    from largeep_plugin.adapters.deepspeed_placement import deepspeed_expert_groups
+    from largeep_plugin.integrations.deepspeed.engine import ensure_expert_groups
+    from largeep_plugin.integrations.deepspeed.convert import convert_moe_layers
+    from largeep_plugin.integrations.deepspeed.placement import deepspeed_expert_groups
 
     section = parse_large_ep_section({"enabled": True, "ep_size": WORLD, "placement": files})
     placement = plan_section_placement(section, WORLD, top_k=2)
@@ -100,7 +100,7 @@ def _compare_files(files: dict) -> dict:
 
 def _world(rank: int, world: int, files: dict, ckpt: str) -> dict:
     import torch.distributed as dist
-    from largeep_plugin.adapters.deepspeed import init_deepspeed_comm
+    from largeep_plugin.integrations.deepspeed.engine import init_deepspeed_comm
 
     init_deepspeed_comm()
     out: dict = {"convert_ep4": _converted_vs_stock(files, WORLD), "convert_ep1": _converted_vs_stock(files, 1)}
@@ -140,7 +140,7 @@ def _world(rank: int, world: int, files: dict, ckpt: str) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from largeep_plugin.adapters.deepspeed import load_deepspeed_ops_before_fork
+    from largeep_plugin.integrations.deepspeed.engine import load_deepspeed_ops_before_fork
 
     load_deepspeed_ops_before_fork()
     tmp = tmp_path_factory.mktemp("placement")

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from largeep_plugin.cli import main
-from largeep_plugin.load_record import RoutingRecorder
+from largeep_plugin.tools.load_record import RoutingRecorder
 from largeep_plugin.models.synthetic import MarkovChainData
 from largeep_plugin.models.tiny_moe import TinyMoEConfig
-from largeep_plugin.progress import ProgressBar
+from largeep_plugin.tools.progress import ProgressBar
 
 WORLD, STEPS, LAYERS, BATCH, SEQ, TOP_K = 4, 24, 2, 4, 32, 2
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from largeep_plugin.cluster import EXIT_RANK_LOST, EmulatedCluster, RankWatchdog
-from largeep_plugin.launch import free_port
+from largeep_plugin.tools.launch import free_port
 from test_cluster import needs_netns
 
 WORKER = [sys.executable, "-m", "largeep_plugin.cluster.layer_worker"]

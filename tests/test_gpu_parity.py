@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 
 from conftest import gpu, rel_err
-from largeep_plugin.config import LargeEPConfig
-from largeep_plugin.launch import run_world
-from largeep_plugin.moe_layer import LargeEPMoE
-from largeep_plugin.reference import DenseMoEReference
+from largeep_plugin.layer.config import LargeEPConfig
+from largeep_plugin.tools.launch import run_world
+from largeep_plugin.layer.moe_layer import LargeEPMoE
+from largeep_plugin.layer.reference import DenseMoEReference
 
 pytestmark = [pytest.mark.gpu, gpu]
 

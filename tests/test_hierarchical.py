@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from largeep_plugin.config import LargeEPConfig
-from largeep_plugin.dispatcher import AllToAllDispatcher
-from largeep_plugin.hierarchical import HierarchicalDispatcher, NodeLayout, internode_rows, to_subgroup
-from largeep_plugin.moe_layer import LargeEPMoE
-from largeep_plugin.token_exchange import TokenExchange
-from largeep_plugin.process_groups import build_node_groups
+from largeep_plugin.layer.config import LargeEPConfig
+from largeep_plugin.layer.dispatcher import AllToAllDispatcher
+from largeep_plugin.layer.hierarchical import HierarchicalDispatcher, NodeLayout, internode_rows, to_subgroup
+from largeep_plugin.layer.moe_layer import LargeEPMoE
+from largeep_plugin.layer.token_exchange import TokenExchange
+from largeep_plugin.layer.process_groups import build_node_groups
 from conftest import make_config, world
 from test_overlap import assert_close, compare, layer_run
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from largeep_plugin.launch import WorldError, run_world
+from largeep_plugin.tools.launch import WorldError, run_world
 
 
 def _identity_rank(rank: int, world_size: int, delay: float) -> tuple[int, int, int, float, int]:

@@ -17,13 +17,13 @@ import torch
 import torch.distributed as dist
 
 from conftest import HIDDEN, global_batch, make_config, rank_slice, rel_err, router_grad_error, world
-from largeep_plugin.experts import LocalExperts
-from largeep_plugin.grads import allreduce_gradients
-from largeep_plugin.moe_layer import LargeEPMoE
-from largeep_plugin.placement import Placement, plan_placement
-from largeep_plugin.process_groups import build_node_groups
-from largeep_plugin.reference import DenseMoEReference
-from largeep_plugin.topology import Topology
+from largeep_plugin.layer.experts import LocalExperts
+from largeep_plugin.layer.grads import allreduce_gradients
+from largeep_plugin.layer.moe_layer import LargeEPMoE
+from largeep_plugin.placement.plan import Placement, plan_placement
+from largeep_plugin.layer.process_groups import build_node_groups
+from largeep_plugin.layer.reference import DenseMoEReference
+from largeep_plugin.placement.topology import Topology
 
 
 def _placement(rank_to_experts: tuple[tuple[int, ...], ...], num_experts: int, nodes: int = 1) -> Placement:

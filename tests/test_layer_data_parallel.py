@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 
 from conftest import HIDDEN, expert_grads, global_batch, make_config, rank_slice, rel_err, world
-from largeep_plugin.grads import allreduce_gradients
-from largeep_plugin.moe_layer import LargeEPMoE
-from largeep_plugin.reference import DenseMoEReference
+from largeep_plugin.layer.grads import allreduce_gradients
+from largeep_plugin.layer.moe_layer import LargeEPMoE
+from largeep_plugin.layer.reference import DenseMoEReference
 
 E, T = 2, 10
 

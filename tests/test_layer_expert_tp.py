@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 
 from conftest import HIDDEN, global_batch, make_config, rank_slice, rel_err, router_grad_error, world
-from largeep_plugin.experts import ExpertMLP
-from largeep_plugin.grads import allreduce_gradients
-from largeep_plugin.moe_layer import LargeEPMoE
-from largeep_plugin.placement import Placement
-from largeep_plugin.reference import DenseMoEReference
-from largeep_plugin.topology import Topology
+from largeep_plugin.layer.experts import ExpertMLP
+from largeep_plugin.layer.grads import allreduce_gradients
+from largeep_plugin.layer.moe_layer import LargeEPMoE
+from largeep_plugin.placement.plan import Placement
+from largeep_plugin.layer.reference import DenseMoEReference
+from largeep_plugin.placement.topology import Topology
 
 
 def _tp_placement(rank_to_expert: tuple[int, ...], num_experts: int, t: int, nodes: int = 1) -> Placement:
@@ -134,7 +134,7 @@ def test_bad_shard_arguments_name_the_value(kwargs: dict, words: str) -> None:
 
 
 def test_node_batched_dispatch_crosses_to_a_tp_group_once_per_token() -> None:
-    from largeep_plugin.hierarchical import NodeLayout, internode_rows
+    from largeep_plugin.layer.hierarchical import NodeLayout, internode_rows
 
     # Rank 0 (node 0) sends 3 tokens, top-1, to the expert held by ranks 2 and 3 (node 1) as two TP shards: the
     # layer expands each (token, k) to both shards. Flat: 6 rows cross nodes; node-batched: 3.

@@ -15,8 +15,8 @@ import torch.distributed as dist
 from conftest import (
     HIDDEN, assert_parity, global_batch, make_config, merge_ranks, parity_errors, rank_slice, rel_err, slow, world,
 )
-from largeep_plugin.moe_layer import LargeEPMoE
-from largeep_plugin.reference import DenseMoEReference
+from largeep_plugin.layer.moe_layer import LargeEPMoE
+from largeep_plugin.layer.reference import DenseMoEReference
 
 MATRIX = list(itertools.product(("gelu", "swiglu"), ("softmax", "sigmoid"), (1, 2)))
 

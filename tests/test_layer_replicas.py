@@ -10,11 +10,11 @@ import torch
 import torch.distributed as dist
 
 from conftest import HIDDEN, expert_grads, global_batch, make_config, rank_slice, rel_err, world
-from largeep_plugin.grads import allreduce_gradients
-from largeep_plugin.moe_layer import LargeEPMoE
-from largeep_plugin.placement import plan_placement
-from largeep_plugin.reference import DenseMoEReference
-from largeep_plugin.topology import Topology
+from largeep_plugin.layer.grads import allreduce_gradients
+from largeep_plugin.layer.moe_layer import LargeEPMoE
+from largeep_plugin.placement.plan import plan_placement
+from largeep_plugin.layer.reference import DenseMoEReference
+from largeep_plugin.placement.topology import Topology
 
 E, WORLD, T = 4, 8, 24
 SKEWED_LOAD = [64, 24, 8, 4]

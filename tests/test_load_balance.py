@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 
 from conftest import HIDDEN, make_config, world
-from largeep_plugin.load_balance import (
+from largeep_plugin.layer.load_balance import (
     LoadMonitor, LoadStats, imbalance, read_monitor, switch_aux_loss, update_expert_bias, z_loss,
 )
-from largeep_plugin.moe_layer import LargeEPMoE, load_stats, moe_layers, update_expert_biases
+from largeep_plugin.layer.moe_layer import LargeEPMoE, load_stats, moe_layers, update_expert_biases
 
 
 def test_imbalance() -> None:

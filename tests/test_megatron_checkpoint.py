@@ -1,6 +1,6 @@
 """Distributed checkpoint of a Megatron GPT with large-EP layers: saved at EP 4, loaded at EP 2, and back.
 
-The experts are stored under their global expert id (``adapters/megatron_checkpoint.py``), so a model built with
+The experts are stored under their global expert id (``integrations/megatron/checkpoint.py``), so a model built with
 another EP size asks for the slices of the experts it holds. Two models on 4 ranks:
 
 * 4 experts: EP 4 with one expert per rank, and EP 2 with two colocated experts per rank (a placement with

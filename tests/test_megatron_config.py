@@ -14,7 +14,7 @@ import torch.nn.functional as F  # noqa: E402
 from conftest import world  # noqa: E402
 from megatron_helpers import init_megatron, tiny_config  # noqa: E402
 
-from largeep_plugin.adapters.megatron import large_ep_config_from_megatron  # noqa: E402
+from largeep_plugin.integrations.megatron import large_ep_config_from_megatron  # noqa: E402
 
 
 def config(**overrides: Any) -> Any:
@@ -105,7 +105,7 @@ def _layer_checks(rank: int, world_size: int) -> dict[str, Any]:
     from megatron.core.transformer.moe.router import TopKRouter
     from megatron.core.transformer.spec_utils import build_module
 
-    from largeep_plugin.adapters.megatron import LargeEPExperts, LargeEPMoELayer
+    from largeep_plugin.integrations.megatron import LargeEPExperts, LargeEPMoELayer
 
     init_megatron(ep=2)
     cfg = tiny_config()

@@ -37,8 +37,8 @@ class _DenseReferenceMLP(torch.nn.Module):
 
     def __init__(self, config: Any, **_: Any):
         super().__init__()
-        from largeep_plugin.adapters.megatron import large_ep_config_from_megatron
-        from largeep_plugin.reference import DenseMoEReference
+        from largeep_plugin.integrations.megatron import large_ep_config_from_megatron
+        from largeep_plugin.layer.reference import DenseMoEReference
 
         self.ref = DenseMoEReference(large_ep_config_from_megatron(config))
 
@@ -54,7 +54,7 @@ def _parity(config: Any, rank: int) -> dict[str, float]:
 
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-    from largeep_plugin.adapters.megatron import LargeEPMoELayer, TorchSDPAttention, get_gpt_layer_spec_with_large_ep
+    from largeep_plugin.integrations.megatron import LargeEPMoELayer, TorchSDPAttention, get_gpt_layer_spec_with_large_ep
 
     spec = get_gpt_layer_spec_with_large_ep(EP, core_attention=TorchSDPAttention)
     torch.manual_seed(0)
@@ -97,8 +97,8 @@ def _parity(config: Any, rank: int) -> dict[str, float]:
 def _aux_loss_check(rank: int) -> dict[str, float]:
     """The switch loss rides on Megatron's MoEAuxLossAutoScaler: with the output's gradient zero, the router gets
     exactly the gradient of c * switch_aux_loss(this rank's scores, the EP group's global counts), and none at c=0."""
-    from largeep_plugin.adapters.megatron import LargeEPMoELayer
-    from largeep_plugin.load_balance import switch_aux_loss
+    from largeep_plugin.integrations.megatron import LargeEPMoELayer
+    from largeep_plugin.layer.load_balance import switch_aux_loss
 
     x = torch.randn(6, 2, 12, generator=torch.Generator().manual_seed(7 + rank))
     grads, stats = {}, {}
@@ -123,7 +123,7 @@ def _aux_loss_check(rank: int) -> dict[str, float]:
 
 def _step_and_counts(model: Any, rank: int) -> list[torch.Tensor]:
     """One forward+backward on this rank's tokens; returns each router's counts summed over all ranks."""
-    from largeep_plugin.adapters.megatron import large_ep_moe_layers
+    from largeep_plugin.integrations.megatron import large_ep_moe_layers
 
     ids, pos = tokens(2, 8, 32, seed=rank)
     model(ids, pos, None, labels=ids).float().mean().backward()
@@ -137,7 +137,7 @@ def _step_and_counts(model: Any, rank: int) -> list[torch.Tensor]:
 
 
 def _biases(model: Any) -> list[torch.Tensor]:
-    from largeep_plugin.adapters.megatron import large_ep_moe_layers
+    from largeep_plugin.integrations.megatron import large_ep_moe_layers
 
     return [layer.router.expert_bias.clone() for _, layer in large_ep_moe_layers(model)]
 
@@ -145,7 +145,7 @@ def _biases(model: Any) -> list[torch.Tensor]:
 def _bias_checks(rank: int) -> dict[str, Any]:
     from megatron.core.distributed import finalize_model_grads
 
-    from largeep_plugin.adapters.megatron import GlooDataParallel, install_bias_update_hook, large_ep_moe_layers
+    from largeep_plugin.integrations.megatron import GlooDataParallel, install_bias_update_hook, large_ep_moe_layers
 
     out: dict[str, Any] = {}
     # Sigmoid + moe_router_enable_expert_bias: Megatron's finalize_model_grads does the update.
@@ -188,8 +188,8 @@ def _bias_checks(rank: int) -> dict[str, Any]:
 
 
 def _logging_checks(rank: int, model: Any, path: str) -> dict[str, Any]:
-    from largeep_plugin.adapters.megatron import large_ep_moe_layers, log_expert_load
-    from largeep_plugin.load_balance import LoadMonitor, read_monitor
+    from largeep_plugin.integrations.megatron import large_ep_moe_layers, log_expert_load
+    from largeep_plugin.layer.load_balance import LoadMonitor, read_monitor
 
     class Writer:
         def __init__(self) -> None:
@@ -296,7 +296,7 @@ def _stock_layer_rank(rank: int, world_size: int) -> dict[str, float]:
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer.spec_utils import build_module
 
-    from largeep_plugin.adapters.megatron import LargeEPRouter
+    from largeep_plugin.integrations.megatron import LargeEPRouter
 
     init_megatron(ep=1)
     cfg = tiny_config(num_moe_experts=4, moe_token_dispatcher_type="allgather")  # the stock dispatcher CPU can run
@@ -328,7 +328,7 @@ def _collectives_rank(rank: int, world_size: int) -> dict[str, Any]:
     """Count the layer's all_reduce calls in one forward, with and without the switch loss, and its load stats."""
     from unittest import mock
 
-    from largeep_plugin.adapters.megatron import LargeEPMoELayer
+    from largeep_plugin.integrations.megatron import LargeEPMoELayer
 
     init_megatron(ep=world_size)
     x = torch.randn(7, 2, 12, generator=torch.Generator().manual_seed(40 + rank))

@@ -39,7 +39,7 @@ def _tp2_ep2_rank(rank: int, world_size: int) -> dict[str, Any]:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
 
-    from largeep_plugin.adapters.megatron import GlooDataParallel, large_ep_moe_layers
+    from largeep_plugin.integrations.megatron import GlooDataParallel, large_ep_moe_layers
 
     init_megatron(tp=2, ep=2)
     cfg = tiny_config(num_layers=2, moe_shared_expert_intermediate_size=8)
@@ -80,7 +80,7 @@ def test_tp2_ep2_builds_and_runs() -> None:
 def _pp2_ep2_rank(rank: int, world_size: int) -> dict[str, Any]:
     from megatron.core import parallel_state as ps
 
-    from largeep_plugin.adapters.megatron import large_ep_moe_layers
+    from largeep_plugin.integrations.megatron import large_ep_moe_layers
 
     init_megatron(pp=2, ep=2)
     cfg = tiny_config(num_layers=4, pipeline_dtype=torch.float32)

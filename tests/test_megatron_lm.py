@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from conftest import world  # noqa: E402
 from megatron_helpers import init_megatron, tiny_config  # noqa: E402
 
-from largeep_plugin.adapters.megatron_lm import (  # noqa: E402
+from largeep_plugin.integrations.megatron.lm import (  # noqa: E402
     add_large_ep_args, large_ep_gpt_builder, large_ep_settings, read_deepspeed_large_ep_section,
 )
 
@@ -118,8 +118,8 @@ def test_settings_conflicts_are_errors(tmp_path: Any) -> None:
 
 
 def test_placement_is_planned_from_the_section_files(tmp_path: Any) -> None:
-    from largeep_plugin.adapters.deepspeed_config import parse_large_ep_section
-    from largeep_plugin.adapters.section_placement import plan_section_placement
+    from largeep_plugin.integrations.section.config import parse_large_ep_section
+    from largeep_plugin.integrations.section.placement import plan_section_placement
 
     hot = (0, 4, 8, 12)
     load = write_json(tmp_path / "load.json", {"tokens_per_expert": [100 if e in hot else 1 for e in range(16)]})
@@ -194,7 +194,7 @@ def test_builder_off_calls_megatron_lm_builder_unchanged() -> None:
 
 
 def _builder_rank(rank: int, world_size: int, monitor: str, ds_dir: str) -> dict[str, Any]:
-    from largeep_plugin.adapters.megatron import LargeEPMoELayer, large_ep_moe_layers
+    from largeep_plugin.integrations.megatron import LargeEPMoELayer, large_ep_moe_layers
 
     init_megatron(ep=4)
     # Top-1 (top-2 would balance a small world too easily); Megatron wants the softmax first with top-1.
@@ -246,9 +246,9 @@ def _builder_rank(rank: int, world_size: int, monitor: str, ds_dir: str) -> dict
 
 
 def test_builder_on_builds_large_ep_layers_and_installs_the_hook(tmp_path: Any) -> None:
-    from largeep_plugin.adapters.section_placement import plan_section_placement
-    from largeep_plugin.adapters.deepspeed_config import parse_large_ep_section
-    from largeep_plugin.load_balance import read_monitor
+    from largeep_plugin.integrations.section.placement import plan_section_placement
+    from largeep_plugin.integrations.section.config import parse_large_ep_section
+    from largeep_plugin.layer.load_balance import read_monitor
 
     (tmp_path / "2x2.yaml").write_text(TOPOLOGY_2X2)
     (tmp_path / "1x2.yaml").write_text(TOPOLOGY_2X2.replace("nodes: 2", "nodes: 1"))
@@ -334,7 +334,7 @@ STUBS = {
 
 
 def _run_entry(root: Any, *argv: str) -> dict[str, Any]:
-    from largeep_plugin.launch import free_port
+    from largeep_plugin.tools.launch import free_port
 
     for rel, text in STUBS.items():
         path = root / rel

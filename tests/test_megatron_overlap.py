@@ -87,7 +87,7 @@ def _grads(layer: Any) -> dict[str, torch.Tensor]:
 def _overlap_vs_module(rank: int, world_size: int, variant: str) -> dict[str, float]:
     from megatron.core.transformer.spec_utils import build_module
 
-    from largeep_plugin.adapters.megatron import LargeEPMoELayer, TorchSDPAttention, get_gpt_layer_spec_with_large_ep
+    from largeep_plugin.integrations.megatron import LargeEPMoELayer, TorchSDPAttention, get_gpt_layer_spec_with_large_ep
 
     init_megatron(ep=EP)
     experts, extra = (EP, {}) if variant == "one_per_rank" else (2 * EP, dict(moe_expert_capacity_factor=1.0))
@@ -164,7 +164,7 @@ def _bf16_vs_fp32(rank: int, world_size: int) -> dict[str, Any]:
     module) against the same layer in float32, sigmoid routing with Megatron's bias update on."""
     from megatron.core.transformer.spec_utils import build_module
 
-    from largeep_plugin.adapters.megatron import TorchSDPAttention, get_gpt_layer_spec_with_large_ep
+    from largeep_plugin.integrations.megatron import TorchSDPAttention, get_gpt_layer_spec_with_large_ep
 
     init_megatron(ep=world_size)
     gen = torch.Generator().manual_seed(300 + rank)

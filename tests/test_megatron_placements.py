@@ -42,7 +42,7 @@ def _build(experts: int, ep: int, seed: int) -> Any:
 
 def _experts(model: Any, grads: bool) -> dict[tuple[int, int], torch.Tensor]:
     """{(layer, expert id): fc1 weight (or its gradient)} of this rank's experts."""
-    from largeep_plugin.adapters.megatron import large_ep_moe_layers
+    from largeep_plugin.integrations.megatron import large_ep_moe_layers
 
     out = {}
     for i, (_, layer) in enumerate(large_ep_moe_layers(model)):
@@ -56,7 +56,7 @@ def _main_grad_ddp(config: Any, module: torch.nn.Module) -> Any:
     """A stand-in for Megatron's DDP (whose buffers need CUDA), on its gradient path: Megatron's reduction
     (``GlooDataParallel.reduce_data_parallel``) and no replica sum, then the gradients moved to
     ``param.main_grad`` where DDP keeps them."""
-    from largeep_plugin.adapters.megatron import GlooDataParallel, large_ep_moe_layers
+    from largeep_plugin.integrations.megatron import GlooDataParallel, large_ep_moe_layers
 
     class _MainGradDDP(GlooDataParallel):
         def finish_grad_sync(self, force_all_reduce: bool = False) -> None:
@@ -77,7 +77,7 @@ def _main_grad_ddp(config: Any, module: torch.nn.Module) -> Any:
 def _train(rank: int, cfg: Any, model: Any, ddp_kind: str = "gloo") -> dict[str, Any]:
     from megatron.core.distributed import finalize_model_grads
 
-    from largeep_plugin.adapters.megatron import GlooDataParallel, enable_replica_gradient_sum
+    from largeep_plugin.integrations.megatron import GlooDataParallel, enable_replica_gradient_sum
 
     if ddp_kind == "gloo":
         ddp, finalize = GlooDataParallel(cfg, model), finalize_model_grads

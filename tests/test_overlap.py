@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import largeep_plugin.overlap as overlap
+import largeep_plugin.layer.overlap as overlap
 from conftest import HIDDEN, global_batch, gpu, make_config, rank_slice, rel_err, world
-from largeep_plugin.config import LargeEPConfig
-from largeep_plugin.moe_layer import LargeEPMoE
-from largeep_plugin.overlap import chunk_of_tokens, effective_chunks
+from largeep_plugin.layer.config import LargeEPConfig
+from largeep_plugin.layer.moe_layer import LargeEPMoE
+from largeep_plugin.layer.overlap import chunk_of_tokens, effective_chunks
 
 TOL = 1e-5
 

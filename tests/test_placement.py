@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from largeep_plugin import placement_search as search
+from largeep_plugin.placement.plan import search
 from largeep_plugin.cli import main as cli_main
-from largeep_plugin.placement import (Placement, assemble_placement, eplb_placement, expert_tp_degree, layout_problem,
+from largeep_plugin.placement.plan import (Placement, assemble_placement, eplb_placement, expert_tp_degree, layout_problem,
                                       naive_placement, plan_placement)
-from largeep_plugin.placement_bench import compare, synthetic_trace, trace_figures, trace_stats
-from largeep_plugin.placement_figures import route_flows, routing_stats
-from largeep_plugin.topology import GIB, Topology
+from largeep_plugin.tools.placement_bench import compare, synthetic_trace, trace_figures, trace_stats
+from largeep_plugin.placement.figures import route_flows, routing_stats
+from largeep_plugin.placement.topology import GIB, Topology
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "topologies"
 

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from conftest import world
-from largeep_plugin.placement import Placement
-from largeep_plugin.process_groups import build_process_groups, reduce_expert_grads
-from largeep_plugin.topology import Topology
+from largeep_plugin.placement.plan import Placement
+from largeep_plugin.layer.process_groups import build_process_groups, reduce_expert_grads
+from largeep_plugin.placement.topology import Topology
 
 
 def _reduced(groups: Any, rank: int, scale: float = 1.0) -> dict[int, list[float]]:

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from largeep_plugin.config import LargeEPConfig, RouterConfig
-from largeep_plugin.router import Router, capacity_keep_mask, expert_capacity, route
+from largeep_plugin.layer.config import LargeEPConfig, RouterConfig
+from largeep_plugin.layer.router import Router, capacity_keep_mask, expert_capacity, route
 
 
 def _rcfg(num_experts: int, top_k: int, **kw: object) -> RouterConfig:
@@ -169,7 +169,7 @@ def test_route_with_capacity(normalize: bool) -> None:
 
 def test_expert_bias_stays_float32_when_the_model_is_cast() -> None:
     """Casting a model to bf16 must not round the selection bias: a step of 1e-3 on a bias of 1.0 survives."""
-    from largeep_plugin.moe_layer import LargeEPMoE
+    from largeep_plugin.layer.moe_layer import LargeEPMoE
 
     layer = LargeEPMoE(LargeEPConfig(hidden_size=8, ffn_hidden_size=8, num_experts=1, top_k=1)).to(torch.bfloat16)
     assert layer.expert.fc1.weight.dtype == torch.bfloat16

@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from conftest import HIDDEN, assert_parity, global_batch, make_config, merge_ranks, parity_errors, rank_slice, world
-from largeep_plugin.dispatcher import AllToAllDispatcher, permute_by_destination
-from largeep_plugin.moe_layer import LargeEPMoE
+from largeep_plugin.layer.dispatcher import AllToAllDispatcher, permute_by_destination
+from largeep_plugin.layer.moe_layer import LargeEPMoE
 
 K = 2
 TAG_H = 4  # columns: source rank, token index, then two free columns
@@ -105,7 +105,7 @@ def test_dispatch_delivers_tagged_rows_in_order_and_combine_returns_them(tokens:
 
 
 def test_handle_without_weights_needs_top_k() -> None:
-    from largeep_plugin.dispatcher import DispatchHandle
+    from largeep_plugin.layer.dispatcher import DispatchHandle
 
     with pytest.raises(ValueError, match="top_k >= 1, got top_k=0"):
         DispatchHandle(order_A=torch.zeros(0, dtype=torch.int64), topk_weights_TK=None, send_splits=(0,),

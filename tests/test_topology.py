@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from largeep_plugin.topology import (GIB, Link, Node, Topology, load_topology, topology_from_dict,
+from largeep_plugin.placement.topology import (GIB, Link, Node, Topology, load_topology, topology_from_dict,
                                      topology_from_env)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "topologies"

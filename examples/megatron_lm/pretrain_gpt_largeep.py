@@ -24,7 +24,7 @@ from megatron.training import pretrain  # noqa: E402  (Megatron-LM)
 from model_provider import model_provider  # noqa: E402  (Megatron-LM)
 from pretrain_gpt import forward_step, train_valid_test_datasets_provider  # noqa: E402  (Megatron-LM)
 
-from largeep_plugin.adapters.megatron_lm import add_large_ep_args, large_ep_gpt_builder  # noqa: E402
+from largeep_plugin.integrations.megatron.lm import add_large_ep_args, large_ep_gpt_builder  # noqa: E402
 
 if __name__ == "__main__":
     train_valid_test_datasets_provider.is_distributed = True

@@ -27,10 +27,10 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from ..config import LargeEPConfig
-from ..moe_layer import LargeEPMoE
-from ..process_groups import build_node_groups
-from ..reference import DenseMoEReference
+from largeep_plugin.layer.config import LargeEPConfig
+from largeep_plugin.layer.moe_layer import LargeEPMoE
+from largeep_plugin.layer.process_groups import build_node_groups
+from largeep_plugin.layer.reference import DenseMoEReference
 from .watchdog import EXIT_RANK_LOST, RankLostError, RankWatchdog
 
 

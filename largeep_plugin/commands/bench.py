@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Any
 
-from largeep_plugin.cli import register_subcommands
+from largeep_plugin.commands import register_subcommands
 
 # Benchmark modules (commands/bench_<name>.py), in the order ``--help`` lists them.
 _BENCHES = (

@@ -4,7 +4,7 @@
     largeep bench layer --ep 16 --skew 0.5 --iters 10      # one EP size, skewed routing, more iterations
     largeep bench layer --variants large_ep,ideal          # without DeepSpeed
 
-Variants (see largeep_plugin/layer_bench.py): stock_dropless, stock_cf1 (DeepSpeed's MoE without / with capacity
+Variants (see largeep_plugin/tools/layer_bench.py): stock_dropless, stock_cf1 (DeepSpeed's MoE without / with capacity
 factor 1.0), large_ep, and ideal (the expert MLP alone on perfectly balanced rows). E = EP size experts, one per
 rank, the same weights and tokens everywhere. Each (EP, variant) runs in a fresh world of EP gloo ranks with one
 thread each; on a machine with fewer cores than ranks the ranks share the cores, which inflates compute relative
@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any
 
-from ..layer_bench import VARIANTS, LayerBenchSettings, format_table, plot, result_json, run_layer_bench
+from largeep_plugin.tools.layer_bench import VARIANTS, LayerBenchSettings, format_table, plot, result_json, run_layer_bench
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -74,8 +74,8 @@ def stock_builder(variants: list[str]) -> Any:
     if not any(v.startswith("stock") for v in variants):
         return None
     try:  # the adapter imports DeepSpeed; doing it here, before the ranks fork, imports it once
-        from ..adapters.deepspeed import load_deepspeed_ops_before_fork
-        from ..adapters.deepspeed_stock import bench_stock_layer
+        from largeep_plugin.integrations.deepspeed.engine import load_deepspeed_ops_before_fork
+        from largeep_plugin.integrations.deepspeed.stock import bench_stock_layer
     except ImportError as e:
         raise ValueError(f"the stock variants need DeepSpeed ({e}; pip install -e .[deepspeed]); "
                          "or leave the stock rows out (bench layer --variants large_ep,ideal; demo --no-compare)") from e

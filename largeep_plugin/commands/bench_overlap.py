@@ -40,10 +40,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..cluster import ClusterUnavailable, EmulatedCluster
-from ..config import LargeEPConfig
-from ..hierarchical import NodeLayout, internode_rows
-from ..moe_layer import LargeEPMoE
-from ..process_groups import build_node_groups
+from largeep_plugin.layer.config import LargeEPConfig
+from largeep_plugin.layer.hierarchical import NodeLayout, internode_rows
+from largeep_plugin.layer.moe_layer import LargeEPMoE
+from largeep_plugin.layer.process_groups import build_node_groups
 
 # The variant name of hierarchical dispatch with its two stages on node and rail groups.
 GROUPED = "hier+groups"

@@ -9,7 +9,7 @@ Part 1, training: the command spawns the ranks itself (one process each, one thr
 Markov-chain tokens; it prints the loss (first vs last), the training throughput and the per-expert load of each
 MoE layer.
 
-Part 2, comparison (largeep_plugin/layer_bench.py, the same as `largeep bench layer`): one MoE layer, forward +
+Part 2, comparison (largeep_plugin/tools/layer_bench.py, the same as `largeep bench layer`): one MoE layer, forward +
 backward, the same weights and the same tokens for every variant, at EP 4, 8 and 16 (E = EP experts, one per
 rank): stock DeepSpeed MoE dropless and with capacity factor 1.0, large-EP, and an "ideal" row (the expert MLP
 alone on perfectly balanced rows). It prints tokens/s and peak memory growth per rank with the ratios.
@@ -24,11 +24,11 @@ import os
 import sys
 from typing import Any
 
-from ..launch import run_world
-from ..layer_bench import VARIANTS, LayerBenchSettings, format_table, ratios, run_layer_bench
+from largeep_plugin.tools.launch import run_world
+from largeep_plugin.tools.layer_bench import VARIANTS, LayerBenchSettings, format_table, ratios, run_layer_bench
 from ..models.tiny_moe import TinyMoEConfig
 from ..models.training import TrainSettings, train_rank, warm_up_before_fork
-from ..progress import ProgressBar
+from largeep_plugin.tools.progress import ProgressBar
 from .bench_layer import parse_list, stock_builder, write_outputs
 
 

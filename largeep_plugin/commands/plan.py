@@ -15,10 +15,10 @@ import os
 import sys
 from typing import Any
 
-from largeep_plugin.placement import Placement, eplb_placement, megatron_placement, naive_placement, plan_placement
-from largeep_plugin.placement_bench import (BASELINES, CompareResult, compare, format_table, synthetic_trace,
+from largeep_plugin.placement.plan import Placement, eplb_placement, megatron_placement, naive_placement, plan_placement
+from largeep_plugin.tools.placement_bench import (BASELINES, CompareResult, compare, format_table, synthetic_trace,
                                             target_report, trace_stats)
-from largeep_plugin.topology import Topology, load_topology
+from largeep_plugin.placement.topology import Topology, load_topology
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -89,7 +89,7 @@ def _plan(args: argparse.Namespace) -> int:
     print(describe(ours))
     print(figures_table(figures))
     if args.out:
-        from largeep_plugin.placement_png import plot_placement   # matplotlib only when a PNG is asked for
+        from largeep_plugin.tools.placement_charts import plot_placement   # matplotlib only when a PNG is asked for
         os.makedirs(args.out, exist_ok=True)
         out = {"placement": ours.to_dict(), "top_k": args.top_k, "bytes_per_token": args.bytes_per_token,
                "figures": {k: f.to_dict() for k, f in figures.items()}}
@@ -146,7 +146,7 @@ def _compare(args: argparse.Namespace) -> int:
     print(format_table(results))
     print(target_report(results))
     if args.out:
-        from largeep_plugin.placement_png import plot_compare   # matplotlib only when a PNG is asked for
+        from largeep_plugin.tools.placement_charts import plot_compare   # matplotlib only when a PNG is asked for
         os.makedirs(args.out, exist_ok=True)
         cases = [{"label": r.label, "num_experts": r.num_experts, "topology": r.topology.to_dict(),
                   "figures": {k: f.to_dict() for k, f in r.figures.items()},

@@ -8,7 +8,7 @@ Every layer is ``x + attn(norm(x))`` then ``x + moe(norm(x))``: causal self-atte
 ``torch.nn.functional.scaled_dot_product_attention`` and an MoE block in place of the MLP. The MoE block is
 *pluggable*: the model takes a factory ``moe_factory(layer_index) -> nn.Module`` whose module maps
 ``[B, S, H] -> [B, S, H]``. ``largeep_moe_factory`` builds the plugin's ``LargeEPMoE``; the stock DeepSpeed MoE
-is wrapped the same way in ``largeep_plugin/adapters/`` (this file never imports DeepSpeed).
+is wrapped the same way in ``largeep_plugin/integrations/`` (this file never imports DeepSpeed).
 
 The non-expert weights (embeddings, attention, norms, head) are initialised from ``TinyMoEConfig.seed`` alone, so
 every rank builds identical replicas without a broadcast.
@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..comm import ProcessGroup
-from ..config import LargeEPConfig
-from ..moe_layer import LargeEPMoE
+from largeep_plugin.layer.comm import ProcessGroup
+from largeep_plugin.layer.config import LargeEPConfig
+from largeep_plugin.layer.moe_layer import LargeEPMoE
 
 NORMS = ("rmsnorm", "layernorm")
 

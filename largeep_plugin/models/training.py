@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..grads import allreduce_gradients
-from ..load_record import RoutingRecorder, record_largeep_routing
-from ..moe_layer import moe_layers, update_expert_biases
-from ..progress import ProgressBar
+from largeep_plugin.layer.grads import allreduce_gradients
+from largeep_plugin.tools.load_record import RoutingRecorder, record_largeep_routing
+from largeep_plugin.layer.moe_layer import moe_layers, update_expert_biases
+from largeep_plugin.tools.progress import ProgressBar
 from .synthetic import MarkovChainData
 from .tiny_moe import TinyMoEConfig, TinyMoETransformer, large_ep_config, largeep_moe_factory
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from largeep_plugin.perfmodel.training import BREAKDOWN_KEYS, TrainingResult
-from largeep_plugin.pyplot import pyplot
+from largeep_plugin.tools.pyplot import pyplot
 
 
 def plot_ep_sweep(results: Sequence[TrainingResult], path: str | Path, title: str = "") -> Path:

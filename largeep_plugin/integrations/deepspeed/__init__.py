@@ -1,0 +1,11 @@
+"""DeepSpeed integration (deepspeed 0.19): ``initialize``, a drop-in for ``deepspeed.initialize`` driven by the
+``"large_ep"`` section.
+
+    engine.py      initialize, the bias-update and monitor hooks on the engine
+    convert.py     stock ``deepspeed.moe.layer.MoE`` -> large-EP layers the engine still treats as MoE
+    placement.py   the section's placement and node layout under DeepSpeed's expert groups; checkpoint names
+    stock.py       stand-in: stock DeepSpeed MoE with the plugin's seeded weights, the benchmarks' baseline
+"""
+from .engine import initialize, large_ep_section, update_large_ep_biases
+
+__all__ = ["initialize", "large_ep_section", "update_large_ep_biases"]

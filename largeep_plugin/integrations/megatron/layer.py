@@ -1,0 +1,314 @@
+"""The large-EP MoE layer inside Megatron-Core: a ``MoELayer`` subclass with the plugin's router, dispatcher and
+expert, injected through ``ModuleSpec`` (see ``integrations/megatron/specs.py``).
+
+Shape legend:
+    S  sequence length (local: / TP under sequence parallelism)      B  micro-batch size      H  hidden size
+    E  experts      M  rows this rank's expert receives
+
+Megatron's own stage methods (``route``, ``preprocess``, ``dispatch``, ``routed_experts_compute``, ``combine``,
+``postprocess``) and its ``forward`` are inherited unchanged: they call ``self.router`` (``LargeEPRouter``),
+``self.token_dispatcher`` (``LargeEPTokenDispatcher``) and ``self.experts`` (``LargeEPExperts``), so Megatron's
+EP overlap can drive the layer stage by stage. Only ``__init__`` is the plugin's.
+
+Process groups come from ``pg_collection`` (Megatron's ``TransformerLayer`` passes it only to the exact stock
+classes, so the default collection of ``parallel_state`` is used unless a spec passes one in ``params``):
+EP = ``ep`` (Megatron's expert-model-parallel group), expert-TP = ``expt_tp`` (must be size 1: a whole expert per
+rank), expert-DP = ``expt_dp`` (Megatron's DDP reduces the expert gradients over it: they carry
+``allreduce=False``).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_utils import MoECudaGraphTensorStore, get_default_pg_collection
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.utils import get_pg_rank, get_pg_size
+
+from largeep_plugin.layer.config import LargeEPConfig
+from largeep_plugin.layer.experts import ExpertMLP, LocalExperts
+from largeep_plugin.layer.load_balance import LoadStats
+from .checkpoint import expert_sharded_state_dict, replica_index
+from .config import large_ep_config_from_megatron
+from .dispatcher import LargeEPTokenDispatcher
+from .router import LargeEPRouter
+
+
+class LargeEPExperts(nn.Module):
+    """The expert(s) of this rank, called the way ``MoELayer`` calls its experts.
+
+    ``forward(rows_MH, tokens_per_expert, permuted_probs) -> (rows_MH * permuted_probs, None)``. One expert per rank: the core
+    ``ExpertMLP`` as ``expert`` (``expert.fc1.weight`` ...). A colocated placement (several experts on some rank):
+    the core ``LocalExperts`` as ``local_experts`` (``local_experts.<slot>.fc1.weight`` ..., slot l holding
+    ``expert_ids[l]``), on every rank of the layer; ``tokens_per_expert`` is then the dispatcher's [R, L] rows per
+    (source rank, slot). Parameters are tagged ``allreduce=False``; ``sharded_state_dict`` stores every expert
+    under its global expert id (``integrations/megatron/checkpoint.py``).
+
+    Args:
+        config: the layer's ``LargeEPConfig``.
+        expert_ids: the experts this rank holds, ascending.
+        ep_replicas: for each of them, its replica index inside the EP group (0: its first holder).
+        expt_dp_group: Megatron's expert-data-parallel group.
+        colocated: whether some rank of the layer holds several experts (then ``local_experts`` on every rank).
+    """
+
+    def __init__(
+        self,
+        config: LargeEPConfig,
+        *,
+        expert_ids: Sequence[int],
+        ep_replicas: Sequence[int],
+        expt_dp_group: Any,
+        colocated: bool = False,
+    ):
+        super().__init__()
+        self.expert_ids = tuple(int(e) for e in expert_ids)
+        if len(ep_replicas) != len(self.expert_ids) or (len(self.expert_ids) > 1 and not colocated):
+            raise ValueError(f"expert_ids={self.expert_ids} with ep_replicas={tuple(ep_replicas)} and "
+                             f"colocated={colocated}: one replica index per expert; several experts need colocated")
+        self.colocated = colocated
+        if colocated:
+            self.local_experts = LocalExperts(config.expert_config, expert_ids=self.expert_ids, init_seed=config.init_seed)
+        else:
+            self.expert = ExpertMLP(config.expert_config, expert_id=self.expert_ids[0], init_seed=config.init_seed)
+        self.num_experts = config.num_experts
+        self.ep_replicas = tuple(int(r) for r in ep_replicas)
+        self.expt_dp_group = expt_dp_group
+
+    @property
+    def expert_id(self) -> int:
+        """The expert of this rank, when it holds exactly one."""
+        if len(self.expert_ids) != 1:
+            raise NotImplementedError(f"this rank holds experts {self.expert_ids}: use expert_ids")
+        return self.expert_ids[0]
+
+    def experts_by_id(self) -> list[tuple[int, nn.Module]]:
+        """(expert id, ``ExpertMLP``) of every expert of this rank, in ``expert_ids`` order."""
+        modules = list(self.local_experts) if self.colocated else [self.expert]
+        return list(zip(self.expert_ids, modules))
+
+    def forward(
+        self, rows_MH: torch.Tensor, tokens_per_expert: torch.Tensor | None = None,
+        permuted_probs: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        """``expert(rows_MH) * permuted_probs`` (the product in float32, returned in the rows' dtype): the
+        dispatcher sends each row's combine weight with it and sums the returned rows. ``permuted_probs=None``:
+        the unweighted expert output."""
+        if self.colocated:
+            if tokens_per_expert is None or tokens_per_expert.dim() != 2:
+                raise ValueError("colocated experts need tokens_per_expert as the dispatcher's [R, L] counts, got "
+                                 f"{None if tokens_per_expert is None else tuple(tokens_per_expert.shape)}")
+            out_MH = self.local_experts(rows_MH, tokens_per_expert.tolist())
+        else:
+            out_MH = self.expert(rows_MH)
+        if permuted_probs is None:
+            return out_MH, None
+        if permuted_probs.shape != out_MH.shape[:1]:
+            raise ValueError(f"permuted_probs of shape {tuple(permuted_probs.shape)} for {out_MH.shape[0]} rows: "
+                             "one combine weight per received row")
+        return (out_MH.float() * permuted_probs.float().unsqueeze(-1)).to(out_MH.dtype), None
+
+    def backward_dw(self) -> None:
+        """Nothing to do: weight gradients are computed in the ordinary backward."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        dp_rank = get_pg_rank(self.expt_dp_group)
+        out: dict[str, Any] = {}
+        for slot, ((expert_id, module), ep_replica) in enumerate(zip(self.experts_by_id(), self.ep_replicas)):
+            out.update(expert_sharded_state_dict(
+                module.state_dict(prefix="", keep_vars=True),
+                f"{prefix}local_experts.{slot}." if self.colocated else f"{prefix}expert.",
+                sharded_offsets,
+                expert_id=expert_id,
+                num_experts=self.num_experts,
+                replica_id=(0, ep_replica, dp_rank),
+                checkpoint_prefix=f"{prefix}expert.",
+            ))
+        return out
+
+
+def rank_to_experts_of(num_experts: int, ep_size: int, placement: Any) -> tuple[tuple[int, ...], ...]:
+    """The experts of every EP rank: expert r on rank r without a placement; else the placement's
+    ``rank_to_experts`` (or, for a placement-like object with only ``rank_to_expert``, one expert per rank),
+    checked against the EP group and the config."""
+    if placement is None:
+        if ep_size != num_experts:
+            raise ValueError(
+                f"num_moe_experts={num_experts} but the expert-model-parallel size is {ep_size}: without a placement "
+                "the large-EP layer holds one expert per EP rank, so they must be equal (or pass a placement from "
+                "largeep_plugin.placement.plan: replicas when EP > experts, colocated experts when EP < experts)"
+            )
+        return tuple((r,) for r in range(num_experts))
+    if getattr(placement, "expert_tp_degree", 1) != 1:
+        raise NotImplementedError(f"placement.expert_tp_degree={placement.expert_tp_degree}: experts split with "
+                                  "tensor parallelism are not run by the large-EP layer")
+    if getattr(placement, "num_experts", num_experts) != num_experts:
+        raise ValueError(f"placement.num_experts={placement.num_experts} but num_moe_experts={num_experts}")
+    held = getattr(placement, "rank_to_experts", None)
+    if held is None:
+        held = [(e,) for e in placement.rank_to_expert]
+    held = tuple(tuple(int(e) for e in h) for h in held)
+    if len(held) != ep_size:
+        raise ValueError(f"placement.rank_to_experts has {len(held)} entries but the EP group has {ep_size} ranks")
+    bad = [r for r, h in enumerate(held) if not h or len(set(h)) != len(h) or any(not 0 <= e < num_experts for e in h)]
+    missing = sorted(set(range(num_experts)) - {e for h in held for e in h})
+    if bad or missing:
+        raise ValueError(f"placement.rank_to_experts={held}: every EP rank must hold distinct experts of "
+                         f"0..{num_experts - 1} (ranks {bad} do not) and every expert must be placed (missing {missing})")
+    return held
+
+
+class LargeEPMoELayer(MoELayer):
+    """Megatron ``MoELayer`` whose routing, token movement and expert are the plugin's.
+
+    Args:
+        config: Megatron's ``TransformerConfig`` (translated once by ``large_ep_config_from_megatron``).
+        submodules: ``MoESubmodules`` with ``router`` a ``LargeEPRouter`` and ``experts`` a ``LargeEPExperts``
+            (class or ``ModuleSpec``); ``shared_experts`` is built as Megatron builds it. None: the plugin's.
+        layer_number: Megatron's 1-based global layer number.
+        pg_collection: Megatron's process groups (None: the default collection).
+        large_ep: ``LargeEPConfig`` overrides (plugin-only fields; see ``integrations/megatron/config.py``).
+        placement: which experts each EP rank holds (``largeep_plugin.placement.plan``); None: expert e on EP rank e.
+            Replicas (EP > experts) train once their gradients are summed over the replicas (Megatron's DDP with
+            ``enable_replica_gradient_sum``, or ``GlooDataParallel``; forward only otherwise); colocated experts (several on a rank, e.g.
+            ``rank_to_experts=((0, 1), (2, 3))``) train too, with flat dispatch (a warning says so once).
+
+    Attributes (besides ``MoELayer``'s): ``large_ep_config``, ``expert_ids``, ``expert_id`` (NotImplementedError
+    when the rank holds several), ``ep_rank``, ``ep_size``, ``last_stats`` (the router's ``LoadStats`` of the
+    latest forward).
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        submodules: MoESubmodules | None = None,
+        layer_number: int | None = None,
+        pg_collection: Any = None,
+        *,
+        large_ep: Mapping[str, Any] | None = None,
+        placement: Any = None,
+    ):
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        if submodules is None:
+            submodules = MoESubmodules(experts=LargeEPExperts, router=LargeEPRouter)
+        _check_submodules(submodules)
+        lep = large_ep_config_from_megatron(config, large_ep)
+        if lep.overlap_chunks != 1 or lep.dispatch != "flat":
+            raise NotImplementedError(
+                f"overlap_chunks={lep.overlap_chunks}, dispatch={lep.dispatch!r}: inside Megatron the layer uses the "
+                "flat all-to-all and Megatron's own EP overlap drives its stages; use overlap_chunks=1, dispatch='flat'"
+            )
+        ep_size, ep_rank = get_pg_size(pg_collection.ep), get_pg_rank(pg_collection.ep)
+        rank_to_experts = rank_to_experts_of(lep.num_experts, ep_size, placement)
+        expert_ids = rank_to_experts[ep_rank]
+        colocated = max(len(h) for h in rank_to_experts) > 1
+        replicated = sum(len(h) for h in rank_to_experts) > lep.num_experts
+        if colocated:
+            warnings.warn(f"LargeEPMoELayer: {lep.num_experts} experts on {ep_size} EP ranks, "
+                          f"rank_to_experts={rank_to_experts} (colocated experts run one after another on a rank)",
+                          stacklevel=2)
+        expt_tp = get_pg_size(pg_collection.expt_tp)
+        if expt_tp != 1:
+            raise NotImplementedError(f"the expert tensor-parallel group has {expt_tp} ranks: the large-EP layer needs 1")
+
+        # BaseMoELayer.__init__ asserts num_experts % EP == 0 and gives each rank a contiguous block of experts;
+        # under a placement an EP rank holds whichever experts the placement says (replicas when EP > E, colocated
+        # experts when EP < E), so the attributes BaseMoELayer and MoELayer set are set here, for those experts.
+        MegatronModule.__init__(self, config)
+        self.config = config
+        self.layer_number = layer_number
+        self.submodules = submodules
+        self.ep_group = pg_collection.ep
+        self.attn_tp_group = pg_collection.tp
+        self.tp_group = pg_collection.tp
+        self.num_local_experts = len(expert_ids)
+        self.local_expert_indices = list(expert_ids)
+        self.use_shared_expert = config.moe_shared_expert_intermediate_size is not None
+        self.shared_expert_overlap = config.moe_shared_expert_overlap
+        self.moe_layer_recompute = (
+            config.recompute_granularity == "selective"
+            and "moe" in config.recompute_modules
+            and config.cuda_graph_impl != "local"
+        )
+        self.shared_experts_recompute = (
+            config.recompute_granularity == "selective" and "shared_experts" in config.recompute_modules
+        )
+        self.router = build_module(submodules.router, config=config, pg_collection=pg_collection, large_ep_config=lep)
+        if layer_number is not None:
+            self.router.set_layer_number(layer_number)
+        self.token_dispatcher = LargeEPTokenDispatcher(
+            config=config, pg_collection=pg_collection, ep_rank=ep_rank, placement=placement,
+            rank_to_experts=rank_to_experts if colocated else None,
+        )
+        # The router's global load and input checks ride in the dispatcher's count exchange (one collective fewer)
+        # whenever no switch loss needs them during the router's forward.
+        self.router.counts_in_dispatch = True
+        self.token_dispatcher.count_source = self.router
+        self.experts = build_module(
+            submodules.experts, lep, expert_ids=expert_ids,
+            ep_replicas=[replica_index(rank_to_experts, ep_rank, e) for e in expert_ids],
+            expt_dp_group=pg_collection.expt_dp, colocated=colocated,
+        )
+        self.shared_experts = None
+        if self.use_shared_expert:
+            self.shared_experts = build_module(
+                submodules.shared_experts, config=config, pg_collection=pg_collection, gate=config.moe_shared_expert_gate
+            )
+        self.cudagraph_tensor_store = MoECudaGraphTensorStore()
+        self.fwd_execution_map = ["route", "expert_compute", "postprocess"]
+
+        self.large_ep_config = lep
+        self.expert_ids = expert_ids
+        self.ep_rank = ep_rank
+        self.ep_size = ep_size
+        self.placement = placement
+        self.replicated = replicated
+        # Set by whatever sums replicated experts' gradients over their replicas (GlooDataParallel,
+        # enable_replica_gradient_sum).
+        self.replica_grads_summed = False
+
+    @property
+    def expert_id(self) -> int:
+        """The expert of this rank, when it holds exactly one (NotImplementedError otherwise)."""
+        return self.experts.expert_id
+
+    @property
+    def last_stats(self) -> LoadStats | None:
+        return self.router.last_stats
+
+    def forward(self, hidden_states: torch.Tensor, intermediate_tensors: Any = None, padding_mask: Any = None) -> Any:
+        if self.replicated and not self.replica_grads_summed and self.training and torch.is_grad_enabled():
+            raise NotImplementedError(
+                "training with experts replicated inside the EP group needs their gradients summed over each "
+                "expert's replicas, which Megatron's DDP does not do: call "
+                "largeep_plugin.megatron.enable_replica_gradient_sum(model, config) after wrapping the model in "
+                "Megatron's DDP (its finalize_model_grads_func then sums them), wrap it in GlooDataParallel on CPU "
+                "(its finish_grad_sync sums them), or run this placement forward only"
+            )
+        return super().forward(hidden_states, intermediate_tensors, padding_mask)
+
+
+def _check_submodules(submodules: MoESubmodules) -> None:
+    for slot, base in (("router", LargeEPRouter), ("experts", LargeEPExperts)):
+        spec = getattr(submodules, slot)
+        cls = getattr(spec, "module", spec)
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise ValueError(
+                f"MoESubmodules.{slot}={spec!r}: the large-EP layer needs {base.__name__} (or a subclass) there"
+            )
+
+
+def large_ep_moe_layers(model: Any) -> Iterator[tuple[str, LargeEPMoELayer]]:
+    """Every ``LargeEPMoELayer`` of a model (a module or a list of model chunks), named ``layer_<number>`` by
+    Megatron's global layer number so that the names are unique across pipeline stages."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        for name, module in chunk.named_modules():
+            if isinstance(module, LargeEPMoELayer):
+                yield (f"layer_{module.layer_number}" if module.layer_number is not None else name), module

@@ -1,0 +1,225 @@
+"""The plugin's router behind Megatron's router interface (usable as ``MoESubmodules.router``).
+
+Shape legend:
+    T  tokens on this rank      H  hidden size      E  experts      K  top_k      R  ranks in the EP group
+
+``LargeEPRouter`` is the core ``Router`` (same seeded weight [E, H], same float32 ``expert_bias`` [E], same
+``route`` function: selection by score + bias, combine weights from the unbiased scores) whose ``forward`` speaks
+Megatron's ``RouterInterface``: ``forward(hidden [S, B, H]) -> (probs_TE, routing_map_TE)``.
+
+It also exposes ``local_tokens_per_expert`` [E] (float32, this rank's assignments since the last bias update), the
+attribute pair that Megatron's ``finalize_model_grads`` looks for: with ``moe_router_enable_expert_bias`` (sigmoid
+only, a Megatron rule) Megatron all-reduces the counts over TP x DP x CP and moves the bias; otherwise the plugin's
+hook does the same (``megatron_balance.update_large_ep_biases``).
+
+One forward:
+    1. route locally (core ``route``)
+    2. the global counts (for the switch loss and ``last_stats``), drops, and every rank's "input is finite" flag
+       (a NaN on one rank is an error on all ranks, not a hang) go over the EP group: with the switch loss on, in
+       one all_reduce here (the loss needs them now); otherwise, inside ``LargeEPMoELayer``, they ride in the
+       dispatcher's count exchange (``counts_in_dispatch``; ``take_shared_counts``), one collective fewer
+    3. the switch loss and the z-loss are attached to ``probs_TE`` with Megatron's ``MoEAuxLossAutoScaler`` so that
+       Megatron's schedules scale their gradients like the main loss (micro-batches, loss scale)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    get_default_pg_collection,
+    save_to_aux_losses_tracker,
+)
+from megatron.core.utils import get_pg_rank, get_pg_size
+
+from largeep_plugin.layer.config import LargeEPConfig
+from largeep_plugin.layer.load_balance import LoadStats, switch_aux_loss, z_loss
+from largeep_plugin.layer.router import Router, RoutingResult
+from .config import large_ep_config_from_megatron
+
+
+class LargeEPRouter(Router):
+    """Megatron-facing router.
+
+    Args:
+        config: Megatron's ``TransformerConfig``.
+        pg_collection: Megatron's process groups (None: the default collection of ``parallel_state``).
+        large_ep_config: the translated config (None: translate ``config`` without overrides).
+
+    Attributes:
+        weight [E, H], expert_bias [E]: as in the core ``Router``.
+        local_tokens_per_expert [E]: float32 assignments of this rank since the last bias update (training only).
+        bias_managed_by_megatron: True when Megatron's ``finalize_model_grads`` updates the bias.
+        last_stats: ``LoadStats`` of the latest forward (global over the EP group).
+        counts_in_dispatch: set by ``LargeEPMoELayer``: when no switch loss needs the global counts during the
+            forward, leave them (and the input check) to the dispatcher's count exchange. False: one all_reduce
+            here (the router on its own, e.g. driving Megatron's stock dispatcher).
+    """
+
+    def __init__(self, *, config: Any, pg_collection: Any = None, large_ep_config: LargeEPConfig | None = None):
+        lep = large_ep_config or large_ep_config_from_megatron(config)
+        super().__init__(lep.router_config, lep.hidden_size, init_std=lep.init_std, init_seed=lep.init_seed)
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        self.large_ep_config = lep
+        self.ep_group = pg_collection.ep
+        self.ep_size = get_pg_size(self.ep_group)
+        self.ep_rank = get_pg_rank(self.ep_group)
+        # Megatron reduces the bias counts over TP x DP x CP; the plugin's own hook uses the same group.
+        self.count_group = pg_collection.tp_dp_cp
+        self.bias_managed_by_megatron = bool(config.moe_router_enable_expert_bias)
+        # With sequence parallelism each TP rank routes different tokens, so the router gradient is summed over
+        # TP by finalize_model_grads (the attribute Megatron's own router sets) and the losses are divided by TP.
+        self.sequence_parallel = bool(config.sequence_parallel)
+        self.weight.sequence_parallel = self.sequence_parallel
+        self.tp_size = get_pg_size(pg_collection.tp)
+        self.tp_cp_group = pg_collection.tp_cp
+        self.num_layers = config.num_layers + (config.mtp_num_layers or 0)
+        self.calculate_per_token_loss = bool(config.calculate_per_token_loss)
+        self.layer_number: int | None = None
+        self.register_buffer(
+            "local_tokens_per_expert", torch.zeros(lep.num_experts, dtype=torch.float32), persistent=False
+        )
+        self.last_stats: LoadStats | None = None
+        self.counts_in_dispatch = False
+        self._pending_shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def set_layer_number(self, layer_number: int) -> None:
+        self.layer_number = layer_number
+
+    def _keep_float32(self) -> None:
+        # Float16Module casts buffers to bf16/fp16; the bias and the counts must stay exact.
+        for name in ("expert_bias", "local_tokens_per_expert"):
+            buf = getattr(self, name)
+            if buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+
+    def route_tokens(self, x_TH: torch.Tensor) -> RoutingResult:
+        """The core routing of ``x_TH`` (no communication, no bookkeeping)."""
+        return super().forward(x_TH)
+
+    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route ``input`` [..., H].
+
+        Returns:
+            probs_TE: float32 combine weights, the K chosen experts' weights of each token, 0 elsewhere
+                (differentiable w.r.t. ``weight``; the auxiliary losses ride on its backward).
+            routing_map_TE: bool, True where a token is sent to an expert (capacity drops are False).
+        """
+        if padding_mask is not None:
+            raise NotImplementedError(
+                "padding_mask is not supported by the large-EP router (padded tokens would count as load)"
+            )
+        self._keep_float32()
+        cfg = self.large_ep_config
+        x_TH = input.reshape(-1, cfg.hidden_size)
+        routing = self.route_tokens(x_TH)
+        local_X = self._local_counts(routing, x_TH)
+        deferred = self.counts_in_dispatch and cfg.aux_loss_coeff == 0
+        global_counts_E = dropped = None
+        if not deferred:
+            global_counts_E, dropped = self._global_counts(local_X)
+
+        e = cfg.num_experts
+        probs_TE = routing.topk_weights_TK.new_zeros((x_TH.shape[0], e)).scatter(
+            1, routing.topk_ids_TK, routing.topk_weights_TK
+        )
+        routing_map_TE = torch.zeros((x_TH.shape[0], e), dtype=torch.bool, device=x_TH.device).scatter(
+            1, routing.topk_ids_TK, routing.keep_TK
+        )
+        aux, zl = self._losses(routing, global_counts_E)
+        if self.training and torch.is_grad_enabled():
+            total = self._loss_scale(x_TH.shape[0]) * (aux + zl)
+            if total.requires_grad:
+                probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, total)
+            with torch.no_grad():
+                self.local_tokens_per_expert += routing.tokens_per_expert_E.float()
+        if deferred:
+            self.last_stats = None  # set by take_shared_counts' callback, from the dispatcher's count exchange
+            self._pending_shared = (local_X, aux.detach(), zl.detach())
+        else:
+            self.last_stats = LoadStats(
+                tokens_per_expert_E=global_counts_E, dropped=dropped, aux_loss=aux.detach(), z_loss=zl.detach()
+            )
+        return probs_TE, routing_map_TE
+
+    def take_shared_counts(self) -> tuple[torch.Tensor, Callable[[list[list[int]]], None]] | None:
+        """For the dispatcher: this forward's [E counts | drops | input flag] to send along in its count exchange,
+        and the callback that checks every rank's flag and sets ``last_stats``; None when the router did its own
+        all_reduce. Taken once."""
+        pending, self._pending_shared = self._pending_shared, None
+        if pending is None:
+            return None
+        local_X, aux, zl = pending
+
+        def on_shared(rows_RX: list[list[int]]) -> None:
+            self._raise_on_bad_input([row[-1] for row in rows_RX])
+            totals = [sum(column) for column in zip(*rows_RX)]
+            self.last_stats = LoadStats(
+                tokens_per_expert_E=torch.tensor(totals[:-2], dtype=torch.int64, device=local_X.device),
+                dropped=torch.tensor(totals[-2], dtype=torch.int64, device=local_X.device), aux_loss=aux, z_loss=zl,
+            )
+
+        return local_X, on_shared
+
+    def _local_counts(self, routing: RoutingResult, x_TH: torch.Tensor) -> torch.Tensor:
+        """int64 [E + 2]: this rank's assignments per expert, its drops, and its input flag (1: NaN or Inf)."""
+        e = self.large_ep_config.num_experts
+        local_X = torch.zeros(e + 2, dtype=torch.int64, device=x_TH.device)
+        local_X[:e] = routing.tokens_per_expert_E
+        local_X[e] = routing.num_dropped
+        if self.large_ep_config.check_inputs and x_TH.numel():
+            local_X[e + 1] = (~torch.isfinite(x_TH).all()).long()
+        return local_X
+
+    def _global_counts(self, local_X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One all_reduce of the counts, drops and every rank's input flag (in its own slot) over the EP group."""
+        e = self.large_ep_config.num_experts
+        local = torch.zeros(e + 1 + self.ep_size, dtype=torch.int64, device=local_X.device)
+        local[: e + 1] = local_X[: e + 1]
+        local[e + 1 + self.ep_rank] = local_X[e + 1]
+        if self.ep_size > 1:
+            dist.all_reduce(local, group=self.ep_group)
+        if self.large_ep_config.check_inputs:  # the only host sync of the forward: skipped when checks are off
+            self._raise_on_bad_input(local[e + 1 :].tolist())
+        return local[:e].detach(), local[e].detach()
+
+    def _raise_on_bad_input(self, flags_R: list[int]) -> None:
+        bad = [r for r, flag in enumerate(flags_R) if flag]
+        if bad:
+            raise ValueError(f"LargeEPRouter (layer {self.layer_number}): input contains NaN or Inf on EP rank(s) {bad}")
+
+    def _loss_scale(self, num_tokens: int) -> float:
+        # Router gradients are summed over TP under sequence parallelism: divide so the sum is the mean.
+        scale = 1.0 / self.tp_size if self.sequence_parallel else 1.0
+        if self.calculate_per_token_loss:
+            # Megatron then divides all gradients by the number of tokens: undo it for the per-batch losses.
+            scale *= num_tokens
+        return scale
+
+    def _losses(self, routing: RoutingResult, global_counts_E: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The switch loss and the z-loss of this rank, coefficients applied (0 when off or not training).
+        ``global_counts_E`` may be None only when the switch loss is off."""
+        cfg = self.large_ep_config
+        aux = zl = routing.scores_TE.new_zeros(())
+        if not (self.training and torch.is_grad_enabled()):
+            return aux, zl
+        if cfg.aux_loss_coeff > 0:
+            raw = switch_aux_loss(routing.scores_TE, global_counts_E, cfg.top_k, cfg.score_function)
+            self._track("load_balancing_loss", raw)
+            aux = cfg.aux_loss_coeff * raw
+        if cfg.z_loss_coeff > 0:
+            raw = z_loss(routing.logits_TE)
+            self._track("z_loss", raw)
+            zl = cfg.z_loss_coeff * raw
+        return aux, zl
+
+    def _track(self, name: str, value: torch.Tensor) -> None:
+        # Megatron-LM prints and logs what is in this tracker (per layer when moe_per_layer_logging).
+        if self.layer_number is not None:
+            save_to_aux_losses_tracker(
+                name, value.detach(), self.layer_number, self.num_layers, reduce_group=self.tp_cp_group
+            )

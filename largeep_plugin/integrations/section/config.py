@@ -1,0 +1,191 @@
+"""The ``"large_ep"`` section of a DeepSpeed JSON config, read strictly.
+
+DeepSpeed keeps an unknown *top-level* key in its raw config dict, so the plugin's settings live in one top-level
+section (never ``"expert_parallel"``: that key switches on DeepSpeed's own AutoEP)::
+
+    "large_ep": {
+        "enabled": true,
+        "ep_size": 16,                    # ranks per expert-parallel group = experts per MoE layer
+        "top_k": null,                    # null: keep the stock layer's k
+        "score_function": "softmax",      # "softmax" (the stock gate's) or "sigmoid"
+        "capacity_factor": null,          # null: dropless
+        "placement": {"topology_file": null, "load_file": null},
+        "overlap": {"chunks": 1, "dispatch": "flat", "ranks_per_node": null},
+        "load_balance": {"bias_update_rate": 0.001, "aux_loss_coeff": 0.0, "z_loss_coeff": 0.0},
+        "monitor": {"jsonl_path": null, "tensorboard_dir": null}
+    }
+
+Every key is optional except ``ep_size`` when ``enabled`` is true. A misspelt key anywhere is a ``ValueError``
+naming it and listing the valid keys; a wrong type or an impossible value names the key path and the value.
+This module does not import DeepSpeed: a config can be checked anywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from largeep_plugin.layer.config import DISPATCH_KINDS, SCORE_FUNCTIONS
+
+SECTION = "large_ep"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlacementSection:
+    """Where experts go: a topology YAML and a measured load (``largeep demo --record-load``) file."""
+
+    topology_file: str | None = None
+    load_file: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class OverlapSection:
+    """How tokens travel: chunks of the overlap pipeline (1 = none), the all-to-all kind, and (for
+    ``"hierarchical"``) the ranks of one node, consecutive in the EP group (None: from the placement's topology,
+    else the ``LOCAL_WORLD_SIZE`` environment variable; see ``deepspeed_placement.resolve_ranks_per_node``)."""
+
+    chunks: int = 1
+    dispatch: str = "flat"
+    ranks_per_node: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadBalanceSection:
+    """The aux-loss-free bias step and the optional balancing losses."""
+
+    bias_update_rate: float = 1e-3
+    aux_loss_coeff: float = 0.0
+    z_loss_coeff: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class MonitorSection:
+    """Per-step load export: a JSON-lines file (rank 0) and a TensorBoard directory."""
+
+    jsonl_path: str | None = None
+    tensorboard_dir: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LargeEPSection:
+    """The parsed ``"large_ep"`` section. ``enabled=False`` (or no section) leaves the model stock."""
+
+    enabled: bool = False
+    ep_size: int | None = None
+    top_k: int | None = None
+    score_function: str = "softmax"
+    capacity_factor: float | None = None
+    placement: PlacementSection = field(default_factory=PlacementSection)
+    overlap: OverlapSection = field(default_factory=OverlapSection)
+    load_balance: LoadBalanceSection = field(default_factory=LoadBalanceSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
+
+    @property
+    def group_name(self) -> str:
+        """DeepSpeed's name of the expert-parallel group (and of the expert parameters' ``group_name``)."""
+        return f"ep_size_{self.ep_size}"
+
+
+_INT, _FLOAT, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
+_SUBSECTIONS: dict[str, type] = {
+    "placement": PlacementSection,
+    "overlap": OverlapSection,
+    "load_balance": LoadBalanceSection,
+    "monitor": MonitorSection,
+}
+# Accepted JSON types per key path; None is accepted where the default is None.
+_TYPES: dict[str, tuple[type, ...]] = {
+    "enabled": _BOOL, "ep_size": _INT, "top_k": _INT, "score_function": _STR, "capacity_factor": _FLOAT,
+    "placement.topology_file": _STR, "placement.load_file": _STR,
+    "overlap.chunks": _INT, "overlap.dispatch": _STR, "overlap.ranks_per_node": _INT,
+    "load_balance.bias_update_rate": _FLOAT, "load_balance.aux_loss_coeff": _FLOAT,
+    "load_balance.z_loss_coeff": _FLOAT,
+    "monitor.jsonl_path": _STR, "monitor.tensorboard_dir": _STR,
+}
+
+
+def parse_large_ep_section(section: Any) -> LargeEPSection:
+    """Parse the value of the ``"large_ep"`` key (None = no section = disabled)."""
+    if section is None:
+        return LargeEPSection()
+    values = _read_mapping(SECTION, section, LargeEPSection)
+    for name, cls in _SUBSECTIONS.items():
+        if name in values:
+            values[name] = cls(**_read_mapping(f"{SECTION}.{name}", values[name], cls))
+    parsed = LargeEPSection(**values)
+    _check_values(parsed)
+    return parsed
+
+
+def large_ep_section_from_config(config: Any) -> LargeEPSection:
+    """The parsed section of a whole DeepSpeed config: a dict, or a path to a JSON file."""
+    return parse_large_ep_section(load_ds_config(config).get(SECTION))
+
+
+def load_ds_config(config: Any) -> dict[str, Any]:
+    """A DeepSpeed config as a dict: a mapping is copied, a str/PathLike is read as JSON."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        with open(config, encoding="utf-8") as f:
+            loaded = json.load(f)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"DeepSpeed config {os.fspath(config)!r} must hold a JSON object")
+        return loaded
+    raise ValueError(f"a DeepSpeed config must be a dict or a path to a JSON file, got {type(config).__name__}")
+
+
+def _read_mapping(where: str, value: Any, cls: type) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}={value!r} has the wrong type: expected a JSON object, got {type(value).__name__}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in value if k not in valid]
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {valid}")
+    out = dict(value)
+    for key, v in value.items():
+        path = key if where == SECTION else f"{where[len(SECTION) + 1:]}.{key}"
+        if key in _SUBSECTIONS and where == SECTION:
+            continue
+        _check_type(f"{SECTION}.{path}", v, _TYPES[path], nullable=_default_is_none(cls, key))
+    return out
+
+
+def _default_is_none(cls: type, key: str) -> bool:
+    f = next(f for f in dataclasses.fields(cls) if f.name == key)
+    return f.default is None
+
+
+def _check_type(path: str, value: Any, types: tuple[type, ...], *, nullable: bool) -> None:
+    if value is None and nullable:
+        return
+    # JSON true is a bool, and a bool is an int in Python: never accept it where a number is expected.
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        expected = " or ".join(t.__name__ for t in types) + (" or null" if nullable else "")
+        raise ValueError(f"{path}={value!r} has the wrong type: expected {expected}, got {type(value).__name__}")
+
+
+def _check_values(s: LargeEPSection) -> None:
+    if s.enabled and s.ep_size is None:
+        raise ValueError(f"{SECTION}.enabled is true but {SECTION}.ep_size is not set: give the expert-parallel size")
+    if s.ep_size is not None and s.ep_size < 1:
+        raise ValueError(f"{SECTION}.ep_size={s.ep_size} must be >= 1")
+    if s.top_k is not None and s.top_k < 1:
+        raise ValueError(f"{SECTION}.top_k={s.top_k} must be >= 1")
+    if s.score_function not in SCORE_FUNCTIONS:
+        raise ValueError(f"{SECTION}.score_function={s.score_function!r} is not one of {list(SCORE_FUNCTIONS)}")
+    if s.capacity_factor is not None and not (math.isfinite(s.capacity_factor) and s.capacity_factor > 0):
+        raise ValueError(f"{SECTION}.capacity_factor={s.capacity_factor!r} must be a positive number, or null")
+    if s.overlap.chunks < 1:
+        raise ValueError(f"{SECTION}.overlap.chunks={s.overlap.chunks} must be >= 1")
+    if s.overlap.ranks_per_node is not None and s.overlap.ranks_per_node < 1:
+        raise ValueError(f"{SECTION}.overlap.ranks_per_node={s.overlap.ranks_per_node} must be >= 1, or null")
+    if s.overlap.dispatch not in DISPATCH_KINDS:
+        raise ValueError(f"{SECTION}.overlap.dispatch={s.overlap.dispatch!r} is not one of {list(DISPATCH_KINDS)}")
+    for name in ("bias_update_rate", "aux_loss_coeff", "z_loss_coeff"):
+        v = getattr(s.load_balance, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{SECTION}.load_balance.{name}={v!r} must be a finite number >= 0")

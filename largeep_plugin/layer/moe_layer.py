@@ -1,0 +1,412 @@
+"""The large expert-parallel MoE layer: the one place that wires router -> dispatcher -> expert -> combine.
+
+Shape legend:
+    T  tokens on this rank      H  hidden size      E  experts      K  top_k      R  ranks in the EP group
+    M  rows received by this rank's expert(s)          L  most experts one rank holds (1 unless colocated)
+
+One forward:
+    1. route locally (router.py); count assignments and drops
+    2. the global counts, drops and every rank's input check ride in the dispatch's count exchange (one small
+       all_to_all, no collective of their own): a bad input on one rank is an error on all ranks before any token
+       moves, not a hang in the all-to-all
+    3. dispatch (dispatcher.py): permute by destination, exchange counts, all-to-all
+    4. the expert MLP on the received rows: one dense GEMM pair
+    5. combine: reverse all-to-all, weighted sum over the K choices
+
+Colocated experts (more experts than ranks, opt-in through a placement planned with ``allow_colocate=True``):
+every rank runs ``LocalExperts`` (experts.py), the source sorts each destination's rows by the slot of their
+expert there (``dispatcher.py``: counts exchanged per (rank, slot), no expert ids sent), and the receiver runs
+each local expert on its own rows. Every dispatch path runs it: flat or node-batched (the gateway forwards copies
+sorted by (local rank, slot)), chunked or not (the one count exchange carries counts per (chunk, rank, slot)); a
+warning says so once per placement.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .comm import ProcessGroup, group_rank, group_size
+from .config import LargeEPConfig
+from .token_exchange import TokenExchange
+from largeep_plugin.placement.plan import Placement
+from .process_groups import ExpertProcessGroups, NodeGroups, build_process_groups
+from .experts import ExpertMLP, LocalExperts
+from .load_balance import LoadStats, switch_aux_loss, update_expert_bias, z_loss
+from .router import Router
+
+# Bits of the per-rank input check exchanged in step 2.
+_BAD_HIDDEN = 1
+_NON_FINITE = 2
+
+# Colocated placements already warned about in this process, so a model of many layers warns once.
+_WARNED_COLOCATED: set[tuple[tuple[int, ...], ...]] = set()
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on ``y`` whose backward also sends a gradient of 1 into ``loss``: the auxiliary losses join the
+    backward pass without the trainer having to add them to its loss."""
+
+    @staticmethod
+    def forward(ctx, y, loss, scale):  # type: ignore[override]
+        ctx.loss_shape, ctx.scale = loss.shape, scale
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        return grad_y, torch.full(ctx.loss_shape, ctx.scale, dtype=torch.float32, device=grad_y.device), None
+
+
+class LargeEPMoE(nn.Module):
+    """A Mixture-of-Experts layer over ``ep_group``: one expert per rank, or as a ``placement`` says (replicas of
+    hot experts on spare ranks; several experts on a rank when explicitly colocated).
+
+    Args:
+        config: the layer's settings.
+        ep_group: the expert-parallel group; None means the default (world) group, or a single process when
+            torch.distributed is not initialised.
+        placement: which expert each rank holds and where each token's copy goes (placement/plan.py). None means
+            expert e on rank e, which needs the group size to equal ``num_experts``. A placement that colocates
+            experts (``plan_placement(..., allow_colocate=True)``) is the explicit opt-in to several experts per
+            rank: it warns once; every dispatch setting runs it.
+            A placement with ``expert_tp_degree`` t > 1 splits each copy of an expert over t consecutive ranks
+            (``ExpertMLP`` shards; each token goes to all t, their partial outputs add up in the combine).
+        ranks_per_node: ranks of one node, consecutive in the EP group; needed by ``dispatch="hierarchical"``
+            (at least two nodes, else ValueError). Default: from ``node_groups`` or the placement's topology.
+        node_groups: ``dispatch="hierarchical"`` only: this rank's node and rail groups
+            (``process_groups.build_node_groups``); its two stages then run on them instead of the whole EP group.
+        expert_groups: the groups expert gradients are summed over (``process_groups.build_process_groups``).
+            When the world holds several data-parallel copies of the EP group, or the placement replicates
+            experts, and none are given, the layer builds them: collectively, so every rank of the world must
+            construct the layer.
+
+    Attributes:
+        router.weight [E, H], router.expert_bias [E]: the router (replicated on every rank).
+        expert_ids: the experts this rank holds, ascending (one, unless the placement colocates experts).
+        expert: this rank's ``ExpertMLP`` (see experts.py for the parameter names; with expert TP its shard
+            ``tp_rank`` of ``tp_size``); NotImplementedError when the rank holds several experts.
+        expert_id: the expert this rank holds; NotImplementedError when it holds several.
+        experts: colocated placements only: ``LocalExperts``, slot l holding ``expert_ids[l]`` (state-dict keys
+            ``experts.<slot>.fc1.weight``, ...), on every rank of the layer, even one holding a single expert.
+            Otherwise the single expert is the submodule ``expert`` (keys ``expert.fc1.weight``, ...).
+        last_stats: ``LoadStats`` of the latest forward (global counts, imbalance, drops, losses).
+
+    ``forward(x)`` takes ``[..., H]`` and returns the same shape. The auxiliary losses (when their
+    coefficients are > 0) are attached to the backward pass; ``forward(x, return_aux=True)`` instead returns
+    ``(y, aux)`` with ``aux`` the sum of both losses for the trainer to add itself.
+    """
+
+    def __init__(
+        self,
+        config: LargeEPConfig,
+        ep_group: ProcessGroup | None = None,
+        placement: Placement | None = None,
+        ranks_per_node: int | None = None,
+        expert_groups: ExpertProcessGroups | None = None,
+        node_groups: NodeGroups | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        if ep_group is None and expert_groups is not None:
+            ep_group = expert_groups.ep_group
+        self.ep_group = ep_group
+        self.ep_size = group_size(ep_group)
+        self.ep_rank = group_rank(ep_group)
+        rank_to_experts = self._rank_to_experts(placement)
+        self.expert_ids = rank_to_experts[self.ep_rank]
+        self.placement = placement
+        # L: the slot dimension of the count exchange, the same on every rank (the collectives must match).
+        self.num_slots = max(len(held) for held in rank_to_experts)
+        self.colocated = self.num_slots > 1
+        # Expert tensor parallelism: t consecutive ranks hold one copy of an expert, shard j on the j-th of them.
+        self.tp_size = int(getattr(placement, "expert_tp_degree", 1))
+        self.tp_rank = 0
+        if self.tp_size > 1:
+            self.tp_rank = next(rep.index(self.ep_rank) for rep in placement.replicas(self.expert_ids[0])
+                                if self.ep_rank in rep)
+        if ranks_per_node is None and node_groups is not None:
+            ranks_per_node = node_groups.ranks_per_node
+        if ranks_per_node is None and placement is not None and config.dispatch == "hierarchical":
+            ranks_per_node = _uniform_ranks_per_node(placement)
+        # Steps 3-5 (token_exchange.py): flat or node-batched, pipelined over chunks when overlap_chunks > 1.
+        # Built first: an unsupported setting with colocated experts is an error before anything else happens.
+        self.token_exchange = TokenExchange(config.dispatch_config, ep_group, ranks_per_node, colocated=self.colocated,
+                                            node_groups=node_groups)
+        self.router = Router(config.router_config, config.hidden_size, init_std=config.init_std, init_seed=config.init_seed)
+        if self.colocated:
+            self._warn_colocated(rank_to_experts)
+            self.experts = LocalExperts(config.expert_config, expert_ids=self.expert_ids, init_seed=config.init_seed)
+            slot_RE = torch.full((self.ep_size, config.num_experts), -1, dtype=torch.int64)
+            for r, held in enumerate(rank_to_experts):
+                slot_RE[r, list(held)] = torch.arange(len(held))
+            # Slot of expert e on rank r (-1: not there); a buffer so that it follows the layer's device.
+            self.register_buffer("local_slot_RE", slot_RE, persistent=False)
+        else:
+            self.expert = ExpertMLP(config.expert_config, expert_id=self.expert_ids[0], init_seed=config.init_seed,
+                                    tp_rank=self.tp_rank, tp_size=self.tp_size)
+        self._join_replica_group(placement, expert_groups)
+        self.dispatcher = self.token_exchange.dispatcher
+        # Global assignments per expert since the last bias update (summed over forwards and micro-batches).
+        self.register_buffer(
+            "tokens_per_expert_since_update", torch.zeros(config.num_experts, dtype=torch.int64), persistent=False
+        )
+        self.last_stats: LoadStats | None = None
+        # Gradient the attached auxiliary losses receive: set it to whatever the trainer multiplies its loss by
+        # before backward (a dynamic fp16 loss scale, 1 / gradient-accumulation steps), as Megatron's
+        # MoEAuxLossAutoScaler.set_loss_scale does.
+        self.aux_loss_scale = 1.0
+
+    def _rank_to_experts(self, placement: Placement | None) -> tuple[tuple[int, ...], ...]:
+        """The experts of every EP rank, checked against the group and the config."""
+        e = self.config.num_experts
+        if placement is None:
+            if self.ep_size != e:
+                raise ValueError(
+                    f"the EP group has {self.ep_size} ranks but num_experts={e}: without a placement each rank "
+                    "holds exactly one expert, so they must be equal (pass a placement from "
+                    "largeep_plugin.placement.plan for replicas, or plan_placement(..., allow_colocate=True) to put "
+                    "several experts on one rank)"
+                )
+            return tuple((r,) for r in range(e))
+        if getattr(placement, "num_experts", e) != e:
+            raise ValueError(f"placement.num_experts={placement.num_experts} but config.num_experts={e}")
+        rank_to_experts = getattr(placement, "rank_to_experts", None)
+        if rank_to_experts is None:  # a placement-like object that only has the one-expert-per-rank view
+            rank_to_experts = tuple((x,) if x >= 0 else () for x in placement.rank_to_expert)
+        rank_to_experts = tuple(tuple(held) for held in rank_to_experts)
+        if len(rank_to_experts) != self.ep_size:
+            raise ValueError(
+                f"placement.rank_to_experts has {len(rank_to_experts)} entries but the EP group has {self.ep_size} ranks"
+            )
+        held = rank_to_experts[self.ep_rank]
+        if not held or not all(0 <= x < e for x in held):
+            what = f"expert {held[0]}" if len(held) == 1 else f"experts {held}"
+            raise ValueError(f"placement gives EP rank {self.ep_rank} {what}: every rank must hold at least one of "
+                             f"0..{e - 1}")
+        return rank_to_experts
+
+    def _warn_colocated(self, rank_to_experts: tuple[tuple[int, ...], ...]) -> None:
+        key = rank_to_experts
+        if key in _WARNED_COLOCATED:
+            return
+        _WARNED_COLOCATED.add(key)
+        warnings.warn(
+            f"LargeEPMoE: {self.config.num_experts} experts on {self.ep_size} ranks, up to {self.num_slots} per rank "
+            "(colocated experts: each rank runs its experts one after another)",
+            stacklevel=3,
+        )
+
+    @property
+    def expert(self) -> nn.Module:
+        """This rank's expert, when it holds exactly one."""
+        if "expert" in self._modules:
+            return self._modules["expert"]  # type: ignore[return-value]
+        if len(self.expert_ids) == 1:
+            return self.experts[0]
+        raise NotImplementedError(f"EP rank {self.ep_rank} holds experts {self.expert_ids}: use .experts")
+
+    @property
+    def expert_id(self) -> int:
+        """The expert this rank holds, when it holds exactly one."""
+        if len(self.expert_ids) != 1:
+            raise NotImplementedError(f"EP rank {self.ep_rank} holds experts {self.expert_ids}: use .expert_ids")
+        return self.expert_ids[0]
+
+    def local_experts(self) -> list[tuple[int, nn.Module]]:
+        """(expert id, module) of every expert this rank holds, in ``expert_ids`` order."""
+        modules = list(self.experts) if self.colocated else [self.expert]
+        return list(zip(self.expert_ids, modules))
+
+    def _join_replica_group(self, placement: Placement | None, expert_groups: ExpertProcessGroups | None) -> None:
+        """Tag each local expert's parameters with the group its gradients are summed over (``grads.py``): every
+        rank, in every data-parallel copy of the EP group, that holds the same expert.
+
+        Groups are needed when an expert has replicas or the world holds several copies of the EP group. They are
+        built here when not given, from the real EP groups (gathered from every rank); each layer built that way
+        creates its own groups, so for more than a few layers build them once with
+        ``process_groups.build_process_groups`` and pass ``expert_groups`` to every layer."""
+        my_ep_ranks = _ep_ranks(self.ep_group)
+        if expert_groups is None:
+            # Decided alike on every rank: building groups is collective.
+            replicated = placement is not None and max(placement.num_replicas) > 1
+            if not replicated and len(my_ep_ranks) == group_size(None):
+                return  # one copy of every expert: nothing to reduce, no group to build
+            layout = placement if placement is not None else Placement.identity(self.config.num_experts)
+            expert_groups = build_process_groups(layout, ep_ranks=_ep_partition(my_ep_ranks))
+        elif tuple(expert_groups.ep_ranks) != tuple(my_ep_ranks):
+            raise ValueError(
+                f"expert_groups were built for the EP ranks {list(expert_groups.ep_ranks)}, but this layer's "
+                f"ep_group holds {my_ep_ranks}: build them with ep_ranks matching the EP groups"
+            )
+        for expert_id, module in self.local_experts():
+            group = expert_groups.expert_dp_groups.get(expert_id)
+            for p in module.parameters():
+                p.expert_dp_group = group
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        bad = _BAD_HIDDEN if x.dim() == 0 or x.shape[-1] != cfg.hidden_size else 0
+        if bad and not cfg.check_inputs:
+            raise ValueError(self._describe_problems({self.ep_rank: bad}, x))
+        x_TH = x.reshape(-1, cfg.hidden_size) if not bad else x.new_zeros((0, cfg.hidden_size))
+
+        # Step 1: route locally.
+        routing = self.router(x_TH)
+
+        # Step 2 rides in the dispatch's one count exchange (comm.exchange_count_rows): every rank tells every rank
+        # its per-expert counts, its drops and its input check, so the global load costs no collective of its own,
+        # and a bad input on any rank is an error on every rank before a token moves.
+        e = cfg.num_experts
+        shared_X = torch.zeros(e + 2, dtype=torch.int64, device=x_TH.device)
+        shared_X[:e] = routing.tokens_per_expert_E
+        shared_X[e] = routing.num_dropped
+        if cfg.check_inputs:
+            shared_X[e + 1] = bad + _NON_FINITE * (~torch.isfinite(x_TH).all()).long()
+        totals: list[int] = []
+
+        def on_shared(rows_RX: list[list[int]]) -> None:
+            problems = {r: row[e + 1] for r, row in enumerate(rows_RX) if row[e + 1]}
+            if problems:
+                raise ValueError(self._describe_problems(problems, x))
+            totals.extend(sum(column) for column in zip(*rows_RX))
+
+        # Steps 3-5: dispatch, expert, combine.
+        dest_rank_TK = self._destination_ranks(routing.topk_ids_TK)
+        keep_TK, weights_TK = routing.keep_TK, routing.topk_weights_TK
+        if self.tp_size > 1:
+            # Each (token, k) goes to all t shards of its replica, with the same weight: the combine's weighted
+            # sum over the K*t copies adds the shards' partial sums into the expert's output.
+            t = self.tp_size
+            dest_rank_TK = (dest_rank_TK.unsqueeze(-1) + torch.arange(t, device=dest_rank_TK.device)).flatten(1)
+            keep_TK, weights_TK = keep_TK.repeat_interleave(t, dim=1), weights_TK.repeat_interleave(t, dim=1)
+        shared = dict(shared_X=shared_X, on_shared=on_shared)
+        if self.colocated:
+            local_slot_TK = self.local_slot_RE[dest_rank_TK, routing.topk_ids_TK]
+            y_TH = self.token_exchange(x_TH, dest_rank_TK, keep_TK, weights_TK, self.experts,
+                                       local_slot_TK=local_slot_TK, num_slots=self.num_slots, **shared)
+        else:
+            y_TH = self.token_exchange(x_TH, dest_rank_TK, keep_TK, weights_TK, self.expert, **shared)
+        global_counts_E = torch.tensor(totals[:e], dtype=torch.int64, device=x_TH.device)
+        dropped = torch.tensor(totals[e], dtype=torch.int64, device=x_TH.device)
+
+        aux = self._aux_losses(routing.scores_TE, routing.logits_TE, global_counts_E)
+        if self.training and torch.is_grad_enabled():
+            # Only training forwards move the bias: evaluation and no-grad inference must not.
+            with torch.no_grad():
+                self.tokens_per_expert_since_update += global_counts_E
+        self.last_stats = LoadStats(
+            tokens_per_expert_E=global_counts_E.detach(),
+            dropped=dropped,
+            aux_loss=aux[0].detach(),
+            z_loss=aux[1].detach(),
+        )
+        y = y_TH.view(x.shape)
+        total_aux = aux[0] + aux[1]
+        if return_aux:
+            return y, total_aux
+        if total_aux.requires_grad:
+            y = _AttachAuxLoss.apply(y, total_aux, self.aux_loss_scale)
+        return y
+
+    def _destination_ranks(self, topk_ids_TK: torch.Tensor) -> torch.Tensor:
+        if self.placement is None:
+            return topk_ids_TK  # expert e lives on rank e
+        return self.placement.destination_ranks(topk_ids_TK, self.ep_rank)
+
+    def _aux_losses(self, scores_TE: torch.Tensor, logits_TE: torch.Tensor, global_counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        zero = scores_TE.new_zeros(())
+        aux = zero
+        if cfg.aux_loss_coeff > 0:
+            aux = cfg.aux_loss_coeff * switch_aux_loss(scores_TE, global_counts_E, cfg.top_k, cfg.score_function)
+        zl = zero
+        if cfg.z_loss_coeff > 0:
+            zl = cfg.z_loss_coeff * z_loss(logits_TE)
+        return aux, zl
+
+    def _describe_problems(self, problems: dict[int, int], x: torch.Tensor) -> str:
+        parts = []
+        hidden = [r for r, f in problems.items() if f & _BAD_HIDDEN]
+        nonfinite = [r for r, f in problems.items() if f & _NON_FINITE]
+        if hidden:
+            mine = f" (this rank's input has shape {tuple(x.shape)})" if self.ep_rank in hidden else ""
+            parts.append(
+                f"input hidden size does not match hidden_size={self.config.hidden_size} on EP rank(s) {hidden}{mine}"
+            )
+        if nonfinite:
+            parts.append(f"input contains NaN or Inf on EP rank(s) {nonfinite}")
+        return "LargeEPMoE: " + "; ".join(parts)
+
+    # ---- load balancing ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_expert_bias(self, dp_group: ProcessGroup | None = None) -> None:
+        """Apply the aux-loss-free bias update from the global counts since the last call, then reset them.
+        Call after the optimizer step; every rank of the EP group computes the same update.
+
+        Args:
+            dp_group: with several data-parallel copies of the EP group, the group of ranks that hold the same
+                EP rank in every copy: the counts are summed over it first, so all copies keep one bias.
+        """
+        if dp_group is not None and group_size(dp_group) > 1:
+            dist.all_reduce(self.tokens_per_expert_since_update, group=dp_group)
+        update_expert_bias(self.router.expert_bias, self.tokens_per_expert_since_update, self.config.bias_update_rate)
+        self.tokens_per_expert_since_update.zero_()
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"experts={c.num_experts}, top_k={c.top_k}, hidden={c.hidden_size}, ffn={c.ffn_hidden_size}, "
+            f"ep_size={self.ep_size}, expert_ids={self.expert_ids}, activation={c.activation}"
+        )
+
+
+def _ep_ranks(ep_group: ProcessGroup | None) -> list[int]:
+    """Global ranks of ``ep_group`` in group-rank order (the world, or [0] without torch.distributed)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return [0]
+    if ep_group is None:
+        return list(range(dist.get_world_size()))
+    return list(dist.get_process_group_ranks(ep_group))
+
+
+def _ep_partition(my_ep_ranks: list[int]) -> list[list[int]]:
+    """Every rank's EP group, gathered from all ranks (collective): the data-parallel copies of the EP group."""
+    everyone: list[list[int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, my_ep_ranks)
+    copies = {tuple(c) for c in everyone if c is not None}
+    return [list(c) for c in sorted(copies, key=min)]
+
+
+def _uniform_ranks_per_node(placement: Placement) -> int | None:
+    """Ranks per node of the placement's topology when every node has the same number, else None."""
+    topology = getattr(placement, "topology", None)
+    if topology is None:
+        return None
+    sizes = {len(topology.ranks_of(n)) for n in range(topology.num_nodes)}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def moe_layers(model: nn.Module) -> Iterator[tuple[str, LargeEPMoE]]:
+    """Every ``LargeEPMoE`` in ``model`` with its qualified name."""
+    for name, module in model.named_modules():
+        if isinstance(module, LargeEPMoE):
+            yield name, module
+
+
+def update_expert_biases(model: nn.Module, dp_group: ProcessGroup | None = None) -> int:
+    """Apply the bias update of every large-EP layer in ``model`` (``dp_group``: see ``update_expert_bias``);
+    returns how many layers were updated."""
+    n = 0
+    for _, layer in moe_layers(model):
+        layer.update_expert_bias(dp_group)
+        n += 1
+    return n
+
+
+def load_stats(model: nn.Module) -> dict[str, Any]:
+    """``{layer name: LoadStats}`` of the latest forward of every large-EP layer in ``model``."""
+    return {name: layer.last_stats for name, layer in moe_layers(model) if layer.last_stats is not None}
