@@ -106,6 +106,32 @@ def _train(rank: int, cfg: Any, model: Any, ddp_kind: str = "gloo") -> dict[str,
     return {"grads": first_grads, "weights": weights, "losses": losses}
 
 
+def _record_replica_sum(rank: int, model: Any) -> dict[str, Any]:
+    """Run ``sum_replica_gradients_`` alone on ``main_grad`` = rank + 1 and record every all_reduce it makes:
+    (the global ranks of its group, the elements reduced)."""
+    from largeep_plugin.integrations.megatron import large_ep_moe_layers, sum_replica_gradients_
+
+    for p in model.parameters():
+        p.main_grad = torch.full_like(p, rank + 1.0)
+    calls, real = [], dist.all_reduce
+
+    def recording(tensor: torch.Tensor, *args: Any, group: Any = None, **kwargs: Any) -> Any:
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+        calls.append((tuple(sorted(ranks)), tensor.numel()))
+        return real(tensor, *args, group=group, **kwargs)
+
+    dist.all_reduce = recording
+    try:
+        layers = sum_replica_gradients_(model)
+    finally:
+        dist.all_reduce = real
+    held = [(layer.expert_id, sum(p.numel() for p in layer.experts.parameters()))
+            for _, layer in large_ep_moe_layers(model)]
+    sums = {i: float(layer.experts.expert.fc1.weight.main_grad[0, 0])
+            for i, (_, layer) in enumerate(large_ep_moe_layers(model))}
+    return {"layers": layers, "calls": calls, "held": held, "sums": sums}
+
+
 def _case(rank: int, experts: int, eps: tuple[int, int], directory: str) -> dict[str, Any]:
     cfg, source = _build(experts, eps[0], seed=1)
     save_shards(source.sharded_state_dict(), directory)
@@ -117,6 +143,7 @@ def _case(rank: int, experts: int, eps: tuple[int, int], directory: str) -> dict
         cfg, target = _build(experts, eps[1], seed=2)
         target.load_state_dict(load_shards(target.sharded_state_dict(), directory), strict=False)
         out["c"] = _train(rank, cfg, target, ddp_kind="main_grad")
+        out["replica_sum"] = _record_replica_sum(rank, target)
     return out
 
 
@@ -180,6 +207,18 @@ def test_training_under_a_placement_matches_one_expert_per_rank(results: list[di
     for r in results:
         for side in sides[1:]:
             assert r[case]["a"]["losses"] == pytest.approx(r[case][side]["losses"], rel=1e-5), (case, side)
+
+
+def test_replica_sum_reduces_each_expert_over_its_replicas_only(results: list[dict[str, Any]]) -> None:
+    """2 experts at EP 4: rank r holds expert r % 2, so expert e's replicas are ranks {e, e + 2}. The replica sum
+    makes one all_reduce per layer, over those two ranks only, of that one expert's parameters (not [E, N] over
+    the EP group), and the sum is the two replicas' gradients."""
+    for rank, r in enumerate(results):
+        got = r["replicated"]["replica_sum"]
+        assert got["layers"] == 2
+        partners = tuple(sorted({rank, (rank + 2) % 4}))
+        assert got["calls"] == [(partners, numel) for _, numel in got["held"]], got
+        assert got["sums"] == {0: float(partners[0] + partners[1] + 2)} | {1: float(partners[0] + partners[1] + 2)}
 
 
 def test_replicas_refuse_training_without_the_replica_sum(results: list[dict[str, Any]]) -> None:

@@ -1,5 +1,6 @@
 """Process groups of a placement on 4 gloo ranks: membership of every group, and expert gradients reduced over
-the ranks holding the same shard, with uneven replica counts, expert-TP and data-parallel copies.
+the ranks holding the same shard (``grads.reduce_expert_gradients``), with uneven replica counts, expert-TP,
+data-parallel copies, and replica groups inside one copy (``build_replica_groups``).
 
 Gradients are filled with the rank's own number (rank + 1), so a wrong group shows in the sums.
 """
@@ -11,19 +12,25 @@ import torch
 
 from conftest import world
 from largeep_plugin.placement.plan import Placement
-from largeep_plugin.layer.process_groups import build_process_groups, reduce_expert_grads
+from largeep_plugin.layer.grads import reduce_expert_gradients
+from largeep_plugin.layer.process_groups import build_process_groups, build_replica_groups
 from largeep_plugin.placement.topology import Topology
 
 
-def _reduced(groups: Any, rank: int, scale: float = 1.0) -> dict[int, list[float]]:
-    """Reduce a [2]-element "gradient" = rank + 1 (and a [3]-element one = 10 * (rank + 1)) per held expert."""
+def _reduced(groups: Any, rank: int, scale: float = 1.0, attr: str = "expert_dp_group") -> dict[int, list[float]]:
+    """Reduce a [2]-element "gradient" = rank + 1 (and a [3]-element one = 10 * (rank + 1)) per held expert, over
+    the group of each expert (``groups``: an ``ExpertProcessGroups`` or {expert: group}), then times ``scale``."""
+    by_expert = groups if isinstance(groups, dict) else groups.expert_dp_groups
     params = {}
-    for x in groups.experts:
+    for x in sorted(by_expert):
         a, b = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
         a.grad, b.grad = torch.full((2,), rank + 1.0), torch.full((3,), 10.0 * (rank + 1))
+        for p in (a, b):
+            p.allreduce = False
+            setattr(p, attr, by_expert[x])
         params[x] = [a, b]
-    reduce_expert_grads(groups, params, scale=scale)
-    return {x: [float(p.grad[0]) for p in ps] for x, ps in params.items()}
+    reduce_expert_gradients([p for ps in params.values() for p in ps], group_attr=attr)
+    return {x: [float(p.grad[0]) * scale for p in ps] for x, ps in params.items()}
 
 
 def _scenarios(rank: int, world_size: int) -> dict[str, Any]:
@@ -47,11 +54,17 @@ def _scenarios(rank: int, world_size: int) -> dict[str, Any]:
     # 4. the same copies given explicitly, interleaved: copy 0 = ranks 0, 2; copy 1 = ranks 1, 3
     g = build_process_groups(Placement.identity(2), ep_ranks=[[0, 2], [1, 3]])
     out["interleaved"] = dict(ep=g.ep_ranks, dp=g.expert_dp_ranks, experts=g.experts)
-    # 5. bad input: the same ValueError on every rank, before any group is made
+    # 5. replica groups inside one copy: expert 0 on both ranks of each copy [0, 1] and [2, 3]; then one copy of 4
+    #    ranks holding experts 0, 1, 0, 1
+    in_copy = build_replica_groups(((0,), (0,)), [[0, 1], [2, 3]])
+    one_copy = build_replica_groups(((0,), (1,), (0,), (1,)), [[0, 1, 2, 3]])
+    out["replica_groups"] = dict(in_copy=_reduced(in_copy, rank, attr="replica_group"),
+                                 one_copy=_reduced(one_copy, rank, attr="replica_group"))
+    # 6. bad input: the same ValueError on every rank, before any group is made
     errors = []
     for call in (lambda: build_process_groups(Placement.identity(3)),
                  lambda: build_process_groups(Placement.identity(2), ep_ranks=[[0, 1], [1, 2]]),
-                 lambda: reduce_expert_grads(g, {5: []})):
+                 lambda: build_replica_groups(((0,), (0,)), [[0, 1, 2, 3]])):
         try:
             call()
             errors.append("ok")
@@ -84,8 +97,12 @@ def test_groups_and_gradient_reduction() -> None:
     assert [r["interleaved"]["ep"] for r in res] == [(0, 2), (1, 3), (0, 2), (1, 3)]
     assert [r["interleaved"]["experts"] for r in res] == [(0,), (0,), (1,), (1,)]
     assert res[2]["interleaved"]["dp"] == {1: (2, 3)}
-    # 5. bad input
+    # 5. replica groups: summed inside each copy only (1 + 2, 3 + 4), or over ranks {0, 2} and {1, 3}
+    assert [r["replica_groups"]["in_copy"] for r in res] == [{0: [3.0, 30.0]}] * 2 + [{0: [7.0, 70.0]}] * 2
+    assert [r["replica_groups"]["one_copy"] for r in res] == [{0: [4.0, 40.0]}, {1: [6.0, 60.0]},
+                                                              {0: [4.0, 40.0]}, {1: [6.0, 60.0]}]
+    # 6. bad input
     first, second, third = res[0]["errors"]
     assert "world_size=4 is not a multiple of the placement's 3 ranks" in first
     assert "ep_ranks must split the 4 ranks into copies of 2" in second
-    assert "rank 0 does not hold expert(s) [5]" in third
+    assert "every EP group must have the 2 ranks of rank_to_experts" in third

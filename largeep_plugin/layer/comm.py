@@ -118,23 +118,6 @@ def all_to_all_lanes(
 
 
 def exchange_chunk_counts(
-    send_RCW: torch.Tensor, num_tokens: int, group: ProcessGroup | None, device: torch.device | None = None
-) -> tuple[torch.Tensor, list[int]]:
-    """One collective that carries every count a chunked dispatch needs, plus each rank's token count.
-
-    Args:
-        send_RCW: int64 [R, C, W]: W counts per chunk that this rank tells each rank.
-        num_tokens: T of this rank, told to every rank (the overlap pipeline clamps its chunks to the largest T).
-        device: where the collective runs (the tokens' device: NCCL needs GPU tensors); default: send_RCW's.
-    Returns:
-        recv_RCW: int64 [R, C, W]: what each rank told this rank.
-        tokens_R: T of every rank.
-    """
-    recv_RCW, tokens_R, _ = exchange_chunk_counts_with_sent(send_RCW, num_tokens, group, device)
-    return recv_RCW, tokens_R
-
-
-def exchange_chunk_counts_with_sent(
     send_RCW: torch.Tensor,
     num_tokens: int,
     group: ProcessGroup | None,
@@ -143,8 +126,19 @@ def exchange_chunk_counts_with_sent(
     shared_X: torch.Tensor | None = None,
     on_shared: Callable[[list[list[int]]], None] | None = None,
 ) -> tuple[torch.Tensor, list[int], torch.Tensor]:
-    """``exchange_chunk_counts`` that also returns ``send_RCW`` on the host, read in the same single host sync
-    (for callers whose counts live on the device). ``shared_X`` / ``on_shared``: as ``exchange_count_rows``."""
+    """One collective that carries every count a chunked dispatch needs, plus each rank's token count.
+
+    Args:
+        send_RCW: int64 [R, C, W]: W counts per chunk that this rank tells each rank.
+        num_tokens: T of this rank, told to every rank (the overlap pipeline clamps its chunks to the largest T).
+        device: where the collective runs (the tokens' device: NCCL needs GPU tensors); default: send_RCW's.
+        shared_X, on_shared: as ``exchange_count_rows``.
+    Returns:
+        recv_RCW: int64 [R, C, W]: what each rank told this rank.
+        tokens_R: T of every rank.
+        sent_RCW: ``send_RCW`` on the host, read in the same single host sync (for callers whose counts live on
+            the device).
+    """
     r, c, w = send_RCW.shape
     packed = torch.cat([send_RCW.reshape(r, c * w), send_RCW.new_full((r, 1), num_tokens)], dim=1)
     sent, recv = exchange_count_rows(packed, group, device=device, shared_X=shared_X, on_shared=on_shared)

@@ -77,20 +77,10 @@ def permute_by_destination(dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor, nu
     return order_A, send_counts_R
 
 
-def unpermute_and_reduce(rows_AH: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-    """Put expert outputs back at their (token, k) slot and take the weighted sum over k (the plain sum when the
-    handle has no weights: the rows were weighted before they came back)."""
-    return sum_over_k(rows_AH, handle.order_A, handle.num_tokens, handle.top_k, handle.topk_weights_TK)
-
-
-def weighted_sum_over_k(rows_AH: torch.Tensor, order_A: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """y_TH[t] = sum_k weights_TK[t, k] * row of assignment (t, k) (``sum_over_k`` with T, K from the weights)."""
-    return sum_over_k(rows_AH, order_A, weights_TK.shape[0], weights_TK.shape[1], weights_TK)
-
-
 def sum_over_k(rows_AH: torch.Tensor, order_A: torch.Tensor, num_tokens: int, top_k: int,
                weights_TK: torch.Tensor | None = None) -> torch.Tensor:
-    """y_TH[t] = sum_k weights_TK[t, k] * row of assignment (t, k), or the plain sum without weights (rows the
+    """The combine's one reduction, for every dispatch path: put expert outputs back at their (token, k) slot and
+    take y_TH[t] = sum_k weights_TK[t, k] * row of assignment (t, k), or the plain sum without weights (rows the
     expert side already weighted); assignments not in ``order_A`` count as 0.
 
     Index-copy into a [T*K, H] buffer then a sum over K (instead of an index_add over tokens) keeps the
@@ -247,4 +237,4 @@ class AllToAllDispatcher:
     def combine(self, rows_MH: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """Send expert outputs back to their source ranks and reduce them to ``y_TH``."""
         back_AH = all_to_all(rows_MH, handle.send_splits, handle.recv_splits, self.ep_group)
-        return unpermute_and_reduce(back_AH, handle)
+        return sum_over_k(back_AH, handle.order_A, handle.num_tokens, handle.top_k, handle.topk_weights_TK)

@@ -1,15 +1,24 @@
-"""Gradient reduction for models that hold large-EP layers, for trainers without a framework's DDP.
+"""The one gradient reduction of models that hold large-EP layers: every trainer path calls it.
 
 The convention is the data-parallel one: each rank's loss is a mean over its own tokens, and the gradient wanted
 is that of the mean over the ``R`` ranks of ``group``.
 
-* Non-expert parameters (attention, embeddings, the router) are replicated: their gradients are averaged over
-  ``group``.
+* Non-expert parameters (attention, embeddings, the router, shared experts) are replicated: their gradients are
+  averaged over ``group``.
 * Expert parameters carry ``allreduce = False``. The all-to-all backward already sums, into an expert's gradient,
   the contributions of every rank that sent it tokens; when the expert is replicated, each replica holds the sum
-  over the tokens *it* received, so the replicas' gradients are summed over the expert's replica group
-  (``param.expert_dp_group``, set by ``LargeEPMoE``). Either way the result is then divided by ``R`` like the
-  dense gradients, so that dense and expert parameters see one consistent loss.
+  over the tokens *it* received, so the replicas' gradients are summed over the expert's own group (by default
+  ``param.expert_dp_group``, set by ``LargeEPMoE``: every rank, in every data-parallel copy, holding the same
+  expert), one expert's parameters at a time: the memory and traffic of the experts a rank holds, never [E, ...].
+  The result is then divided by ``R`` like the dense gradients, so that dense and expert parameters see one
+  consistent loss.
+
+Who calls it:
+    plain PyTorch, the demo             ``allreduce_gradients(model)``
+    Megatron on CPU (GlooDataParallel)  ``allreduce_gradients(model, dp_cp_group, expert_group=expt_dp_group)``,
+                                        after ``reduce_expert_gradients`` over each replica group
+    Megatron's own DDP                  ``reduce_expert_gradients(..., group_attr=<replica group>, main_grad=True)``
+                                        after Megatron's reduction (integrations/megatron/replicas.py)
 
 With ``average=False`` nothing is divided: the gradient of the *sum* of the ranks' losses.
 """
@@ -24,10 +33,24 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .comm import ProcessGroup, group_size
 
+# ``group_attr`` default: the attribute ``LargeEPMoE`` sets on its experts' parameters.
+EXPERT_GROUP_ATTR = "expert_dp_group"
+
 
 def is_expert_param(p: torch.nn.Parameter) -> bool:
     """True for parameters that must not be all-reduced over the data-parallel group."""
     return getattr(p, "allreduce", True) is False
+
+
+def gradient_of(p: torch.nn.Parameter, *, main_grad: bool = False) -> torch.Tensor:
+    """Where ``p``'s gradient lives: Megatron DDP's ``main_grad`` when ``main_grad`` and present, else ``.grad``,
+    zero-filled when missing (a parameter that got no gradient on this rank still joins the collectives, so that
+    every rank reduces the same tensors)."""
+    if main_grad and getattr(p, "main_grad", None) is not None:
+        return p.main_grad
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad
 
 
 def allreduce_flat(tensors: Sequence[torch.Tensor], group: ProcessGroup | None) -> None:
@@ -42,36 +65,66 @@ def allreduce_flat(tensors: Sequence[torch.Tensor], group: ProcessGroup | None) 
             t.copy_(reduced)
 
 
+def reduce_expert_gradients(
+    params: Iterable[nn.Parameter], *, group: ProcessGroup | None = None, group_attr: str = EXPERT_GROUP_ATTR,
+    main_grad: bool = False,
+) -> int:
+    """Sum the gradients of the expert parameters (``allreduce = False``) among ``params`` over their group.
+
+    Args:
+        params: any parameters; only expert parameters are touched.
+        group: sum every expert parameter over this group (e.g. Megatron's expert-data-parallel group). None: each
+            over the group in its attribute ``group_attr``; a parameter without one (or None) is alone: untouched.
+        group_attr: the attribute that holds a parameter's group when ``group`` is None.
+        main_grad: reduce ``param.main_grad`` where Megatron's DDP keeps one.
+    Returns:
+        the number of expert parameters reduced.
+
+    One collective per group and dtype, in parameter order: every rank of a group holds the same experts in the
+    same order (``rank_to_experts`` lists them ascending), so ranks that share several groups never wait on each
+    other.
+    """
+    by_group: dict[int, tuple[ProcessGroup | None, list[torch.Tensor]]] = {}
+    for p in params:
+        if not (p.requires_grad and is_expert_param(p)):
+            continue
+        g = group if group is not None else getattr(p, group_attr, None)
+        if g is None or group_size(g) == 1:
+            continue
+        by_group.setdefault(id(g), (g, []))[1].append(gradient_of(p, main_grad=main_grad))
+    for g, grads in by_group.values():
+        allreduce_flat(grads, g)
+    return sum(len(grads) for _, grads in by_group.values())
+
+
 def allreduce_gradients(
-    params: Iterable[nn.Parameter] | nn.Module, group: ProcessGroup | None = None, average: bool = True
+    params: Iterable[nn.Parameter] | nn.Module, group: ProcessGroup | None = None, average: bool = True, *,
+    expert_group: ProcessGroup | None = None,
 ) -> int:
     """Reduce the gradients of a model's parameters as described in the module docstring.
 
+    Args:
+        params: a model or its parameters.
+        group: the data-parallel group of the dense parameters (None: the world).
+        average: divide every gradient, dense and expert, by the size of ``group``.
+        expert_group: sum all expert gradients over this group (Megatron's expert-DP group); None: each over its
+            own ``param.expert_dp_group``.
+    Returns:
+        the number of gradients reduced.
+
     Every rank must call this with the same model structure (the collectives follow parameter order).
     Trainable parameters without a gradient get a zero one (as DDP does), so the collectives always match.
-    Returns the number of gradients reduced.
     """
     if isinstance(params, nn.Module):
         params = params.parameters()
     params = [p for p in params if p.requires_grad]
-    for p in params:
-        # A parameter that got no gradient on this rank (an expert that received no token, an unused branch)
-        # still joins the collectives with zeros, so that every rank reduces the same tensors.
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    grads = [gradient_of(p) for p in params]
     world = group_size(group)
-    dense = [p.grad for p in params if not is_expert_param(p)]
-    # Expert gradients, per replica group, in parameter order (identical on the ranks of a group).
-    replicated: dict[int, tuple[ProcessGroup, list[torch.Tensor]]] = {}
-    for p in params:
-        g = getattr(p, "expert_dp_group", None)
-        if is_expert_param(p) and g is not None:
-            replicated.setdefault(id(g), (g, []))[1].append(p.grad)
+    dense = [g for p, g in zip(params, grads) if not is_expert_param(p)]
     if world > 1 and dense:
         allreduce_flat(dense, group)
-    for g, grads in replicated.values():
-        allreduce_flat(grads, g)
+    reduce_expert_gradients(params, group=expert_group)
     if average and world > 1:
-        for p in params:
-            p.grad.div_(world)
+        for g in grads:
+            g.div_(world)
     return len(params)

@@ -30,7 +30,7 @@ and converted to the subgroup's order (``to_subgroup``). All counts of both stag
 rank s tells rank r, per chunk, [its flat count to r, its stage-1 rows to r, its flat counts to each rank of r's
 node]; from that r knows what it receives in stage 1, what it forwards in stage 2 (as a gateway) and what it
 receives in stage 2 (as an expert). The counts are built on the tokens' device and read on the host once, by
-that exchange (``exchange_chunk_counts_with_sent`` returns the sent counts from the same sync).
+that exchange (``exchange_chunk_counts`` returns the sent counts from the same sync).
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from .comm import ProcessGroup, all_to_all, all_to_all_lanes, exchange_chunk_counts_with_sent, group_rank, group_size
-from .dispatcher import slot_key, weighted_sum_over_k
+from .comm import ProcessGroup, all_to_all, all_to_all_lanes, exchange_chunk_counts, group_rank, group_size
+from .dispatcher import slot_key, sum_over_k
 from .process_groups import NodeGroups
 
 
@@ -238,7 +238,7 @@ def gateway_expand(rows_UH: torch.Tensor, meta_UK2: torch.Tensor) -> tuple[torch
 
 def gateway_reduce(back_BH: torch.Tensor, weights_UK: torch.Tensor, order_B: torch.Tensor) -> torch.Tensor:
     """Stage 2 -> stage 1 at the gateway, local: the weighted sum over a row's experts on this node, [U, H]."""
-    return weighted_sum_over_k(back_BH, order_B, weights_UK)
+    return sum_over_k(back_BH, order_B, weights_UK.shape[0], weights_UK.shape[1], weights_UK)
 
 
 def source_reduce(partial_SH: torch.Tensor, token_S: torch.Tensor, node_S: torch.Tensor, num_tokens: int, num_nodes: int) -> torch.Tensor:
@@ -343,7 +343,7 @@ class HierarchicalDispatcher:
         chunk_T = torch.zeros(x_TH.shape[0], dtype=torch.int64, device=x_TH.device)
         pack = pack_by_node(dest_rank_TK, keep_TK, topk_weights_TK, self.layout, self.rank, chunk_T, 1,
                             local_slot_TK=local_slot_TK, num_slots=num_slots)
-        recv_RCW, _, sent_RCW = exchange_chunk_counts_with_sent(pack.send_RCW, x_TH.shape[0], self.ep_group, x_TH.device,
+        recv_RCW, _, sent_RCW = exchange_chunk_counts(pack.send_RCW, x_TH.shape[0], self.ep_group, x_TH.device,
                                                                 shared_X=shared_X, on_shared=on_shared)
         splits = stage_splits(sent_RCW, recv_RCW, self.layout, self.rank, 1, self.node_groups,
                               num_slots=None if local_slot_TK is None else num_slots)[0]

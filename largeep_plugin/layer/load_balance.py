@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,34 @@ def update_expert_bias(expert_bias_E: torch.Tensor, tokens_per_expert_E: torch.T
     """
     counts = tokens_per_expert_E.to(torch.float32)
     expert_bias_E.add_(rate * torch.sign(counts.mean() - counts))
+
+
+@torch.no_grad()
+def apply_bias_updates(
+    expert_biases: Sequence[torch.Tensor], counts: Sequence[torch.Tensor], rates: Sequence[float],
+    group: Any = None,
+) -> int:
+    """The one aux-loss-free bias step of a model, for every path (core layer, Megatron, DeepSpeed).
+
+    Args:
+        expert_biases: [L] the layers' selection biases, float32 [E] each, updated in place.
+        counts: [L] the layers' assignments per expert since the last update, [E] each (summed over the EP group
+            already); zeroed after the update.
+        rates: [L] each layer's ``bias_update_rate``.
+        group: the counts are first summed over it (one all_reduce for all layers), so that every data-parallel
+            copy of the model applies the same update; None or a group of one: no collective.
+    Returns:
+        the number of layers updated.
+    """
+    if not expert_biases:
+        return 0
+    counts_LE = torch.stack([c.to(torch.float64) for c in counts])  # float64: exact for any realistic count
+    if group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(counts_LE, group=group)
+    for bias_E, counts_E, rate, source in zip(expert_biases, counts_LE, rates, counts):
+        update_expert_bias(bias_E, counts_E, rate)
+        source.zero_()
+    return len(expert_biases)
 
 
 class LoadMonitor:

@@ -26,16 +26,16 @@ import warnings
 from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from .comm import ProcessGroup, group_rank, group_size
 from .config import LargeEPConfig
 from .token_exchange import TokenExchange
 from largeep_plugin.placement.plan import Placement
-from .process_groups import ExpertProcessGroups, NodeGroups, build_process_groups
+from .process_groups import ExpertProcessGroups, NodeGroups, build_process_groups, ep_partition, ep_ranks_of
+from .expert_slots import rank_to_experts_of, slot_table
 from .experts import ExpertMLP, LocalExperts
-from .load_balance import LoadStats, switch_aux_loss, update_expert_bias, z_loss
+from .load_balance import LoadStats, apply_bias_updates, switch_aux_loss, z_loss
 from .router import Router
 
 # Bits of the per-rank input check exchanged in step 2.
@@ -115,7 +115,7 @@ class LargeEPMoE(nn.Module):
         self.ep_group = ep_group
         self.ep_size = group_size(ep_group)
         self.ep_rank = group_rank(ep_group)
-        rank_to_experts = self._rank_to_experts(placement)
+        rank_to_experts = rank_to_experts_of(config.num_experts, self.ep_size, placement)
         self.expert_ids = rank_to_experts[self.ep_rank]
         self.placement = placement
         # L: the slot dimension of the count exchange, the same on every rank (the collectives must match).
@@ -139,11 +139,8 @@ class LargeEPMoE(nn.Module):
         if self.colocated:
             self._warn_colocated(rank_to_experts)
             self.experts = LocalExperts(config.expert_config, expert_ids=self.expert_ids, init_seed=config.init_seed)
-            slot_RE = torch.full((self.ep_size, config.num_experts), -1, dtype=torch.int64)
-            for r, held in enumerate(rank_to_experts):
-                slot_RE[r, list(held)] = torch.arange(len(held))
             # Slot of expert e on rank r (-1: not there); a buffer so that it follows the layer's device.
-            self.register_buffer("local_slot_RE", slot_RE, persistent=False)
+            self.register_buffer("local_slot_RE", slot_table(rank_to_experts, config.num_experts), persistent=False)
         else:
             self.expert = ExpertMLP(config.expert_config, expert_id=self.expert_ids[0], init_seed=config.init_seed,
                                     tp_rank=self.tp_rank, tp_size=self.tp_size)
@@ -158,35 +155,6 @@ class LargeEPMoE(nn.Module):
         # before backward (a dynamic fp16 loss scale, 1 / gradient-accumulation steps), as Megatron's
         # MoEAuxLossAutoScaler.set_loss_scale does.
         self.aux_loss_scale = 1.0
-
-    def _rank_to_experts(self, placement: Placement | None) -> tuple[tuple[int, ...], ...]:
-        """The experts of every EP rank, checked against the group and the config."""
-        e = self.config.num_experts
-        if placement is None:
-            if self.ep_size != e:
-                raise ValueError(
-                    f"the EP group has {self.ep_size} ranks but num_experts={e}: without a placement each rank "
-                    "holds exactly one expert, so they must be equal (pass a placement from "
-                    "largeep_plugin.placement.plan for replicas, or plan_placement(..., allow_colocate=True) to put "
-                    "several experts on one rank)"
-                )
-            return tuple((r,) for r in range(e))
-        if getattr(placement, "num_experts", e) != e:
-            raise ValueError(f"placement.num_experts={placement.num_experts} but config.num_experts={e}")
-        rank_to_experts = getattr(placement, "rank_to_experts", None)
-        if rank_to_experts is None:  # a placement-like object that only has the one-expert-per-rank view
-            rank_to_experts = tuple((x,) if x >= 0 else () for x in placement.rank_to_expert)
-        rank_to_experts = tuple(tuple(held) for held in rank_to_experts)
-        if len(rank_to_experts) != self.ep_size:
-            raise ValueError(
-                f"placement.rank_to_experts has {len(rank_to_experts)} entries but the EP group has {self.ep_size} ranks"
-            )
-        held = rank_to_experts[self.ep_rank]
-        if not held or not all(0 <= x < e for x in held):
-            what = f"expert {held[0]}" if len(held) == 1 else f"experts {held}"
-            raise ValueError(f"placement gives EP rank {self.ep_rank} {what}: every rank must hold at least one of "
-                             f"0..{e - 1}")
-        return rank_to_experts
 
     def _warn_colocated(self, rank_to_experts: tuple[tuple[int, ...], ...]) -> None:
         key = rank_to_experts
@@ -228,14 +196,14 @@ class LargeEPMoE(nn.Module):
         built here when not given, from the real EP groups (gathered from every rank); each layer built that way
         creates its own groups, so for more than a few layers build them once with
         ``process_groups.build_process_groups`` and pass ``expert_groups`` to every layer."""
-        my_ep_ranks = _ep_ranks(self.ep_group)
+        my_ep_ranks = ep_ranks_of(self.ep_group)
         if expert_groups is None:
             # Decided alike on every rank: building groups is collective.
             replicated = placement is not None and max(placement.num_replicas) > 1
             if not replicated and len(my_ep_ranks) == group_size(None):
                 return  # one copy of every expert: nothing to reduce, no group to build
             layout = placement if placement is not None else Placement.identity(self.config.num_experts)
-            expert_groups = build_process_groups(layout, ep_ranks=_ep_partition(my_ep_ranks))
+            expert_groups = build_process_groups(layout, ep_ranks=ep_partition(my_ep_ranks))
         elif tuple(expert_groups.ep_ranks) != tuple(my_ep_ranks):
             raise ValueError(
                 f"expert_groups were built for the EP ranks {list(expert_groups.ep_ranks)}, but this layer's "
@@ -351,10 +319,8 @@ class LargeEPMoE(nn.Module):
             dp_group: with several data-parallel copies of the EP group, the group of ranks that hold the same
                 EP rank in every copy: the counts are summed over it first, so all copies keep one bias.
         """
-        if dp_group is not None and group_size(dp_group) > 1:
-            dist.all_reduce(self.tokens_per_expert_since_update, group=dp_group)
-        update_expert_bias(self.router.expert_bias, self.tokens_per_expert_since_update, self.config.bias_update_rate)
-        self.tokens_per_expert_since_update.zero_()
+        apply_bias_updates([self.router.expert_bias], [self.tokens_per_expert_since_update],
+                           [self.config.bias_update_rate], dp_group)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -362,23 +328,6 @@ class LargeEPMoE(nn.Module):
             f"experts={c.num_experts}, top_k={c.top_k}, hidden={c.hidden_size}, ffn={c.ffn_hidden_size}, "
             f"ep_size={self.ep_size}, expert_ids={self.expert_ids}, activation={c.activation}"
         )
-
-
-def _ep_ranks(ep_group: ProcessGroup | None) -> list[int]:
-    """Global ranks of ``ep_group`` in group-rank order (the world, or [0] without torch.distributed)."""
-    if not dist.is_available() or not dist.is_initialized():
-        return [0]
-    if ep_group is None:
-        return list(range(dist.get_world_size()))
-    return list(dist.get_process_group_ranks(ep_group))
-
-
-def _ep_partition(my_ep_ranks: list[int]) -> list[list[int]]:
-    """Every rank's EP group, gathered from all ranks (collective): the data-parallel copies of the EP group."""
-    everyone: list[list[int] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, my_ep_ranks)
-    copies = {tuple(c) for c in everyone if c is not None}
-    return [list(c) for c in sorted(copies, key=min)]
 
 
 def _uniform_ranks_per_node(placement: Placement) -> int | None:
@@ -398,13 +347,12 @@ def moe_layers(model: nn.Module) -> Iterator[tuple[str, LargeEPMoE]]:
 
 
 def update_expert_biases(model: nn.Module, dp_group: ProcessGroup | None = None) -> int:
-    """Apply the bias update of every large-EP layer in ``model`` (``dp_group``: see ``update_expert_bias``);
-    returns how many layers were updated."""
-    n = 0
-    for _, layer in moe_layers(model):
-        layer.update_expert_bias(dp_group)
-        n += 1
-    return n
+    """Apply the bias update of every large-EP layer in ``model``, after the optimizer step (``dp_group``: see
+    ``update_expert_bias``; one all_reduce for all layers); returns how many layers were updated."""
+    layers = [layer for _, layer in moe_layers(model)]
+    return apply_bias_updates([layer.router.expert_bias for layer in layers],
+                              [layer.tokens_per_expert_since_update for layer in layers],
+                              [layer.config.bias_update_rate for layer in layers], dp_group)
 
 
 def load_stats(model: nn.Module) -> dict[str, Any]:

@@ -16,6 +16,12 @@ Groups, for the rank that builds them:
 even for groups the rank is not in: ``build_process_groups`` walks all groups in one fixed order on every rank.
 Groups of one rank are not created (None): there is nothing to reduce.
 
+``build_replica_groups`` creates, per expert held more than once in one EP group, the group of its holders in that
+group alone (for trainers whose data-parallel reduction already spans the copies, as Megatron's DDP does);
+``ep_partition`` gathers every rank's EP group, the ``ep_ranks`` these builders take.
+
+The gradients are reduced over these groups by ``grads.py``, nowhere else.
+
 ``build_node_groups`` creates the two subgroups of the node-batched dispatch (hierarchical.py): per EP group, one
 *node group* per node (G consecutive EP ranks) and one *rail group* per local index (the ranks with that local
 index on every node). Stage 1 of that dispatch only talks to the rail, stage 2 only to the node.
@@ -23,12 +29,10 @@ index on every node). Stage 1 of that dispatch only talks to the rail, stage 2 o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
-import torch
 import torch.distributed as dist
 
-from largeep_plugin.layer.grads import allreduce_flat
 from largeep_plugin.placement.plan import Placement
 
 
@@ -123,6 +127,60 @@ def build_process_groups(placement: Placement, *, ep_ranks: Sequence[Sequence[in
                                replica_groups=replica_groups, replica_ranks=replica_ranks)
 
 
+def ep_ranks_of(ep_group: dist.ProcessGroup | None) -> list[int]:
+    """Global ranks of ``ep_group`` in group-rank order (the world, or [0] without torch.distributed)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return [0]
+    if ep_group is None:
+        return list(range(dist.get_world_size()))
+    return list(dist.get_process_group_ranks(ep_group))
+
+
+def ep_partition(my_ep_ranks: list[int]) -> list[list[int]]:
+    """Every rank's EP group, gathered from all ranks (collective): the data-parallel copies of the EP group."""
+    everyone: list[list[int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, my_ep_ranks)
+    copies = {tuple(c) for c in everyone if c is not None}
+    return [list(c) for c in sorted(copies, key=min)]
+
+
+def build_replica_groups(rank_to_experts: Sequence[Sequence[int]], ep_ranks: Sequence[Sequence[int]], *,
+                         backend: str | None = None) -> dict[int, dist.ProcessGroup | None]:
+    """Per expert this rank holds: the group of the ranks *of its own EP group* that hold the same expert (None
+    when it is held once there). Collective: every rank of the world calls it with the same arguments.
+
+    Where ``build_process_groups`` sums replicas over every data-parallel copy at once (the core layer's
+    convention), a trainer whose own data-parallel reduction already covers the copies (Megatron's DDP reduces
+    every expert over its expert-DP group) needs the sum inside one copy only: these groups.
+
+    Args:
+        rank_to_experts: [R] the experts of every rank of one EP group (``expert_slots.rank_to_experts_of``).
+        ep_ranks: global ranks of every EP group of the world, [dp][R] (``ep_partition``).
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("build_replica_groups needs torch.distributed to be initialised")
+    rank = dist.get_rank()
+    copies = [list(c) for c in ep_ranks]
+    if any(len(c) != len(rank_to_experts) for c in copies):
+        raise ValueError(f"ep_ranks={copies}: every EP group must have the {len(rank_to_experts)} ranks of "
+                         "rank_to_experts")
+    mine = next((c for c in copies if rank in c), None)
+    if mine is None:
+        raise ValueError(f"rank {rank} is in none of ep_ranks={copies}")
+    held = rank_to_experts[mine.index(rank)]
+    out: dict[int, dist.ProcessGroup | None] = {x: None for x in held}
+    # One fixed order on every rank (new_group is collective): experts, then copies; groups of one are skipped.
+    for x in sorted({x for h in rank_to_experts for x in h}):
+        holders = [p for p, h in enumerate(rank_to_experts) if x in h]
+        if len(holders) < 2:
+            continue
+        for c in copies:
+            g = dist.new_group(sorted(c[p] for p in holders), backend=backend)
+            if c is mine and x in held:
+                out[x] = g
+    return out
+
+
 @dataclass(frozen=True, kw_only=True)
 class NodeGroups:
     """This rank's node and rail groups (``build_node_groups``), for ``HierarchicalDispatcher``.
@@ -188,36 +246,3 @@ def build_node_groups(ep_ranks: Sequence[int] | Sequence[Sequence[int]], ranks_p
                 found[kind] = (grp, tuple(members))
     return NodeGroups(ep_ranks=tuple(mine), ranks_per_node=g, node_group=found["node"][0],
                       rail_group=found["rail"][0], node_members=found["node"][1], rail_members=found["rail"][1])
-
-
-def reduce_expert_grads(groups: ExpertProcessGroups, params_by_expert: Mapping[int, Iterable[torch.Tensor]], *,
-                        scale: float = 1.0) -> None:
-    """Make every replica of an expert hold the same gradient: the sum over its expert-DP group, times ``scale``.
-
-    Why a sum and not a mean over the replicas: each replica computes the gradient of the tokens it received,
-    so the sum over the replicas of one copy is the gradient the un-replicated expert would have; a mean would
-    divide an expert's gradient by its replica count, which differs between experts. ``scale`` applies the
-    data-parallel convention of the dense parameters: 1.0 when the loss is already normalised over all
-    tokens (and dense gradients are summed), 1 / dp when dense gradients are averaged over the dp copies.
-
-    Args:
-        groups: from ``build_process_groups``.
-        params_by_expert: for each expert this rank holds, its parameters (the ones whose ``.grad`` to reduce),
-            in the same order on every rank. A missing ``.grad`` counts as zeros (and is filled in), so that all
-            ranks of a group reduce the same shapes.
-    """
-    unknown = sorted(set(params_by_expert) - set(groups.experts))
-    if unknown:
-        raise ValueError(f"rank {groups.rank} does not hold expert(s) {unknown}; it holds {groups.experts}")
-    for x in sorted(params_by_expert):   # one global order: ranks sharing several groups never wait on each other
-        params = list(params_by_expert[x])
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
-        group = groups.expert_dp_groups[x]
-        if group is not None and grads:
-            allreduce_flat(grads, group)   # one collective per expert and dtype
-        if scale != 1.0:
-            for g in grads:
-                g.mul_(scale)

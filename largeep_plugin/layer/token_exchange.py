@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .comm import ProcessGroup, exchange_chunk_counts_with_sent, group_rank, group_size
+from .comm import ProcessGroup, exchange_chunk_counts, group_rank, group_size
 from .config import DispatchConfig
-from .dispatcher import AllToAllDispatcher, permute_by_chunk_and_destination, slot_key, weighted_sum_over_k
+from .dispatcher import AllToAllDispatcher, permute_by_chunk_and_destination, slot_key, sum_over_k
 from .hierarchical import (
     HierarchicalDispatcher,
     NodeLayout,
@@ -68,7 +68,7 @@ def pipelined_exchange(
         key_TK = slot_key(dest_rank_TK, local_slot_TK, slots)  # colocated: rows grouped by slot in every chunk
         order_A, send_CV = permute_by_chunk_and_destination(key_TK, keep_TK, num_ranks * slots, chunk_T, num_chunks)
         send_RCL = send_CV.view(num_chunks, num_ranks, slots).permute(1, 0, 2).contiguous()
-        recv_RCL, tokens_R, sent_RCL = exchange_chunk_counts_with_sent(send_RCL, t, group, x_TH.device,
+        recv_RCL, tokens_R, sent_RCL = exchange_chunk_counts(send_RCL, t, group, x_TH.device,
                                                                       shared_X=shared_X, on_shared=on_shared)
         n = effective_chunks(num_chunks, tokens_R)
         send, recv = sent_RCL.sum(-1).t().tolist(), recv_RCL.sum(-1).t().tolist()
@@ -79,12 +79,12 @@ def pipelined_exchange(
             programs.append(ChunkProgram(start, start + sum(send[c]), (ex,), (ex.reverse(),), args))
             start += sum(send[c])
         back_AH = run_pipeline(programs, {"rows": x_TH.index_select(0, order_A // k)}, expert, group)
-        return weighted_sum_over_k(back_AH, order_A, topk_weights_TK)
+        return sum_over_k(back_AH, order_A, topk_weights_TK.shape[0], topk_weights_TK.shape[1], topk_weights_TK)
 
     slots = None if local_slot_TK is None else num_slots
     pack = pack_by_node(dest_rank_TK, keep_TK, topk_weights_TK, layout, rank, chunk_T, num_chunks,
                         local_slot_TK=local_slot_TK, num_slots=num_slots)
-    recv_RCW, tokens_R, sent_RCW = exchange_chunk_counts_with_sent(pack.send_RCW, t, group, x_TH.device,
+    recv_RCW, tokens_R, sent_RCW = exchange_chunk_counts(pack.send_RCW, t, group, x_TH.device,
                                                                   shared_X=shared_X, on_shared=on_shared)
     n = effective_chunks(num_chunks, tokens_R)
     rows_C = stage1_rows_per_chunk(sent_RCW, n, slots or 1)

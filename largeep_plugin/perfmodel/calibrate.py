@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -211,33 +210,3 @@ def layer_predictions(data: Mapping[str, Any], cluster: ClusterSpec | None = Non
         measured = {k: float(v) for k, v in entry["measured_s"].items() if k in pred}
         out.append(LayerPrediction(name=str(entry.get("name", "layer")), predicted_s=pred, measured_s=measured))
     return out
-
-
-# ---- measurements on this machine (torch imported lazily: the model itself does not need it) -------------------
-def measure_gemm_flops(size: int = 512, repeats: int = 5, dtype_name: str = "fp32") -> float:
-    """Sustained FLOP/s of a size x size x size matmul on the CPU with torch (median of `repeats`)."""
-    import torch
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    torch.matmul(a, b)  # warm-up: thread pool, caches
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        times.append(time.perf_counter() - t0)
-    return 2.0 * size ** 3 / sorted(times)[len(times) // 2]
-
-
-def measure_memory_bandwidth(nbytes: int = 1 << 25, repeats: int = 5) -> float:
-    """Sustained bytes/s of a tensor copy (read + write) on the CPU with torch (median of `repeats`)."""
-    import torch
-    src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2.0 * src.numel() * 4 / sorted(times)[len(times) // 2]

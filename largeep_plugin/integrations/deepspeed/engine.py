@@ -33,8 +33,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
 
-from largeep_plugin.layer.comm import group_size
-from largeep_plugin.layer.load_balance import LoadMonitor
+from largeep_plugin.layer.load_balance import LoadMonitor, apply_bias_updates
 from largeep_plugin.layer.moe_layer import moe_layers
 from largeep_plugin.placement.plan import Placement
 from largeep_plugin.integrations.section.config import SECTION, LargeEPSection, load_ds_config, parse_large_ep_section
@@ -225,16 +224,16 @@ def _check_monitor(section: LargeEPSection) -> None:
 def update_large_ep_biases(model: nn.Module) -> int:
     """The balancing-bias update of every large-EP layer of ``model``, with counts summed over the expert-data-
     parallel replicas as well, so that every replica of the model applies the same bias. Returns the layer count."""
-    n = 0
+    by_group: dict[str, list[Any]] = {}
     for _, module in model.named_modules():
         if isinstance(module, LargeEPDeepSpeedMoE):
-            layer = module.deepspeed_moe
-            edp = groups._get_expert_data_parallel_group(module.expert_group_name)
-            if group_size(edp) > 1:
-                dist.all_reduce(layer.tokens_per_expert_since_update, group=edp)
-            layer.update_expert_bias()
-            n += 1
-    return n
+            by_group.setdefault(module.expert_group_name, []).append(module.deepspeed_moe)
+    for name, layers in by_group.items():
+        apply_bias_updates([layer.router.expert_bias for layer in layers],
+                           [layer.tokens_per_expert_since_update for layer in layers],
+                           [layer.config.bias_update_rate for layer in layers],
+                           groups._get_expert_data_parallel_group(name))
+    return sum(len(layers) for layers in by_group.values())
 
 
 def _hook_bias_updates(engine: Any, section: LargeEPSection) -> None:

@@ -1,5 +1,5 @@
-"""Stock DeepSpeed MoE layers with the same weights as the plugin's seeded large-EP layers: the baseline of the
-benchmarks, the demo, the example and the tests.
+"""Stand-in for a user's stock ``deepspeed.moe.layer.MoE``, seeded like the plugin's layers: the baseline that the
+benchmarks, the demo, the example and the tests compare against (same weights, same tokens).
 
 Shape legend:
     T  tokens on this rank      H  hidden size      F  expert ffn hidden size      E  experts

@@ -16,10 +16,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from largeep_plugin.layer.load_balance import LoadMonitor, update_expert_bias
+from largeep_plugin.layer.load_balance import LoadMonitor, apply_bias_updates
 from .layer import large_ep_moe_layers
 from .router import LargeEPRouter
 
@@ -37,14 +36,8 @@ def update_large_ep_biases(model: Any) -> int:
     routers = _plugin_routers(model)
     if not routers:
         return 0
-    counts_LE = torch.stack([r.local_tokens_per_expert.float() for r in routers])
-    group = routers[0].count_group
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(counts_LE, group=group)
-    for router, counts_E in zip(routers, counts_LE):
-        update_expert_bias(router.expert_bias, counts_E, router.large_ep_config.bias_update_rate)
-        router.local_tokens_per_expert.zero_()
-    return len(routers)
+    return apply_bias_updates([r.expert_bias for r in routers], [r.local_tokens_per_expert for r in routers],
+                              [r.large_ep_config.bias_update_rate for r in routers], routers[0].count_group)
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:

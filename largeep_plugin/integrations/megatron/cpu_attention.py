@@ -1,4 +1,4 @@
-"""A Megatron core-attention that runs on any device: ``torch.nn.functional.scaled_dot_product_attention``.
+"""Stand-in for Megatron's core attention on CPU (the stock ones allocate on CUDA): ``scaled_dot_product_attention``.
 
 Shape legend:
     S  sequence length      B  micro-batch size      N  attention heads of this TP rank      D  head dimension

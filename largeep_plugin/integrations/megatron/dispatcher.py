@@ -44,6 +44,7 @@ import torch
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from largeep_plugin.layer.dispatcher import AllToAllDispatcher, DispatchHandle
+from largeep_plugin.layer.expert_slots import slot_table
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,10 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
         self.local_slot_RE: torch.Tensor | None = None
         if rank_to_experts is not None:
             # Slot of expert e on rank r (-1: not there); L is the same on every rank (the count exchange matches).
+            # Built once; moved to the tokens' device on the first forward there and kept (a dispatcher is no
+            # nn.Module, so it does not follow .to()).
             self.num_slots = max(len(held) for held in rank_to_experts)
-            self.local_slot_RE = torch.full((len(rank_to_experts), config.num_moe_experts), -1, dtype=torch.int64)
-            for r, held in enumerate(rank_to_experts):
-                self.local_slot_RE[r, list(held)] = torch.arange(len(held))
+            self.local_slot_RE = slot_table(rank_to_experts, config.num_moe_experts)
         self.count_source: Any = None
         # Per-call state between stages (see the module docstring); each is taken by the next stage.
         self._routed: _Routed | None = None
@@ -131,8 +132,9 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
             dest_rank_TK = self.placement.destination_ranks(topk_ids_TK, self.ep_rank)
         local_slot_TK = None
         if self.local_slot_RE is not None:
-            slot_RE = self.local_slot_RE.to(topk_ids_TK.device)
-            local_slot_TK = slot_RE[dest_rank_TK, topk_ids_TK]
+            if self.local_slot_RE.device != topk_ids_TK.device:
+                self.local_slot_RE = self.local_slot_RE.to(topk_ids_TK.device)
+            local_slot_TK = self.local_slot_RE[dest_rank_TK, topk_ids_TK]
         order_A, send_counts_V = self.dispatcher.route(
             dest_rank_TK, keep_TK, local_slot_TK=local_slot_TK, num_slots=self.num_slots
         )

@@ -1,48 +1,31 @@
-"""Data-parallel gradient reduction with Megatron's semantics on plain ``.grad`` tensors, for CPU/gloo runs.
+"""Stand-in for Megatron's ``DistributedDataParallel`` on CPU/gloo: Megatron's allocates its buffers on CUDA.
 
-Megatron's ``DistributedDataParallel`` allocates its gradient buffers on ``torch.cuda.current_device()``, so it
-cannot wrap a model on CPU. ``GlooDataParallel`` is the part of it that ``finalize_model_grads`` uses
+Data-parallel gradient reduction with Megatron's semantics on plain ``.grad`` tensors: Megatron's DDP allocates
+its gradient buffers on ``torch.cuda.current_device()``, so it cannot wrap a model on CPU. ``GlooDataParallel`` is the part of it that ``finalize_model_grads`` uses
 (``finish_grad_sync``, ``scale_gradients``, ``ddp_config``, ``module``), reducing like Megatron does:
 
     non-expert parameters:                  average over DP x CP
     expert parameters (allreduce=False):    sum over expert-DP, then divide by DP x CP
                                             (each expert already received the tokens of its whole EP group)
     replicated experts (EP > experts):      first summed over the expert's replicas inside the EP group
-                                            (``megatron_replicas.sum_replica_gradients_``): each replica got
+                                            (``replicas.sum_replica_gradients_``): each replica got
                                             part of its tokens
 
 so the example and the tests run Megatron's own ``finalize_model_grads`` (bias update included) on CPU. On GPUs use
-Megatron's DDP (and, for replicated experts, ``megatron_replicas.enable_replica_gradient_sum``).
+Megatron's DDP (and, for replicated experts, ``replicas.enable_replica_gradient_sum``).
 """
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-import torch.distributed as dist
 import torch.nn as nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig
 
-from largeep_plugin.layer.grads import allreduce_gradients, is_expert_param
+from largeep_plugin.layer.grads import allreduce_gradients
 from .layer import large_ep_moe_layers
-from .replicas import sum_replica_gradients_
-
-
-def _sum_and_scale_(grads: list[torch.Tensor], group: Any, scale: float) -> None:
-    """Sum ``grads`` over ``group`` in one flat all_reduce per dtype, then multiply by ``scale``, in place."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for same in by_dtype.values():
-        flat = _flatten_dense_tensors(same)
-        if dist.get_world_size(group) > 1:
-            dist.all_reduce(flat, group=group)
-        flat.mul_(scale)
-        for g, reduced in zip(same, _unflatten_dense_tensors(flat, same)):
-            g.copy_(reduced)
+from .replicas import attach_replica_groups, sum_replica_gradients_
 
 
 class GlooDataParallel(nn.Module):
@@ -61,6 +44,7 @@ class GlooDataParallel(nn.Module):
         self.ddp_config = DistributedDataParallelConfig()
         self.dp_cp_group = dp_cp_group or parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.expt_dp_group = expt_dp_group or parallel_state.get_expert_data_parallel_group()
+        attach_replica_groups(module)
         for _, layer in large_ep_moe_layers(module):
             layer.replica_grads_summed = True  # finish_grad_sync sums replicated experts' gradients
 
@@ -75,10 +59,7 @@ class GlooDataParallel(nn.Module):
     def reduce_data_parallel(self) -> None:
         """Megatron DDP's reduction alone (no replica sum): non-expert gradients averaged over DP x CP, expert
         gradients summed over expert-DP and divided by DP x CP."""
-        allreduce_gradients(self.module, group=self.dp_cp_group, average=True)  # skips expert parameters
-        experts = [p.grad for p in self.module.parameters() if p.grad is not None and is_expert_param(p)]
-        if experts:
-            _sum_and_scale_(experts, self.expt_dp_group, 1.0 / dist.get_world_size(self.dp_cp_group))
+        allreduce_gradients(self.module, group=self.dp_cp_group, average=True, expert_group=self.expt_dp_group)
 
     def scale_gradients(self, scaling_factor: float) -> None:
         for p in self.module.parameters():

@@ -31,6 +31,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from largeep_plugin.layer.config import LargeEPConfig
+from largeep_plugin.layer.expert_slots import rank_to_experts_of
 from largeep_plugin.layer.experts import ExpertMLP, LocalExperts
 from largeep_plugin.layer.load_balance import LoadStats
 from .checkpoint import expert_sharded_state_dict, replica_index
@@ -132,37 +133,6 @@ class LargeEPExperts(nn.Module):
         return out
 
 
-def rank_to_experts_of(num_experts: int, ep_size: int, placement: Any) -> tuple[tuple[int, ...], ...]:
-    """The experts of every EP rank: expert r on rank r without a placement; else the placement's
-    ``rank_to_experts`` (or, for a placement-like object with only ``rank_to_expert``, one expert per rank),
-    checked against the EP group and the config."""
-    if placement is None:
-        if ep_size != num_experts:
-            raise ValueError(
-                f"num_moe_experts={num_experts} but the expert-model-parallel size is {ep_size}: without a placement "
-                "the large-EP layer holds one expert per EP rank, so they must be equal (or pass a placement from "
-                "largeep_plugin.placement.plan: replicas when EP > experts, colocated experts when EP < experts)"
-            )
-        return tuple((r,) for r in range(num_experts))
-    if getattr(placement, "expert_tp_degree", 1) != 1:
-        raise NotImplementedError(f"placement.expert_tp_degree={placement.expert_tp_degree}: experts split with "
-                                  "tensor parallelism are not run by the large-EP layer")
-    if getattr(placement, "num_experts", num_experts) != num_experts:
-        raise ValueError(f"placement.num_experts={placement.num_experts} but num_moe_experts={num_experts}")
-    held = getattr(placement, "rank_to_experts", None)
-    if held is None:
-        held = [(e,) for e in placement.rank_to_expert]
-    held = tuple(tuple(int(e) for e in h) for h in held)
-    if len(held) != ep_size:
-        raise ValueError(f"placement.rank_to_experts has {len(held)} entries but the EP group has {ep_size} ranks")
-    bad = [r for r, h in enumerate(held) if not h or len(set(h)) != len(h) or any(not 0 <= e < num_experts for e in h)]
-    missing = sorted(set(range(num_experts)) - {e for h in held for e in h})
-    if bad or missing:
-        raise ValueError(f"placement.rank_to_experts={held}: every EP rank must hold distinct experts of "
-                         f"0..{num_experts - 1} (ranks {bad} do not) and every expert must be placed (missing {missing})")
-    return held
-
-
 class LargeEPMoELayer(MoELayer):
     """Megatron ``MoELayer`` whose routing, token movement and expert are the plugin's.
 
@@ -205,7 +175,11 @@ class LargeEPMoELayer(MoELayer):
                 "flat all-to-all and Megatron's own EP overlap drives its stages; use overlap_chunks=1, dispatch='flat'"
             )
         ep_size, ep_rank = get_pg_size(pg_collection.ep), get_pg_rank(pg_collection.ep)
-        rank_to_experts = rank_to_experts_of(lep.num_experts, ep_size, placement)
+        if getattr(placement, "expert_tp_degree", 1) != 1:
+            raise NotImplementedError(f"placement.expert_tp_degree={placement.expert_tp_degree}: experts split with "
+                                      "tensor parallelism are not run by the Megatron large-EP layer")
+        rank_to_experts = rank_to_experts_of(lep.num_experts, ep_size, placement, experts_field="num_moe_experts",
+                                             ep_what="the expert-model-parallel size is {}")
         expert_ids = rank_to_experts[ep_rank]
         colocated = max(len(h) for h in rank_to_experts) > 1
         replicated = sum(len(h) for h in rank_to_experts) > lep.num_experts
@@ -265,6 +239,7 @@ class LargeEPMoELayer(MoELayer):
 
         self.large_ep_config = lep
         self.expert_ids = expert_ids
+        self.rank_to_experts = rank_to_experts
         self.ep_rank = ep_rank
         self.ep_size = ep_size
         self.placement = placement
@@ -272,6 +247,8 @@ class LargeEPMoELayer(MoELayer):
         # Set by whatever sums replicated experts' gradients over their replicas (GlooDataParallel,
         # enable_replica_gradient_sum).
         self.replica_grads_summed = False
+        # {expert id: group of its replicas in the EP group}, set by replicas.attach_replica_groups.
+        self.replica_groups: dict[int, Any] | None = None
 
     @property
     def expert_id(self) -> int:

@@ -22,14 +22,13 @@ arguments give; what the section adds is ``enabled``, ``load_balance.bias_update
 ``placement.topology_file`` (the topology of one EP group: EP rank r is its r-th GPU, counted node by node) and
 optionally ``placement.load_file`` (tokens per expert) give a topology-aware permutation of the experts over the
 EP ranks: planned once per process from ``--num-experts``, ``--moe-router-topk`` and
-``--expert-model-parallel-size`` by the DeepSpeed adapter's planner (``section_placement.plan_section_placement``,
-pure, so every rank plans the same without communicating), carried in ``LargeEPSettings.placement`` and given to
+``--expert-model-parallel-size`` by the section's planner (``integrations/section/placement.py``,
+``plan_section_placement``: pure, so every rank plans the same without communicating; it imports no framework), carried in ``LargeEPSettings.placement`` and given to
 every large-EP layer through the layer spec. Every EP group uses the same permutation, so Megatron's
 expert-data-parallel gradient reduction (the same EP rank in every copy) still joins copies of one expert, and the
 distributed checkpoint keys experts by global expert id. Refused: a topology whose GPU count is not the EP size
 (``ValueError``), and experts != EP size (replicas, whose gradients Megatron's DDP does not sum over the replica
-group; or several experts per GPU), both ``NotImplementedError``. The planner's module imports DeepSpeed, so
-placement files need it installed (imported only when a section names them).
+group; or several experts per GPU), both ``NotImplementedError``.
 """
 from __future__ import annotations
 
@@ -169,7 +168,7 @@ def large_ep_settings(args: Any) -> LargeEPSettings:
 def plan_megatron_placement(files: PlacementSection, *, num_experts: int | None, top_k: int,
                             ep_size: int) -> Placement | None:
     """The placement of ``large_ep.placement`` for Megatron-LM's ``--num-experts``, ``--moe-router-topk`` and
-    ``--expert-model-parallel-size``: the DeepSpeed adapter's ``plan_section_placement`` after the checks that
+    ``--expert-model-parallel-size``: the section's ``plan_section_placement`` after the checks that
     Megatron needs (the topology is one EP group, one expert per EP rank). Deterministic and cached by these
     arguments: planned once per process (files are read on the first call only), the same on every rank."""
     where = f"{SECTION}.placement.topology_file={files.topology_file!r}"

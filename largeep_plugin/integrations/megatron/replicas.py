@@ -22,23 +22,38 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
-import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
 from megatron.core.distributed import finalize_model_grads
 
+from largeep_plugin.layer.grads import reduce_expert_gradients
+from largeep_plugin.layer.process_groups import build_replica_groups, ep_partition, ep_ranks_of
 from .layer import large_ep_moe_layers
 
+# The attribute that holds, on a replicated expert's parameters, the group of its replicas in the EP group.
+REPLICA_GROUP_ATTR = "large_ep_replica_group"
 
-def _gradient_of(param: torch.Tensor) -> torch.Tensor:
-    """Where this parameter's gradient lives: Megatron DDP's ``main_grad`` or ``.grad`` (zero-filled if None)."""
-    main = getattr(param, "main_grad", None)
-    if main is not None:
-        return main
-    if param.grad is None:
-        param.grad = torch.zeros_like(param)
-    return param.grad
+
+def attach_replica_groups(model: Any) -> int:
+    """Give every replicated layer's expert parameters the group of their replicas inside the EP group
+    (``process_groups.build_replica_groups``), once. Collective (it creates process groups): call it on every rank,
+    as ``enable_replica_gradient_sum`` and ``GlooDataParallel`` do. Layers with the same layout share their groups.
+    Returns the number of replicated layers."""
+    built: dict[tuple[Any, ...], dict[int, Any]] = {}
+    layers = 0
+    for _, layer in large_ep_moe_layers(model):
+        if not layer.replicated:
+            continue
+        layers += 1
+        if getattr(layer, "replica_groups", None) is not None:
+            continue
+        copies = ep_partition(ep_ranks_of(layer.ep_group))
+        key = (layer.rank_to_experts, tuple(map(tuple, copies)))
+        if key not in built:
+            built[key] = build_replica_groups(layer.rank_to_experts, copies)
+        layer.replica_groups = built[key]
+        for expert_id, module in layer.experts.experts_by_id():
+            for p in module.parameters():
+                setattr(p, REPLICA_GROUP_ATTR, layer.replica_groups[expert_id])
+    return layers
 
 
 def sum_replica_gradients_(model: Any) -> int:
@@ -46,26 +61,17 @@ def sum_replica_gradients_(model: Any) -> int:
 
     A placement with EP > experts sends each token to one replica, so each replica's gradient covers only the
     tokens it received; after the sum every replica holds the gradient of all of them, as a lone expert would,
-    and the replicas stay identical through the optimizer step. One all_reduce per layer over the EP group, of a
-    [E, N] buffer (N: one expert's parameter count) where each rank fills the rows of the experts it holds: no
-    extra process groups. The gradient is ``param.main_grad`` where Megatron's DDP keeps one, ``param.grad``
-    otherwise; parameters without either count as zero. Returns the number of layers reduced.
+    and the replicas stay identical through the optimizer step. Each expert is reduced over its own replica group
+    (``grads.reduce_expert_gradients``): the memory and traffic of that expert's parameters, nothing for experts
+    held once. The gradient is ``param.main_grad`` where Megatron's DDP keeps one, ``param.grad`` otherwise.
+    Returns the number of layers reduced. Collective over the replica groups (built on first use).
     """
+    attach_replica_groups(model)
     layers = 0
     for _, layer in large_ep_moe_layers(model):
-        if not layer.replicated:
-            continue
-        held = layer.experts.experts_by_id()
-        params = [list(module.parameters()) for _, module in held]
-        grads = [[_gradient_of(p) for p in group] for group in params]
-        flat_EN = grads[0][0].new_zeros((layer.large_ep_config.num_experts, sum(g.numel() for g in grads[0])))
-        for (expert_id, _), group in zip(held, grads):
-            flat_EN[expert_id] = _flatten_dense_tensors(group)
-        dist.all_reduce(flat_EN, group=layer.ep_group)
-        for (expert_id, _), group in zip(held, grads):
-            for g, reduced in zip(group, _unflatten_dense_tensors(flat_EN[expert_id], group)):
-                g.copy_(reduced)
-        layers += 1
+        if layer.replicated:
+            reduce_expert_gradients(layer.experts.parameters(), group_attr=REPLICA_GROUP_ATTR, main_grad=True)
+            layers += 1
     return layers
 
 
@@ -83,6 +89,8 @@ def enable_replica_gradient_sum(model: Any, config: Any) -> int:
         the number of replicated layers.
     """
     chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        attach_replica_groups(chunk)
     inner = config.finalize_model_grads_func
     if not getattr(inner, "sums_large_ep_replicas", False):
         config.finalize_model_grads_func = _with_replica_sum(inner or finalize_model_grads)

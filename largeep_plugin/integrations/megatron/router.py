@@ -10,7 +10,7 @@ Megatron's ``RouterInterface``: ``forward(hidden [S, B, H]) -> (probs_TE, routin
 It also exposes ``local_tokens_per_expert`` [E] (float32, this rank's assignments since the last bias update), the
 attribute pair that Megatron's ``finalize_model_grads`` looks for: with ``moe_router_enable_expert_bias`` (sigmoid
 only, a Megatron rule) Megatron all-reduces the counts over TP x DP x CP and moves the bias; otherwise the plugin's
-hook does the same (``megatron_balance.update_large_ep_biases``).
+hook does the same (``balance.update_large_ep_biases``).
 
 One forward:
     1. route locally (core ``route``)
