@@ -66,8 +66,8 @@ def _dispatcher_rank(rank: int, world_size: int, tokens: tuple[int, ...]) -> dic
     w2_TK = weights_TK.detach().clone().requires_grad_(True)
     order_A, send_counts_R = dispatcher.route(dest_TK, keep_TK)
     handle2 = dispatcher.exchange(order_A, send_counts_R, num_tokens=t, top_k=K, topk_weights_TK=None)
-    rows2_MH = dispatcher.send(x2_TH.index_select(0, order_A // K), handle2)
-    w_M = dispatcher.send(w2_TK.reshape(-1).index_select(0, order_A), handle2)
+    rows2_MH = dispatcher.send(x2_TH.index_select(0, handle2.order_A // K), handle2)
+    w_M = dispatcher.send(w2_TK.reshape(-1).index_select(0, handle2.order_A), handle2)
     y2_TH = dispatcher.combine(rows2_MH * (rank + 1) * w_M[:, None], handle2)
     (y2_TH * g_TH).sum().backward()
     three_step = [float((y2_TH.detach() - y_TH.detach()).abs().max()) if t else 0.0,
@@ -112,13 +112,17 @@ def test_handle_without_weights_needs_top_k() -> None:
                        recv_splits=(0,), num_tokens=0)
 
 
-def test_permute_by_destination_is_stable_and_skips_dropped() -> None:
+def test_permute_by_destination_is_stable_and_puts_dropped_last() -> None:
     dest_TK = torch.tensor([[2, 0], [0, 2], [1, 0]])
     keep_TK = torch.tensor([[True, True], [True, False], [True, True]])
     order_A, send_R = permute_by_destination(dest_TK, keep_TK, 4)
-    # Flattened assignments: 0->2, 1->0, 2->0, 3->2 (dropped), 4->1, 5->0.
-    assert order_A.tolist() == [1, 2, 5, 4, 0]
+    # Flattened assignments: 0->2, 1->0, 2->0, 3->2 (dropped), 4->1, 5->0; the dropped one sorts past the rest.
+    assert order_A.tolist() == [1, 2, 5, 4, 0, 3]
     assert send_R.tolist() == [3, 1, 1, 0]
+    # Chunked: tokens 0-1 in chunk 0, token 2 in chunk 1; counts per (chunk, destination).
+    order_A, send_CR = permute_by_destination(dest_TK, keep_TK, 4, torch.tensor([0, 0, 1]), 2)
+    assert order_A.tolist() == [1, 2, 0, 5, 4, 3]
+    assert send_CR.tolist() == [[2, 0, 1, 0], [1, 1, 0, 0]]
 
 
 class _Recorder(nn.Module):

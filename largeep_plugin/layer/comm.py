@@ -124,8 +124,8 @@ def exchange_chunk_counts(
     device: torch.device | None = None,
     *,
     shared_X: torch.Tensor | None = None,
-    on_shared: Callable[[list[list[int]]], None] | None = None,
-) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    on_shared: Callable[[list[int], torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
     """One collective that carries every count a chunked dispatch needs, plus each rank's token count.
 
     Args:
@@ -138,13 +138,22 @@ def exchange_chunk_counts(
         tokens_R: T of every rank.
         sent_RCW: ``send_RCW`` on the host, read in the same single host sync (for callers whose counts live on
             the device).
+        recv_counts_RCW: ``recv_RCW`` on the device (no host-to-device copy).
     """
     r, c, w = send_RCW.shape
     packed = torch.cat([send_RCW.reshape(r, c * w), send_RCW.new_full((r, 1), num_tokens)], dim=1)
-    sent, recv = exchange_count_rows(packed, group, device=device, shared_X=shared_X, on_shared=on_shared)
+    sent, recv, recv_dev = exchange_count_rows(packed, group, device=device, shared_X=shared_X, on_shared=on_shared)
+    # Host tensors (no device): the pipeline plans its splits from them on the host.
     recv_RCW = torch.tensor([row[:-1] for row in recv], dtype=torch.int64).reshape(r, c, w)
     sent_RCW = torch.tensor([row[:-1] for row in sent], dtype=torch.int64).reshape(r, c, w)
-    return recv_RCW, [row[-1] for row in recv], sent_RCW
+    return recv_RCW, [row[-1] for row in recv], sent_RCW, recv_dev[:, :-1].reshape(r, c, w)
+
+
+def read_back(counts: torch.Tensor) -> list[int]:
+    """The host sync of a dispatch: ``counts`` (int64, 1-D) as Python ints. Every read of device data by the host
+    on the layer's forward goes through here, once per dispatch (twice on the node-batched path, whose stage-2
+    counts depend on stage 1), so that tests can count it."""
+    return counts.tolist()
 
 
 def exchange_count_rows(
@@ -153,29 +162,42 @@ def exchange_count_rows(
     *,
     device: torch.device | None = None,
     shared_X: torch.Tensor | None = None,
-    on_shared: Callable[[list[list[int]]], None] | None = None,
-) -> tuple[list[list[int]], list[list[int]]]:
+    on_shared: Callable[[list[int], torch.Tensor], None] | None = None,
+) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
     """The one count collective of a dispatch: rank s tells rank d row d of its ``send_RP`` (P counts).
 
-    ``shared_X`` (int64 [X], optional) rides along: the same X numbers to every rank, so a layer's per-expert
-    load, drops and input checks need no collective of their own; every rank then receives all ranks' rows and
-    ``on_shared`` gets them (host lists [R][X], rank order) right after the host sync, before any token moves: a
-    callback that raises does so on every rank at the same point. One ``all_to_all_single`` of R*(P+X) int64 and
-    one host sync.
+    ``shared_X`` (int64 [X], X >= 1, optional) rides along, the same X numbers to every rank, so a layer's
+    per-expert load, drops and input check need no collective of their own. Its first X - 1 numbers are summed
+    over the group *on the device* (the global load: never read by the host); its last is a flag that every rank
+    reads back, per rank, with the counts (the input check: a bad input anywhere is an error everywhere).
+    ``on_shared(flags_R, sums)`` gets them right after the host sync, before any token moves: a callback that
+    raises does so on every rank at the same point. One ``all_to_all_single`` of R*(P+X) int64 and one host sync
+    (``read_back``) of 2*R*P + R numbers: O(R * P) host work, whatever X is.
 
     Args:
         device: where the collective runs (the tokens' device: NCCL needs GPU tensors); default: send_RP's.
     Returns:
         sent_RP, recv_RP: host lists [R][P]: what this rank told each rank, what each rank told this rank.
+        recv_counts_RP: the same received counts on the device (int64 [R, P]), for device-side bookkeeping
+            without a host-to-device copy.
     """
-    p = send_RP.shape[1]
+    r, p = send_RP.shape
     payload = send_RP.to(device or send_RP.device)
     if shared_X is not None:
-        payload = torch.cat([payload, shared_X.to(payload.device).expand(payload.shape[0], -1)], dim=1)
-    sent, recv = torch.stack([payload, exchange_counts(payload, group)]).tolist()  # one host sync
-    if on_shared is not None:
-        on_shared([row[p:] for row in recv])
-    return [row[:p] for row in sent], [row[:p] for row in recv]
+        if shared_X.dim() != 1 or shared_X.numel() < 1:
+            raise ValueError(f"shared_X must be int64 [X] with X >= 1 (the last entry is the flag), got "
+                             f"{tuple(shared_X.shape)}")
+        payload = torch.cat([payload, shared_X.to(payload.device).expand(r, -1)], dim=1)
+    recv = exchange_counts(payload, group)
+    parts = [payload[:, :p].reshape(-1), recv[:, :p].reshape(-1)]
+    if shared_X is not None:
+        parts.append(recv[:, -1])
+    host = read_back(torch.cat(parts))  # the one host sync
+    sent = [host[i * p:(i + 1) * p] for i in range(r)]
+    got = [host[(r + i) * p:(r + i + 1) * p] for i in range(r)]
+    if on_shared is not None and shared_X is not None:
+        on_shared(host[2 * r * p:], recv[:, p:-1].sum(dim=0))
+    return sent, got, recv[:, :p]
 
 
 # ---- asynchronous all-to-all (the overlap pipeline) ---------------------------------------------------------------

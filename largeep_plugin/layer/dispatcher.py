@@ -39,7 +39,7 @@ class DispatchHandle:
     """What ``combine`` needs to undo a ``dispatch``.
 
     Attributes:
-        order_A: int64 indices into the flattened T*K assignments, the kept ones sorted by destination rank
+        order_A: int64 indices into the flattened T*K assignments of the rows sent, sorted by destination rank
             (stable, so rows to one rank stay in token order).
         topk_weights_TK: combine weights (float32, differentiable; 0 for dropped assignments); None when the rows
             come back already weighted (``combine`` then sums over k).
@@ -48,6 +48,7 @@ class DispatchHandle:
         num_tokens: T.
         recv_slot_counts: [R][L] rows received from each rank for each local expert slot, when the dispatch was
             given ``local_slot_TK``; None otherwise.
+        recv_slot_counts_dev: the same on the device (int64 [R, L]), for device-side grouping by slot.
     """
 
     order_A: torch.Tensor
@@ -57,24 +58,37 @@ class DispatchHandle:
     num_tokens: int
     recv_slot_counts: tuple[tuple[int, ...], ...] | None = None
     top_k: int = 0
+    recv_slot_counts_dev: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.topk_weights_TK is None and self.top_k < 1:
             raise ValueError(f"DispatchHandle without topk_weights_TK needs top_k >= 1, got top_k={self.top_k}")
 
 
-def permute_by_destination(dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor, num_ranks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order the kept assignments by destination rank.
+def permute_by_destination(
+    dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor, num_ranks: int, chunk_T: torch.Tensor | None = None,
+    num_chunks: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order the assignments by destination rank (by (chunk, destination) when ``chunk_T`` is given), on the
+    device: a sort and a scatter-add, no host sync (the number kept is known on the host only after the count
+    exchange, so the dropped assignments are sorted last instead of removed).
 
+    Args:
+        dest_rank_TK: int64 destination of each assignment, in [0, num_ranks).
+        keep_TK: bool, False for assignments dropped by capacity.
+        chunk_T: int64 chunk of each token (non-decreasing), or None for one chunk.
     Returns:
-        order_A: int64 indices into the flattened [T*K] assignments.
-        send_counts_R: int64 rows per destination rank.
+        order_A: int64 [T*K] indices into the flattened assignments: the kept ones sorted by (chunk,) destination
+            (stable, so rows to one rank stay in token order), then the dropped ones; the first
+            ``send_counts.sum()`` are the rows to send.
+        send_counts: int64 rows per destination rank [R], or per chunk and destination [C, R].
     """
-    flat_dest = dest_rank_TK.reshape(-1)
-    kept = torch.nonzero(keep_TK.reshape(-1), as_tuple=True)[0]
-    order_A = kept[torch.sort(flat_dest[kept], stable=True).indices]
-    send_counts_R = torch.bincount(flat_dest[order_A], minlength=num_ranks)
-    return order_A, send_counts_R
+    key_TK = dest_rank_TK if chunk_T is None else chunk_T.unsqueeze(1) * num_ranks + dest_rank_TK
+    n = num_chunks * num_ranks
+    key_A = torch.where(keep_TK, key_TK, n).reshape(-1)  # dropped: past every destination, so they sort last
+    order_A = torch.sort(key_A, stable=True).indices
+    counts = torch.zeros(n + 1, dtype=torch.int64, device=key_A.device).scatter_add_(0, key_A, torch.ones_like(key_A))
+    return order_A, (counts[:n] if chunk_T is None else counts[:n].view(num_chunks, num_ranks))
 
 
 def sum_over_k(rows_AH: torch.Tensor, order_A: torch.Tensor, num_tokens: int, top_k: int,
@@ -106,24 +120,6 @@ def slot_key(dest_rank_TK: torch.Tensor, local_slot_TK: torch.Tensor | None, num
     return dest_rank_TK if local_slot_TK is None else dest_rank_TK * num_slots + local_slot_TK
 
 
-def permute_by_chunk_and_destination(
-    dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor, num_ranks: int, chunk_T: torch.Tensor, num_chunks: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``permute_by_destination`` for a batch cut into chunks: assignments sorted by (chunk, destination rank).
-
-    Args:
-        chunk_T: int64 chunk of each token (non-decreasing).
-    Returns:
-        order_A: int64 indices into the flattened [T*K] assignments, chunk-major.
-        send_counts_CR: int64 rows per chunk and destination rank.
-    """
-    key = (chunk_T.unsqueeze(1) * num_ranks + dest_rank_TK).reshape(-1)
-    kept = torch.nonzero(keep_TK.reshape(-1), as_tuple=True)[0]
-    order_A = kept[torch.sort(key[kept], stable=True).indices]
-    counts = torch.bincount(key[order_A], minlength=num_chunks * num_ranks)
-    return order_A, counts.view(num_chunks, num_ranks)
-
-
 class AllToAllDispatcher:
     """Flat all-to-all dispatcher over an EP group.
 
@@ -145,7 +141,7 @@ class AllToAllDispatcher:
         local_slot_TK: torch.Tensor | None = None,
         num_slots: int = 1,
         shared_X: torch.Tensor | None = None,
-        on_shared: Callable[[list[list[int]]], None] | None = None,
+        on_shared: Callable[[list[int], torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, DispatchHandle]:
         """Send each kept (token, k) row to ``dest_rank_TK``.
 
@@ -169,7 +165,7 @@ class AllToAllDispatcher:
             order_A, send_counts_V, num_tokens=x_TH.shape[0], top_k=top_k, topk_weights_TK=topk_weights_TK,
             num_slots=None if local_slot_TK is None else num_slots, shared_X=shared_X, on_shared=on_shared,
         )
-        return self.send(x_TH.index_select(0, order_A // top_k), handle), handle
+        return self.send(x_TH.index_select(0, handle.order_A // top_k), handle), handle
 
     def route(
         self,
@@ -182,8 +178,10 @@ class AllToAllDispatcher:
         """Local: the order in which the kept assignments are sent, and the rows per destination.
 
         Returns:
-            order_A: int64 indices into the flattened [T*K] assignments, sorted by destination (and by slot
-                inside a destination when ``local_slot_TK`` is given); row a sent is token ``order_A[a] // K``.
+            order_A: int64 [T*K] indices into the flattened assignments, the kept ones sorted by destination (and
+                by slot inside a destination when ``local_slot_TK`` is given), then the dropped ones; row a sent is
+                token ``order_A[a] // K``. ``exchange`` keeps the first ``sum(send_counts_V)`` (known on the host
+                only after the count exchange) in the handle.
             send_counts_V: int64 rows per destination rank [R], or per (rank, slot) [R*L] with ``local_slot_TK``.
         """
         if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
@@ -202,7 +200,7 @@ class AllToAllDispatcher:
         topk_weights_TK: torch.Tensor | None,
         num_slots: int | None = None,
         shared_X: torch.Tensor | None = None,
-        on_shared: Callable[[list[list[int]]], None] | None = None,
+        on_shared: Callable[[list[int], torch.Tensor], None] | None = None,
     ) -> DispatchHandle:
         """Communication: exchange the counts of ``route`` and freeze what ``send``/``combine`` need.
 
@@ -215,18 +213,20 @@ class AllToAllDispatcher:
         """
         slots = 1 if num_slots is None else num_slots
         # One host sync for both count lists: all_to_all_single needs the splits on the host.
-        send_RL, recv_RL_lists = exchange_count_rows(
+        send_RL, recv_RL_lists, recv_dev_RL = exchange_count_rows(
             send_counts_V.view(self.num_ranks, slots), self.ep_group, shared_X=shared_X, on_shared=on_shared
         )
         recv_RL = tuple(tuple(row) for row in recv_RL_lists)
+        send_splits = tuple(sum(row) for row in send_RL)
         return DispatchHandle(
-            order_A=order_A,
+            order_A=order_A[:sum(send_splits)],  # the rows sent; dropped assignments were sorted past them
             topk_weights_TK=topk_weights_TK,
-            send_splits=tuple(sum(row) for row in send_RL),
+            send_splits=send_splits,
             recv_splits=tuple(sum(c) for c in recv_RL),
             num_tokens=num_tokens,
             recv_slot_counts=None if num_slots is None else recv_RL,
             top_k=top_k,
+            recv_slot_counts_dev=None if num_slots is None else recv_dev_RL,
         )
 
     def send(self, rows_AX: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:

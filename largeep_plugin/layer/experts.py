@@ -115,7 +115,11 @@ class LocalExperts(nn.ModuleList):
         super().__init__(ExpertMLP(config, expert_id=e, init_seed=init_seed) for e in ids)
         self.expert_ids = ids
 
-    def forward(self, rows_MH: torch.Tensor, recv_counts_RL: Sequence[Sequence[int]]) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, rows_MH: torch.Tensor, recv_counts_RL: Sequence[Sequence[int]],  # type: ignore[override]
+                recv_counts_dev_RL: torch.Tensor | None = None) -> torch.Tensor:
+        """``recv_counts_RL``: host [R][L] rows per (source, slot), for the split sizes; ``recv_counts_dev_RL``: the
+        same counts on the rows' device (the dispatch's count exchange has them there), so that grouping the rows
+        by slot needs no host-to-device copy. None: built from the host counts (a copy)."""
         num_local = len(self)
         width = len(recv_counts_RL[0]) if len(recv_counts_RL) else num_local
         counts = [int(c) for per_source in recv_counts_RL for c in per_source]
@@ -126,9 +130,11 @@ class LocalExperts(nn.ModuleList):
                 f"source rank (0 past them), summing to the {rows_MH.shape[0]} rows received"
             )
         dev = rows_MH.device
-        slot_M = torch.repeat_interleave(
-            torch.arange(width, device=dev).repeat(len(recv_counts_RL)), torch.tensor(counts, dtype=torch.long, device=dev)
-        )
+        if recv_counts_dev_RL is None:
+            recv_counts_dev_RL = torch.tensor(counts, dtype=torch.long).to(dev)
+        # The slot of every received row; output_size from the host counts, so the device never reports a size.
+        slot_M = torch.repeat_interleave(torch.arange(width, device=dev).repeat(len(recv_counts_RL)),
+                                         recv_counts_dev_RL.reshape(-1), output_size=rows_MH.shape[0])
         # Stable: inside one slot, rows stay in (source rank, token) order, as a lone expert would see them.
         order_M = torch.sort(slot_M, stable=True).indices
         per_slot = [sum(int(c[l]) for c in recv_counts_RL) for l in range(num_local)]

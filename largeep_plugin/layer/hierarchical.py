@@ -79,18 +79,22 @@ class NodeLayout:
 class NodePack:
     """Stage-1 rows of this rank, chunk-major (then node, then token), and the counts it tells the others.
 
+    Built on the device without a host sync: the number of stage-1 rows S is known on the host only after the
+    count exchange, so every (token, node) pair is sorted, the S real rows first; ``rows(S)`` then cuts them.
+
     Attributes:
-        token_S, node_S: int64 token and destination node of each stage-1 row.
-        meta_SK2: float32 [weights (0 for experts elsewhere) | local destination (-1 for none)]; the local
-            destination is the node-local rank, or with colocated experts ``local rank * L + slot``;
-            differentiable in the weights.
+        pair_P: int64 [T*N] indices of the (token, node) pairs (token * N + node), the S rows first.
         send_RCW: int64 [R, C, L + 1 + G*L] counts to exchange (see ``pack_by_node``), on the tokens' device.
     """
 
-    token_S: torch.Tensor
-    node_S: torch.Tensor
-    meta_SK2: torch.Tensor
+    pair_P: torch.Tensor
     send_RCW: torch.Tensor
+    num_nodes: int
+
+    def rows(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """token_S, node_S: int64 token and destination node of each of the ``num_rows`` stage-1 rows."""
+        pair_S = self.pair_P[:num_rows]
+        return pair_S // self.num_nodes, pair_S % self.num_nodes
 
 
 @dataclass(frozen=True)
@@ -98,13 +102,15 @@ class StageSplits:
     """Split sizes of one chunk's two stages, seen from this rank, dispatch direction: length R each over the EP
     group, or over the rail group (stage 1) and the node group (stage 2) when node groups are used.
     ``s2_recv_slots``: colocated experts only: rows received in stage 2 from each source (in arrival order), per
-    local expert slot (what ``experts.LocalExperts`` takes); None otherwise."""
+    local expert slot (what ``experts.LocalExperts`` takes); None otherwise. ``s2_recv_slots_dev``: the same on
+    the device, when the exchanged counts were given there."""
 
     s1_send: tuple[int, ...]
     s1_recv: tuple[int, ...]
     s2_send: tuple[int, ...]
     s2_recv: tuple[int, ...]
     s2_recv_slots: tuple[tuple[int, ...], ...] | None = None
+    s2_recv_slots_dev: torch.Tensor | None = None
 
 
 def pack_by_node(
@@ -129,39 +135,52 @@ def pack_by_node(
     t, k = dest_rank_TK.shape
     g, n, r = layout.ranks_per_node, layout.num_nodes, layout.num_ranks
     slots = 1 if local_slot_TK is None else num_slots
-    node_TK = dest_rank_TK // g
-    # Which nodes each token needs (dropped assignments need none).
-    present_TN = torch.zeros(t, n, dtype=torch.bool, device=dest_rank_TK.device)
-    present_TN[torch.arange(t, device=dest_rank_TK.device).unsqueeze(1).expand(t, k)[keep_TK], node_TK[keep_TK]] = True
-    token_S, node_S = torch.nonzero(present_TN, as_tuple=True)
-    # Chunk-major, then node (= gateway), then token: each (chunk, gateway) block is contiguous for the all-to-all.
-    key_S = chunk_T[token_S] * n + node_S
-    order = torch.sort(key_S, stable=True).indices
-    token_S, node_S, key_S = token_S[order], node_S[order], key_S[order]
-
-    on_node_SK = (node_TK[token_S] == node_S.unsqueeze(1)) & keep_TK[token_S]
-    weights_SK = topk_weights_TK.index_select(0, token_S) * on_node_SK
-    vlocal_TK = slot_key(dest_rank_TK % g, local_slot_TK, slots)
-    local_SK = torch.where(on_node_SK, vlocal_TK[token_S], torch.full_like(vlocal_TK[token_S], -1))
-    meta_SK2 = torch.cat([weights_SK.float(), local_SK.float()], dim=1)
-
-    # Built on the device, no host copy here: the count exchange reads them on the host in its one sync.
-    flat_key = slot_key(chunk_T.unsqueeze(1) * r + dest_rank_TK, local_slot_TK, slots)[keep_TK]
     device = dest_rank_TK.device
-    flat_CRL = torch.bincount(flat_key, minlength=num_chunks * r * slots).view(num_chunks, r, slots)
-    rows_CN = torch.bincount(key_S, minlength=num_chunks * n).view(num_chunks, n)
+    node_TK = dest_rank_TK // g
+    # Which nodes each token needs (dropped assignments need none): a scatter into N + 1 columns, the last one
+    # taking the dropped assignments.
+    present_TN = torch.zeros(t, n + 1, dtype=torch.int64, device=device)
+    present_TN.scatter_(1, torch.where(keep_TK, node_TK, n), 1)
+    present_TN = present_TN[:, :n]
+    # Chunk-major, then node (= gateway), then token: each (chunk, gateway) block is contiguous for the all-to-all.
+    # Pairs a token does not need get a key past every chunk, so they sort last.
+    key_TN = chunk_T.unsqueeze(1) * n + torch.arange(n, device=device)
+    key_P = torch.where(present_TN.bool(), key_TN, num_chunks * n).reshape(-1)
+    pair_P = torch.sort(key_P, stable=True).indices
+
+    # Counts, by scatter-add on the device: the count exchange reads them on the host in its one sync.
+    flat_key_TK = slot_key(chunk_T.unsqueeze(1) * r + dest_rank_TK, local_slot_TK, slots)
+    flat_key = torch.where(keep_TK, flat_key_TK, num_chunks * r * slots).reshape(-1)
+    flat_CRL = torch.zeros(num_chunks * r * slots + 1, dtype=torch.int64, device=device).scatter_add_(
+        0, flat_key, torch.ones_like(flat_key))[:-1].view(num_chunks, r, slots)
+    rows_CN = torch.zeros(num_chunks, n, dtype=torch.int64, device=device).index_add_(0, chunk_T, present_TN)
     gateways = torch.arange(n, device=device) * g + layout.local_of(rank)
     send_RCW = torch.zeros(r, num_chunks, slots + 1 + g * slots, dtype=torch.int64, device=device)
     send_RCW[:, :, :slots] = flat_CRL.permute(1, 0, 2)
     send_RCW[gateways, :, slots] = rows_CN.t()
     node_of_R = torch.arange(r, device=device) // g
     send_RCW[:, :, slots + 1:] = flat_CRL.reshape(num_chunks, n, g * slots)[:, node_of_R, :].permute(1, 0, 2)
-    return NodePack(token_S, node_S, meta_SK2, send_RCW)
+    return NodePack(pair_P, send_RCW, n)
+
+
+def stage1_meta(token_S: torch.Tensor, node_S: torch.Tensor, dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor,
+                topk_weights_TK: torch.Tensor, layout: NodeLayout, local_slot_TK: torch.Tensor | None = None,
+                num_slots: int = 1) -> torch.Tensor:
+    """meta_SK2 of the stage-1 rows, float32 [weights (0 for experts elsewhere) | local destination (-1 for none)];
+    the local destination is the node-local rank, or with colocated experts ``local rank * L + slot``;
+    differentiable in the weights."""
+    g = layout.ranks_per_node
+    slots = 1 if local_slot_TK is None else num_slots
+    on_node_SK = (dest_rank_TK.index_select(0, token_S) // g == node_S.unsqueeze(1)) & keep_TK.index_select(0, token_S)
+    weights_SK = topk_weights_TK.index_select(0, token_S) * on_node_SK
+    vlocal_SK = slot_key(dest_rank_TK % g, local_slot_TK, slots).index_select(0, token_S)
+    local_SK = torch.where(on_node_SK, vlocal_SK, torch.full_like(vlocal_SK, -1))
+    return torch.cat([weights_SK.float(), local_SK.float()], dim=1)
 
 
 def stage1_rows_per_chunk(sent_RCW: torch.Tensor, num_chunks: int, num_slots: int = 1) -> list[int]:
     """Stage-1 rows this rank sends per chunk, from the host copy of ``NodePack.send_RCW``."""
-    return [int(sent_RCW[:, c, num_slots].sum()) for c in range(num_chunks)]
+    return sent_RCW[:, :num_chunks, num_slots].sum(dim=0).tolist()  # a host tensor: no sync
 
 
 def to_subgroup(splits_R: Sequence[int], members: Sequence[int], what: str) -> tuple[int, ...]:
@@ -181,12 +200,14 @@ def to_subgroup(splits_R: Sequence[int], members: Sequence[int], what: str) -> t
 
 
 def stage_splits(sent_RCW: torch.Tensor, recv_RCW: torch.Tensor, layout: NodeLayout, rank: int, num_chunks: int,
-                 node_groups: NodeGroups | None = None, num_slots: int | None = None) -> list[StageSplits]:
+                 node_groups: NodeGroups | None = None, num_slots: int | None = None,
+                 recv_dev_RCW: torch.Tensor | None = None) -> list[StageSplits]:
     """Step 2, local: the split sizes of both stages of every chunk, from the exchanged counts (host tensors).
 
     Without ``node_groups`` the splits are over the EP group (length R); with them, stage 1's over the rail group
     and stage 2's over the node group. ``num_slots``: L of ``pack_by_node`` with colocated experts; the splits then
-    also carry ``s2_recv_slots``.
+    also carry ``s2_recv_slots`` (and ``s2_recv_slots_dev`` from ``recv_dev_RCW``, the exchanged counts on the
+    device: slices only, no host-to-device copy).
     """
     g, r = layout.ranks_per_node, layout.num_ranks
     slots = 1 if num_slots is None else num_slots
@@ -202,26 +223,37 @@ def stage_splits(sent_RCW: torch.Tensor, recv_RCW: torch.Tensor, layout: NodeLay
         for j, m in enumerate(mates):
             s2_send[m] = int(recv_RCW[rail, c, slots + 1 + j * slots: slots + 1 + (j + 1) * slots].sum())
             s2_recv[m] = sum(from_mate[j])  # what gateway m sends me
-        recv_slots = None
+        recv_slots, recv_slots_dev = None, None
         if num_slots is not None:
             # Per stage-2 source in the order its rows arrive (the collective's group order); zeros off the node.
             members = node_groups.node_members if node_groups is not None else range(r)
             recv_slots = tuple(tuple(from_mate[mates.index(m)]) if m in mates else (0,) * slots for m in members)
+            if recv_dev_RCW is not None:
+                # Rail j is EP ranks j, j + G, ...: a strided slice of the device counts.
+                mates_dev = torch.stack([recv_dev_RCW[j::g, c, :slots].sum(dim=0) for j in range(g)])
+                if node_groups is not None:  # the node group's members are this node's ranks, in order
+                    recv_slots_dev = mates_dev
+                else:
+                    recv_slots_dev = recv_dev_RCW.new_zeros((r, slots))
+                    recv_slots_dev[node * g:(node + 1) * g] = mates_dev
         sp = StageSplits(s1_send=tuple(sent_RCW[:, c, slots].tolist()), s1_recv=tuple(recv_RCW[:, c, slots].tolist()),
-                         s2_send=tuple(s2_send), s2_recv=tuple(s2_recv), s2_recv_slots=recv_slots)
+                         s2_send=tuple(s2_send), s2_recv=tuple(s2_recv), s2_recv_slots=recv_slots,
+                         s2_recv_slots_dev=recv_slots_dev)
         if node_groups is not None:
             rail_m, node_m = node_groups.rail_members, node_groups.node_members
             sp = StageSplits(s1_send=to_subgroup(sp.s1_send, rail_m, "stage 1 send"),
                              s1_recv=to_subgroup(sp.s1_recv, rail_m, "stage 1 receive"),
                              s2_send=to_subgroup(sp.s2_send, node_m, "stage 2 send"),
                              s2_recv=to_subgroup(sp.s2_recv, node_m, "stage 2 receive"),
-                             s2_recv_slots=recv_slots)
+                             s2_recv_slots=recv_slots, s2_recv_slots_dev=recv_slots_dev)
         out.append(sp)
     return out
 
 
-def gateway_expand(rows_UH: torch.Tensor, meta_UK2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gateway_expand(rows_UH: torch.Tensor, meta_UK2: torch.Tensor, num_copies: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage 1 -> stage 2 at the gateway, local: one copy of a received row per expert of it on this node.
+    ``num_copies``: B, from the host's stage-2 splits (so the device never has to report it).
 
     Returns:
         rows_BH: copies ordered by local destination rank (stable, so each source's rows keep their order).
@@ -231,8 +263,9 @@ def gateway_expand(rows_UH: torch.Tensor, meta_UK2: torch.Tensor) -> tuple[torch
     k = meta_UK2.shape[1] // 2
     weights_UK, local_UK = meta_UK2[:, :k], meta_UK2[:, k:].long()
     flat_local = local_UK.reshape(-1)
-    valid = torch.nonzero(flat_local >= 0, as_tuple=True)[0]
-    order_B = valid[torch.sort(flat_local[valid], stable=True).indices]
+    # (row, slot) pairs with no expert here (-1) get a key past every destination, so they sort last.
+    key = torch.where(flat_local >= 0, flat_local, flat_local.new_full((), torch.iinfo(torch.int64).max))
+    order_B = torch.sort(key, stable=True).indices[:num_copies]
     return rows_UH.index_select(0, order_B // k), weights_UK, order_B
 
 
@@ -285,6 +318,7 @@ class HierarchicalHandle:
         token_S, node_S: int64 token and node of each stage-1 row this rank sent.
         num_tokens: T.  num_nodes: N.
         recv_slot_counts: colocated experts: rows received per stage-2 source and local slot; None otherwise.
+        recv_slot_counts_dev: the same on the device.
     """
 
     splits: StageSplits
@@ -295,6 +329,7 @@ class HierarchicalHandle:
     num_tokens: int
     num_nodes: int
     recv_slot_counts: tuple[tuple[int, ...], ...] | None = None
+    recv_slot_counts_dev: torch.Tensor | None = None
 
 
 class HierarchicalDispatcher:
@@ -332,7 +367,7 @@ class HierarchicalDispatcher:
         local_slot_TK: torch.Tensor | None = None,
         num_slots: int = 1,
         shared_X: torch.Tensor | None = None,
-        on_shared: Callable[[list[list[int]]], None] | None = None,
+        on_shared: Callable[[list[int], torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, HierarchicalHandle]:
         """Send each token once to every node that holds one of its kept experts, then to those experts.
 
@@ -343,17 +378,21 @@ class HierarchicalDispatcher:
         chunk_T = torch.zeros(x_TH.shape[0], dtype=torch.int64, device=x_TH.device)
         pack = pack_by_node(dest_rank_TK, keep_TK, topk_weights_TK, self.layout, self.rank, chunk_T, 1,
                             local_slot_TK=local_slot_TK, num_slots=num_slots)
-        recv_RCW, _, sent_RCW = exchange_chunk_counts(pack.send_RCW, x_TH.shape[0], self.ep_group, x_TH.device,
-                                                                shared_X=shared_X, on_shared=on_shared)
+        recv_RCW, _, sent_RCW, recv_dev_RCW = exchange_chunk_counts(
+            pack.send_RCW, x_TH.shape[0], self.ep_group, x_TH.device, shared_X=shared_X, on_shared=on_shared)
         splits = stage_splits(sent_RCW, recv_RCW, self.layout, self.rank, 1, self.node_groups,
-                              num_slots=None if local_slot_TK is None else num_slots)[0]
-        rows_SH = x_TH.index_select(0, pack.token_S)
-        rows_UH, meta_UK2 = all_to_all_lanes([rows_SH, pack.meta_SK2], splits.s1_recv, splits.s1_send, self.stage1_group)
-        rows_BH, weights_UK, order_B = gateway_expand(rows_UH, meta_UK2)
+                              num_slots=None if local_slot_TK is None else num_slots, recv_dev_RCW=recv_dev_RCW)[0]
+        token_S, node_S = pack.rows(sum(splits.s1_send))
+        meta_SK2 = stage1_meta(token_S, node_S, dest_rank_TK, keep_TK, topk_weights_TK, self.layout, local_slot_TK,
+                               num_slots)
+        rows_SH = x_TH.index_select(0, token_S)
+        rows_UH, meta_UK2 = all_to_all_lanes([rows_SH, meta_SK2], splits.s1_recv, splits.s1_send, self.stage1_group)
+        rows_BH, weights_UK, order_B = gateway_expand(rows_UH, meta_UK2, sum(splits.s2_send))
         rows_MH = all_to_all(rows_BH, splits.s2_recv, splits.s2_send, self.stage2_group)
         handle = HierarchicalHandle(
-            splits=splits, weights_UK=weights_UK, order_B=order_B, token_S=pack.token_S, node_S=pack.node_S,
+            splits=splits, weights_UK=weights_UK, order_B=order_B, token_S=token_S, node_S=node_S,
             num_tokens=x_TH.shape[0], num_nodes=self.layout.num_nodes, recv_slot_counts=splits.s2_recv_slots,
+            recv_slot_counts_dev=splits.s2_recv_slots_dev,
         )
         return rows_MH, handle
 

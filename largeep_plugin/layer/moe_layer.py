@@ -226,21 +226,22 @@ class LargeEPMoE(nn.Module):
         routing = self.router(x_TH)
 
         # Step 2 rides in the dispatch's one count exchange (comm.exchange_count_rows): every rank tells every rank
-        # its per-expert counts, its drops and its input check, so the global load costs no collective of its own,
-        # and a bad input on any rank is an error on every rank before a token moves.
+        # its per-expert counts and drops (summed over the group on the device: the host never reads them) and its
+        # input check (the flag, read back with the counts), so the global load costs no collective of its own, and
+        # a bad input on any rank is an error on every rank before a token moves.
         e = cfg.num_experts
         shared_X = torch.zeros(e + 2, dtype=torch.int64, device=x_TH.device)
         shared_X[:e] = routing.tokens_per_expert_E
         shared_X[e] = routing.num_dropped
         if cfg.check_inputs:
             shared_X[e + 1] = bad + _NON_FINITE * (~torch.isfinite(x_TH).all()).long()
-        totals: list[int] = []
+        totals: list[torch.Tensor] = []
 
-        def on_shared(rows_RX: list[list[int]]) -> None:
-            problems = {r: row[e + 1] for r, row in enumerate(rows_RX) if row[e + 1]}
+        def on_shared(flags_R: list[int], sums_X: torch.Tensor) -> None:
+            problems = {r: flag for r, flag in enumerate(flags_R) if flag}
             if problems:
                 raise ValueError(self._describe_problems(problems, x))
-            totals.extend(sum(column) for column in zip(*rows_RX))
+            totals.append(sums_X)
 
         # Steps 3-5: dispatch, expert, combine.
         dest_rank_TK = self._destination_ranks(routing.topk_ids_TK)
@@ -258,8 +259,7 @@ class LargeEPMoE(nn.Module):
                                        local_slot_TK=local_slot_TK, num_slots=self.num_slots, **shared)
         else:
             y_TH = self.token_exchange(x_TH, dest_rank_TK, keep_TK, weights_TK, self.expert, **shared)
-        global_counts_E = torch.tensor(totals[:e], dtype=torch.int64, device=x_TH.device)
-        dropped = torch.tensor(totals[e], dtype=torch.int64, device=x_TH.device)
+        global_counts_E, dropped = totals[0][:e], totals[0][e]  # on the device: stats stay there until read
 
         aux = self._aux_losses(routing.scores_TE, routing.logits_TE, global_counts_E)
         if self.training and torch.is_grad_enabled():

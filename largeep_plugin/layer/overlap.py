@@ -95,8 +95,13 @@ def chunk_of_tokens(num_tokens: int, num_chunks: int, device: torch.device | Non
     (``torch.tensor_split`` sizes); with T < C, one token per chunk then empty chunks."""
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
         raise ValueError(f"overlap_chunks={num_chunks!r} must be an integer >= 1")
-    sizes = [num_tokens // num_chunks + (1 if i < num_tokens % num_chunks else 0) for i in range(num_chunks)]
-    return torch.repeat_interleave(torch.arange(num_chunks, device=device), torch.tensor(sizes, device=device))
+    # Arithmetic on the token index, on the device: the first r = T % C chunks hold q + 1 tokens, the rest q.
+    q, r = divmod(num_tokens, num_chunks)
+    t_T = torch.arange(num_tokens, device=device)
+    if q == 0:
+        return t_T
+    big = r * (q + 1)
+    return torch.where(t_T < big, t_T // (q + 1), r + (t_T - big) // q)
 
 
 def effective_chunks(num_chunks: int, tokens_R: Sequence[int]) -> int:

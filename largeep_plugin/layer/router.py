@@ -71,12 +71,19 @@ def capacity_keep_mask(
     order = order[torch.sort(flat_ids[order], stable=True).indices]
     sorted_ids = flat_ids[order]
     # Step 3: the rank of each assignment inside its expert's group decides whether it fits.
-    counts = torch.bincount(sorted_ids, minlength=num_experts)
+    counts = count_per_expert(sorted_ids, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank_in_expert = torch.arange(n, device=flat_ids.device) - starts[sorted_ids]
     keep = torch.empty(n, dtype=torch.bool, device=flat_ids.device)
     keep[order] = rank_in_expert < capacity
     return keep.view_as(topk_ids_TK)
+
+
+def count_per_expert(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [E]: how often each expert id appears in ``ids``. A scatter-add: unlike ``bincount`` it does not ask
+    the device for the largest id, so it never waits on the host."""
+    flat = ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def route(
@@ -93,8 +100,10 @@ def route(
         expert_bias_E: float32 selection bias (0 = plain top-k).
         config: scoring, top-k, normalisation and capacity settings.
     """
-    # The router runs in float32 whatever the activations are: top-k on bf16 scores is full of ties.
-    logits_TE = torch.nn.functional.linear(x_TH.float(), weight_EH.float())
+    # The router runs in float32 whatever the activations are: top-k on bf16 scores is full of ties. Under
+    # torch.autocast the linear would run in the autocast dtype despite the float32 inputs: switch it off here.
+    with torch.autocast(device_type=x_TH.device.type, enabled=False):
+        logits_TE = torch.nn.functional.linear(x_TH.float(), weight_EH.float())
     if config.score_function == "softmax":
         scores_TE = torch.softmax(logits_TE, dim=-1)
     else:
@@ -105,7 +114,7 @@ def route(
         topk_weights_TK = topk_scores_TK / (topk_scores_TK.sum(dim=-1, keepdim=True) + 1e-20)
     else:
         topk_weights_TK = topk_scores_TK
-    tokens_per_expert_E = torch.bincount(topk_ids_TK.reshape(-1), minlength=config.num_experts)
+    tokens_per_expert_E = count_per_expert(topk_ids_TK, config.num_experts)
     if config.capacity_factor is None:
         keep_TK = torch.ones_like(topk_ids_TK, dtype=torch.bool)
     else:

@@ -8,6 +8,7 @@ Shape legend:
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn as nn
 
 from .comm import ProcessGroup, exchange_chunk_counts, group_rank, group_size
 from .config import DispatchConfig
-from .dispatcher import AllToAllDispatcher, permute_by_chunk_and_destination, slot_key, sum_over_k
+from .dispatcher import AllToAllDispatcher, permute_by_destination, slot_key, sum_over_k
 from .hierarchical import (
     HierarchicalDispatcher,
     NodeLayout,
@@ -23,6 +24,7 @@ from .hierarchical import (
     gateway_reduce,
     pack_by_node,
     source_reduce,
+    stage1_meta,
     stage1_rows_per_chunk,
     stage_splits,
 )
@@ -44,7 +46,7 @@ def pipelined_exchange(
     local_slot_TK: torch.Tensor | None = None,
     num_slots: int = 1,
     shared_X: torch.Tensor | None = None,
-    on_shared: Callable[[list[list[int]]], None] | None = None,
+    on_shared: Callable[[list[int], torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Dispatch, expert and combine of a whole batch, pipelined over ``num_chunks`` chunks.
 
@@ -66,43 +68,48 @@ def pipelined_exchange(
     if layout is None:
         slots = 1 if local_slot_TK is None else num_slots
         key_TK = slot_key(dest_rank_TK, local_slot_TK, slots)  # colocated: rows grouped by slot in every chunk
-        order_A, send_CV = permute_by_chunk_and_destination(key_TK, keep_TK, num_ranks * slots, chunk_T, num_chunks)
+        order_A, send_CV = permute_by_destination(key_TK, keep_TK, num_ranks * slots, chunk_T, num_chunks)
         send_RCL = send_CV.view(num_chunks, num_ranks, slots).permute(1, 0, 2).contiguous()
-        recv_RCL, tokens_R, sent_RCL = exchange_chunk_counts(send_RCL, t, group, x_TH.device,
-                                                                      shared_X=shared_X, on_shared=on_shared)
+        recv_RCL, tokens_R, sent_RCL, recv_dev_RCL = exchange_chunk_counts(send_RCL, t, group, x_TH.device,
+                                                                           shared_X=shared_X, on_shared=on_shared)
         n = effective_chunks(num_chunks, tokens_R)
-        send, recv = sent_RCL.sum(-1).t().tolist(), recv_RCL.sum(-1).t().tolist()
+        send, recv = sent_RCL.sum(-1).t().tolist(), recv_RCL.sum(-1).t().tolist()  # host tensors: no sync
         programs, start = [], 0
         for c in range(n):
             ex = Exchange(("rows",), tuple(send[c]), tuple(recv[c]))
-            args = () if local_slot_TK is None else (recv_RCL[:, c, :].tolist(),)
+            args = () if local_slot_TK is None else (recv_RCL[:, c, :].tolist(), recv_dev_RCL[:, c, :])
             programs.append(ChunkProgram(start, start + sum(send[c]), (ex,), (ex.reverse(),), args))
             start += sum(send[c])
+        order_A = order_A[:start]  # the rows sent; dropped assignments were sorted past them
         back_AH = run_pipeline(programs, {"rows": x_TH.index_select(0, order_A // k)}, expert, group)
         return sum_over_k(back_AH, order_A, topk_weights_TK.shape[0], topk_weights_TK.shape[1], topk_weights_TK)
 
     slots = None if local_slot_TK is None else num_slots
     pack = pack_by_node(dest_rank_TK, keep_TK, topk_weights_TK, layout, rank, chunk_T, num_chunks,
                         local_slot_TK=local_slot_TK, num_slots=num_slots)
-    recv_RCW, tokens_R, sent_RCW = exchange_chunk_counts(pack.send_RCW, t, group, x_TH.device,
-                                                                  shared_X=shared_X, on_shared=on_shared)
+    recv_RCW, tokens_R, sent_RCW, recv_dev_RCW = exchange_chunk_counts(pack.send_RCW, t, group, x_TH.device,
+                                                                       shared_X=shared_X, on_shared=on_shared)
     n = effective_chunks(num_chunks, tokens_R)
     rows_C = stage1_rows_per_chunk(sent_RCW, n, slots or 1)
     g1 = node_groups.rail_group if node_groups is not None else None
     g2 = node_groups.node_group if node_groups is not None else None
     programs, start = [], 0
-    for c, sp in enumerate(stage_splits(sent_RCW, recv_RCW, layout, rank, n, node_groups, num_slots=slots)):
+    for c, sp in enumerate(stage_splits(sent_RCW, recv_RCW, layout, rank, n, node_groups, num_slots=slots,
+                                        recv_dev_RCW=recv_dev_RCW)):
         s1 = Exchange(("rows", "meta"), sp.s1_send, sp.s1_recv, g1)
         s2 = Exchange(("rows",), sp.s2_send, sp.s2_recv, g2)
-        expand = Local(gateway_expand, ("rows", "meta"), ("rows", "weights", "order"))
+        expand = Local(functools.partial(gateway_expand, num_copies=sum(sp.s2_send)), ("rows", "meta"),
+                       ("rows", "weights", "order"))
         reduce = Local(lambda back, w, order: (gateway_reduce(back, w, order),), ("rows", "weights", "order"), ("rows",))
-        args = () if slots is None else (sp.s2_recv_slots,)
+        args = () if slots is None else (sp.s2_recv_slots, sp.s2_recv_slots_dev)
         programs.append(ChunkProgram(start, start + rows_C[c], (s1, expand, s2), (s2.reverse(), reduce, s1.reverse(("rows",))),
                                      args))
         start += rows_C[c]
-    inputs = {"rows": x_TH.index_select(0, pack.token_S), "meta": pack.meta_SK2}
+    token_S, node_S = pack.rows(start)
+    meta_SK2 = stage1_meta(token_S, node_S, dest_rank_TK, keep_TK, topk_weights_TK, layout, local_slot_TK, num_slots)
+    inputs = {"rows": x_TH.index_select(0, token_S), "meta": meta_SK2}
     partial_SH = run_pipeline(programs, inputs, expert, group)
-    return source_reduce(partial_SH, pack.token_S, pack.node_S, t, layout.num_nodes)
+    return source_reduce(partial_SH, token_S, node_S, t, layout.num_nodes)
 
 
 class TokenExchange:
@@ -146,9 +153,9 @@ class TokenExchange:
     def __call__(self, x_TH: torch.Tensor, dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor,
                  topk_weights_TK: torch.Tensor, expert: nn.Module, *, local_slot_TK: torch.Tensor | None = None,
                  num_slots: int = 1, shared_X: torch.Tensor | None = None,
-                 on_shared: Callable[[list[list[int]]], None] | None = None) -> torch.Tensor:
+                 on_shared: Callable[[list[int], torch.Tensor], None] | None = None) -> torch.Tensor:
         """y_TH of the batch. Colocated (``local_slot_TK`` given, see ``AllToAllDispatcher.dispatch``): ``expert``
-        is called as ``expert(rows_MH, recv_slot_counts)`` (``experts.LocalExperts``). ``shared_X`` / ``on_shared``
+        is called as ``expert(rows_MH, recv_slot_counts, recv_slot_counts_dev)`` (``experts.LocalExperts``). ``shared_X`` / ``on_shared``
         ride along in the one count exchange of every path (``comm.exchange_count_rows``)."""
         if (local_slot_TK is not None) != self.colocated:
             raise ValueError(f"local_slot_TK must be given exactly when colocated={self.colocated}")
@@ -160,6 +167,7 @@ class TokenExchange:
         if self.colocated:
             rows_MH, handle = self.dispatcher.dispatch(x_TH, dest_rank_TK, keep_TK, topk_weights_TK,  # type: ignore[call-arg]
                                                        local_slot_TK=local_slot_TK, num_slots=num_slots, **shared)
-            return self.dispatcher.combine(expert(rows_MH, handle.recv_slot_counts), handle)  # type: ignore[arg-type]
+            counts = (handle.recv_slot_counts, handle.recv_slot_counts_dev)
+            return self.dispatcher.combine(expert(rows_MH, *counts), handle)  # type: ignore[arg-type]
         rows_MH, handle = self.dispatcher.dispatch(x_TH, dest_rank_TK, keep_TK, topk_weights_TK, **shared)
         return self.dispatcher.combine(expert(rows_MH), handle)  # type: ignore[arg-type]

@@ -51,10 +51,8 @@ from largeep_plugin.layer.expert_slots import slot_table
 class _Routed:
     """What ``dispatch_preprocess`` decided, for ``token_dispatch`` (no differentiable tensor: see above)."""
 
-    order_A: torch.Tensor
-    send_counts_V: torch.Tensor
+    handle: DispatchHandle
     hidden_shape: torch.Size
-    num_tokens: int
 
 
 def topk_from_routing_map(
@@ -138,24 +136,28 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
         order_A, send_counts_V = self.dispatcher.route(
             dest_rank_TK, keep_TK, local_slot_TK=local_slot_TK, num_slots=self.num_slots
         )
-        self._routed = _Routed(order_A, send_counts_V, hidden_states.shape, x_TH.shape[0])
-        tokens_AH = x_TH.index_select(0, order_A // self.top_k)
-        probs_A = weights_TK.reshape(-1).index_select(0, order_A)
+        # The count exchange and its one host sync belong to this compute-side step, as in Megatron's all-to-all
+        # dispatcher: token_dispatch then only moves rows, and under Megatron's EP overlap the host never blocks
+        # on the communication node.
+        shared = self.count_source.take_shared_counts() if self.count_source is not None else None
+        handle = self.dispatcher.exchange(
+            order_A, send_counts_V, num_tokens=x_TH.shape[0], top_k=self.top_k,
+            topk_weights_TK=None, num_slots=None if self.local_slot_RE is None else self.num_slots,
+            shared_X=None if shared is None else shared[0], on_shared=None if shared is None else shared[1],
+        )
+        self._routed = _Routed(handle, hidden_states.shape)
+        tokens_AH = x_TH.index_select(0, handle.order_A // self.top_k)
+        probs_A = weights_TK.reshape(-1).index_select(0, handle.order_A)
         return tokens_AH, probs_A
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Communication: the count exchange, then the rows and their weights to the experts' ranks. Returns
-        ``(rows_MH, probs_M)``.
+        """Communication: the rows and their weights to the experts' ranks (the counts were exchanged in
+        ``dispatch_preprocess``). Returns ``(rows_MH, probs_M)``.
 
         Two all-to-alls, never one merged buffer: Megatron's overlap frees the received rows after the expert's
         forward, and weights that were a view of the same buffer would go with them."""
         routed = self._take("_routed", "token_dispatch", "dispatch_preprocess")
-        shared = self.count_source.take_shared_counts() if self.count_source is not None else None
-        handle = self.dispatcher.exchange(
-            routed.order_A, routed.send_counts_V, num_tokens=routed.num_tokens, top_k=self.top_k,
-            topk_weights_TK=None, num_slots=None if self.local_slot_RE is None else self.num_slots,
-            shared_X=None if shared is None else shared[0], on_shared=None if shared is None else shared[1],
-        )
+        handle = routed.handle
         rows_MH = self.dispatcher.send(hidden_states, handle)
         probs_M = self.dispatcher.send(probs, handle)
         self._in_flight = (handle, routed.hidden_shape)
@@ -166,9 +168,10 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Local: with one expert per rank the received rows are already its contiguous input.
 
-        Returns ``(rows_MH, tokens_per_expert, probs_M)``: tokens_per_expert is int64 on the host, [1] with one
-        expert per rank, [R, L] rows per (source rank, local slot) with colocated experts (``LargeEPExperts``
-        groups the rows by slot itself); ``probs_M`` are the rows' combine weights, which the expert applies.
+        Returns ``(rows_MH, tokens_per_expert, probs_M)``: tokens_per_expert is int64 on the host (Megatron's
+        convention), [1] with one expert per rank, [R, L] rows per (source rank, local slot) with colocated experts
+        (``LargeEPExperts`` groups the rows by slot itself, with the same counts on the device from
+        ``recv_slot_counts_dev``); ``probs_M`` are the rows' combine weights, which the expert applies.
 
         Under Megatron's fine-grained EP overlap the expert node frees its input (the received rows) right after
         its forward, while the expert's first linear keeps its input for the weight gradient: the rows are then
@@ -181,6 +184,11 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
         if self.config.overlap_moe_expert_parallel_comm and torch.is_grad_enabled():
             hidden_states = hidden_states.clone()
         return hidden_states, torch.tensor([hidden_states.shape[0]], dtype=torch.int64), probs
+
+    def recv_slot_counts_dev(self) -> torch.Tensor | None:
+        """The [R, L] rows received per (source rank, slot) of the dispatch in flight, on the device (the count
+        exchange's own result: no host-to-device copy); None with one expert per rank or nothing in flight."""
+        return None if self._in_flight is None else self._in_flight[0].recv_slot_counts_dev
 
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states

@@ -80,6 +80,8 @@ class LargeEPExperts(nn.Module):
         self.num_experts = config.num_experts
         self.ep_replicas = tuple(int(r) for r in ep_replicas)
         self.expt_dp_group = expt_dp_group
+        # Set by LargeEPMoELayer to its dispatcher: colocated experts read the device copy of the slot counts there.
+        self.count_source: Any = None
 
     @property
     def expert_id(self) -> int:
@@ -104,7 +106,8 @@ class LargeEPExperts(nn.Module):
             if tokens_per_expert is None or tokens_per_expert.dim() != 2:
                 raise ValueError("colocated experts need tokens_per_expert as the dispatcher's [R, L] counts, got "
                                  f"{None if tokens_per_expert is None else tuple(tokens_per_expert.shape)}")
-            out_MH = self.local_experts(rows_MH, tokens_per_expert.tolist())
+            counts_dev = self.count_source.recv_slot_counts_dev() if self.count_source is not None else None
+            out_MH = self.local_experts(rows_MH, tokens_per_expert.tolist(), counts_dev)  # host counts: no sync
         else:
             out_MH = self.expert(rows_MH)
         if permuted_probs is None:
@@ -229,6 +232,7 @@ class LargeEPMoELayer(MoELayer):
             ep_replicas=[replica_index(rank_to_experts, ep_rank, e) for e in expert_ids],
             expt_dp_group=pg_collection.expt_dp, colocated=colocated,
         )
+        self.experts.count_source = self.token_dispatcher
         self.shared_experts = None
         if self.use_shared_expert:
             self.shared_experts = build_module(

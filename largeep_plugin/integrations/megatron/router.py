@@ -15,9 +15,10 @@ hook does the same (``balance.update_large_ep_biases``).
 One forward:
     1. route locally (core ``route``)
     2. the global counts (for the switch loss and ``last_stats``), drops, and every rank's "input is finite" flag
-       (a NaN on one rank is an error on all ranks, not a hang) go over the EP group: with the switch loss on, in
-       one all_reduce here (the loss needs them now); otherwise, inside ``LargeEPMoELayer``, they ride in the
-       dispatcher's count exchange (``counts_in_dispatch``; ``take_shared_counts``), one collective fewer
+       (a NaN on one rank is an error on all ranks, not a hang) go over the EP group. Inside ``LargeEPMoELayer``
+       (``counts_in_dispatch``; ``take_shared_counts``) the flags ride in the dispatcher's count exchange, its one
+       host sync, and so do the counts unless the switch loss needs them now (then one all_reduce here, on the
+       device). A router on its own all-reduces counts and flags and reads the flags on the host.
     3. the switch loss and the z-loss are attached to ``probs_TE`` with Megatron's ``MoEAuxLossAutoScaler`` so that
        Megatron's schedules scale their gradients like the main loss (micro-batches, loss scale)
 """
@@ -54,9 +55,9 @@ class LargeEPRouter(Router):
         local_tokens_per_expert [E]: float32 assignments of this rank since the last bias update (training only).
         bias_managed_by_megatron: True when Megatron's ``finalize_model_grads`` updates the bias.
         last_stats: ``LoadStats`` of the latest forward (global over the EP group).
-        counts_in_dispatch: set by ``LargeEPMoELayer``: when no switch loss needs the global counts during the
-            forward, leave them (and the input check) to the dispatcher's count exchange. False: one all_reduce
-            here (the router on its own, e.g. driving Megatron's stock dispatcher).
+        counts_in_dispatch: set by ``LargeEPMoELayer``: leave the input check (and, when no switch loss needs
+            them during the forward, the global counts) to the dispatcher's count exchange. False: one all_reduce
+            and a host read here (the router on its own, e.g. driving Megatron's stock dispatcher).
     """
 
     def __init__(self, *, config: Any, pg_collection: Any = None, large_ep_config: LargeEPConfig | None = None):
@@ -85,7 +86,7 @@ class LargeEPRouter(Router):
         )
         self.last_stats: LoadStats | None = None
         self.counts_in_dispatch = False
-        self._pending_shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._pending_shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None = None
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number
@@ -121,7 +122,7 @@ class LargeEPRouter(Router):
         deferred = self.counts_in_dispatch and cfg.aux_loss_coeff == 0
         global_counts_E = dropped = None
         if not deferred:
-            global_counts_E, dropped = self._global_counts(local_X)
+            global_counts_E, dropped = self._global_counts(local_X, check_flags=not self.counts_in_dispatch)
 
         e = cfg.num_experts
         probs_TE = routing.topk_weights_TK.new_zeros((x_TH.shape[0], e)).scatter(
@@ -137,31 +138,29 @@ class LargeEPRouter(Router):
                 probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, total)
             with torch.no_grad():
                 self.local_tokens_per_expert += routing.tokens_per_expert_E.float()
-        if deferred:
-            self.last_stats = None  # set by take_shared_counts' callback, from the dispatcher's count exchange
-            self._pending_shared = (local_X, aux.detach(), zl.detach())
-        else:
+        # Inside the layer the input flags always ride in the dispatcher's count exchange (its one host sync); so
+        # do the counts when no switch loss needed them already.
+        self._pending_shared = (local_X, aux.detach(), zl.detach(), deferred) if self.counts_in_dispatch else None
+        self.last_stats = None
+        if not deferred:
             self.last_stats = LoadStats(
                 tokens_per_expert_E=global_counts_E, dropped=dropped, aux_loss=aux.detach(), z_loss=zl.detach()
             )
         return probs_TE, routing_map_TE
 
-    def take_shared_counts(self) -> tuple[torch.Tensor, Callable[[list[list[int]]], None]] | None:
+    def take_shared_counts(self) -> tuple[torch.Tensor, Callable[[list[int], torch.Tensor], None]] | None:
         """For the dispatcher: this forward's [E counts | drops | input flag] to send along in its count exchange,
-        and the callback that checks every rank's flag and sets ``last_stats``; None when the router did its own
-        all_reduce. Taken once."""
+        and the callback that checks every rank's flag and (when the router did not all_reduce the counts itself)
+        sets ``last_stats`` from the counts summed on the device. Taken once; None when nothing is pending."""
         pending, self._pending_shared = self._pending_shared, None
         if pending is None:
             return None
-        local_X, aux, zl = pending
+        local_X, aux, zl, deferred = pending
 
-        def on_shared(rows_RX: list[list[int]]) -> None:
-            self._raise_on_bad_input([row[-1] for row in rows_RX])
-            totals = [sum(column) for column in zip(*rows_RX)]
-            self.last_stats = LoadStats(
-                tokens_per_expert_E=torch.tensor(totals[:-2], dtype=torch.int64, device=local_X.device),
-                dropped=torch.tensor(totals[-2], dtype=torch.int64, device=local_X.device), aux_loss=aux, z_loss=zl,
-            )
+        def on_shared(flags_R: list[int], sums_X: torch.Tensor) -> None:
+            self._raise_on_bad_input(flags_R)
+            if deferred:
+                self.last_stats = LoadStats(tokens_per_expert_E=sums_X[:-1], dropped=sums_X[-1], aux_loss=aux, z_loss=zl)
 
         return local_X, on_shared
 
@@ -175,16 +174,20 @@ class LargeEPRouter(Router):
             local_X[e + 1] = (~torch.isfinite(x_TH).all()).long()
         return local_X
 
-    def _global_counts(self, local_X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One all_reduce of the counts, drops and every rank's input flag (in its own slot) over the EP group."""
+    def _global_counts(self, local_X: torch.Tensor, check_flags: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The counts and drops summed over the EP group, for the switch loss (one all_reduce). Inside the layer the
+        input flags are checked in the dispatcher's count exchange: no host sync here. A router used on its own
+        (``check_flags``) all-reduces every rank's flag in its own slot too and reads them on the host."""
         e = self.large_ep_config.num_experts
-        local = torch.zeros(e + 1 + self.ep_size, dtype=torch.int64, device=local_X.device)
+        width = e + 1 + (self.ep_size if check_flags else 0)
+        local = torch.zeros(width, dtype=torch.int64, device=local_X.device)
         local[: e + 1] = local_X[: e + 1]
-        local[e + 1 + self.ep_rank] = local_X[e + 1]
+        if check_flags:
+            local[e + 1 + self.ep_rank] = local_X[e + 1]
         if self.ep_size > 1:
             dist.all_reduce(local, group=self.ep_group)
-        if self.large_ep_config.check_inputs:  # the only host sync of the forward: skipped when checks are off
-            self._raise_on_bad_input(local[e + 1 :].tolist())
+        if check_flags and self.large_ep_config.check_inputs:
+            self._raise_on_bad_input(local[e + 1:].tolist())
         return local[:e].detach(), local[e].detach()
 
     def _raise_on_bad_input(self, flags_R: list[int]) -> None:
