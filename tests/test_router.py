@@ -178,3 +178,21 @@ def test_expert_bias_stays_float32_when_the_model_is_cast() -> None:
     layer.router.expert_bias.add_(1e-3)
     assert float(layer.router.expert_bias[0]) == pytest.approx(1.001, abs=1e-6)
     assert "router.expert_bias" in dict(layer.named_buffers())
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_router_stays_float32_under_autocast_and_in_low_precision_models(model_dtype: torch.dtype) -> None:
+    """Under ``torch.autocast`` the linear would run in the autocast dtype: the router switches it off, so its
+    logits, scores and combine weights are float32 and equal the float32 routing of the same (rounded) numbers."""
+    cfg = _rcfg(8, 2)
+    router = Router(cfg, 16, init_std=0.5).to(model_dtype)
+    x = torch.randn(32, 16).to(model_dtype)
+    want = route(x.float(), router.weight.float(), router.expert_bias, cfg)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = router(x)
+        for name in ("logits_TE", "scores_TE", "topk_weights_TK"):
+            t = getattr(got, name)
+            assert t.dtype == torch.float32, (autocast, name, t.dtype)
+            assert torch.equal(t, getattr(want, name)), (autocast, name)
+        assert torch.equal(got.topk_ids_TK, want.topk_ids_TK)

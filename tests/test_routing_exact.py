@@ -242,3 +242,32 @@ def test_world_without_tokens_runs_forward_and_backward() -> None:
     for rank, r in enumerate(world(_empty_world_rank, 4)):
         assert r["shape"] == r["grad_shape"] == ((2, 0, HIDDEN) if rank == 1 else (0, HIDDEN))
         assert r["counts"] == [0, 0, 0, 0]
+
+
+def test_weighted_combine_saves_only_the_rows_and_o_tk_numbers() -> None:
+    """The combine's weighted sum keeps for its backward the received rows (their own dtype), the order and the
+    weights: no float32 [T, K, H] copy. Its gradients equal those of the plain formula."""
+    from largeep_plugin.layer.dispatcher import sum_over_k
+
+    t, k, h = 64, 4, 32
+    order_A = torch.randperm(t * k, generator=torch.Generator().manual_seed(0))[: t * k - 10].clone()
+    rows_AH = torch.randn(order_A.numel(), h, dtype=torch.bfloat16, requires_grad=True)
+    weights_TK = torch.rand(t, k, requires_grad=True)
+    saved: dict[int, int] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        saved[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        y_TH = sum_over_k(rows_AH, order_A, t, k, weights_TK)
+    budget = rows_AH.nbytes + order_A.nbytes + weights_TK.nbytes
+    assert sum(saved.values()) <= budget, (sum(saved.values()), budget)
+
+    g_TH = torch.randn(t, h).bfloat16().float()  # exact in the bf16 output's gradient
+    (y_TH.float() * g_TH).sum().backward()
+    full = torch.zeros(t * k, h).index_copy(0, order_A, rows_AH.detach().float()).view(t, k, h)
+    want_w = (full * g_TH.unsqueeze(1)).sum(-1)
+    assert torch.allclose(weights_TK.grad, want_w, rtol=1e-5, atol=1e-5)
+    want_rows = (weights_TK.detach().reshape(-1)[order_A].unsqueeze(-1) * g_TH[order_A // k])
+    assert torch.allclose(rows_AH.grad.float(), want_rows, rtol=1e-2, atol=1e-2)

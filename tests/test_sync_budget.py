@@ -19,6 +19,7 @@ from sync_counter import SyncCounter
 # name: (LargeEPConfig overrides, layer setup)
 PATHS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "flat": ({}, {}),
+    "flat, load in its own all_reduce": ({}, {"load_apart": True}),
     "capacity": ({"capacity_factor": 1.0}, {}),
     "chunked": ({"overlap_chunks": 2}, {}),
     "hierarchical": ({"dispatch": "hierarchical"}, {"ranks_per_node": 2}),
@@ -57,9 +58,14 @@ def _count(fn: Any) -> tuple[dict[str, int], int]:
 
 
 def _paths_rank(rank: int, world_size: int) -> dict[str, Any]:
+    import largeep_plugin.layer.comm as comm
+
     warnings.simplefilter("ignore")  # the colocation warning
     out = {}
+    limit = comm.LOAD_IN_EXCHANGE_LIMIT
     for name, (overrides, setup) in PATHS.items():
+        # A large EP group sums the load in an all_reduce of its own: forced here with a limit of 0.
+        comm.LOAD_IN_EXCHANGE_LIMIT = 0 if setup.get("load_apart") else limit
         layer = _layer(rank, overrides, setup)
         x = torch.randn(6 + rank, 8, generator=torch.Generator().manual_seed(rank), requires_grad=True)
         layer(x).sum().backward()  # warm-up: first-call work is not the steady state
@@ -74,7 +80,9 @@ def _paths_rank(rank: int, world_size: int) -> dict[str, Any]:
         result["backward"] = _count(lambda: y.sum().backward())
         # The load statistics stay on the device: reading them is the user's choice, not the layer's.
         result["stats_total"] = int(layer.last_stats.tokens_per_expert_E.sum())
+        result["counts"] = layer.last_stats.tokens_per_expert_E.tolist()
         out[name] = result
+    comm.LOAD_IN_EXCHANGE_LIMIT = limit
     return out
 
 
@@ -94,6 +102,11 @@ def test_one_read_back_per_forward_and_nothing_else(paths: list[dict[str, Any]],
     # The global load summed on the device equals the assignments of all ranks (6+r tokens each, top-2; with
     # expert TP every assignment is counted once, before it is copied to the shards).
     assert {r[name]["stats_total"] for r in paths} == {2 * sum(6 + r for r in range(4))}
+
+
+def test_load_summed_apart_equals_the_load_in_the_exchange(paths: list[dict[str, Any]]) -> None:
+    for r in paths:
+        assert r["flat, load in its own all_reduce"]["counts"] == r["flat"]["counts"]
 
 
 # ---- the counter itself -----------------------------------------------------------------------------------------
@@ -132,8 +145,14 @@ def _megatron_rank(rank: int, world_size: int) -> dict[str, Any]:
     warnings.simplefilter("ignore")
     init_megatron(ep=world_size)
     x = torch.randn(5, 2, 12, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    import largeep_plugin.layer.comm as comm
+
     out = {}
-    for coeff in (0.0, 0.1):  # with the switch loss the router all-reduces the counts itself: on the device
+    limit = comm.LOAD_IN_EXCHANGE_LIMIT
+    # Without the switch loss the load rides in the exchange (or, for a large group, has an all_reduce of its own:
+    # forced with a limit of 0); with it the router all-reduces the counts itself. All on the device.
+    for coeff, apart in ((0.0, False), (0.0, True), (0.1, False)):
+        comm.LOAD_IN_EXCHANGE_LIMIT = 0 if apart else limit
         torch.manual_seed(0)
         layer = LargeEPMoELayer(tiny_config(num_moe_experts=world_size, moe_aux_loss_coeff=coeff), layer_number=1)
         layer(x)[0].sum().backward()
@@ -150,7 +169,9 @@ def _megatron_rank(rank: int, world_size: int) -> dict[str, Any]:
         with counter:
             y = layer(x)[0]
         forward = (dict(counter.counts), counter.read_back_places)
-        out[coeff] = {"forward": forward, "backward": _count(lambda: y.sum().backward())}
+        out[(coeff, apart)] = {"forward": forward, "backward": _count(lambda: y.sum().backward()),
+                               "counts": layer.last_stats.tokens_per_expert_E.tolist()}
+    comm.LOAD_IN_EXCHANGE_LIMIT = limit
     return out
 
 
@@ -162,3 +183,4 @@ def test_megatron_layer_reads_back_once_in_its_compute_side_step() -> None:
             # under Megatron's EP overlap the host never blocks on the communication node.
             assert r["forward"] == ({}, ["dispatch_preprocess"]), (coeff, r)
             assert r["backward"] == ({}, 0), (coeff, r)
+        assert result[(0.0, False)]["counts"] == result[(0.0, True)]["counts"] == result[(0.1, False)]["counts"]

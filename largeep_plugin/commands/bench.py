@@ -1,6 +1,8 @@
 """``largeep bench``: benchmarks, each a sub-subcommand in its own module ``commands/bench_<name>.py``.
 
-    largeep bench overlap      # flat vs hierarchical, overlap off vs 2/4/8 chunks, on the emulated cluster
+    largeep bench overlap          # flat vs hierarchical, overlap off vs 2/4/8 chunks, on the emulated cluster
+    largeep bench layer            # one MoE layer: stock DeepSpeed MoE vs large-EP vs ideal, on CPU ranks
+    largeep bench count-exchange   # host time per forward of the count exchange at EP 256 and 1024
 
 A benchmark module exposes ``add_parser(subparsers) -> ArgumentParser`` and ``run(args) -> int``, like a
 subcommand; add its name to ``_BENCHES`` (one line) to register it.
@@ -17,6 +19,7 @@ from largeep_plugin.commands import register_subcommands
 _BENCHES = (
     "overlap",
     "layer",
+    "count_exchange",
 )
 
 

@@ -105,14 +105,39 @@ def all_to_all_lanes(
 ) -> list[torch.Tensor]:
     """Differentiable all-to-all of several row-aligned 2-D tensors with the same splits.
 
-    Lanes of one dtype travel as one buffer (concatenated along dim 1), so a token and its metadata cost one
-    collective, not two. Returns the received lanes in the input order.
+    The lanes travel as one buffer in the first lane's dtype, the others reinterpreted bit for bit (a float32
+    metadata lane rides in a bf16 token buffer as twice as many bf16 numbers): a token and its metadata cost one
+    collective, not one per dtype. Returns the received lanes in the input order, each in its own dtype.
     """
+    return list(_AllToAllLanes.apply(tuple(output_splits), tuple(input_splits), group, *lanes))
+
+
+class _AllToAllLanes(torch.autograd.Function):
+    """``_lanes_raw`` whose backward is the reverse exchange of the lanes' gradients (one buffer again)."""
+
+    @staticmethod
+    def forward(ctx, output_splits, input_splits, group, *lanes):  # type: ignore[override]
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        out = _lanes_raw(lanes, output_splits, input_splits, group)
+        ctx.received = [(t.shape, t.dtype, t.device) for t in out]
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        # Every rank exchanges every lane (zeros where no gradient came), so the collectives match across ranks.
+        full = [g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+                for g, (shape, dtype, device) in zip(grads, ctx.received)]
+        back = _lanes_raw(full, ctx.splits[1], ctx.splits[0], ctx.group)
+        return (None, None, None, *(b if need else None for b, need in zip(back, ctx.needs_input_grad[3:])))
+
+
+def _lanes_raw(lanes: Sequence[torch.Tensor], output_splits: Sequence[int], input_splits: Sequence[int],
+               group: ProcessGroup | None) -> list[torch.Tensor]:
     out: list[torch.Tensor | None] = [None] * len(lanes)
-    for idx in _lanes_by_dtype(lanes):
-        merged = lanes[idx[0]] if len(idx) == 1 else torch.cat([lanes[i] for i in idx], dim=1)
-        got = all_to_all(merged, output_splits, input_splits, group)
-        for i, part in zip(idx, torch.split(got, [lanes[i].shape[1] for i in idx], dim=1)):
+    for idx, carrier in _carrier_groups(lanes):
+        merged, widths = _pack(lanes, idx, carrier)
+        got = _all_to_all_raw(merged, output_splits, input_splits, group)
+        for i, part in zip(idx, _unpack(got, widths, [lanes[i].dtype for i in idx])):
             out[i] = part
     return out  # type: ignore[return-value]
 
@@ -275,17 +300,42 @@ def start_all_to_all(
     return PendingAllToAll(out, (send,), lambda: compute.wait_event(done))
 
 
-class PendingLanes:
-    """Several lanes in flight (one collective per dtype); ``wait()`` returns them in the order given."""
+def start_all_reduce(x: torch.Tensor, group: ProcessGroup | None) -> PendingAllToAll:
+    """Start a sum of ``x`` over ``group`` in place (no autograd) and return at once; ``wait()`` returns ``x``.
 
-    def __init__(self, parts: list[tuple[list[int], list[int], PendingAllToAll]], num_lanes: int):
+    On CPU the backend progresses it on its own threads; on an accelerator ``wait()`` makes the current stream
+    wait for it, so the host never blocks. For numbers the forward needs only at its end (the global load of
+    a large EP group): issued before the token all-to-all, waited after the combine."""
+    if group_size(group) == 1:
+        return PendingAllToAll(x, (), None)
+    work = dist.all_reduce(x, group=group, async_op=True)
+    return PendingAllToAll(x, (), work.wait)
+
+
+# Above this many numbers (R ranks x the per-expert load) the load leaves the count exchange for an all_reduce of
+# its own: the exchange would carry R copies of it to every rank (8 MB per layer at R = E = 1024), where a sum over
+# the group moves O(E) per rank and overlaps the dispatch.
+LOAD_IN_EXCHANGE_LIMIT = 1 << 16
+
+
+def load_rides_in_count_exchange(ep_size: int, load_numbers: int) -> bool:
+    """Whether a layer's per-expert load (``load_numbers`` per rank) rides in the count exchange (small groups:
+    no collective of its own) or goes in its own asynchronous all_reduce (large groups)."""
+    return ep_size * load_numbers <= LOAD_IN_EXCHANGE_LIMIT
+
+
+class PendingLanes:
+    """Several lanes in flight (one collective per carrier dtype, see ``_carrier_groups``); ``wait()`` returns them
+    in the order given, each in its own dtype."""
+
+    def __init__(self, parts: list[tuple[list[int], list[int], list[torch.dtype], PendingAllToAll]], num_lanes: int):
         self._parts = parts
         self._num_lanes = num_lanes
 
     def wait(self) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * self._num_lanes
-        for idx, widths, pending in self._parts:
-            for i, part in zip(idx, torch.split(pending.wait(), widths, dim=1)):
+        for idx, widths, dtypes, pending in self._parts:
+            for i, part in zip(idx, _unpack(pending.wait(), widths, dtypes)):
                 out[i] = part
         return out  # type: ignore[return-value]
 
@@ -297,19 +347,39 @@ def start_all_to_all_lanes(
     group: ProcessGroup | None,
     comm_stream: CommStream | None = None,
 ) -> PendingLanes:
-    """``start_all_to_all`` for several row-aligned 2-D lanes; lanes of one dtype travel as one buffer."""
+    """``start_all_to_all`` for several row-aligned 2-D lanes; they travel as one buffer (see ``all_to_all_lanes``)."""
     parts = []
-    for idx in _lanes_by_dtype(lanes):
-        merged = lanes[idx[0]] if len(idx) == 1 else torch.cat([lanes[i] for i in idx], dim=1)
-        widths = [lanes[i].shape[1] for i in idx]
-        parts.append((idx, widths, start_all_to_all(merged, output_splits, input_splits, group, comm_stream)))
+    for idx, carrier in _carrier_groups(lanes):
+        merged, widths = _pack(lanes, idx, carrier)
+        dtypes = [lanes[i].dtype for i in idx]
+        parts.append((idx, widths, dtypes, start_all_to_all(merged, output_splits, input_splits, group, comm_stream)))
     return PendingLanes(parts, len(lanes))
 
 
-def _lanes_by_dtype(lanes: Sequence[torch.Tensor]) -> list[list[int]]:
-    groups: dict[torch.dtype, list[int]] = {}
+def _carrier_groups(lanes: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.dtype]]:
+    """Which lanes travel together, and as what dtype: every lane whose rows are a whole number of the first
+    lane's elements rides with it, bit for bit; any other lane goes with the lanes of its own dtype."""
     for i, t in enumerate(lanes):
         if t.dim() != 2:
             raise ValueError(f"lane {i} has shape {tuple(t.shape)}: lanes must be 2-D [rows, width]")
-        groups.setdefault(t.dtype, []).append(i)
-    return list(groups.values())
+    if not lanes:
+        return []
+    carrier, size = lanes[0].dtype, lanes[0].element_size()
+    groups: dict[torch.dtype, list[int]] = {carrier: []}
+    for i, t in enumerate(lanes):
+        fits = (t.shape[1] * t.element_size()) % size == 0
+        groups.setdefault(carrier if fits else t.dtype, []).append(i)
+    return [(idx, dtype) for dtype, idx in groups.items() if idx]
+
+
+def _pack(lanes: Sequence[torch.Tensor], idx: Sequence[int], carrier: torch.dtype) -> tuple[torch.Tensor, list[int]]:
+    """The lanes ``idx`` as one [rows, sum(widths)] buffer of ``carrier``; widths in carrier elements."""
+    views = [lanes[i] if lanes[i].dtype == carrier else lanes[i].contiguous().view(carrier) for i in idx]
+    merged = views[0] if len(views) == 1 else torch.cat(views, dim=1)
+    return merged, [v.shape[1] for v in views]
+
+
+def _unpack(got: torch.Tensor, widths: Sequence[int], dtypes: Sequence[torch.dtype]) -> list[torch.Tensor]:
+    """Undo ``_pack`` on the received buffer: each lane back in its own dtype."""
+    parts = torch.split(got, list(widths), dim=1)
+    return [p if p.dtype == d else p.contiguous().view(d) for p, d in zip(parts, dtypes)]

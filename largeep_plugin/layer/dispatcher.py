@@ -98,7 +98,8 @@ def sum_over_k(rows_AH: torch.Tensor, order_A: torch.Tensor, num_tokens: int, to
     expert side already weighted); assignments not in ``order_A`` count as 0.
 
     Index-copy into a [T*K, H] buffer then a sum over K (instead of an index_add over tokens) keeps the
-    reduction order fixed, so results are deterministic on every device.
+    reduction order fixed, so results are deterministic on every device. The weighted sum saves only the rows
+    (their own dtype), ``order_A`` and the weights for its backward: no float32 [T, K, H] copy is kept.
 
     Args:
         rows_AH: one row per entry of ``order_A``.
@@ -107,11 +108,36 @@ def sum_over_k(rows_AH: torch.Tensor, order_A: torch.Tensor, num_tokens: int, to
     Returns:
         y_TH in the dtype of ``rows_AH`` (the sum is taken in float32).
     """
-    full = rows_AH.new_zeros((num_tokens * top_k, rows_AH.shape[-1])).index_copy(0, order_A, rows_AH)
-    per_k = full.view(num_tokens, top_k, rows_AH.shape[-1]).float()
-    if weights_TK is not None:
-        per_k = per_k * weights_TK.unsqueeze(-1)
-    return per_k.sum(dim=1).to(rows_AH.dtype)
+    if weights_TK is None:
+        full = rows_AH.new_zeros((num_tokens * top_k, rows_AH.shape[-1])).index_copy(0, order_A, rows_AH)
+        return full.view(num_tokens, top_k, rows_AH.shape[-1]).float().sum(dim=1).to(rows_AH.dtype)
+    return _WeightedSumOverK.apply(rows_AH, order_A, weights_TK)
+
+
+class _WeightedSumOverK(torch.autograd.Function):
+    """``sum_over_k`` with weights, whose backward recomputes from the rows instead of saving float32 products."""
+
+    @staticmethod
+    def forward(ctx, rows_AH, order_A, weights_TK):  # type: ignore[override]
+        t, k = weights_TK.shape
+        full = rows_AH.new_zeros((t * k, rows_AH.shape[-1])).index_copy(0, order_A, rows_AH)
+        y_TH = (full.view(t, k, rows_AH.shape[-1]).float() * weights_TK.float().unsqueeze(-1)).sum(dim=1)
+        ctx.save_for_backward(rows_AH, order_A, weights_TK)
+        return y_TH.to(rows_AH.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_TH):  # type: ignore[override]
+        rows_AH, order_A, weights_TK = ctx.saved_tensors
+        t, k = weights_TK.shape
+        grad_AH = grad_TH.float().index_select(0, order_A // k)  # each row's token's gradient
+        grad_rows = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            w_A = weights_TK.float().reshape(-1).index_select(0, order_A)
+            grad_rows = (grad_AH * w_A.unsqueeze(-1)).to(rows_AH.dtype)
+        if ctx.needs_input_grad[2]:
+            dot_A = (grad_AH * rows_AH.float()).sum(dim=-1)
+            grad_weights = dot_A.new_zeros(t * k).index_copy(0, order_A, dot_A).view(t, k).to(weights_TK.dtype)
+        return grad_rows, None, grad_weights
 
 
 def slot_key(dest_rank_TK: torch.Tensor, local_slot_TK: torch.Tensor | None, num_slots: int) -> torch.Tensor:

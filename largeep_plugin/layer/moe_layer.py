@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from .comm import ProcessGroup, group_rank, group_size
+from .comm import ProcessGroup, group_rank, group_size, load_rides_in_count_exchange, start_all_reduce
 from .config import LargeEPConfig
 from .token_exchange import TokenExchange
 from largeep_plugin.placement.plan import Placement
@@ -225,23 +225,28 @@ class LargeEPMoE(nn.Module):
         # Step 1: route locally.
         routing = self.router(x_TH)
 
-        # Step 2 rides in the dispatch's one count exchange (comm.exchange_count_rows): every rank tells every rank
-        # its per-expert counts and drops (summed over the group on the device: the host never reads them) and its
-        # input check (the flag, read back with the counts), so the global load costs no collective of its own, and
-        # a bad input on any rank is an error on every rank before a token moves.
+        # Step 2: every rank's input check (a flag) rides in the dispatch's one count exchange and is read back with
+        # the counts, so a bad input on any rank is an error on every rank before a token moves. The per-expert load
+        # and drops are summed over the group on the device, never read by the host: in the same exchange for small
+        # groups (no collective of their own), or, when R copies of them would be too many numbers, in an
+        # asynchronous all_reduce that runs while the tokens travel (comm.load_rides_in_count_exchange).
         e = cfg.num_experts
-        shared_X = torch.zeros(e + 2, dtype=torch.int64, device=x_TH.device)
-        shared_X[:e] = routing.tokens_per_expert_E
-        shared_X[e] = routing.num_dropped
+        load_X = torch.zeros(e + 1, dtype=torch.int64, device=x_TH.device)
+        load_X[:e] = routing.tokens_per_expert_E
+        load_X[e] = routing.num_dropped
+        flag = torch.zeros(1, dtype=torch.int64, device=x_TH.device)
         if cfg.check_inputs:
-            shared_X[e + 1] = bad + _NON_FINITE * (~torch.isfinite(x_TH).all()).long()
+            flag[0] = bad + _NON_FINITE * (~torch.isfinite(x_TH).all()).long()
+        fold = load_rides_in_count_exchange(self.ep_size, e + 1)
+        pending_load = None if fold else start_all_reduce(load_X, self.ep_group)
         totals: list[torch.Tensor] = []
 
         def on_shared(flags_R: list[int], sums_X: torch.Tensor) -> None:
-            problems = {r: flag for r, flag in enumerate(flags_R) if flag}
+            problems = {r: f for r, f in enumerate(flags_R) if f}
             if problems:
                 raise ValueError(self._describe_problems(problems, x))
-            totals.append(sums_X)
+            if fold:
+                totals.append(sums_X)
 
         # Steps 3-5: dispatch, expert, combine.
         dest_rank_TK = self._destination_ranks(routing.topk_ids_TK)
@@ -252,14 +257,15 @@ class LargeEPMoE(nn.Module):
             t = self.tp_size
             dest_rank_TK = (dest_rank_TK.unsqueeze(-1) + torch.arange(t, device=dest_rank_TK.device)).flatten(1)
             keep_TK, weights_TK = keep_TK.repeat_interleave(t, dim=1), weights_TK.repeat_interleave(t, dim=1)
-        shared = dict(shared_X=shared_X, on_shared=on_shared)
+        shared = dict(shared_X=torch.cat([load_X, flag]) if fold else flag, on_shared=on_shared)
         if self.colocated:
             local_slot_TK = self.local_slot_RE[dest_rank_TK, routing.topk_ids_TK]
             y_TH = self.token_exchange(x_TH, dest_rank_TK, keep_TK, weights_TK, self.experts,
                                        local_slot_TK=local_slot_TK, num_slots=self.num_slots, **shared)
         else:
             y_TH = self.token_exchange(x_TH, dest_rank_TK, keep_TK, weights_TK, self.expert, **shared)
-        global_counts_E, dropped = totals[0][:e], totals[0][e]  # on the device: stats stay there until read
+        load = totals[0] if fold else pending_load.wait()
+        global_counts_E, dropped = load[:e], load[e]  # on the device: the stats stay there until someone reads them
 
         aux = self._aux_losses(routing.scores_TE, routing.logits_TE, global_counts_E)
         if self.training and torch.is_grad_enabled():

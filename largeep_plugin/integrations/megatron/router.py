@@ -36,6 +36,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from largeep_plugin.layer.comm import load_rides_in_count_exchange, start_all_reduce
 from largeep_plugin.layer.config import LargeEPConfig
 from largeep_plugin.layer.load_balance import LoadStats, switch_aux_loss, z_loss
 from largeep_plugin.layer.router import Router, RoutingResult
@@ -149,20 +150,27 @@ class LargeEPRouter(Router):
         return probs_TE, routing_map_TE
 
     def take_shared_counts(self) -> tuple[torch.Tensor, Callable[[list[int], torch.Tensor], None]] | None:
-        """For the dispatcher: this forward's [E counts | drops | input flag] to send along in its count exchange,
-        and the callback that checks every rank's flag and (when the router did not all_reduce the counts itself)
+        """For the dispatcher: what to send along in its count exchange, this forward's [E counts | drops | input flag]
+        (or the flag alone when the load has its own all_reduce, see ``comm.load_rides_in_count_exchange``), and the
+        callback that checks every rank's flag and (when the router did not all_reduce the counts in its forward)
         sets ``last_stats`` from the counts summed on the device. Taken once; None when nothing is pending."""
         pending, self._pending_shared = self._pending_shared, None
         if pending is None:
             return None
         local_X, aux, zl, deferred = pending
+        e = self.large_ep_config.num_experts
+        # The load rides along only when R copies of it are few numbers; else it is summed by an all_reduce of its
+        # own, started now and waited (on the device) when the counts arrive.
+        fold = deferred and load_rides_in_count_exchange(self.ep_size, e + 1)
+        load = None if fold or not deferred else start_all_reduce(local_X[: e + 1].clone(), self.ep_group)
 
         def on_shared(flags_R: list[int], sums_X: torch.Tensor) -> None:
             self._raise_on_bad_input(flags_R)
             if deferred:
-                self.last_stats = LoadStats(tokens_per_expert_E=sums_X[:-1], dropped=sums_X[-1], aux_loss=aux, z_loss=zl)
+                total = sums_X if fold else load.wait()
+                self.last_stats = LoadStats(tokens_per_expert_E=total[:e], dropped=total[e], aux_loss=aux, z_loss=zl)
 
-        return local_X, on_shared
+        return (local_X if fold else local_X[e + 1:]), on_shared
 
     def _local_counts(self, routing: RoutingResult, x_TH: torch.Tensor) -> torch.Tensor:
         """int64 [E + 2]: this rank's assignments per expert, its drops, and its input flag (1: NaN or Inf)."""
