@@ -22,6 +22,7 @@ _COMMANDS = (
     "cluster",
     "simulate",
     "plan",
+    "gpu_check",
 )
 
 

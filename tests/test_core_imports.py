@@ -3,8 +3,8 @@ each other downwards only.
 
 (a) A static scan of every file outside ``integrations/``: module-level imports are stdlib, torch or
     largeep_plugin (never the integrations); imports inside functions may also be ``yaml`` and ``matplotlib``;
-    megatron, deepspeed, transformers and apex appear nowhere, not even through importlib; ``torch.cuda`` is never
-    touched.
+    megatron, deepspeed, transformers and apex appear nowhere, not even through importlib; ``layer/`` and
+    ``placement/`` never touch ``torch.cuda`` (``largeep gpu-check`` in ``commands/`` may).
 (b) In a fresh interpreter where ``megatron`` and ``deepspeed`` cannot be imported, every core module imports and
     a single-process layer runs a forward pass; ``import largeep_plugin`` gives the public API without importing
     a framework, yaml or matplotlib.
@@ -67,6 +67,9 @@ def _imported_modules(node: ast.AST, path: Path, package_dir: Path) -> list[str]
 def _violations(path: Path, package_dir: Path = PACKAGE_DIR) -> list[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     found: list[str] = []
+    # The layer and the placement run anywhere: they never touch torch.cuda (tools and commands that check a GPU may).
+    room = path.relative_to(package_dir).parts[0]
+    device_generic = room in ("layer", "placement") or room.endswith(".py")
 
     def where(node: ast.AST) -> str:
         return f"{path.relative_to(package_dir.parent)}:{getattr(node, 'lineno', '?')}"
@@ -85,9 +88,9 @@ def _violations(path: Path, package_dir: Path = PACKAGE_DIR) -> list[str]:
                 found.append(f"{where(node)}: module-level import of the integrations")
             if any(n.split(".")[0] in FORBIDDEN for n in names):
                 found.append(f"{where(node)}: imports {names[0]!r}")
-            if any(n == "torch.cuda" or n.startswith("torch.cuda.") for n in names):
+            if device_generic and any(n == "torch.cuda" or n.startswith("torch.cuda.") for n in names):
                 found.append(f"{where(node)}: imports torch.cuda")
-        elif isinstance(node, ast.Attribute) and node.attr == "cuda" and _is_torch(node.value):
+        elif device_generic and isinstance(node, ast.Attribute) and node.attr == "cuda" and _is_torch(node.value):
             found.append(f"{where(node)}: uses torch.cuda")
         elif isinstance(node, ast.Call) and _dynamic_import_target(node).split(".")[0] in FORBIDDEN:
             found.append(f"{where(node)}: imports {_dynamic_import_target(node)!r} dynamically")
@@ -273,7 +276,9 @@ def folder_arrows(package_dir: Path = PACKAGE_DIR) -> set[tuple[str, str, str]]:
                         continue
                     target = name
                     if isinstance(node, ast.ImportFrom) and name == ROOT:   # from largeep_plugin import x
-                        target = f"{ROOT}.{node.names[0].name}"
+                        sub = node.names[0].name  # a module of the package, or a name of the public API
+                        is_module = (package_dir / sub).is_dir() or (package_dir / f"{sub}.py").is_file()
+                        target = f"{ROOT}.{sub}" if is_module else ROOT
                     there = room_of(target)
                     if there != here:
                         arrows.add((here, there, f"{path.relative_to(package_dir.parent)}:{node.lineno}"))
