@@ -8,7 +8,8 @@ Everything else in the layer is local computation; the overlap scheduler relies 
 ``all_to_all_single`` with explicit split sizes is used throughout: it accepts uneven splits on NCCL and gloo
 (the list form rejects uneven sizes on gloo).
 
-    all_to_all / all_to_all_lanes        differentiable, blocking (the plain dispatchers)
+    all_to_all / all_to_all_lanes        differentiable, blocking (the plain dispatchers); ``during=fn`` runs
+                                         local work (the shared expert) while the rows are in flight
     start_all_to_all / ..._lanes         no autograd, returns at once; ``.wait()`` later (the overlap pipeline):
                                          a gloo work handle on CPU, a side stream + events on accelerators
     exchange_counts / exchange_count_rows / exchange_chunk_counts
@@ -79,11 +80,27 @@ class _AllToAll(torch.autograd.Function):
         return grad_NH, None, None, None
 
 
+class _Arrived(torch.autograd.Function):
+    """The rows of an all-to-all started without autograd (``start_all_to_all``), joined to the graph when they
+    arrive: forward waits for them; backward is the reverse all-to-all (splits swapped), as ``_AllToAll``'s."""
+
+    @staticmethod
+    def forward(ctx, x_NH, pending, output_splits, input_splits, group):  # type: ignore[override]
+        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
+        return pending.wait()
+
+    @staticmethod
+    def backward(ctx, grad_MH):  # type: ignore[override]
+        return _all_to_all_raw(grad_MH, ctx.input_splits, ctx.output_splits, ctx.group), None, None, None, None
+
+
 def all_to_all(
     x_NH: torch.Tensor,
     output_splits: Sequence[int],
     input_splits: Sequence[int],
     group: ProcessGroup | None,
+    *,
+    during: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Differentiable all-to-all with uneven splits.
 
@@ -91,10 +108,17 @@ def all_to_all(
         x_NH: rows to send, grouped by destination rank in rank order.
         output_splits: rows received from each rank (length R, sums to M).
         input_splits: rows sent to each rank (length R, sums to N).
+        during: local work (no communication on this group) to run while the rows are in flight: the collective
+            is started asynchronously, ``during()`` runs under the caller's autograd mode, then the rows are
+            waited for. Backward is unchanged (the reverse all-to-all).
     Returns:
         rows_MH: received rows, grouped by source rank in rank order.
     """
-    return _AllToAll.apply(x_NH, tuple(output_splits), tuple(input_splits), group)
+    if during is None:
+        return _AllToAll.apply(x_NH, tuple(output_splits), tuple(input_splits), group)
+    pending = start_all_to_all(x_NH.detach(), output_splits, input_splits, group)
+    during()
+    return _Arrived.apply(x_NH, pending, tuple(output_splits), tuple(input_splits), group)
 
 
 def all_to_all_lanes(
@@ -102,16 +126,19 @@ def all_to_all_lanes(
     output_splits: Sequence[int],
     input_splits: Sequence[int],
     group: ProcessGroup | None,
+    *,
+    during: Callable[[], None] | None = None,
 ) -> list[torch.Tensor]:
     """Differentiable all-to-all of several row-aligned 2-D tensors with the same splits.
 
     Lanes of one dtype travel as one buffer (concatenated along dim 1), so a token and its metadata cost one
-    collective, not two. Returns the received lanes in the input order.
+    collective, not two. Returns the received lanes in the input order. ``during``: as ``all_to_all``, run
+    while the first buffer is in flight.
     """
     out: list[torch.Tensor | None] = [None] * len(lanes)
-    for idx in _lanes_by_dtype(lanes):
+    for n, idx in enumerate(_lanes_by_dtype(lanes)):
         merged = lanes[idx[0]] if len(idx) == 1 else torch.cat([lanes[i] for i in idx], dim=1)
-        got = all_to_all(merged, output_splits, input_splits, group)
+        got = all_to_all(merged, output_splits, input_splits, group, during=during if n == 0 else None)
         for i, part in zip(idx, torch.split(got, [lanes[i].shape[1] for i in idx], dim=1)):
             out[i] = part
     return out  # type: ignore[return-value]
