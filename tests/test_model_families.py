@@ -216,3 +216,28 @@ def test_gpt_oss_case_reaches_the_clamp() -> None:
     x = torch.randn(4, 2, 4, HIDDEN, generator=torch.Generator().manual_seed(12)).reshape(-1, HIDDEN)
     h = torch.cat([x @ expert.fc1.weight.t() for expert in ref.experts])
     assert float((h.abs() > cfg.swiglu_limit).float().mean()) > 0.05
+
+
+def test_deepseek_v3_in_bf16_and_under_autocast() -> None:
+    """One process holding all 16 experts: in a bf16 model and under bf16 autocast the routing is the float32
+    reference's exactly (the router computes in float32) and the output is within bf16 rounding of it."""
+    cfg = deepseek_v3()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = LargeEPMoE(cfg, placement=_placement((tuple(range(16)),), 16))
+    ref = DenseMoEReference(cfg)
+    x = torch.randn(2, 4, HIDDEN, generator=torch.Generator().manual_seed(3))
+    want = ref(x).detach()
+    want_ids = ref.router(x.reshape(-1, HIDDEN)).topk_ids_TK
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = layer(x)
+        assert torch.equal(layer.router(x.reshape(-1, HIDDEN)).topk_ids_TK, want_ids)
+    layer = layer.to(torch.bfloat16)
+    x16 = x.bfloat16()
+    got = layer(x16)
+    assert got.dtype == torch.bfloat16 and layer.router.expert_bias.dtype == torch.float32
+    with torch.no_grad():  # the reference routes with the bf16 model's (rounded) router weight, in float32
+        ref.router.weight.copy_(layer.router.weight.float())
+    assert torch.equal(layer.router(x16.reshape(-1, HIDDEN)).topk_ids_TK,
+                       ref.router(x16.float().reshape(-1, HIDDEN)).topk_ids_TK)
+    assert rel_err(under.float(), want) < 3e-2 and rel_err(got.float(), want) < 5e-2

@@ -111,11 +111,13 @@ def test_router_is_float32_under_autocast_and_in_a_bf16_model() -> None:
     assert under.logits_TE.dtype == torch.float32 and under.topk_weights_TK.dtype == torch.float32
     torch.testing.assert_close(under.logits_TE, want.logits_TE, rtol=0, atol=0)
     assert torch.equal(under.topk_ids_TK, want.topk_ids_TK)
-    bf16 = Router(cfg.router_config, 8, init_std=0.5, init_seed=1).to(torch.bfloat16)
-    got = bf16(x.bfloat16())
-    assert got.logits_TE.dtype == torch.float32 and got.topk_weights_TK.dtype == torch.float32
-    exact = torch.nn.functional.linear(x.bfloat16().float(), bf16.weight.float())
-    torch.testing.assert_close(got.logits_TE, exact, rtol=0, atol=0)  # not rounded to bf16
+    for dtype in (torch.bfloat16, torch.float16):
+        low = Router(cfg.router_config, 8, init_std=0.5, init_seed=1).to(dtype)
+        assert low.expert_bias.dtype == torch.float32
+        got = low(x.to(dtype))
+        assert got.logits_TE.dtype == torch.float32 and got.topk_weights_TK.dtype == torch.float32
+        exact = torch.nn.functional.linear(x.to(dtype).float(), low.weight.float())
+        torch.testing.assert_close(got.logits_TE, exact, rtol=0, atol=0)  # not rounded to the model dtype
 
 
 def test_float64_router() -> None:

@@ -241,7 +241,8 @@ class AllToAllDispatcher:
             top_k=top_k,
         )
 
-    def send(self, rows_AX: torch.Tensor, handle: DispatchHandle, *, during: Callable[[], None] | None = None) -> torch.Tensor:
+    def send(self, rows_AX: torch.Tensor, handle: DispatchHandle, *,
+             during: Callable[[], None] | None = None) -> torch.Tensor:
         """Communication: the differentiable all-to-all of rows in ``route`` order (tokens, or any row-aligned
         lane such as the combine weights [A] or [A, 1]) to the destinations; returns the received [M, ...].
         ``during``: local work to run while they are in flight."""

@@ -356,7 +356,8 @@ class LargeEPMoE(nn.Module):
             zl = cfg.z_loss_coeff * z_loss(logits_TE)
         return aux, zl
 
-    def _sequence_and_global_losses(self, routing: RoutingResult, global_counts_E: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _sequence_and_global_losses(self, routing: RoutingResult, global_counts_E: torch.Tensor,
+                                    x: torch.Tensor) -> torch.Tensor:
         """The sequence-wise and global-batch balancing losses, coefficients applied (0 when both are off).
 
         A sequence is ``x[..., s, :]`` of one leading index (``[B, S, H]``: B sequences; ``[T, H]``: one). The
