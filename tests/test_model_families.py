@@ -10,7 +10,7 @@ per-rank losses vs the reference's loss of the whole batch: every rank feeds [2,
     Qwen2-MoE     softmax without renormalisation, SwiGLU, a shared expert with a sigmoid gate
     gpt-oss       a router bias, expert biases, clamped SwiGLU (swiglu_oai), softmax renormalised over the top-k
 
-Each runs on the flat path, chunked (``overlap_chunks``), node-batched (``dispatch="hierarchical"``, 2 nodes of 2)
+Colocated experts run as a loop and, with ``grouped_gemm``, as grouped GEMMs. Each runs on the flat path, chunked (``overlap_chunks``), node-batched (``dispatch="hierarchical"``, 2 nodes of 2)
 and node-batched + chunked; colocated and replicated placements too. One world of 4 ranks runs them all, and
 one world of 8 ranks runs DeepSeek-V3 on 2 nodes of 4.
 """
@@ -156,6 +156,11 @@ def _families_rank(rank: int, world_size: int) -> dict[str, dict[str, float]]:
         "gptoss-hier": family_parity(gpt_oss(**hier), 14, ranks_per_node=2),
         "gptoss-colocated-hier-chunks2": family_parity(gpt_oss(num_experts=8, overlap_chunks=2, **hier), 15,
                                                        _placement(((0, 1), (2, 3), (4, 5), (6, 7)), 8, nodes=2)),
+        # Colocated experts as grouped GEMMs (torch._grouped_mm) instead of a loop over them.
+        "dsv3-grouped-gemm": family_parity(deepseek_v3(grouped_gemm=True), 16, coloc_1x4),
+        "gptoss-grouped-gemm-hier-chunks2": family_parity(
+            gpt_oss(num_experts=8, overlap_chunks=2, grouped_gemm=True, **hier), 17,
+            _placement(((0, 1), (2, 3), (4, 5), (6, 7)), 8, nodes=2)),
     }
     out["shared-expert-in-flight"] = shared_expert_overlaps()
     return out
@@ -241,3 +246,14 @@ def test_deepseek_v3_in_bf16_and_under_autocast() -> None:
     assert torch.equal(layer.router(x16.reshape(-1, HIDDEN)).topk_ids_TK,
                        ref.router(x16.float().reshape(-1, HIDDEN)).topk_ids_TK)
     assert rel_err(under.float(), want) < 3e-2 and rel_err(got.float(), want) < 5e-2
+
+
+def test_grouped_gemm_refuses_unaligned_rows() -> None:
+    from largeep_plugin.layer.experts import LocalExperts
+
+    cfg = LargeEPConfig(hidden_size=10, ffn_hidden_size=8, num_experts=2, grouped_gemm=True)
+    experts = LocalExperts(cfg.expert_config, expert_ids=(0, 1))
+    import pytest
+
+    with pytest.raises(ValueError, match=r"\{'hidden_size': 10\} in torch.float32"):
+        experts(torch.randn(3, 10), [[1, 2]])

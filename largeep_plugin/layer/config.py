@@ -52,6 +52,7 @@ class ExpertConfig:
     init_std: float
     swiglu_limit: float
     swiglu_alpha: float
+    grouped_gemm: bool
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +108,9 @@ class LargeEPConfig:
         overlap_chunks: number of token chunks the overlap pipeline cuts a batch into (1 = no overlap).
         dispatch: ``"flat"`` all-to-all, or ``"hierarchical"`` (node-batched).
         linear_bias: add biases to the expert linears (off by default, as in Megatron's MoE).
+        grouped_gemm: run a rank's colocated experts as two grouped GEMMs (``torch._grouped_mm``) instead of a loop
+            over them: CPU float32/bfloat16, or bfloat16 on GPUs of compute capability >= 9.0; hidden and ffn rows
+            must be multiples of 16 bytes (grouped_gemm.py).
         shared_ffn_hidden_size: the hidden size of the shared expert, an MLP (same activation and layout as the
             routed experts) that every token goes through on its own rank (DeepSeek, Qwen2-MoE). Several shared
             experts are one MLP of their summed size. None: no shared expert.
@@ -143,6 +147,7 @@ class LargeEPConfig:
     overlap_chunks: int = 1
     dispatch: str = "flat"
     linear_bias: bool = False
+    grouped_gemm: bool = False
     shared_ffn_hidden_size: int | None = None
     shared_expert_gate: bool = False
     init_std: float = 0.02
@@ -235,6 +240,7 @@ class LargeEPConfig:
             init_std=self.init_std,
             swiglu_limit=float(self.swiglu_limit),
             swiglu_alpha=float(self.swiglu_alpha),
+            grouped_gemm=self.grouped_gemm,
         )
 
     @property
@@ -300,6 +306,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "overlap_chunks": (int,),
     "dispatch": (str,),
     "linear_bias": (bool,),
+    "grouped_gemm": (bool,),
     "shared_ffn_hidden_size": (int, type(None)),
     "shared_expert_gate": (bool,),
     "init_std": (float, int),

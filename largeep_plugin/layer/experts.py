@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ExpertConfig
+from .grouped_gemm import grouped_mlp
 
 
 def expert_seed(init_seed: int, expert_id: int) -> int:
@@ -130,8 +131,8 @@ class LocalExperts(nn.ModuleList):
     L may exceed the number of local experts (it is the most experts any rank of the layer holds): the counts
     of the slots past them must be 0.
     It gathers each slot's rows into one contiguous buffer (a local permutation), runs that expert on them, and
-    puts the results back in arrival order. A loop over the slots, not a grouped GEMM: colocation is the
-    fallback for clusters with fewer GPUs than experts, not the fast path.
+    puts the results back in arrival order. A loop over the slots, or with ``grouped_gemm`` two grouped GEMMs
+    over all of them (grouped_gemm.py).
     """
 
     def __init__(self, config: ExpertConfig, *, expert_ids: Sequence[int], init_seed: int = 0):
@@ -158,8 +159,11 @@ class LocalExperts(nn.ModuleList):
         # Stable: inside one slot, rows stay in (source rank, token) order, as a lone expert would see them.
         order_M = torch.sort(slot_M, stable=True).indices
         per_slot = [sum(int(c[l]) for c in recv_counts_RL) for l in range(num_local)]
-        grouped = rows_MH.index_select(0, order_M).split(per_slot)
-        out_MH = torch.cat([expert(part) for expert, part in zip(self, grouped)])
+        sorted_MH = rows_MH.index_select(0, order_M)
+        if self[0].config.grouped_gemm:
+            out_MH = grouped_mlp(list(self), sorted_MH, per_slot, self[0].config)
+        else:
+            out_MH = torch.cat([expert(part) for expert, part in zip(self, sorted_MH.split(per_slot))])
         # Back to arrival order, so the combine all-to-all returns each row to its source unchanged.
         return _unsort(out_MH, order_M)
 
