@@ -128,6 +128,17 @@ def family_parity(cfg: LargeEPConfig, seed: int, placement: Placement | None = N
     return errors
 
 
+def _grouped_plan() -> Placement:
+    from largeep_plugin.placement.groups import max_nodes_per_token
+    from largeep_plugin.placement.plan import plan_placement
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        placement = plan_placement(16, Topology.uniform(2, 2), allow_colocate=True, expert_groups=4)
+    assert max_nodes_per_token(placement, 4, 1) == 1
+    return placement
+
+
 def _grad(p: torch.Tensor) -> torch.Tensor:
     return p.grad if p.grad is not None else torch.zeros_like(p)
 
@@ -156,6 +167,8 @@ def _families_rank(rank: int, world_size: int) -> dict[str, dict[str, float]]:
         "gptoss-hier": family_parity(gpt_oss(**hier), 14, ranks_per_node=2),
         "gptoss-colocated-hier-chunks2": family_parity(gpt_oss(num_experts=8, overlap_chunks=2, **hier), 15,
                                                        _placement(((0, 1), (2, 3), (4, 5), (6, 7)), 8, nodes=2)),
+        # Planned with the routing groups kept on one node each (4 groups, 2 nodes of 2 ranks, 4 experts a rank).
+        "dsv3-grouped-placement-hier": family_parity(deepseek_v3(dispatch="hierarchical"), 18, _grouped_plan()),
         # Colocated experts as grouped GEMMs (torch._grouped_mm) instead of a loop over them.
         "dsv3-grouped-gemm": family_parity(deepseek_v3(grouped_gemm=True), 16, coloc_1x4),
         "gptoss-grouped-gemm-hier-chunks2": family_parity(
