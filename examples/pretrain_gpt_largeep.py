@@ -3,6 +3,7 @@
 How to run:
     python examples/pretrain_gpt_largeep.py                          # 4 CPU ranks (gloo), EP 4, 4 layers, 20 steps
     python examples/pretrain_gpt_largeep.py --score-function sigmoid --monitor /tmp/load.jsonl
+    python examples/pretrain_gpt_largeep.py --model deepseek-v3-tiny    # also mixtral-tiny, qwen3-tiny (see MODELS)
     torchrun --nproc-per-node 8 examples/pretrain_gpt_largeep.py --device cuda                  # GPUs, NCCL
     torchrun --nproc-per-node 8 examples/pretrain_gpt_largeep.py --device cuda --no-large-ep    # the stock MoE
     torchrun --nproc-per-node 1 examples/pretrain_gpt_largeep.py --device cuda --top-k 1        # 1 GPU: 1 expert
@@ -15,6 +16,9 @@ backward (it moves the sigmoid routers' bias) and the plugin's hook after the op
 The stock MoE (``--no-large-ep``) cannot run on CPU: Megatron's router moves its weight to CUDA and its all-to-all
 dispatcher creates a CUDA stream. Nor can ``--tp`` > 1: Megatron's MoE layer refuses to train with TP but without
 sequence parallelism, and the sequence-parallel all-gather allocates on CUDA.
+
+``--model`` picks a tiny version of a model family (``MODELS``): its routing, shared experts and balancing losses
+as Megatron writes them; experts beyond the EP size are colocated (consecutive experts on a rank).
 
 Prints the loss per step; ``--json-out`` writes losses, tokens/s and the per-expert load of the last step.
 """
@@ -44,6 +48,30 @@ TP_ON_CPU = (
 )
 
 
+# Tiny versions of the model families: TransformerConfig fields, with the number of experts per EP rank.
+MODELS: dict[str, dict[str, Any]] = {
+    # Mixtral: softmax top-2 of 8 (here one per rank), SwiGLU, the switch loss.
+    "mixtral-tiny": dict(
+        experts_per_rank=1, moe_router_topk=2, moe_router_score_function="softmax",
+        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2,
+    ),
+    # Qwen3-MoE: softmax top-k renormalised, fine-grained experts, the global-batch loss.
+    "qwen3-tiny": dict(
+        experts_per_rank=2, moe_router_topk=2, moe_router_score_function="softmax",
+        moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=1e-3,
+    ),
+    # DeepSeek-V3: sigmoid scores with the aux-loss-free bias, 4 groups of which a token keeps 2, top-4, routed
+    # scaling 2.5, a shared expert overlapped with the dispatch, the sequence-wise loss, the first layer dense.
+    "deepseek-v3-tiny": dict(
+        experts_per_rank=4, moe_router_topk=4, moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True, moe_router_bias_update_rate=1e-3, moe_router_num_groups=4,
+        moe_router_group_topk=2, moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size="ffn",
+        moe_shared_expert_overlap=True, moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-4,
+        moe_layer_freq="first-dense",
+    ),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nproc", type=int, default=4, help="local ranks to start when not under torchrun")
@@ -58,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ffn", type=int, default=128, help="expert ffn hidden size")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--score-function", choices=("softmax", "sigmoid"), default="softmax")
+    p.add_argument("--model", choices=sorted(MODELS), default=None,
+                   help="a tiny model family (routing, shared experts, losses; overrides --top-k, --score-function)")
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--vocab", type=int, default=128)
@@ -75,6 +105,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def model_fields(args: argparse.Namespace, ep: int) -> tuple[dict[str, Any], int]:
+    """The MoE fields of the TransformerConfig and the number of experts, from ``--model`` or the flags."""
+    if args.model is None:
+        sigmoid = args.score_function == "sigmoid"
+        return dict(
+            moe_router_topk=args.top_k, moe_router_score_function=args.score_function,
+            moe_router_enable_expert_bias=sigmoid,
+            moe_router_pre_softmax=args.top_k == 1 and not sigmoid,  # Megatron requires it for softmax top-1
+        ), ep
+    fields = dict(MODELS[args.model])
+    experts = ep * fields.pop("experts_per_rank")
+    if fields.get("moe_shared_expert_intermediate_size") == "ffn":
+        fields["moe_shared_expert_intermediate_size"] = args.ffn
+    if fields.get("moe_layer_freq") == "first-dense":
+        fields["moe_layer_freq"] = [0] + [1] * (args.layers - 1)
+    import torch.nn.functional as F
+
+    fields.update(gated_linear_unit=True, activation_func=F.silu)  # SwiGLU experts, as all three families
+    return fields, experts
+
+
+def colocated_placement(experts: int, ep: int) -> Any:
+    """Consecutive experts on each EP rank (None with one expert per rank)."""
+    if experts == ep:
+        return None
+    from largeep_plugin.placement.plan import Placement
+    from largeep_plugin.placement.topology import Topology
+
+    per_rank = experts // ep
+    held = tuple(tuple(range(r * per_rank, (r + 1) * per_rank)) for r in range(ep))
+    return Placement(topology=Topology.uniform(1, ep), num_experts=experts, rank_to_experts=held)
+
+
 def build_model(args: argparse.Namespace, ep: int) -> tuple[Any, Any]:
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -82,23 +145,28 @@ def build_model(args: argparse.Namespace, ep: int) -> tuple[Any, Any]:
 
     from largeep_plugin.integrations.megatron import TorchSDPAttention, get_gpt_decoder_block_spec_with_large_ep
 
-    sigmoid = args.score_function == "sigmoid"
+    moe_fields, experts = model_fields(args, ep)
     config = TransformerConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        ffn_hidden_size=args.ffn, moe_ffn_hidden_size=args.ffn, num_moe_experts=ep, moe_router_topk=args.top_k,
-        moe_router_score_function=args.score_function, moe_router_enable_expert_bias=sigmoid,
-        moe_router_pre_softmax=args.top_k == 1 and not sigmoid,  # Megatron requires it for softmax top-1
+        ffn_hidden_size=args.ffn, moe_ffn_hidden_size=args.ffn, num_moe_experts=experts,
         moe_token_dispatcher_type="alltoall", tensor_model_parallel_size=args.tp, expert_model_parallel_size=ep,
         expert_tensor_parallel_size=1, sequence_parallel=args.tp > 1, add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, init_method_std=0.02,
+        **moe_fields,
     )
     torch.manual_seed(args.seed)  # the same non-expert weights on every rank
     if args.large_ep:
         core_attention = TorchSDPAttention if args.device == "cpu" else None
-        spec = get_gpt_decoder_block_spec_with_large_ep(config, core_attention=core_attention)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # colocated experts warn once per layer: said in the docstring
+            spec = get_gpt_decoder_block_spec_with_large_ep(config, core_attention=core_attention,
+                                                            placement=colocated_placement(experts, ep))
     else:
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
-    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=args.vocab, max_sequence_length=args.seq)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=args.vocab,
+                         max_sequence_length=args.seq)
     return config, model
 
 
@@ -186,7 +254,7 @@ def train(rank: int, world: int, args: argparse.Namespace) -> dict[str, Any]:
         if args.large_ep:
             load = log_expert_load(model, step, monitor=monitor, writer=writer)
         if logging_rank:
-            imb = f"  imbalance(layer 1) {load[0]['imbalance']:.2f}" if load else ""
+            imb = f"  imbalance({load[0]['layer']}) {load[0]['imbalance']:.2f}" if load else ""
             print(f"step {step:3d}  loss {losses[-1]:.4f}{imb}", flush=True)
     if monitor is not None:
         monitor.close()

@@ -74,6 +74,52 @@ def tiny_gpt(
     )
 
 
+def layer_and_reference(spec: Any, config: Any, reference_mlp: type) -> tuple[Any, Any]:
+    """A ``TransformerLayer`` built from ``spec`` and the same layer with ``reference_mlp`` as its mlp, sharing
+    every weight outside the mlp."""
+    import dataclasses
+
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    torch.manual_seed(0)
+    layer = build_module(spec, config=config, layer_number=1)
+    ref_spec = dataclasses.replace(
+        spec, submodules=dataclasses.replace(spec.submodules, mlp=ModuleSpec(module=reference_mlp))
+    )
+    ref = build_module(ref_spec, config=config, layer_number=1)
+    dense = {k: v for k, v in layer.state_dict().items() if not k.startswith("mlp.")}
+    missing, unexpected = ref.load_state_dict(dense, strict=False)
+    assert not unexpected and all(k.startswith("mlp.") for k in missing), (missing, unexpected)
+    return layer, ref
+
+
+def compare_transformer_layers(layer: Any, ref: Any, hidden: int, rank: int) -> tuple[dict[str, float], torch.Tensor]:
+    """Forward and backward of two ``TransformerLayer``s on this rank's own tokens [5, 2, H] (loss sum(y * g)).
+
+    Returns:
+        errors: relative errors of the output, the input gradient and the gradient of every parameter outside
+            the mlp (attention, norms), by name.
+        y_ref: the reference's output.
+    """
+    from conftest import rel_err
+
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own tokens
+    x = torch.randn(5, 2, hidden, generator=gen)
+    g = torch.randn(5, 2, hidden, generator=gen)
+    outs = {}
+    for name, model in (("ep", layer), ("ref", ref)):
+        xi = x.clone().requires_grad_(True)
+        y, _ = model(xi)
+        (y * g).sum().backward()
+        outs[name] = (y.detach(), xi.grad)
+    errors = {"y": rel_err(outs["ep"][0], outs["ref"][0]), "dx": rel_err(outs["ep"][1], outs["ref"][1])}
+    ref_params = dict(ref.named_parameters())
+    for name, p in layer.named_parameters():
+        if not name.startswith("mlp."):
+            errors[name] = rel_err(p.grad, ref_params[name].grad)
+    return errors, outs["ref"][0]
+
+
 def tokens(batch: int, seq: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input ids [B, S], position ids [B, S]) from ``seed``."""
     gen = torch.Generator().manual_seed(seed)

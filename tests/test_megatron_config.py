@@ -55,14 +55,53 @@ def test_translation_follows_megatron_semantics(megatron: dict[str, Any], field:
     assert getattr(large_ep_config_from_megatron(config(**megatron)), field) == want
 
 
+def test_translation_of_the_model_families() -> None:
+    """DeepSeek-V3, Qwen2-MoE, Qwen3 and gpt-oss settings, as Megatron writes them."""
+    from megatron.core.fusions.fused_bias_geglu import quick_gelu
+
+    dsv3 = large_ep_config_from_megatron(config(
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_num_groups=4,
+        moe_router_group_topk=2, moe_router_topk=4, moe_router_topk_scaling_factor=2.5, moe_router_dtype="fp32",
+        moe_shared_expert_intermediate_size=48, moe_router_load_balancing_type="seq_aux_loss",
+        moe_aux_loss_coeff=1e-4, gated_linear_unit=True, activation_func=F.silu))
+    assert (dsv3.num_groups, dsv3.group_topk, dsv3.group_score_topk, dsv3.routed_scaling_factor) == (4, 2, 2, 2.5)
+    assert (dsv3.shared_ffn_hidden_size, dsv3.shared_expert_gate, dsv3.seq_aux_loss_coeff) == (48, False, 1e-4)
+    assert (dsv3.aux_loss_coeff, dsv3.global_aux_loss_coeff, dsv3.router_dtype) == (0.0, 0.0, "float32")
+    qwen2 = large_ep_config_from_megatron(config(
+        moe_router_pre_softmax=True, moe_shared_expert_intermediate_size=40, moe_shared_expert_gate=True,
+        moe_shared_expert_overlap=True, moe_token_dispatcher_type="alltoall", moe_router_dtype="fp64"))
+    assert (qwen2.normalize_topk, qwen2.shared_ffn_hidden_size, qwen2.shared_expert_gate) == (False, 40, True)
+    assert qwen2.router_dtype == "float64"
+    qwen3 = large_ep_config_from_megatron(config(
+        moe_router_load_balancing_type=["global_aux_loss", "aux_loss"], moe_aux_loss_coeff=[1e-3, 1e-2]))
+    assert (qwen3.global_aux_loss_coeff, qwen3.aux_loss_coeff, qwen3.seq_aux_loss_coeff) == (1e-3, 1e-2, 0.0)
+    oss = config(add_bias_linear=True, gated_linear_unit=True, activation_func=quick_gelu, glu_linear_offset=1.0,
+                 activation_func_clamp_value=7.0, bias_activation_fusion=False)
+    oss_lep = large_ep_config_from_megatron(oss)
+    assert (oss_lep.activation, oss_lep.swiglu_limit, oss_lep.swiglu_alpha) == ("swiglu_oai", 7.0, 1.702)
+    assert oss_lep.router_bias and oss_lep.linear_bias
+
+
 @pytest.mark.parametrize(
     "change, error, words",
     [
         (dict(num_moe_experts=None), ValueError, "num_moe_experts=None"),
         (dict(expert_tensor_parallel_size=2), NotImplementedError, "expert_tensor_parallel_size=2"),
-        (dict(moe_router_num_groups=2), NotImplementedError, "moe_router_num_groups=2"),
-        (dict(moe_router_topk_scaling_factor=2.5), NotImplementedError, "moe_router_topk_scaling_factor=2.5"),
-        (dict(moe_router_load_balancing_type="seq_aux_loss"), NotImplementedError, "'seq_aux_loss'"),
+        (dict(moe_router_num_groups=2, moe_router_group_topk=1), NotImplementedError, "moe_router_pre_softmax=False"),
+        (dict(moe_router_num_groups=2), ValueError, "moe_router_group_topk=None"),
+        (dict(moe_router_num_groups=4, moe_router_group_topk=4, moe_router_score_function="sigmoid"), ValueError,
+         "moe_router_topk=2 < moe_router_group_topk=4"),
+        (dict(moe_router_topk_limited_devices=2), NotImplementedError, "moe_router_topk_limited_devices=2"),
+        (dict(moe_router_load_balancing_type="sinkhorn"), NotImplementedError, "'sinkhorn'"),
+        (dict(moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=0.1, sequence_parallel=True,
+              tensor_model_parallel_size=2), NotImplementedError, "sequence_parallel=True"),
+        (dict(moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"], moe_aux_loss_coeff=0.1), ValueError,
+         "one coefficient per type"),
+        (dict(moe_router_dtype="fp16"), NotImplementedError, "moe_router_dtype='fp16'"),
+        (dict(moe_shared_expert_intermediate_size=8, moe_shared_expert_overlap=True,
+              overlap_moe_expert_parallel_comm=True), NotImplementedError, "moe_shared_expert_overlap=True"),
+        (dict(gated_linear_unit=True, activation_func=F.silu, glu_linear_offset=1.0), NotImplementedError,
+         "glu_linear_offset=1.0"),
         (dict(moe_token_drop_policy="position"), NotImplementedError, "moe_token_drop_policy='position'"),
         (dict(moe_latent_size=8), NotImplementedError, "moe_latent_size=8"),
         (dict(activation_func=F.relu), NotImplementedError, "activation_func"),

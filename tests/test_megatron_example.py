@@ -47,3 +47,24 @@ def test_stock_moe_and_tensor_parallelism_are_refused_on_cpu_with_the_reason() -
     assert "the stock Megatron MoE layer cannot run on CPU" in proc.stderr and "TopKRouter.gating" in proc.stderr
     proc = run("--tp", "2")
     assert proc.returncode == 2 and "--tp > 1 needs --device cuda" in proc.stderr
+
+
+@pytest.mark.parametrize("model, experts, top_k, moe_layers", [
+    ("mixtral-tiny", 4, 2, ["layer_1", "layer_2", "layer_3", "layer_4"]),
+    ("qwen3-tiny", 8, 2, ["layer_1", "layer_2", "layer_3", "layer_4"]),
+    ("deepseek-v3-tiny", 16, 4, ["layer_2", "layer_3", "layer_4"]),  # the first layer dense, as DeepSeek's
+])
+def test_model_families_train_20_steps_on_cpu(tmp_path: Any, model: str, experts: int, top_k: int,
+                                              moe_layers: list[str]) -> None:
+    out = tmp_path / "run.json"
+    proc = run("--model", model, "--steps", "20", "--json-out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    losses = result["losses"]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert len(losses) == 20 and last < 0.8 * first, f"loss did not go down: {losses}"
+    args = result["args"]
+    assert [r["layer"] for r in result["load"]] == moe_layers
+    for record in result["load"]:
+        assert len(record["counts"]) == experts
+        assert sum(record["counts"]) == 4 * args["micro_batch"] * args["seq"] * top_k

@@ -25,7 +25,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from conftest import rel_err, world  # noqa: E402
-from megatron_helpers import init_megatron, tiny_config, tiny_gpt, tokens  # noqa: E402
+from megatron_helpers import compare_transformer_layers, init_megatron, layer_and_reference, tiny_config, tiny_gpt, tokens  # noqa: E402
 
 EP = 4
 TOL = 1e-5
@@ -50,38 +50,13 @@ class _DenseReferenceMLP(torch.nn.Module):
 
 
 def _parity(config: Any, rank: int) -> dict[str, float]:
-    import dataclasses
-
-    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-
     from largeep_plugin.integrations.megatron import LargeEPMoELayer, TorchSDPAttention, get_gpt_layer_spec_with_large_ep
 
     spec = get_gpt_layer_spec_with_large_ep(EP, core_attention=TorchSDPAttention)
-    torch.manual_seed(0)
-    layer = build_module(spec, config=config, layer_number=1)
-    ref_spec = dataclasses.replace(
-        spec, submodules=dataclasses.replace(spec.submodules, mlp=ModuleSpec(module=_DenseReferenceMLP))
-    )
-    ref = build_module(ref_spec, config=config, layer_number=1)
-    shared = {k: v for k, v in layer.state_dict().items() if not k.startswith("mlp.")}
-    missing, unexpected = ref.load_state_dict(shared, strict=False)
-    assert not unexpected and all(k.startswith("mlp.") for k in missing), (missing, unexpected)
+    layer, ref = layer_and_reference(spec, config, _DenseReferenceMLP)
     assert layer.is_moe_layer and isinstance(layer.mlp, LargeEPMoELayer) and layer.mlp.expert_id == rank
 
-    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own tokens
-    x = torch.randn(5, 2, config.hidden_size, generator=gen)
-    g = torch.randn(5, 2, config.hidden_size, generator=gen)
-    outs = {}
-    for name, model in (("ep", layer), ("ref", ref)):
-        xi = x.clone().requires_grad_(True)
-        y, _ = model(xi)
-        (y * g).sum().backward()
-        outs[name] = (y.detach(), xi.grad)
-    errors = {"y": rel_err(outs["ep"][0], outs["ref"][0]), "dx": rel_err(outs["ep"][1], outs["ref"][1])}
-    ref_params = dict(ref.named_parameters())
-    for name, p in layer.named_parameters():
-        if not name.startswith("mlp."):
-            errors[name] = rel_err(p.grad, ref_params[name].grad)
+    errors, y_ref = compare_transformer_layers(layer, ref, config.hidden_size, rank)
     errors["router"] = rel_err(layer.mlp.router.weight.grad, ref.mlp.ref.router.weight.grad)
     # The expert of this rank saw every rank's tokens: its gradient is the sum over ranks of the reference's.
     for expert in ref.mlp.ref.experts:
@@ -90,7 +65,7 @@ def _parity(config: Any, rank: int) -> dict[str, float]:
     for name, p in layer.mlp.experts.expert.named_parameters():
         errors[f"expert.{name}"] = rel_err(p.grad, ref.mlp.ref.experts[rank].get_parameter(name).grad)
         assert p.allreduce is False
-    errors["scale"] = float(outs["ref"][0].abs().max())
+    errors["scale"] = float(y_ref.abs().max())
     return errors
 
 

@@ -8,7 +8,8 @@ Everything else in the layer is local computation; the overlap scheduler relies 
 ``all_to_all_single`` with explicit split sizes is used throughout: it accepts uneven splits on NCCL and gloo
 (the list form rejects uneven sizes on gloo).
 
-    all_to_all / all_to_all_lanes        differentiable, blocking (the plain dispatchers)
+    all_to_all / all_to_all_lanes        differentiable, blocking (the plain dispatchers); ``during=fn`` runs
+                                         local work (the shared expert) while the rows are in flight
     start_all_to_all / ..._lanes         no autograd, returns at once; ``.wait()`` later (the overlap pipeline):
                                          a gloo work handle on CPU, a side stream + events on accelerators
     exchange_counts / exchange_count_rows / exchange_chunk_counts
@@ -79,11 +80,27 @@ class _AllToAll(torch.autograd.Function):
         return grad_NH, None, None, None
 
 
+class _Arrived(torch.autograd.Function):
+    """The rows of an all-to-all started without autograd (``start_all_to_all``), joined to the graph when they
+    arrive: forward waits for them; backward is the reverse all-to-all (splits swapped), as ``_AllToAll``'s."""
+
+    @staticmethod
+    def forward(ctx, x_NH, pending, output_splits, input_splits, group):  # type: ignore[override]
+        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
+        return pending.wait()
+
+    @staticmethod
+    def backward(ctx, grad_MH):  # type: ignore[override]
+        return _all_to_all_raw(grad_MH, ctx.input_splits, ctx.output_splits, ctx.group), None, None, None, None
+
+
 def all_to_all(
     x_NH: torch.Tensor,
     output_splits: Sequence[int],
     input_splits: Sequence[int],
     group: ProcessGroup | None,
+    *,
+    during: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Differentiable all-to-all with uneven splits.
 
@@ -91,10 +108,17 @@ def all_to_all(
         x_NH: rows to send, grouped by destination rank in rank order.
         output_splits: rows received from each rank (length R, sums to M).
         input_splits: rows sent to each rank (length R, sums to N).
+        during: local work (no communication on this group) to run while the rows are in flight: the collective
+            is started asynchronously, ``during()`` runs under the caller's autograd mode, then the rows are
+            waited for. Backward is unchanged (the reverse all-to-all).
     Returns:
         rows_MH: received rows, grouped by source rank in rank order.
     """
-    return _AllToAll.apply(x_NH, tuple(output_splits), tuple(input_splits), group)
+    if during is None:
+        return _AllToAll.apply(x_NH, tuple(output_splits), tuple(input_splits), group)
+    pending = start_all_to_all(x_NH.detach(), output_splits, input_splits, group)
+    during()
+    return _Arrived.apply(x_NH, pending, tuple(output_splits), tuple(input_splits), group)
 
 
 def all_to_all_lanes(
@@ -102,23 +126,31 @@ def all_to_all_lanes(
     output_splits: Sequence[int],
     input_splits: Sequence[int],
     group: ProcessGroup | None,
+    *,
+    during: Callable[[], None] | None = None,
 ) -> list[torch.Tensor]:
     """Differentiable all-to-all of several row-aligned 2-D tensors with the same splits.
 
     The lanes travel as one buffer in the first lane's dtype, the others reinterpreted bit for bit (a float32
     metadata lane rides in a bf16 token buffer as twice as many bf16 numbers): a token and its metadata cost one
     collective, not one per dtype. Returns the received lanes in the input order, each in its own dtype.
+    ``during``: as ``all_to_all``, run while the buffer is in flight.
     """
-    return list(_AllToAllLanes.apply(tuple(output_splits), tuple(input_splits), group, *lanes))
+    pending = None
+    if during is not None:  # started outside autograd, so that during() runs under the caller's autograd mode
+        pending = start_all_to_all_lanes([t.detach() for t in lanes], output_splits, input_splits, group)
+        during()
+    return list(_AllToAllLanes.apply(tuple(output_splits), tuple(input_splits), group, pending, *lanes))
 
 
 class _AllToAllLanes(torch.autograd.Function):
-    """``_lanes_raw`` whose backward is the reverse exchange of the lanes' gradients (one buffer again)."""
+    """``_lanes_raw`` (or the lanes of an exchange already in flight, ``pending``) whose backward is the reverse
+    exchange of the lanes' gradients, one buffer again."""
 
     @staticmethod
-    def forward(ctx, output_splits, input_splits, group, *lanes):  # type: ignore[override]
+    def forward(ctx, output_splits, input_splits, group, pending, *lanes):  # type: ignore[override]
         ctx.splits, ctx.group = (output_splits, input_splits), group
-        out = _lanes_raw(lanes, output_splits, input_splits, group)
+        out = pending.wait() if pending is not None else _lanes_raw(lanes, output_splits, input_splits, group)
         ctx.received = [(t.shape, t.dtype, t.device) for t in out]
         return tuple(out)
 
@@ -128,7 +160,7 @@ class _AllToAllLanes(torch.autograd.Function):
         full = [g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
                 for g, (shape, dtype, device) in zip(grads, ctx.received)]
         back = _lanes_raw(full, ctx.splits[1], ctx.splits[0], ctx.group)
-        return (None, None, None, *(b if need else None for b, need in zip(back, ctx.needs_input_grad[3:])))
+        return (None, None, None, None, *(b if need else None for b, need in zip(back, ctx.needs_input_grad[4:])))
 
 
 def _lanes_raw(lanes: Sequence[torch.Tensor], output_splits: Sequence[int], input_splits: Sequence[int],

@@ -14,9 +14,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "swiglu", "swiglu_oai")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DISPATCH_KINDS = ("flat", "hierarchical")
+ROUTER_DTYPES = ("float32", "float64")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +31,14 @@ class RouterConfig:
     capacity_factor: float | None
     aux_loss_coeff: float
     z_loss_coeff: float
+    num_groups: int | None
+    group_topk: int | None
+    group_score_topk: int
+    routed_scaling_factor: float
+    router_bias: bool
+    router_dtype: str
+    seq_aux_loss_coeff: float
+    global_aux_loss_coeff: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +50,9 @@ class ExpertConfig:
     activation: str
     linear_bias: bool
     init_std: float
+    swiglu_limit: float
+    swiglu_alpha: float
+    grouped_gemm: bool
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,17 +72,50 @@ class LargeEPConfig:
         ffn_hidden_size: F, the hidden size of each expert MLP.
         num_experts: E, the number of distinct experts.
         top_k: K, experts chosen per token (1 <= K <= E).
-        activation: ``"gelu"`` (exact GELU, fc1 [F, H]) or ``"swiglu"`` (fc1 [2F, H], gate rows first).
+        activation: ``"gelu"`` (exact GELU, fc1 [F, H]), ``"swiglu"`` (fc1 [2F, H], gate rows first) or
+            ``"swiglu_oai"`` (gpt-oss: fc1 as SwiGLU, gate clamped above at ``swiglu_limit``, up clamped to
+            +-``swiglu_limit``, out = (up + 1) * gate * sigmoid(``swiglu_alpha`` * gate); see experts.py).
+        swiglu_limit: the clamp of ``"swiglu_oai"`` (> 0; gpt-oss: 7.0).
+        swiglu_alpha: the sigmoid slope of ``"swiglu_oai"`` (> 0; gpt-oss: 1.702).
         score_function: ``"softmax"`` or ``"sigmoid"`` over the router logits.
         normalize_topk: divide the K combine weights of a token by their sum.
+        num_groups: group-limited routing (DeepSeek-V2/V3): the E experts form ``num_groups`` contiguous groups of
+            E / num_groups (expert e in group e // (E / num_groups)); each token keeps its ``group_topk`` best
+            groups and picks its top-k experts inside them. None: plain top-k over all experts.
+        group_topk: groups a token keeps (required with ``num_groups``, 1 <= group_topk <= num_groups, and
+            top_k <= group_topk * E / num_groups).
+        group_score_topk: a group's score is the sum of its ``group_score_topk`` highest selection scores
+            (score + bias): DeepSeek-V3 and Hugging Face 2, DeepSeek-V2 1 (the max), Megatron top_k // group_topk.
+        routed_scaling_factor: multiplies the combine weights after any normalisation (DeepSeek-V3: 2.5); > 0.
+        router_bias: a learned bias in the router linear, ``router.bias`` [E] (gpt-oss). Unlike the selection bias
+            ``router.expert_bias`` it is part of the logits, so it changes the scores and the weights.
+        router_dtype: ``"float32"`` or ``"float64"``: the dtype of the router's logits, scores and selection,
+            whatever the model dtype or autocast (combine weights are float32 either way).
         capacity_factor: None for dropless; otherwise each expert takes at most
             ceil(capacity_factor * T * K / E) of a rank's T tokens, keeping the highest-scored assignments.
         bias_update_rate: step of the aux-loss-free balancing bias: bias += rate * sign(mean - count).
-        aux_loss_coeff: coefficient of the switch-style load-balancing loss (0 = off).
+        aux_loss_coeff: coefficient of the switch-style load-balancing loss over the EP group's tokens of this
+            forward (0 = off).
+        seq_aux_loss_coeff: coefficient of the sequence-wise balancing loss (DeepSeek-V3; Megatron
+            ``seq_aux_loss``): the switch loss of each sequence on its own, averaged over the sequences. A sequence
+            is ``x[b]`` of a ``[B, S, H]`` input (``[..., S, H]``: every leading index is a sequence; ``[T, H]``:
+            one sequence). See ``load_balance.sequence_aux_loss``.
+        global_aux_loss_coeff: coefficient of the global-batch balancing loss (Qwen3; Megatron
+            ``global_aux_loss``): the switch loss whose assignment fractions count the global batch, i.e. every
+            token of the EP group, of every data-parallel copy of it (``LargeEPMoE(dp_group=...)``), and of every
+            micro-batch since the last ``reset_global_load()`` (``update_expert_bias`` resets it too).
         z_loss_coeff: coefficient of the router z-loss (0 = off).
         overlap_chunks: number of token chunks the overlap pipeline cuts a batch into (1 = no overlap).
         dispatch: ``"flat"`` all-to-all, or ``"hierarchical"`` (node-batched).
         linear_bias: add biases to the expert linears (off by default, as in Megatron's MoE).
+        grouped_gemm: run a rank's colocated experts as two grouped GEMMs (``torch._grouped_mm``) instead of a loop
+            over them: CPU float32/bfloat16, or bfloat16 on GPUs of compute capability >= 9.0; hidden and ffn rows
+            must be multiples of 16 bytes (grouped_gemm.py).
+        shared_ffn_hidden_size: the hidden size of the shared expert, an MLP (same activation and layout as the
+            routed experts) that every token goes through on its own rank (DeepSeek, Qwen2-MoE). Several shared
+            experts are one MLP of their summed size. None: no shared expert.
+        shared_expert_gate: multiply the shared expert's output by sigmoid(x @ w), ``shared_expert_gate.weight``
+            [1, H] (Qwen2-MoE). Needs ``shared_ffn_hidden_size``.
         init_std: standard deviation of the normal initialisation of router and expert weights.
         init_seed: seed of that initialisation; expert e always starts from the same weights, on any rank and in
             the dense reference, so sharded and dense models can be compared without copying weights.
@@ -83,15 +128,28 @@ class LargeEPConfig:
     num_experts: int
     top_k: int = 2
     activation: str = "gelu"
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
     score_function: str = "softmax"
     normalize_topk: bool = True
+    num_groups: int | None = None
+    group_topk: int | None = None
+    group_score_topk: int = 2
+    routed_scaling_factor: float = 1.0
+    router_bias: bool = False
+    router_dtype: str = "float32"
     capacity_factor: float | None = None
     bias_update_rate: float = 1e-3
     aux_loss_coeff: float = 0.0
+    seq_aux_loss_coeff: float = 0.0
+    global_aux_loss_coeff: float = 0.0
     z_loss_coeff: float = 0.0
     overlap_chunks: int = 1
     dispatch: str = "flat"
     linear_bias: bool = False
+    grouped_gemm: bool = False
+    shared_ffn_hidden_size: int | None = None
+    shared_expert_gate: bool = False
     init_std: float = 0.02
     init_seed: int = 1234
     check_inputs: bool = True
@@ -111,13 +169,45 @@ class LargeEPConfig:
         _one_of("dispatch", self.dispatch, DISPATCH_KINDS)
         if self.capacity_factor is not None and not (math.isfinite(self.capacity_factor) and self.capacity_factor > 0):
             raise ValueError(f"capacity_factor={self.capacity_factor!r} must be a positive number, or None for dropless")
-        for name in ("bias_update_rate", "aux_loss_coeff", "z_loss_coeff"):
+        for name in ("bias_update_rate", "aux_loss_coeff", "seq_aux_loss_coeff", "global_aux_loss_coeff",
+                     "z_loss_coeff"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}={value!r} must be a finite number >= 0")
-        if not (math.isfinite(self.init_std) and self.init_std > 0):
-            raise ValueError(f"init_std={self.init_std!r} must be a finite number > 0")
+        for name in ("init_std", "routed_scaling_factor", "swiglu_limit", "swiglu_alpha"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value!r} must be a finite number > 0")
+        _one_of("router_dtype", self.router_dtype, ROUTER_DTYPES)
         _positive("overlap_chunks", self.overlap_chunks)
+        self._check_groups()
+        if self.shared_ffn_hidden_size is not None:
+            _positive("shared_ffn_hidden_size", self.shared_ffn_hidden_size)
+        elif self.shared_expert_gate:
+            raise ValueError("shared_expert_gate=True needs a shared expert: set shared_ffn_hidden_size")
+
+    def _check_groups(self) -> None:
+        """Group-limited routing: the groups must split the experts evenly and leave room for top_k experts."""
+        if self.num_groups is None:
+            if self.group_topk is not None:
+                raise ValueError(f"group_topk={self.group_topk!r} needs num_groups (group-limited routing); "
+                                 "got num_groups=None")
+            return
+        e, g = self.num_experts, self.num_groups
+        _positive("num_groups", g)
+        if e % g:
+            raise ValueError(f"num_groups={g} does not divide num_experts={e}: the groups must be equal")
+        if self.group_topk is None:
+            raise ValueError(f"num_groups={g} needs group_topk (the groups each token keeps), got None")
+        if not 1 <= self.group_topk <= g:
+            raise ValueError(f"group_topk={self.group_topk} must be between 1 and num_groups={g}")
+        size = e // g
+        if self.top_k > self.group_topk * size:
+            raise ValueError(f"top_k={self.top_k} is impossible with group_topk={self.group_topk} groups of "
+                             f"{size} experts: at most {self.group_topk * size} experts are reachable")
+        if not 1 <= self.group_score_topk <= size:
+            raise ValueError(f"group_score_topk={self.group_score_topk} must be between 1 and the group size "
+                             f"{size} (num_experts={e} / num_groups={g})")
 
     # ---- component views -------------------------------------------------------------------------------------
     @property
@@ -130,6 +220,14 @@ class LargeEPConfig:
             capacity_factor=self.capacity_factor,
             aux_loss_coeff=self.aux_loss_coeff,
             z_loss_coeff=self.z_loss_coeff,
+            num_groups=self.num_groups,
+            group_topk=self.group_topk,
+            group_score_topk=self.group_score_topk,
+            routed_scaling_factor=float(self.routed_scaling_factor),
+            router_bias=self.router_bias,
+            router_dtype=self.router_dtype,
+            seq_aux_loss_coeff=float(self.seq_aux_loss_coeff),
+            global_aux_loss_coeff=float(self.global_aux_loss_coeff),
         )
 
     @property
@@ -140,7 +238,17 @@ class LargeEPConfig:
             activation=self.activation,
             linear_bias=self.linear_bias,
             init_std=self.init_std,
+            swiglu_limit=float(self.swiglu_limit),
+            swiglu_alpha=float(self.swiglu_alpha),
+            grouped_gemm=self.grouped_gemm,
         )
+
+    @property
+    def shared_expert_config(self) -> ExpertConfig | None:
+        """The shared expert's MLP: the routed experts' settings with ``shared_ffn_hidden_size``; None without."""
+        if self.shared_ffn_hidden_size is None:
+            return None
+        return dataclasses.replace(self.expert_config, ffn_hidden_size=self.shared_ffn_hidden_size)
 
     @property
     def dispatch_config(self) -> DispatchConfig:
@@ -179,15 +287,28 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "num_experts": (int,),
     "top_k": (int,),
     "activation": (str,),
+    "swiglu_limit": (float, int),
+    "swiglu_alpha": (float, int),
     "score_function": (str,),
     "normalize_topk": (bool,),
+    "num_groups": (int, type(None)),
+    "group_topk": (int, type(None)),
+    "group_score_topk": (int,),
+    "routed_scaling_factor": (float, int),
+    "router_bias": (bool,),
+    "router_dtype": (str,),
     "capacity_factor": (float, int, type(None)),
     "bias_update_rate": (float, int),
     "aux_loss_coeff": (float, int),
+    "seq_aux_loss_coeff": (float, int),
+    "global_aux_loss_coeff": (float, int),
     "z_loss_coeff": (float, int),
     "overlap_chunks": (int,),
     "dispatch": (str,),
     "linear_bias": (bool,),
+    "grouped_gemm": (bool,),
+    "shared_ffn_hidden_size": (int, type(None)),
+    "shared_expert_gate": (bool,),
     "init_std": (float, int),
     "init_seed": (int,),
     "check_inputs": (bool,),

@@ -168,6 +168,7 @@ class AllToAllDispatcher:
         num_slots: int = 1,
         shared_X: torch.Tensor | None = None,
         on_shared: Callable[[list[int], torch.Tensor], None] | None = None,
+        during: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, DispatchHandle]:
         """Send each kept (token, k) row to ``dest_rank_TK``.
 
@@ -180,6 +181,7 @@ class AllToAllDispatcher:
                 destination rank. None: one expert per rank.
             num_slots: L, the most experts any rank holds (the slot dimension of the count exchange).
             shared_X, on_shared: numbers that ride along in the count exchange (``comm.exchange_count_rows``).
+            during: local work to run while the rows are in flight (``comm.all_to_all``; the shared expert).
         Returns:
             rows_MH: received rows, grouped by source rank, each source's rows in its token order (with
                 ``local_slot_TK``: grouped by slot inside each source's block, token order inside a slot).
@@ -191,7 +193,7 @@ class AllToAllDispatcher:
             order_A, send_counts_V, num_tokens=x_TH.shape[0], top_k=top_k, topk_weights_TK=topk_weights_TK,
             num_slots=None if local_slot_TK is None else num_slots, shared_X=shared_X, on_shared=on_shared,
         )
-        return self.send(x_TH.index_select(0, handle.order_A // top_k), handle), handle
+        return self.send(x_TH.index_select(0, handle.order_A // top_k), handle, during=during), handle
 
     def route(
         self,
@@ -255,10 +257,12 @@ class AllToAllDispatcher:
             recv_slot_counts_dev=None if num_slots is None else recv_dev_RL,
         )
 
-    def send(self, rows_AX: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    def send(self, rows_AX: torch.Tensor, handle: DispatchHandle, *,
+             during: Callable[[], None] | None = None) -> torch.Tensor:
         """Communication: the differentiable all-to-all of rows in ``route`` order (tokens, or any row-aligned
-        lane such as the combine weights [A] or [A, 1]) to the destinations; returns the received [M, ...]."""
-        return all_to_all(rows_AX, handle.recv_splits, handle.send_splits, self.ep_group)
+        lane such as the combine weights [A] or [A, 1]) to the destinations; returns the received [M, ...].
+        ``during``: local work to run while they are in flight."""
+        return all_to_all(rows_AX, handle.recv_splits, handle.send_splits, self.ep_group, during=during)
 
     def combine(self, rows_MH: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """Send expert outputs back to their source ranks and reduce them to ``y_TH``."""

@@ -8,7 +8,16 @@ Parameter names (stable: checkpoints and the adapters rely on them):
     GELU:   fc1.weight [F, H], fc2.weight [H, F];            expert(x) = fc2(gelu(fc1(x)))   (exact GELU)
     SwiGLU: fc1.weight [2F, H] (rows 0..F-1 are the gate, rows F..2F-1 the up projection, Megatron's order),
             fc2.weight [H, F];                               expert(x) = fc2(silu(gate(x)) * up(x))
+    SwiGLU-OAI (``"swiglu_oai"``, gpt-oss): the same layout; with g = min(gate(x), limit) and
+            u = clamp(up(x), -limit, limit):                 expert(x) = fc2((u + 1) * g * sigmoid(alpha * g))
     With ``linear_bias`` the linears also have ``fc1.bias`` and ``fc2.bias``.
+
+gpt-oss in Hugging Face Transformers stores expert e as ``gate_up_proj[e]`` [H, 2F] with the gate and up columns
+*interleaved* (gate = columns 0, 2, 4, ..., up = columns 1, 3, 5, ...), ``gate_up_proj_bias[e]`` [2F] likewise,
+``down_proj[e]`` [F, H] and ``down_proj_bias[e]`` [H]. In our layout:
+    fc1.weight = cat(gate_up_proj[e][:, 0::2].T, gate_up_proj[e][:, 1::2].T)   [2F, H], gate rows first
+    fc1.bias   = cat(gate_up_proj_bias[e][0::2], gate_up_proj_bias[e][1::2])
+    fc2.weight = down_proj[e].T [H, F];  fc2.bias = down_proj_bias[e]
 
 Expert tensor parallelism (``tp_size`` t > 1): shard j of t holds rows j*F/t..(j+1)*F/t-1 of fc1 (for SwiGLU the
 same rows of the gate and of the up projection, still gate first: ``fc1.weight`` [2F/t, H]), the same columns
@@ -32,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ExpertConfig
+from .grouped_gemm import grouped_mlp
 
 
 def expert_seed(init_seed: int, expert_id: int) -> int:
@@ -39,9 +49,31 @@ def expert_seed(init_seed: int, expert_id: int) -> int:
     return (init_seed * 1_000_003 + 7919 * (expert_id + 1)) % (2**63)
 
 
+def activate(h_NX: torch.Tensor, config: ExpertConfig) -> torch.Tensor:
+    """The activation between fc1 and fc2: [N, F] -> [N, F] (GELU) or [N, 2F] gate-first -> [N, F] (the GLUs)."""
+    if config.activation == "gelu":
+        return F.gelu(h_NX)  # exact (erf) GELU
+    gate, up = h_NX.chunk(2, dim=-1)
+    if config.activation == "swiglu":
+        return F.silu(gate) * up
+    # swiglu_oai (gpt-oss): clamped, with a sigmoid slope and a shifted up projection.
+    gate = gate.clamp(max=config.swiglu_limit)
+    up = up.clamp(min=-config.swiglu_limit, max=config.swiglu_limit)
+    return (up + 1) * gate * torch.sigmoid(config.swiglu_alpha * gate)
+
+
+def is_gated(activation: str) -> bool:
+    """Whether fc1 holds a gate and an up projection ([2F, H])."""
+    return activation in ("swiglu", "swiglu_oai")
+
+
 class ExpertMLP(nn.Module):
     """One expert, or shard ``tp_rank`` of ``tp_size`` of it. ``forward(rows_NH) -> rows_NH`` (a shard: its
     partial sum of the output); an empty input gives an empty output (no special case)."""
+
+    # Expert parameters are not reduced over the EP group (``allreduce = False``); a dense MLP of the same shape
+    # (the shared expert) sets this to False.
+    expert_parallel = True
 
     def __init__(self, config: ExpertConfig, *, expert_id: int, init_seed: int = 0, tp_rank: int = 0,
                  tp_size: int = 1):
@@ -57,19 +89,20 @@ class ExpertMLP(nn.Module):
         self.expert_id = expert_id
         self.tp_rank, self.tp_size = tp_rank, tp_size
         h, f = config.hidden_size, config.ffn_hidden_size // tp_size
-        fc1_out = 2 * f if config.activation == "swiglu" else f
+        fc1_out = 2 * f if is_gated(config.activation) else f
         self.fc1 = nn.Linear(h, fc1_out, bias=config.linear_bias)
         self.fc2 = nn.Linear(f, h, bias=config.linear_bias and tp_rank == 0)
         self.reset_parameters(init_seed)
-        for p in self.parameters():
-            p.allreduce = False  # expert parameter: not reduced over the EP group
+        if self.expert_parallel:
+            for p in self.parameters():
+                p.allreduce = False  # expert parameter: not reduced over the EP group
 
     @torch.no_grad()
     def reset_parameters(self, init_seed: int) -> None:
         """The expert's seeded weights (the whole expert's, on the host, then this shard's slice); zero biases."""
         gen = torch.Generator().manual_seed(expert_seed(init_seed, self.expert_id))
         h, f = self.config.hidden_size, self.config.ffn_hidden_size
-        fc1_rows = 2 * f if self.config.activation == "swiglu" else f
+        fc1_rows = 2 * f if is_gated(self.config.activation) else f
         fc1 = torch.randn((fc1_rows, h), generator=gen) * self.config.init_std
         fc2 = torch.randn((h, f), generator=gen) * self.config.init_std
         rows = self.ffn_rows()
@@ -84,16 +117,10 @@ class ExpertMLP(nn.Module):
         the first F/t of them are also its columns of ``fc2``."""
         f = self.config.ffn_hidden_size
         part = torch.arange(self.tp_rank * f // self.tp_size, (self.tp_rank + 1) * f // self.tp_size)
-        return torch.cat([part, part + f]) if self.config.activation == "swiglu" else part
+        return torch.cat([part, part + f]) if is_gated(self.config.activation) else part
 
     def forward(self, rows_NH: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(rows_NH)
-        if self.config.activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)  # exact (erf) GELU
-        return self.fc2(h)
+        return self.fc2(activate(self.fc1(rows_NH), self.config))
 
 
 class LocalExperts(nn.ModuleList):
@@ -104,8 +131,8 @@ class LocalExperts(nn.ModuleList):
     L may exceed the number of local experts (it is the most experts any rank of the layer holds): the counts
     of the slots past them must be 0.
     It gathers each slot's rows into one contiguous buffer (a local permutation), runs that expert on them, and
-    puts the results back in arrival order. A loop over the slots, not a grouped GEMM: colocation is the
-    fallback for clusters with fewer GPUs than experts, not the fast path.
+    puts the results back in arrival order. A loop over the slots, or with ``grouped_gemm`` two grouped GEMMs
+    over all of them (grouped_gemm.py).
     """
 
     def __init__(self, config: ExpertConfig, *, expert_ids: Sequence[int], init_seed: int = 0):
@@ -138,8 +165,11 @@ class LocalExperts(nn.ModuleList):
         # Stable: inside one slot, rows stay in (source rank, token) order, as a lone expert would see them.
         order_M = torch.sort(slot_M, stable=True).indices
         per_slot = [sum(int(c[l]) for c in recv_counts_RL) for l in range(num_local)]
-        grouped = rows_MH.index_select(0, order_M).split(per_slot)
-        out_MH = torch.cat([expert(part) for expert, part in zip(self, grouped)])
+        sorted_MH = rows_MH.index_select(0, order_M)
+        if self[0].config.grouped_gemm:
+            out_MH = grouped_mlp(list(self), sorted_MH, per_slot, self[0].config)
+        else:
+            out_MH = torch.cat([expert(part) for expert, part in zip(self, sorted_MH.split(per_slot))])
         # Back to arrival order, so the combine all-to-all returns each row to its source unchanged.
         return _unsort(out_MH, order_M)
 

@@ -368,12 +368,14 @@ class HierarchicalDispatcher:
         num_slots: int = 1,
         shared_X: torch.Tensor | None = None,
         on_shared: Callable[[list[int], torch.Tensor], None] | None = None,
+        during: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, HierarchicalHandle]:
         """Send each token once to every node that holds one of its kept experts, then to those experts.
 
         Args and returns as ``AllToAllDispatcher.dispatch`` (``shared_X`` / ``on_shared`` ride along in the one
         count exchange, over the whole EP group; colocated experts: ``local_slot_TK`` / ``num_slots``, and the
-        handle's ``recv_slot_counts``); rows_MH is grouped by gateway rank (then by slot).
+        handle's ``recv_slot_counts``); rows_MH is grouped by gateway rank (then by slot). ``during`` runs while
+        stage 1 (the inter-node rows) is in flight.
         """
         chunk_T = torch.zeros(x_TH.shape[0], dtype=torch.int64, device=x_TH.device)
         pack = pack_by_node(dest_rank_TK, keep_TK, topk_weights_TK, self.layout, self.rank, chunk_T, 1,
@@ -386,7 +388,8 @@ class HierarchicalDispatcher:
         meta_SK2 = stage1_meta(token_S, node_S, dest_rank_TK, keep_TK, topk_weights_TK, self.layout, local_slot_TK,
                                num_slots)
         rows_SH = x_TH.index_select(0, token_S)
-        rows_UH, meta_UK2 = all_to_all_lanes([rows_SH, meta_SK2], splits.s1_recv, splits.s1_send, self.stage1_group)
+        rows_UH, meta_UK2 = all_to_all_lanes([rows_SH, meta_SK2], splits.s1_recv, splits.s1_send, self.stage1_group,
+                                             during=during)
         rows_BH, weights_UK, order_B = gateway_expand(rows_UH, meta_UK2, sum(splits.s2_send))
         rows_MH = all_to_all(rows_BH, splits.s2_recv, splits.s2_send, self.stage2_group)
         handle = HierarchicalHandle(

@@ -83,6 +83,43 @@ def switch_aux_loss(
     return num_experts * (f_E * p_E).sum()
 
 
+def sequence_aux_loss(
+    scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, sequence_T: torch.Tensor, num_sequences: int,
+    score_function: str,
+) -> torch.Tensor:
+    """Sequence-wise balancing loss (DeepSeek-V3; Megatron ``seq_aux_loss``), coefficient not applied.
+
+    The switch loss of each sequence on its own, averaged over the sequences:
+        mean_n  E * sum_e f_ne * P_ne,   f_ne = (assignments of sequence n to e) / (K * tokens of n),
+                                         P_ne = mean over the tokens of n of their (normalised) score of e.
+    Which token belongs to which sequence is the caller's: ``sequence_T`` [T] int64 in [0, N). For a
+    ``[B, S, H]`` input (the core layer) token t = b * S + s is in sequence t // S; for Megatron's ``[S, B, H]``
+    token t = s * B + b is in sequence t % B. Sequences live on one rank (the layer's counts are local: no
+    collective); over data-parallel copies every rank averages its own sequences, and averaging the gradients
+    averages over all sequences. Sigmoid scores are normalised to sum to one per token first (as in the switch
+    loss). Counts are of the chosen experts (after bias and groups, before capacity drops). Returns 0 for T = 0.
+    """
+    t, e = scores_TE.shape
+    k = topk_ids_TK.shape[1]
+    if t == 0:
+        return scores_TE.sum() * 0.0
+    probs_TE = scores_TE
+    if score_function == "sigmoid":
+        probs_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
+    # Step 1: assignments and tokens per sequence, by scatter-add on the device.
+    flat_NE = (sequence_T.unsqueeze(1) * e + topk_ids_TK).reshape(-1)
+    counts_NE = torch.zeros(num_sequences * e, dtype=probs_TE.dtype, device=probs_TE.device).scatter_add_(
+        0, flat_NE, torch.ones_like(flat_NE, dtype=probs_TE.dtype)).view(num_sequences, e)
+    tokens_N = torch.zeros(num_sequences, dtype=probs_TE.dtype, device=probs_TE.device).index_add_(
+        0, sequence_T, torch.ones(t, dtype=probs_TE.dtype, device=probs_TE.device)).clamp(min=1)
+    # Step 2: the fractions f (no gradient) and the mean scores P of each sequence.
+    f_NE = counts_NE / (k * tokens_N.unsqueeze(1))
+    p_NE = torch.zeros(num_sequences, e, dtype=probs_TE.dtype, device=probs_TE.device).index_add(
+        0, sequence_T, probs_TE) / tokens_N.unsqueeze(1)
+    # Step 3: the switch loss of each sequence, averaged.
+    return (e * (f_NE * p_NE).sum(dim=-1)).mean()
+
+
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """Router z-loss: mean over tokens of logsumexp(logits)^2 (coefficient not applied)."""
     if logits_TE.shape[0] == 0:

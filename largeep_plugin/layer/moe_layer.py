@@ -12,6 +12,8 @@ One forward:
     3. dispatch (dispatcher.py): permute by destination, exchange counts, all-to-all
     4. the expert MLP on the received rows: one dense GEMM pair
     5. combine: reverse all-to-all, weighted sum over the K choices
+    (the shared expert, when configured, runs on the rank's own tokens while the rows of step 3 are in flight, and
+    its output is added: shared_experts.py, ``TokenExchange``'s ``side``)
 
 Colocated experts (more experts than ranks, opt-in through a placement planned with ``allow_colocate=True``):
 every rank runs ``LocalExperts`` (experts.py), the source sorts each destination's rows by the slot of their
@@ -35,8 +37,10 @@ from largeep_plugin.placement.plan import Placement
 from .process_groups import ExpertProcessGroups, NodeGroups, build_process_groups, ep_partition, ep_ranks_of
 from .expert_slots import rank_to_experts_of, slot_table
 from .experts import ExpertMLP, LocalExperts
-from .load_balance import LoadStats, apply_bias_updates, switch_aux_loss, z_loss
-from .router import Router
+from .overlap import SideJob
+from .shared_experts import build_shared_expert, shared_expert_output
+from .load_balance import LoadStats, apply_bias_updates, sequence_aux_loss, switch_aux_loss, z_loss
+from .router import Router, RoutingResult
 
 # Bits of the per-rank input check exchanged in step 2.
 _BAD_HIDDEN = 1
@@ -76,6 +80,9 @@ class LargeEPMoE(nn.Module):
             (``ExpertMLP`` shards; each token goes to all t, their partial outputs add up in the combine).
         ranks_per_node: ranks of one node, consecutive in the EP group; needed by ``dispatch="hierarchical"``
             (at least two nodes, else ValueError). Default: from ``node_groups`` or the placement's topology.
+        dp_group: with several data-parallel copies of the EP group, the ranks that hold this EP rank in every
+            copy (as ``update_expert_bias`` takes it): the global-batch loss (``global_aux_loss_coeff``) sums the
+            counts over it, one all_reduce per forward. None: the EP group's tokens are the whole batch.
         node_groups: ``dispatch="hierarchical"`` only: this rank's node and rail groups
             (``process_groups.build_node_groups``); its two stages then run on them instead of the whole EP group.
         expert_groups: the groups expert gradients are summed over (``process_groups.build_process_groups``).
@@ -89,6 +96,9 @@ class LargeEPMoE(nn.Module):
         expert: this rank's ``ExpertMLP`` (see experts.py for the parameter names; with expert TP its shard
             ``tp_rank`` of ``tp_size``); NotImplementedError when the rank holds several experts.
         expert_id: the expert this rank holds; NotImplementedError when it holds several.
+        shared_expert, shared_expert_gate: the shared expert (``shared_expert.fc1.weight``, ...) and its gate
+            (``shared_expert_gate.weight`` [1, H]) with ``shared_ffn_hidden_size`` / ``shared_expert_gate``, else
+            None; dense parameters (averaged over data-parallel ranks like the router's).
         experts: colocated placements only: ``LocalExperts``, slot l holding ``expert_ids[l]`` (state-dict keys
             ``experts.<slot>.fc1.weight``, ...), on every rank of the layer, even one holding a single expert.
             Otherwise the single expert is the submodule ``expert`` (keys ``expert.fc1.weight``, ...).
@@ -107,9 +117,11 @@ class LargeEPMoE(nn.Module):
         ranks_per_node: int | None = None,
         expert_groups: ExpertProcessGroups | None = None,
         node_groups: NodeGroups | None = None,
+        dp_group: ProcessGroup | None = None,
     ):
         super().__init__()
         self.config = config
+        self.dp_group = dp_group
         if ep_group is None and expert_groups is not None:
             ep_group = expert_groups.ep_group
         self.ep_group = ep_group
@@ -145,11 +157,16 @@ class LargeEPMoE(nn.Module):
             self.expert = ExpertMLP(config.expert_config, expert_id=self.expert_ids[0], init_seed=config.init_seed,
                                     tp_rank=self.tp_rank, tp_size=self.tp_size)
         self._join_replica_group(placement, expert_groups)
+        self.shared_expert, self.shared_expert_gate = build_shared_expert(config)
         self.dispatcher = self.token_exchange.dispatcher
         # Global assignments per expert since the last bias update (summed over forwards and micro-batches).
         self.register_buffer(
             "tokens_per_expert_since_update", torch.zeros(config.num_experts, dtype=torch.int64), persistent=False
         )
+        # Global assignments per expert of the global batch so far (global_aux_loss_coeff): summed over the EP group,
+        # the data-parallel copies and the training forwards since the last reset_global_load().
+        self.register_buffer("global_batch_tokens_E", torch.zeros(config.num_experts, dtype=torch.int64),
+                             persistent=False)
         self.last_stats: LoadStats | None = None
         # Gradient the attached auxiliary losses receive: set it to whatever the trainer multiplies its loss by
         # before backward (a dynamic fp16 loss scale, 1 / gradient-accumulation steps), as Megatron's
@@ -257,17 +274,21 @@ class LargeEPMoE(nn.Module):
             t = self.tp_size
             dest_rank_TK = (dest_rank_TK.unsqueeze(-1) + torch.arange(t, device=dest_rank_TK.device)).flatten(1)
             keep_TK, weights_TK = keep_TK.repeat_interleave(t, dim=1), weights_TK.repeat_interleave(t, dim=1)
-        shared = dict(shared_X=torch.cat([load_X, flag]) if fold else flag, on_shared=on_shared)
+        shared = dict(shared_X=torch.cat([load_X, flag]) if fold else flag, on_shared=on_shared,
+                      side=self._shared_expert_job(x_TH))
         if self.colocated:
             local_slot_TK = self.local_slot_RE[dest_rank_TK, routing.topk_ids_TK]
             y_TH = self.token_exchange(x_TH, dest_rank_TK, keep_TK, weights_TK, self.experts,
                                        local_slot_TK=local_slot_TK, num_slots=self.num_slots, **shared)
         else:
             y_TH = self.token_exchange(x_TH, dest_rank_TK, keep_TK, weights_TK, self.expert, **shared)
+        if shared["side"] is not None:
+            y_TH = y_TH + shared["side"].output
         load = totals[0] if fold else pending_load.wait()
         global_counts_E, dropped = load[:e], load[e]  # on the device: the stats stay there until someone reads them
 
         aux = self._aux_losses(routing.scores_TE, routing.logits_TE, global_counts_E)
+        aux = (aux[0] + self._sequence_and_global_losses(routing, global_counts_E, x), aux[1])
         if self.training and torch.is_grad_enabled():
             # Only training forwards move the bias: evaluation and no-grad inference must not.
             with torch.no_grad():
@@ -286,6 +307,14 @@ class LargeEPMoE(nn.Module):
             y = _AttachAuxLoss.apply(y, total_aux, self.aux_loss_scale)
         return y
 
+    def _shared_expert_job(self, x_TH: torch.Tensor) -> SideJob | None:
+        """The shared expert on this rank's tokens, as a job the token exchange runs during the dispatch."""
+        if self.shared_expert is None:
+            return None
+        expert, gate = self.shared_expert, self.shared_expert_gate
+        params = tuple(expert.parameters()) + (tuple(gate.parameters()) if gate is not None else ())
+        return SideJob(lambda x: shared_expert_output(expert, gate, x), x_TH, params)
+
     def _destination_ranks(self, topk_ids_TK: torch.Tensor) -> torch.Tensor:
         if self.placement is None:
             return topk_ids_TK  # expert e lives on rank e
@@ -301,6 +330,38 @@ class LargeEPMoE(nn.Module):
         if cfg.z_loss_coeff > 0:
             zl = cfg.z_loss_coeff * z_loss(logits_TE)
         return aux, zl
+
+    def _sequence_and_global_losses(self, routing: RoutingResult, global_counts_E: torch.Tensor,
+                                    x: torch.Tensor) -> torch.Tensor:
+        """The sequence-wise and global-batch balancing losses, coefficients applied (0 when both are off).
+
+        A sequence is ``x[..., s, :]`` of one leading index (``[B, S, H]``: B sequences; ``[T, H]``: one). The
+        global batch is the EP group's tokens, summed over ``dp_group`` and over the training forwards since
+        ``reset_global_load``."""
+        cfg = self.config
+        loss = routing.scores_TE.new_zeros(())
+        if cfg.seq_aux_loss_coeff > 0:
+            t = routing.scores_TE.shape[0]
+            seq_len = x.shape[-2] if x.dim() >= 3 else max(t, 1)
+            sequence_T = torch.arange(t, device=routing.topk_ids_TK.device) // seq_len
+            loss = loss + cfg.seq_aux_loss_coeff * sequence_aux_loss(
+                routing.scores_TE, routing.topk_ids_TK, sequence_T, t // seq_len, cfg.score_function)
+        if cfg.global_aux_loss_coeff > 0:
+            batch_E = global_counts_E.clone()
+            if self.dp_group is not None and group_size(self.dp_group) > 1:
+                dist.all_reduce(batch_E, group=self.dp_group)
+            if self.training and torch.is_grad_enabled():
+                with torch.no_grad():
+                    self.global_batch_tokens_E += batch_E
+                batch_E = self.global_batch_tokens_E.clone()
+            loss = loss + cfg.global_aux_loss_coeff * switch_aux_loss(
+                routing.scores_TE, batch_E, cfg.top_k, cfg.score_function)
+        return loss
+
+    @torch.no_grad()
+    def reset_global_load(self) -> None:
+        """Start a new global batch for the global-batch loss (call after the optimizer step)."""
+        self.global_batch_tokens_E.zero_()
 
     def _describe_problems(self, problems: dict[int, int], x: torch.Tensor) -> str:
         parts = []
@@ -327,6 +388,7 @@ class LargeEPMoE(nn.Module):
         """
         apply_bias_updates([self.router.expert_bias], [self.tokens_per_expert_since_update],
                            [self.config.bias_update_rate], dp_group)
+        self.reset_global_load()
 
     def extra_repr(self) -> str:
         c = self.config
@@ -356,9 +418,12 @@ def update_expert_biases(model: nn.Module, dp_group: ProcessGroup | None = None)
     """Apply the bias update of every large-EP layer in ``model``, after the optimizer step (``dp_group``: see
     ``update_expert_bias``; one all_reduce for all layers); returns how many layers were updated."""
     layers = [layer for _, layer in moe_layers(model)]
-    return apply_bias_updates([layer.router.expert_bias for layer in layers],
-                              [layer.tokens_per_expert_since_update for layer in layers],
-                              [layer.config.bias_update_rate for layer in layers], dp_group)
+    n = apply_bias_updates([layer.router.expert_bias for layer in layers],
+                           [layer.tokens_per_expert_since_update for layer in layers],
+                           [layer.config.bias_update_rate for layer in layers], dp_group)
+    for layer in layers:
+        layer.reset_global_load()  # a new global batch begins with the next step
+    return n
 
 
 def load_stats(model: nn.Module) -> dict[str, Any]:

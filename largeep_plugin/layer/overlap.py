@@ -33,6 +33,11 @@ graph (the expert's gives its input and parameter gradients, summed over chunks)
 i+1 and the reverse dispatch of chunk i-1 are in flight while the expert's backward of chunk i runs. In backward
 every floating lane is exchanged (zeros where no gradient reached it), so the collectives match on all ranks.
 
+Side job. Local work that needs no communication and does not depend on the experts (the shared expert on the
+rank's own tokens) can ride along: ``run_pipeline(..., side=SideJob(fn, x, params))`` runs it right after the first
+exchange of chunk 0 is started, so it overlaps the first dispatch, and its backward right after the first reverse
+exchange is started. It is part of the one autograd node (a second output), differentiated like the expert.
+
 Chunk count. Every rank runs the same number of chunks (collectives must match), min(overlap_chunks, the largest
 T in the EP group), learnt from the count exchange: asking for more chunks than tokens is clamped, never an error
 (a decode step with 1 token works with any setting). A rank with fewer tokens than chunks has one token per
@@ -75,6 +80,27 @@ class Local:
 
 
 Step = Exchange | Local
+
+
+@dataclass(eq=False)
+class SideJob:
+    """Local work with no communication, run while a token all-to-all is in flight (the shared expert).
+
+    Attributes:
+        fn: ``fn(input) -> output``; must not communicate.
+        input: its input (e.g. x_TH).
+        params: the parameters ``fn`` uses (the overlap pipeline differentiates w.r.t. them itself).
+        output: set by whoever runs the job (``run``, or the pipeline), differentiable w.r.t. input and params.
+    """
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    input: torch.Tensor
+    params: tuple[torch.Tensor, ...] = ()
+    output: torch.Tensor | None = None
+
+    def run(self) -> None:
+        """Run under the caller's autograd mode (the plain dispatchers' ``during`` hook)."""
+        self.output = self.fn(self.input)
 
 
 @dataclass(frozen=True)
@@ -138,8 +164,10 @@ class _Driver:
 
 
 def _schedule(n: int, dispatch: Callable[[int], Iterator[None]], compute: Callable[[int], None],
-              combine: Callable[[int], Iterator[None]], ahead_d: int, ahead_c: int) -> None:
-    """The fixed, rank-independent order of the pipeline (see the module docstring)."""
+              combine: Callable[[int], Iterator[None]], ahead_d: int, ahead_c: int,
+              side: Callable[[], None] | None = None) -> None:
+    """The fixed, rank-independent order of the pipeline (see the module docstring); ``side`` runs once, while
+    the first exchange of chunk 0 is in flight."""
     disp: dict[int, _Driver] = {}
     comb: dict[int, _Driver] = {}
 
@@ -149,6 +177,9 @@ def _schedule(n: int, dispatch: Callable[[int], Iterator[None]], compute: Callab
         return drivers[c]
 
     for c in range(n):
+        if c == 0 and side is not None:
+            get(disp, dispatch, 0).step()  # starts chunk 0's first exchange
+            side()
         get(disp, dispatch, c).finish()
         del disp[c]
         for j in range(1, ahead_d + 1):
@@ -171,11 +202,16 @@ class _PipelineRun:
     """One call of the pipeline: forward, and (once) its backward."""
 
     def __init__(self, programs: list[ChunkProgram], input_names: tuple[str, ...], expert: nn.Module,
-                 group: ProcessGroup | None, device: torch.device):
+                 group: ProcessGroup | None, device: torch.device, side: SideJob | None = None):
         self.programs = programs
         self.input_names = input_names
         self.expert = expert
         self.params = [p for p in expert.parameters() if p.requires_grad]
+        self.side = side
+        self.side_params = [p for p in side.params if p.requires_grad] if side is not None else []
+        self.side_tape: tuple[torch.Tensor, torch.Tensor] | None = None  # (input leaf, output) of the side job
+        self.side_out: torch.Tensor | None = None
+        self.side_grads: list[torch.Tensor | None] = []
         self.group = group
         self.stream = None if device.type == "cpu" else CommStream(device)
         self.chunks = [_Chunk() for _ in programs]
@@ -199,7 +235,8 @@ class _PipelineRun:
         _schedule(len(self.programs),
                   lambda c: self._forward_steps(c, "dispatch", self.programs[c].dispatch), compute,
                   lambda c: self._forward_steps(c, "combine", self.programs[c].combine),
-                  _exchanges(self.programs[0].dispatch), _exchanges(self.programs[0].combine))
+                  _exchanges(self.programs[0].dispatch), _exchanges(self.programs[0].combine),
+                  None if self.side is None else self._side_forward)
         outs = [ch.lanes.pop("rows") for ch in self.chunks]
         start = 0
         for o in outs:
@@ -208,6 +245,29 @@ class _PipelineRun:
         if not record:
             self.chunks = []
         return torch.cat(outs)
+
+    def _side_forward(self) -> None:
+        side = self.side
+        assert side is not None
+        if not self.record:
+            with torch.no_grad():
+                self.side_out = side.fn(side.input)
+            return
+        leaf = side.input.detach().requires_grad_(side.input.requires_grad)
+        with torch.enable_grad():
+            out = side.fn(leaf)
+        self.side_tape = (leaf, out)
+        self.side_out = out.detach()
+
+    def _side_backward(self, grad_side: torch.Tensor) -> None:
+        leaf, out = self.side_tape  # type: ignore[misc]
+        self.side_tape = None
+        wanted = ([leaf] if leaf.requires_grad else []) + self.side_params
+        if not out.requires_grad or not wanted:
+            self.side_grads = [None] * (1 + len(self.side_params))
+            return
+        got = list(torch.autograd.grad(out, wanted, grad_side, allow_unused=True))
+        self.side_grads = ([got.pop(0)] if leaf.requires_grad else [None]) + got
 
     def _forward_steps(self, c: int, phase: str, steps: tuple[Step, ...]) -> Iterator[None]:
         ch = self.chunks[c]
@@ -238,8 +298,11 @@ class _PipelineRun:
             ch.tape[("needs", name)] = o.requires_grad
 
     # backward ----------------------------------------------------------------------------------------------------
-    def backward(self, grad_out: torch.Tensor) -> list[torch.Tensor | None]:
+    def backward(self, grad_out: torch.Tensor, grad_side: torch.Tensor | None = None) -> list[torch.Tensor | None]:
         grads = [{"rows": grad_out[a:b]} for a, b in self.out_bounds]
+        side = None
+        if self.side is not None:
+            side = lambda: self._side_backward(grad_side if grad_side is not None else torch.zeros_like(self.side_out))
         param_grads: list[torch.Tensor | None] = [None] * len(self.params)
 
         def compute(c: int) -> None:
@@ -252,7 +315,7 @@ class _PipelineRun:
         _schedule(len(self.programs),
                   lambda c: self._backward_steps(c, "combine", self.programs[c].combine, grads[c]), compute,
                   lambda c: self._backward_steps(c, "dispatch", self.programs[c].dispatch, grads[c]),
-                  _exchanges(self.programs[0].combine), _exchanges(self.programs[0].dispatch))
+                  _exchanges(self.programs[0].combine), _exchanges(self.programs[0].dispatch), side)
         out: list[torch.Tensor | None] = []
         for name, (shape, dtype, needs) in zip(self.input_names, self.input_meta):
             if not needs:
@@ -264,7 +327,7 @@ class _PipelineRun:
                     full[prog.start:prog.stop] = g[name]
             out.append(full)
         self.chunks = []
-        return out + param_grads
+        return out + param_grads + self.side_grads
 
     def _backward_steps(self, c: int, phase: str, steps: tuple[Step, ...], grads: dict[str, torch.Tensor]) -> Iterator[None]:
         ch = self.chunks[c]
@@ -318,38 +381,50 @@ def _exchanges(steps: tuple[Step, ...]) -> int:
 
 
 class _PipelineFunction(torch.autograd.Function):
-    """The pipeline as one autograd node: inputs (lanes..., expert params...) -> the combined rows."""
+    """The pipeline as one autograd node: inputs (lanes..., expert params..., [side input, side params...]) -> the
+    combined rows [and the side job's output]."""
 
     @staticmethod
-    def forward(ctx, run: _PipelineRun, num_inputs: int, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, run: _PipelineRun, num_inputs: int, *tensors: torch.Tensor):  # type: ignore[override]
         needs = [bool(n) for n in ctx.needs_input_grad[2:2 + num_inputs]]
         ctx.run = run
-        return run.forward(tensors[:num_inputs], needs, record=True)
+        rows = run.forward(tensors[:num_inputs], needs, record=True)
+        return rows if run.side is None else (rows, run.side_out)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor, grad_side: torch.Tensor | None = None):  # type: ignore[override]
         run: _PipelineRun = ctx.run
         ctx.run = None
-        return (None, None, *run.backward(grad_out.contiguous()))
+        return (None, None, *run.backward(grad_out.contiguous(), grad_side))
 
 
 def run_pipeline(programs: list[ChunkProgram], inputs: dict[str, torch.Tensor], expert: nn.Module,
-                 group: ProcessGroup | None) -> torch.Tensor:
+                 group: ProcessGroup | None, side: SideJob | None = None) -> torch.Tensor:
     """Run chunk programs through the overlap scheduler, differentiably (see the module docstring).
 
     Args:
         programs: one per chunk, with identical step structure on every rank.
         inputs: the input lanes, all chunks' rows one after the other.
         expert: applied to lane "rows" of each chunk between dispatch and combine.
+        side: a job to run while chunk 0's first exchange is in flight; its ``output`` is set (differentiable).
     Returns:
         lane "rows" of every chunk after its combine, concatenated.
     """
     names = tuple(inputs)
     tensors = [inputs[n] for n in names]
     device = tensors[0].device
-    run = _PipelineRun(programs, names, expert, group, device)
-    needs_grad = torch.is_grad_enabled() and (any(t.requires_grad for t in tensors) or bool(run.params))
+    run = _PipelineRun(programs, names, expert, group, device, side)
+    side_tensors = [] if side is None else [side.input, *run.side_params]
+    needs_grad = torch.is_grad_enabled() and (
+        any(t.requires_grad for t in tensors + side_tensors) or bool(run.params) or bool(run.side_params))
     if not needs_grad:
-        return run.forward(tensors, [False] * len(tensors), record=False)
-    return _PipelineFunction.apply(run, len(tensors), *tensors, *run.params)
+        rows = run.forward(tensors, [False] * len(tensors), record=False)
+        if side is not None:
+            side.output = run.side_out
+        return rows
+    out = _PipelineFunction.apply(run, len(tensors), *tensors, *run.params, *side_tensors)
+    if side is None:
+        return out
+    rows, side.output = out
+    return rows

@@ -7,6 +7,17 @@ Shape legend:
 Selection and weighting are deliberately separate. The experts are *chosen* by ``scores + expert_bias`` (the
 aux-loss-free balancing bias moves which experts win), but the combine weights are the *unbiased* scores of the
 chosen experts, so the bias never changes how much an expert's output counts.
+
+One routing, step by step (``route``):
+    1. logits = x @ weight.T (+ the learned ``router.bias`` with ``router_bias``), in ``router_dtype`` (float32 by
+       default) with autocast off: top-k on bf16 scores is full of ties
+    2. scores = softmax or sigmoid of the logits
+    3. selection = scores + expert_bias; with ``num_groups``, the experts outside a token's ``group_topk`` best
+       groups are masked out first (``select_experts``); the top-k of the selection, ties to the lower index
+    4. weights = the unbiased scores of the chosen experts, divided by their sum (``normalize_topk``), times
+       ``routed_scaling_factor``; then capacity drops (weight 0)
+No step reads a value on the host (no ``.item()``, ``nonzero``, boolean-mask indexing): top-k, gather, scatter and
+masked_fill only, so routing never synchronises the device with the host (capacity drops aside).
 """
 from __future__ import annotations
 
@@ -84,6 +95,40 @@ def count_per_expert(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     the device for the largest id, so it never waits on the host."""
     flat = ids.reshape(-1)
     return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+def top_indices(scores_TN: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 [T, k]: the k highest entries of each row, best first; equal scores go to the lower index (a stable
+    sort, so the choice is the same on every device and run, which ``torch.topk`` does not promise)."""
+    return torch.sort(scores_TN, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def select_experts(
+    selection_TE: torch.Tensor,
+    top_k: int,
+    *,
+    num_groups: int | None = None,
+    group_topk: int | None = None,
+    group_score_topk: int = 2,
+) -> torch.Tensor:
+    """The top-k experts of each token by ``selection_TE`` (scores + bias), optionally group-limited.
+
+    Group-limited (``num_groups`` G): expert e is in group e // (E / G). Step 1: a group's score is the sum of its
+    ``group_score_topk`` highest selection scores. Step 2: each token keeps its ``group_topk`` best groups (ties
+    to the lower group). Step 3: the experts of the other groups are masked to -inf and the top-k is taken over
+    the rest (ties to the lower expert). All on the device: sort, scatter and masked_fill, no host read.
+
+    Returns:
+        topk_ids_TK: int64 chosen experts, best first.
+    """
+    if num_groups is None:
+        return top_indices(selection_TE, top_k)
+    t, e = selection_TE.shape
+    size = e // num_groups
+    grouped_TGS = selection_TE.view(t, num_groups, size)
+    group_scores_TG = grouped_TGS.topk(group_score_topk, dim=-1).values.sum(dim=-1)  # values only: ties are moot
+    kept_TG = torch.zeros(t, num_groups, dtype=torch.bool, device=selection_TE.device)
+    kept_TG.scatter_(1, top_indices(group_scores_TG, group_topk), True)
+    masked_TE = selection_TE.masked_fill(~kept_TG.repeat_interleave(size, dim=1), float("-inf"))
+    return top_indices(masked_TE, top_k)
 
 
 def route(
@@ -91,29 +136,37 @@ def route(
     weight_EH: torch.Tensor,
     expert_bias_E: torch.Tensor,
     config: RouterConfig,
+    router_bias_E: torch.Tensor | None = None,
 ) -> RoutingResult:
-    """Route tokens to their top-k experts.
+    """Route tokens to their top-k experts (the steps in the module docstring).
 
     Args:
         x_TH: tokens, any float dtype.
         weight_EH: router weight.
         expert_bias_E: float32 selection bias (0 = plain top-k).
-        config: scoring, top-k, normalisation and capacity settings.
+        config: scoring, grouping, top-k, normalisation, scaling and capacity settings.
+        router_bias_E: the learned bias of the router linear (``router_bias``), or None.
     """
-    # The router runs in float32 whatever the activations are: top-k on bf16 scores is full of ties. Under
-    # torch.autocast the linear would run in the autocast dtype despite the float32 inputs: switch it off here.
+    dtype = torch.float64 if config.router_dtype == "float64" else torch.float32
+    # Autocast would run the linear in bf16 whatever the inputs' dtype: switch it off for the router.
     with torch.autocast(device_type=x_TH.device.type, enabled=False):
-        logits_TE = torch.nn.functional.linear(x_TH.float(), weight_EH.float())
+        logits_TE = torch.nn.functional.linear(
+            x_TH.to(dtype), weight_EH.to(dtype), None if router_bias_E is None else router_bias_E.to(dtype)
+        )
     if config.score_function == "softmax":
         scores_TE = torch.softmax(logits_TE, dim=-1)
     else:
         scores_TE = torch.sigmoid(logits_TE)
-    topk_ids_TK = torch.topk(scores_TE.detach() + expert_bias_E, config.top_k, dim=-1).indices
+    topk_ids_TK = select_experts(scores_TE.detach() + expert_bias_E, config.top_k, num_groups=config.num_groups,
+                                 group_topk=config.group_topk, group_score_topk=config.group_score_topk)
     topk_scores_TK = scores_TE.gather(1, topk_ids_TK)
     if config.normalize_topk:
         topk_weights_TK = topk_scores_TK / (topk_scores_TK.sum(dim=-1, keepdim=True) + 1e-20)
     else:
         topk_weights_TK = topk_scores_TK
+    if config.routed_scaling_factor != 1.0:
+        topk_weights_TK = topk_weights_TK * config.routed_scaling_factor
+    topk_weights_TK = topk_weights_TK.float()  # combine weights are float32 (float64 routing included)
     tokens_per_expert_E = count_per_expert(topk_ids_TK, config.num_experts)
     if config.capacity_factor is None:
         keep_TK = torch.ones_like(topk_ids_TK, dtype=torch.bool)
@@ -132,7 +185,8 @@ def route(
 
 
 class Router(nn.Module):
-    """Holds ``weight`` [E, H] and the selection bias buffer ``expert_bias`` [E] (float32, zero at start).
+    """Holds ``weight`` [E, H], with ``router_bias`` the learned ``bias`` [E] of the linear (else None), and the
+    selection bias buffer ``expert_bias`` [E] (float32, zero at start).
 
     The weight is replicated on every rank (each rank routes its own tokens); it starts from a seeded
     initialisation so all ranks agree without a broadcast.
@@ -143,6 +197,8 @@ class Router(nn.Module):
         self.config = config
         gen = torch.Generator().manual_seed(init_seed)
         self.weight = nn.Parameter(torch.randn(config.num_experts, hidden_size, generator=gen) * init_std)
+        # Drawn after the weight from the same generator: the weight is the same with and without a bias.
+        self.bias = nn.Parameter(torch.randn(config.num_experts, generator=gen) * init_std) if config.router_bias else None
         self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
@@ -154,4 +210,4 @@ class Router(nn.Module):
         return self
 
     def forward(self, x_TH: torch.Tensor) -> RoutingResult:
-        return route(x_TH, self.weight, self.expert_bias, self.config)
+        return route(x_TH, self.weight, self.expert_bias, self.config, self.bias)

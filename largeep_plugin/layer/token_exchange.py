@@ -28,7 +28,7 @@ from .hierarchical import (
     stage1_rows_per_chunk,
     stage_splits,
 )
-from .overlap import ChunkProgram, Exchange, Local, chunk_of_tokens, effective_chunks, run_pipeline
+from .overlap import ChunkProgram, Exchange, Local, SideJob, chunk_of_tokens, effective_chunks, run_pipeline
 from .process_groups import NodeGroups
 
 
@@ -47,6 +47,7 @@ def pipelined_exchange(
     num_slots: int = 1,
     shared_X: torch.Tensor | None = None,
     on_shared: Callable[[list[int], torch.Tensor], None] | None = None,
+    side: SideJob | None = None,
 ) -> torch.Tensor:
     """Dispatch, expert and combine of a whole batch, pipelined over ``num_chunks`` chunks.
 
@@ -59,6 +60,7 @@ def pipelined_exchange(
         local_slot_TK, num_slots: colocated experts: as ``AllToAllDispatcher.dispatch``. The one count exchange
             then carries counts per (chunk, rank, slot), and each chunk's expert call gets its [sources][L].
         shared_X, on_shared: numbers that ride along in the one count exchange (``comm.exchange_count_rows``).
+        side: local work run while chunk 0's first exchange is in flight (``overlap.SideJob``; its ``output`` set).
     Returns:
         y_TH, equal to the unchunked dispatcher's result (values and gradients, up to float rounding).
     """
@@ -81,7 +83,7 @@ def pipelined_exchange(
             programs.append(ChunkProgram(start, start + sum(send[c]), (ex,), (ex.reverse(),), args))
             start += sum(send[c])
         order_A = order_A[:start]  # the rows sent; dropped assignments were sorted past them
-        back_AH = run_pipeline(programs, {"rows": x_TH.index_select(0, order_A // k)}, expert, group)
+        back_AH = run_pipeline(programs, {"rows": x_TH.index_select(0, order_A // k)}, expert, group, side)
         return sum_over_k(back_AH, order_A, topk_weights_TK.shape[0], topk_weights_TK.shape[1], topk_weights_TK)
 
     slots = None if local_slot_TK is None else num_slots
@@ -108,7 +110,7 @@ def pipelined_exchange(
     token_S, node_S = pack.rows(start)
     meta_SK2 = stage1_meta(token_S, node_S, dest_rank_TK, keep_TK, topk_weights_TK, layout, local_slot_TK, num_slots)
     inputs = {"rows": x_TH.index_select(0, token_S), "meta": meta_SK2}
-    partial_SH = run_pipeline(programs, inputs, expert, group)
+    partial_SH = run_pipeline(programs, inputs, expert, group, side)
     return source_reduce(partial_SH, token_S, node_S, t, layout.num_nodes)
 
 
@@ -153,17 +155,25 @@ class TokenExchange:
     def __call__(self, x_TH: torch.Tensor, dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor,
                  topk_weights_TK: torch.Tensor, expert: nn.Module, *, local_slot_TK: torch.Tensor | None = None,
                  num_slots: int = 1, shared_X: torch.Tensor | None = None,
-                 on_shared: Callable[[list[int], torch.Tensor], None] | None = None) -> torch.Tensor:
+                 on_shared: Callable[[list[int], torch.Tensor], None] | None = None,
+                 side: SideJob | None = None) -> torch.Tensor:
         """y_TH of the batch. Colocated (``local_slot_TK`` given, see ``AllToAllDispatcher.dispatch``): ``expert``
-        is called as ``expert(rows_MH, recv_slot_counts, recv_slot_counts_dev)`` (``experts.LocalExperts``). ``shared_X`` / ``on_shared``
-        ride along in the one count exchange of every path (``comm.exchange_count_rows``)."""
+        is called as ``expert(rows_MH, recv_slot_counts, recv_slot_counts_dev)`` (``experts.LocalExperts``).
+        ``shared_X`` / ``on_shared`` ride along in the one count exchange of every path
+        (``comm.exchange_count_rows``).
+
+        ``side`` (the shared expert) runs on every path while the first token all-to-all is in flight, after the
+        count exchange: flat, the all-to-all of the rows; node-batched, stage 1 (the inter-node rows); chunked,
+        chunk 0's first exchange, and in backward the first reverse exchange (it is part of the pipeline's
+        autograd node). Unchunked, its backward is ordinary autograd (not overlapped). Its ``output`` is set."""
         if (local_slot_TK is not None) != self.colocated:
             raise ValueError(f"local_slot_TK must be given exactly when colocated={self.colocated}")
         shared = dict(shared_X=shared_X, on_shared=on_shared)
         if self.num_chunks > 1:
             return pipelined_exchange(x_TH, dest_rank_TK, keep_TK, topk_weights_TK, expert, group=self.ep_group,
                                       num_chunks=self.num_chunks, layout=self.layout, node_groups=self.node_groups,
-                                      local_slot_TK=local_slot_TK, num_slots=num_slots, **shared)
+                                      local_slot_TK=local_slot_TK, num_slots=num_slots, side=side, **shared)
+        shared["during"] = None if side is None else side.run
         if self.colocated:
             rows_MH, handle = self.dispatcher.dispatch(x_TH, dest_rank_TK, keep_TK, topk_weights_TK,  # type: ignore[call-arg]
                                                        local_slot_TK=local_slot_TK, num_slots=num_slots, **shared)

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import search
+from .groups import grouped_units
 from largeep_plugin.placement.figures import (PlacementFigures, RoutingStats, as_load, link_tokens, make_figures,
                                              route_flows, routing_stats, source_shares)
 from largeep_plugin.placement.topology import Topology, topology_from_dict
@@ -272,7 +273,7 @@ def expert_tp_degree(expert_bytes: int | None, topology: Topology) -> int:
 
 def plan_placement(num_experts: int, topology: Topology, load: Any = None, coactivation: Any = None,
                    expert_bytes: int | None = None, allow_colocate: bool = False, *, top_k: int | None = None,
-                   kicks: int = 20, seed: int = 0) -> Placement:
+                   kicks: int = 20, seed: int = 0, expert_groups: int | None = None) -> Placement:
     """Plan where experts go.
 
     Args:
@@ -287,6 +288,9 @@ def plan_placement(num_experts: int, topology: Topology, load: Any = None, coact
         top_k: experts per token the statistics were recorded with (sharper traffic estimate for top_k > 2).
         kicks, seed: rounds and seed of the local search's random restarts (fixed: the same input gives the same
             placement).
+        expert_groups: G routing groups (``LargeEPConfig.num_groups``; expert e in group e // (E / G)): keep each
+            group, replicas included, on one node (placement/groups.py), so a token that keeps M groups reaches
+            at most M nodes. Steps 2-3 then run per node; the baselines, which split groups, are not candidates.
     Returns:
         The Placement with the best (largest GPU load, largest inter-node link time, total inter-node traffic)
         among the planner's own layout and the naive, Megatron-style and EPLB-style layouts it starts from.
@@ -302,6 +306,15 @@ def plan_placement(num_experts: int, topology: Topology, load: Any = None, coact
     tp = expert_tp_degree(expert_bytes, topology)
     units_per_node = tuple(n.num_gpus // tp for n in topology.nodes)
     slots = sum(units_per_node)
+
+    if expert_groups is not None:  # steps 2-3 under the constraint: every routing group on one node
+        if num_experts > slots and tp > 1:
+            raise NotImplementedError("colocated experts with expert tensor parallelism are not supported")
+        unit_experts, nodes = grouped_units(load_E, expert_groups, units_per_node, allow_colocate)
+        if num_experts > slots:
+            warnings.warn(f"placing {num_experts} experts on {slots} GPUs: up to "
+                          f"{max(len(u) for u in unit_experts)} experts share a GPU", stacklevel=2)
+        return assemble_placement(topology, num_experts, tp, unit_experts, nodes)
 
     # step 2: what each slot holds
     if num_experts <= slots:

@@ -25,7 +25,6 @@ import torch.nn as nn
 
 from largeep_plugin.layer.comm import ProcessGroup, group_size
 from largeep_plugin.layer.moe_layer import LargeEPMoE, moe_layers
-from largeep_plugin.layer.router import route
 
 
 class RoutingRecorder:
@@ -98,7 +97,7 @@ def record_largeep_routing(model: nn.Module, recorder: RoutingRecorder) -> Calla
         def hook(module: nn.Module, inputs: tuple) -> None:
             x_TH = inputs[0].detach().reshape(-1, layer.config.hidden_size)
             with torch.no_grad():
-                routing = route(x_TH, layer.router.weight, layer.router.expert_bias, layer.config.router_config)
+                routing = layer.router(x_TH)
             recorder.add(index, routing.topk_ids_TK)
 
         return hook

@@ -34,6 +34,7 @@ from deepspeed.utils import groups
 
 from largeep_plugin.layer.comm import ProcessGroup, group_rank, group_size
 from largeep_plugin.layer.config import LargeEPConfig
+from largeep_plugin.layer.experts import is_gated
 from largeep_plugin.layer.moe_layer import LargeEPMoE
 from largeep_plugin.placement.plan import Placement
 from largeep_plugin.layer.process_groups import ExpertProcessGroups
@@ -205,7 +206,7 @@ def convert_stock_layer(
     fc1_rows = expert_state["fc1.weight"].shape[0]
     cfg = LargeEPConfig(
         hidden_size=gate_weight.shape[1],
-        ffn_hidden_size=fc1_rows // 2 if activation == "swiglu" else fc1_rows,
+        ffn_hidden_size=fc1_rows // 2 if is_gated(activation) else fc1_rows,
         num_experts=stock.num_experts,
         top_k=top_k,
         activation=activation,

@@ -1,7 +1,7 @@
 """Translate a Megatron-Core ``TransformerConfig`` into the plugin's ``LargeEPConfig``, once, with clear errors.
 
-The MoE settings a Megatron user already wrote (experts, top-k, score function, capacity, losses, activation) are
-read from the ``TransformerConfig``; the plugin-only settings (``bias_update_rate``, ``init_seed``,
+The MoE settings a Megatron user already wrote (experts, top-k, score function, group-limited routing, top-k
+scaling, capacity, losses, activation, shared experts, router dtype) are read from the ``TransformerConfig``; the plugin-only settings (``bias_update_rate``, ``init_seed``,
 ``check_inputs``, ``overlap_chunks``, ``dispatch``) come from ``overrides``, a mapping of ``LargeEPConfig`` field
 names (the ``large_ep`` section of a JSON/YAML file, or the spec helpers' ``large_ep=`` argument).
 
@@ -9,7 +9,23 @@ Errors:
     * ``ValueError`` names the field and the value: a Megatron config without experts, an unknown override key,
       an override that contradicts what the Megatron config says.
     * ``NotImplementedError`` names the Megatron field and value the large-EP layer does not support (expert tensor
-      parallelism, grouped-limited routing, latent MoE, FP8 experts, ...), so nothing is silently ignored.
+      parallelism, device-limited routing, latent MoE, FP8 experts, ...), so nothing is silently ignored.
+
+Megatron field -> ``LargeEPConfig`` field (besides the obvious ones):
+    moe_router_num_groups / moe_router_group_topk   num_groups / group_topk, group_score_topk = top_k // group_topk
+                                                    (Megatron's group score); softmax needs moe_router_pre_softmax
+                                                    (Megatron scores groups on the logits otherwise)
+    moe_router_topk_scaling_factor                  routed_scaling_factor (None: 1.0)
+    moe_router_load_balancing_type + moe_aux_loss_coeff   aux_loss_coeff / seq_aux_loss_coeff /
+                                                    global_aux_loss_coeff (a type or a list of types with a list of
+                                                    coefficients)
+    moe_shared_expert_intermediate_size / moe_shared_expert_gate   shared_ffn_hidden_size / shared_expert_gate (the
+                                                    module is Megatron's SharedExpertMLP; with
+                                                    moe_shared_expert_overlap it runs during the dispatch all-to-all)
+    moe_router_dtype None / "fp32" / "fp64"         router_dtype float32 / float32 / float64
+    add_bias_linear                                 linear_bias (experts) and router_bias (Megatron's router linear
+                                                    has a bias then)
+    gated_linear_unit + quick_gelu + glu_linear_offset=1 + activation_func_clamp_value   swiglu_oai (gpt-oss)
 """
 from __future__ import annotations
 
@@ -21,7 +37,7 @@ import torch.nn.functional as F
 from largeep_plugin.layer.config import LargeEPConfig
 
 # LargeEPConfig fields that only the plugin knows about: free to set through overrides.
-PLUGIN_FIELDS = ("bias_update_rate", "init_seed", "check_inputs", "overlap_chunks", "dispatch")
+PLUGIN_FIELDS = ("bias_update_rate", "init_seed", "check_inputs", "overlap_chunks", "dispatch", "grouped_gemm")
 
 # LargeEPConfig fields that come from the Megatron config, with the Megatron field to change instead.
 MEGATRON_SOURCES = {
@@ -32,28 +48,40 @@ MEGATRON_SOURCES = {
     "activation": "gated_linear_unit / activation_func",
     "score_function": "moe_router_score_function",
     "normalize_topk": "moe_router_pre_softmax (softmax) / moe_router_topk (sigmoid)",
+    "num_groups": "moe_router_num_groups",
+    "group_topk": "moe_router_group_topk",
+    "group_score_topk": "moe_router_topk // moe_router_group_topk",
+    "routed_scaling_factor": "moe_router_topk_scaling_factor",
+    "router_dtype": "moe_router_dtype",
     "capacity_factor": "moe_expert_capacity_factor",
-    "aux_loss_coeff": "moe_aux_loss_coeff",
+    "aux_loss_coeff": "moe_aux_loss_coeff (moe_router_load_balancing_type 'aux_loss')",
+    "seq_aux_loss_coeff": "moe_aux_loss_coeff (moe_router_load_balancing_type 'seq_aux_loss')",
+    "global_aux_loss_coeff": "moe_aux_loss_coeff (moe_router_load_balancing_type 'global_aux_loss')",
     "z_loss_coeff": "moe_z_loss_coeff",
     "linear_bias": "add_bias_linear",
+    "router_bias": "add_bias_linear",
+    "shared_ffn_hidden_size": "moe_shared_expert_intermediate_size",
+    "shared_expert_gate": "moe_shared_expert_gate",
+    "swiglu_limit": "activation_func_clamp_value",
     "init_std": "init_method_std",
 }
+
+# The balancing losses Megatron names in moe_router_load_balancing_type, and the LargeEPConfig coefficient of each.
+_BALANCING = {"aux_loss": "aux_loss_coeff", "seq_aux_loss": "seq_aux_loss_coeff",
+              "global_aux_loss": "global_aux_loss_coeff"}
 
 # Megatron fields whose non-default values the large-EP layer does not implement: (field, allowed values, why).
 _UNSUPPORTED: tuple[tuple[str, tuple[Any, ...], str], ...] = (
     ("context_parallel_size", (1,), "context parallelism is not wired into the large-EP layer"),
     ("expert_tensor_parallel_size", (None, 1), "experts are not split with tensor parallelism (one expert per rank)"),
-    ("moe_router_num_groups", (None,), "group-limited routing is not implemented"),
-    ("moe_router_group_topk", (None,), "group-limited routing is not implemented"),
-    ("moe_router_topk_limited_devices", (None,), "device-limited routing is not implemented"),
-    ("moe_router_topk_scaling_factor", (None, 1, 1.0), "scaled top-k weights are not implemented"),
-    ("moe_router_dtype", (None, "fp32"), "the router always runs in float32"),
+    ("moe_router_topk_limited_devices", (None,), "device-limited routing is not implemented (use "
+     "moe_router_num_groups / moe_router_group_topk: group-limited routing)"),
+    ("moe_router_dtype", (None, "fp32", "fp64"), "the router runs in float32 or float64"),
     ("moe_router_force_load_balancing", (False,), "random benchmark routing is not implemented"),
     ("moe_enable_routing_replay", (False,), "routing replay is not implemented"),
     ("moe_input_jitter_eps", (None,), "input jitter is not implemented"),
     ("moe_token_drop_policy", ("probs",), "only the 'probs' drop policy (keep the highest scores) is implemented"),
     ("moe_pad_expert_input_to_capacity", (False,), "padding expert inputs to capacity is not implemented"),
-    ("moe_shared_expert_overlap", (False,), "shared experts run outside the dispatcher (no overlap)"),
     ("moe_latent_size", (None,), "latent MoE projections are not implemented"),
     ("moe_apply_probs_on_input", (False,), "combine weights are applied on the expert output"),
     ("moe_token_dispatcher_type", ("allgather", "alltoall"), "'flex' selects DeepEP/HybridEP hooks; the large-EP "
@@ -72,26 +100,80 @@ def check_megatron_config(config: Any) -> None:
         value = getattr(config, field, allowed[0])
         if value not in allowed:
             raise NotImplementedError(f"{field}={value!r} is not supported by the large-EP layer: {why}")
-    balancing = config.moe_router_load_balancing_type
-    if balancing not in ("aux_loss", "none"):
+    coeffs = _balancing_coeffs(config)
+    if coeffs["seq_aux_loss_coeff"] > 0 and config.sequence_parallel and config.tensor_model_parallel_size > 1:
         raise NotImplementedError(
-            f"moe_router_load_balancing_type={balancing!r} is not supported by the large-EP layer: use 'aux_loss' "
-            "(switch loss over the EP group's global counts) or 'none'; the selection bias balances without a loss"
+            "moe_router_load_balancing_type='seq_aux_loss' with sequence_parallel=True and "
+            f"tensor_model_parallel_size={config.tensor_model_parallel_size}: a sequence is then split over the TP "
+            "ranks, whose per-sequence counts the large-EP router does not gather"
         )
-    if not isinstance(config.moe_aux_loss_coeff, (int, float)):
-        raise NotImplementedError(f"moe_aux_loss_coeff={config.moe_aux_loss_coeff!r}: one coefficient is supported")
+    _groups(config)
+    if config.moe_shared_expert_overlap and getattr(config, "overlap_moe_expert_parallel_comm", False):
+        raise NotImplementedError(
+            "moe_shared_expert_overlap=True with overlap_moe_expert_parallel_comm=True: Megatron's fine-grained EP "
+            "overlap schedules the shared expert itself; set moe_shared_expert_overlap=False"
+        )
     _activation(config)
 
 
+def _balancing_coeffs(config: Any) -> dict[str, float]:
+    """The coefficient of each balancing loss from moe_router_load_balancing_type and moe_aux_loss_coeff."""
+    types, coeffs = config.moe_router_load_balancing_type, config.moe_aux_loss_coeff
+    if isinstance(types, str):
+        types, coeffs = [types], [coeffs]
+    if not isinstance(coeffs, (list, tuple)) or len(coeffs) != len(types):
+        raise ValueError(f"moe_aux_loss_coeff={config.moe_aux_loss_coeff!r} must give one coefficient per type in "
+                         f"moe_router_load_balancing_type={config.moe_router_load_balancing_type!r}")
+    out = {name: 0.0 for name in _BALANCING.values()}
+    for kind, coeff in zip(types, coeffs):
+        if kind == "none":
+            continue
+        if kind not in _BALANCING:
+            raise NotImplementedError(
+                f"moe_router_load_balancing_type={kind!r} is not supported by the large-EP layer: use 'aux_loss' "
+                "(switch loss over the EP group's global counts), 'seq_aux_loss', 'global_aux_loss' or 'none'; the "
+                "selection bias balances without a loss"
+            )
+        out[_BALANCING[kind]] = float(coeff)
+    return out
+
+
+def _groups(config: Any) -> dict[str, Any]:
+    """num_groups, group_topk and group_score_topk (Megatron: top_k // group_topk) of group-limited routing."""
+    groups, group_topk = config.moe_router_num_groups, config.moe_router_group_topk
+    if groups is None and group_topk is None:
+        return {}
+    if groups is None or group_topk is None:
+        raise ValueError(f"moe_router_num_groups={groups!r} and moe_router_group_topk={group_topk!r}: "
+                         "group-limited routing needs both")
+    if config.moe_router_score_function == "softmax" and not config.moe_router_pre_softmax:
+        raise NotImplementedError(
+            "moe_router_num_groups with moe_router_score_function='softmax' and moe_router_pre_softmax=False: "
+            "Megatron then scores the groups on the logits, the large-EP router on the probabilities; set "
+            "moe_router_pre_softmax=True (DeepSeek-V2) or use sigmoid scores (DeepSeek-V3)"
+        )
+    score_topk = config.moe_router_topk // group_topk
+    if score_topk < 1:
+        raise ValueError(f"moe_router_topk={config.moe_router_topk} < moe_router_group_topk={group_topk}: Megatron "
+                         "scores a group by its top (moe_router_topk // moe_router_group_topk) experts, here 0")
+    return dict(num_groups=groups, group_topk=group_topk, group_score_topk=score_topk)
+
+
 def _activation(config: Any) -> str:
-    if config.gated_linear_unit and config.activation_func is F.silu:
+    offset = getattr(config, "glu_linear_offset", 0.0)
+    clamp = getattr(config, "activation_func_clamp_value", None)
+    if config.gated_linear_unit and config.activation_func is F.silu and offset == 0.0 and clamp is None:
         return "swiglu"
     if not config.gated_linear_unit and config.activation_func is F.gelu:
         return "gelu"
+    if (config.gated_linear_unit and getattr(config.activation_func, "__name__", "") == "quick_gelu"
+            and offset == 1.0 and clamp is not None):
+        return "swiglu_oai"
     raise NotImplementedError(
-        f"gated_linear_unit={config.gated_linear_unit} with activation_func={config.activation_func!r} is not "
-        "supported by the large-EP layer: use gated_linear_unit=False with F.gelu (exact GELU), or "
-        "gated_linear_unit=True with F.silu (SwiGLU)"
+        f"gated_linear_unit={config.gated_linear_unit} with activation_func={config.activation_func!r}, "
+        f"glu_linear_offset={offset}, activation_func_clamp_value={clamp} is not supported by the large-EP layer: "
+        "use gated_linear_unit=False with F.gelu (exact GELU), gated_linear_unit=True with F.silu (SwiGLU), or "
+        "gated_linear_unit=True with quick_gelu, glu_linear_offset=1.0 and activation_func_clamp_value set (gpt-oss)"
     )
 
 
@@ -129,11 +211,19 @@ def large_ep_config_from_megatron(config: Any, overrides: Mapping[str, Any] | No
         score_function=config.moe_router_score_function,
         normalize_topk=_normalize_topk(config),
         capacity_factor=config.moe_expert_capacity_factor,
-        aux_loss_coeff=float(config.moe_aux_loss_coeff) if config.moe_router_load_balancing_type == "aux_loss" else 0.0,
+        **_balancing_coeffs(config),
         z_loss_coeff=float(config.moe_z_loss_coeff or 0.0),
         linear_bias=bool(config.add_bias_linear),
+        router_bias=bool(config.add_bias_linear),
         init_std=float(config.init_method_std),
+        routed_scaling_factor=float(config.moe_router_topk_scaling_factor or 1.0),
+        router_dtype="float64" if config.moe_router_dtype == "fp64" else "float32",
+        shared_ffn_hidden_size=config.moe_shared_expert_intermediate_size,
+        shared_expert_gate=bool(config.moe_shared_expert_gate) and config.moe_shared_expert_intermediate_size is not None,
+        **_groups(config),
     )
+    if derived["activation"] == "swiglu_oai":
+        derived["swiglu_limit"] = float(config.activation_func_clamp_value)
     for key, value in overrides.items():
         if key in derived and value != derived[key]:
             raise ValueError(

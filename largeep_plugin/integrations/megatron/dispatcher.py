@@ -28,6 +28,12 @@ dispatch) is an error, not a silent mix-up.
 The token movement is the core ``AllToAllDispatcher`` in its three steps (``route`` / ``exchange`` / ``send``);
 the handle carries no weights, so ``combine`` sums the pre-weighted rows.
 
+Shared expert overlap (``moe_shared_expert_overlap``; ``set_shared_experts``): ``dispatch_preprocess`` keeps the
+layer input, ``token_dispatch`` runs the shared expert on it while the rows' all-to-all is in flight, and
+``combine_postprocess`` adds its output (Megatron's ``MoELayer`` then skips its own shared-expert call). The
+shared output is a differentiable tensor on ``self`` between stages, so this mode is refused with Megatron's
+fine-grained EP overlap (``integrations/megatron/config.py``).
+
 Colocated experts (a placement with several experts on some rank): ``dispatch_preprocess`` also finds each
 assignment's slot on its destination rank, ``token_dispatch`` exchanges counts per (rank, slot) (the core
 dispatcher's colocated mode), and ``dispatch_postprocess`` hands the experts the [R, L] counts as
@@ -111,6 +117,8 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
         self._routed: _Routed | None = None
         self._in_flight: tuple[DispatchHandle, torch.Size] | None = None
         self._combined_shape: torch.Size | None = None
+        self._shared_input: torch.Tensor | None = None
+        self._shared_output: torch.Tensor | None = None
 
     def dispatch_preprocess(
         self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor
@@ -146,6 +154,8 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
             shared_X=None if shared is None else shared[0], on_shared=None if shared is None else shared[1],
         )
         self._routed = _Routed(handle, hidden_states.shape)
+        if self.shared_experts is not None:
+            self._shared_input = hidden_states
         tokens_AH = x_TH.index_select(0, handle.order_A // self.top_k)
         probs_A = weights_TK.reshape(-1).index_select(0, handle.order_A)
         return tokens_AH, probs_A
@@ -158,7 +168,14 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
         forward, and weights that were a view of the same buffer would go with them."""
         routed = self._take("_routed", "token_dispatch", "dispatch_preprocess")
         handle = routed.handle
-        rows_MH = self.dispatcher.send(hidden_states, handle)
+        during = None
+        if self.shared_experts is not None:
+            shared_input = self._take("_shared_input", "token_dispatch", "dispatch_preprocess")
+
+            def during() -> None:
+                self._shared_output = self.shared_experts(shared_input)
+
+        rows_MH = self.dispatcher.send(hidden_states, handle, during=during)
         probs_M = self.dispatcher.send(probs, handle)
         self._in_flight = (handle, routed.hidden_shape)
         return rows_MH, probs_M
@@ -202,6 +219,8 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
     def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Local: back to the layer input's shape ([S, B, H])."""
         shape = self._take("_combined_shape", "combine_postprocess", "token_combine")
+        if self.shared_experts is not None:
+            return hidden_states.view(shape) + self._take("_shared_output", "combine_postprocess", "token_dispatch")
         return hidden_states.view(shape)
 
     def _take(self, attr: str, stage: str, before: str) -> Any:

@@ -18,6 +18,7 @@ rank), expert-DP = ``expt_dp`` (Megatron's DDP reduces the expert gradients over
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -235,9 +236,11 @@ class LargeEPMoELayer(MoELayer):
         self.experts.count_source = self.token_dispatcher
         self.shared_experts = None
         if self.use_shared_expert:
-            self.shared_experts = build_module(
-                submodules.shared_experts, config=config, pg_collection=pg_collection, gate=config.moe_shared_expert_gate
-            )
+            self.shared_experts = build_shared_experts(submodules, config, pg_collection)
+            if self.shared_expert_overlap:
+                # MoELayer then leaves the shared expert to the dispatcher: ours runs it while the tokens'
+                # all-to-all is in flight and adds its output in combine_postprocess.
+                self.token_dispatcher.set_shared_experts(self.shared_experts)
         self.cudagraph_tensor_store = MoECudaGraphTensorStore()
         self.fwd_execution_map = ["route", "expert_compute", "postprocess"]
 
@@ -273,6 +276,21 @@ class LargeEPMoELayer(MoELayer):
                 "(its finish_grad_sync sums them), or run this placement forward only"
             )
         return super().forward(hidden_states, intermediate_tensors, padding_mask)
+
+
+def build_shared_experts(submodules: MoESubmodules, config: Any, pg_collection: Any) -> nn.Module:
+    """Megatron's shared expert module from the spec. With ``moe_shared_expert_overlap`` Megatron's
+    ``SharedExpertMLP`` would create a CUDA stream and split its forward into stream-bound pieces; the large-EP
+    dispatcher overlaps it on any device by running its plain forward while the token all-to-all is in flight
+    (``comm.all_to_all(during=...)``), so the module is built as without the overlap."""
+    if submodules.shared_experts is None:
+        raise ValueError("moe_shared_expert_intermediate_size is set but MoESubmodules.shared_experts is None: "
+                         "build the layer spec with the same config (get_gpt_layer_spec_with_large_ep or "
+                         "get_gpt_decoder_block_spec_with_large_ep keep Megatron's shared-expert spec)")
+    build_config = dataclasses.replace(config, moe_shared_expert_overlap=False) if config.moe_shared_expert_overlap \
+        else config
+    return build_module(submodules.shared_experts, config=build_config, pg_collection=pg_collection,
+                        gate=config.moe_shared_expert_gate)
 
 
 def _check_submodules(submodules: MoESubmodules) -> None:

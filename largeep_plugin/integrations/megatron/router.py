@@ -19,8 +19,18 @@ One forward:
        (``counts_in_dispatch``; ``take_shared_counts``) the flags ride in the dispatcher's count exchange, its one
        host sync, and so do the counts unless the switch loss needs them now (then one all_reduce here, on the
        device). A router on its own all-reduces counts and flags and reads the flags on the host.
-    3. the switch loss and the z-loss are attached to ``probs_TE`` with Megatron's ``MoEAuxLossAutoScaler`` so that
-       Megatron's schedules scale their gradients like the main loss (micro-batches, loss scale)
+    3. the balancing losses and the z-loss are attached to ``probs_TE`` with Megatron's ``MoEAuxLossAutoScaler`` so
+       that Megatron's schedules scale their gradients like the main loss (micro-batches, loss scale)
+
+The balancing losses (``moe_router_load_balancing_type``, one or several):
+    aux_loss         switch loss, assignment fractions over the EP group's tokens of this micro-batch
+    seq_aux_loss     switch loss per sequence, averaged: Megatron's input is [S, B, H], so token t = s * B + b
+                     belongs to sequence b (t % B); each rank averages its own B sequences
+    global_aux_loss  switch loss, fractions over the global batch: the counts of every rank of Megatron's
+                     ``tp_dp_cp`` group (all data-parallel copies), summed over the micro-batches since the last
+                     ``reset_global_aux_loss_tracker`` (Megatron's ``finalize_model_grads`` calls it every step)
+Counts are of the chosen experts (after the bias and the groups); Megatron's own router counts a plain top-k of the
+unbiased scores for its losses instead.
 """
 from __future__ import annotations
 
@@ -38,7 +48,7 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 
 from largeep_plugin.layer.comm import load_rides_in_count_exchange, start_all_reduce
 from largeep_plugin.layer.config import LargeEPConfig
-from largeep_plugin.layer.load_balance import LoadStats, switch_aux_loss, z_loss
+from largeep_plugin.layer.load_balance import LoadStats, sequence_aux_loss, switch_aux_loss, z_loss
 from largeep_plugin.layer.router import Router, RoutingResult
 from .config import large_ep_config_from_megatron
 
@@ -85,6 +95,10 @@ class LargeEPRouter(Router):
         self.register_buffer(
             "local_tokens_per_expert", torch.zeros(lep.num_experts, dtype=torch.float32), persistent=False
         )
+        # global_aux_loss: assignments per expert over tp_dp_cp and the micro-batches since the last reset.
+        self.register_buffer(
+            "global_tokens_per_expert", torch.zeros(lep.num_experts, dtype=torch.float32), persistent=False
+        )
         self.last_stats: LoadStats | None = None
         self.counts_in_dispatch = False
         self._pending_shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None = None
@@ -94,7 +108,7 @@ class LargeEPRouter(Router):
 
     def _keep_float32(self) -> None:
         # Float16Module casts buffers to bf16/fp16; the bias and the counts must stay exact.
-        for name in ("expert_bias", "local_tokens_per_expert"):
+        for name in ("expert_bias", "local_tokens_per_expert", "global_tokens_per_expert"):
             buf = getattr(self, name)
             if buf.dtype != torch.float32:
                 setattr(self, name, buf.float())
@@ -132,7 +146,8 @@ class LargeEPRouter(Router):
         routing_map_TE = torch.zeros((x_TH.shape[0], e), dtype=torch.bool, device=x_TH.device).scatter(
             1, routing.topk_ids_TK, routing.keep_TK
         )
-        aux, zl = self._losses(routing, global_counts_E)
+        num_sequences = input.shape[1] if input.dim() == 3 else 1  # [S, B, H]: B sequences
+        aux, zl = self._losses(routing, global_counts_E, num_sequences)
         if self.training and torch.is_grad_enabled():
             total = self._loss_scale(x_TH.shape[0]) * (aux + zl)
             if total.requires_grad:
@@ -211,9 +226,15 @@ class LargeEPRouter(Router):
             scale *= num_tokens
         return scale
 
-    def _losses(self, routing: RoutingResult, global_counts_E: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The switch loss and the z-loss of this rank, coefficients applied (0 when off or not training).
-        ``global_counts_E`` may be None only when the switch loss is off."""
+    def reset_global_aux_loss_tracker(self) -> None:
+        """Start a new global batch for ``global_aux_loss`` (Megatron's ``finalize_model_grads`` calls it)."""
+        self.global_tokens_per_expert.zero_()
+
+    def _losses(self, routing: RoutingResult, global_counts_E: torch.Tensor | None,
+                num_sequences: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The balancing losses (summed) and the z-loss of this rank, coefficients applied (0 when off or not
+        training). ``global_counts_E`` may be None only when the switch loss is off; ``num_sequences``: B of
+        the [S, B, H] input (token t is in sequence t % B)."""
         cfg = self.large_ep_config
         aux = zl = routing.scores_TE.new_zeros(())
         if not (self.training and torch.is_grad_enabled()):
@@ -222,6 +243,23 @@ class LargeEPRouter(Router):
             raw = switch_aux_loss(routing.scores_TE, global_counts_E, cfg.top_k, cfg.score_function)
             self._track("load_balancing_loss", raw)
             aux = cfg.aux_loss_coeff * raw
+        if cfg.seq_aux_loss_coeff > 0:
+            t = routing.scores_TE.shape[0]
+            sequence_T = torch.arange(t, device=routing.scores_TE.device) % num_sequences
+            raw = sequence_aux_loss(routing.scores_TE, routing.topk_ids_TK, sequence_T, num_sequences,
+                                    cfg.score_function)
+            self._track("seq_load_balancing_loss", raw)
+            aux = aux + cfg.seq_aux_loss_coeff * raw
+        if cfg.global_aux_loss_coeff > 0:
+            batch_E = routing.tokens_per_expert_E.float()
+            if get_pg_size(self.count_group) > 1:
+                dist.all_reduce(batch_E, group=self.count_group)
+            with torch.no_grad():
+                self.global_tokens_per_expert += batch_E
+            raw = switch_aux_loss(routing.scores_TE, self.global_tokens_per_expert.clone(), cfg.top_k,
+                                  cfg.score_function)
+            self._track("global_load_balancing_loss", raw)
+            aux = aux + cfg.global_aux_loss_coeff * raw
         if cfg.z_loss_coeff > 0:
             raw = z_loss(routing.logits_TE)
             self._track("z_loss", raw)
