@@ -41,6 +41,9 @@ from .router import Router
 # Bits of the per-rank input check exchanged in step 2.
 _BAD_HIDDEN = 1
 _NON_FINITE = 2
+_BAD_DTYPE = 4
+# Input dtypes travel in step 2 as 1 + their index here: the same list on every rank, as torch is the same.
+_DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
 
 # Colocated placements already warned about in this process, so a model of many layers warns once.
 _WARNED_COLOCATED: set[tuple[tuple[int, ...], ...]] = set()
@@ -250,6 +253,7 @@ class LargeEPMoE(nn.Module):
     def forward(self, x: torch.Tensor, return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         bad = _BAD_HIDDEN if x.dim() == 0 or x.shape[-1] != cfg.hidden_size else 0
+        bad |= 0 if x.dtype in self._input_dtypes(x.device) else _BAD_DTYPE
         if bad and not cfg.check_inputs:
             raise ValueError(self._describe_problems({self.ep_rank: bad}, x))
         x_TH = x.reshape(-1, cfg.hidden_size) if not bad else x.new_zeros((0, cfg.hidden_size))
@@ -261,17 +265,20 @@ class LargeEPMoE(nn.Module):
         # its per-expert counts, its drops and its input check, so the global load costs no collective of its own,
         # and a bad input on any rank is an error on every rank before a token moves.
         e = cfg.num_experts
-        shared_X = torch.zeros(e + 2, dtype=torch.int64, device=x_TH.device)
+        shared_X = torch.zeros(e + 3, dtype=torch.int64, device=x_TH.device)
         shared_X[:e] = routing.tokens_per_expert_E
         shared_X[e] = routing.num_dropped
         if cfg.check_inputs:
             shared_X[e + 1] = bad + _NON_FINITE * (~torch.isfinite(x_TH).all()).long()
+            # Ranks that feed different dtypes would post all-to-alls of different byte sizes: a crash, not an error.
+            shared_X[e + 2] = 1 + _DTYPES.index(x.dtype)
         totals: list[int] = []
 
         def on_shared(rows_RX: list[list[int]]) -> None:
             problems = {r: row[e + 1] for r, row in enumerate(rows_RX) if row[e + 1]}
-            if problems:
-                raise ValueError(self._describe_problems(problems, x))
+            dtypes = {r: _DTYPES[row[e + 2] - 1] for r, row in enumerate(rows_RX) if row[e + 2]}
+            if problems or len(set(dtypes.values())) > 1:
+                raise ValueError(self._describe_problems(problems, x, dtypes))
             totals.extend(sum(column) for column in zip(*rows_RX))
 
         # Steps 3-5: dispatch, expert, combine.
@@ -328,10 +335,21 @@ class LargeEPMoE(nn.Module):
             zl = cfg.z_loss_coeff * z_loss(logits_TE)
         return aux, zl
 
-    def _describe_problems(self, problems: dict[int, int], x: torch.Tensor) -> str:
+    def _input_dtypes(self, device: torch.device) -> set[torch.dtype]:
+        """Input dtypes the local experts can take: their parameters' dtype, and autocast's when it is on (any other
+        fails inside an expert on another rank, after the all-to-all)."""
+        allowed = {next(self.local_experts()[0][1].parameters()).dtype}
+        if torch.is_autocast_enabled(device.type):
+            allowed.add(torch.get_autocast_dtype(device.type))
+        return allowed
+
+    def _describe_problems(self, problems: dict[int, int], x: torch.Tensor,
+                           dtypes: dict[int, torch.dtype] | None = None) -> str:
         parts = []
         hidden = [r for r, f in problems.items() if f & _BAD_HIDDEN]
         nonfinite = [r for r, f in problems.items() if f & _NON_FINITE]
+        wrong_dtype = [r for r, f in problems.items() if f & _BAD_DTYPE]
+        dtypes = dtypes or {self.ep_rank: x.dtype}
         if hidden:
             mine = f" (this rank's input has shape {tuple(x.shape)})" if self.ep_rank in hidden else ""
             parts.append(
@@ -339,6 +357,13 @@ class LargeEPMoE(nn.Module):
             )
         if nonfinite:
             parts.append(f"input contains NaN or Inf on EP rank(s) {nonfinite}")
+        if wrong_dtype:
+            mine = sorted(str(d).replace("torch.", "") for d in self._input_dtypes(x.device))
+            parts.append(f"input dtype does not match the expert parameters' (or autocast's) on EP rank(s) "
+                         f"{wrong_dtype}: {_by_dtype({r: dtypes[r] for r in wrong_dtype if r in dtypes})} "
+                         f"(this rank takes {' or '.join(mine)})")
+        if len(set(dtypes.values())) > 1:
+            parts.append(f"input dtype differs between EP ranks: {_by_dtype(dtypes)}; every rank must feed the same")
         return "LargeEPMoE: " + "; ".join(parts)
 
     # ---- load balancing ----------------------------------------------------------------------------------------
@@ -362,6 +387,14 @@ class LargeEPMoE(nn.Module):
             f"experts={c.num_experts}, top_k={c.top_k}, hidden={c.hidden_size}, ffn={c.ffn_hidden_size}, "
             f"ep_size={self.ep_size}, expert_ids={self.expert_ids}, activation={c.activation}"
         )
+
+
+def _by_dtype(dtypes: dict[int, torch.dtype]) -> str:
+    """"float16 on rank(s) [0], float32 on rank(s) [1, 2]"."""
+    ranks: dict[str, list[int]] = {}
+    for r, d in sorted(dtypes.items()):
+        ranks.setdefault(str(d).replace("torch.", ""), []).append(r)
+    return ", ".join(f"{d} on rank(s) {rs}" for d, rs in ranks.items())
 
 
 def _ep_ranks(ep_group: ProcessGroup | None) -> list[int]:
