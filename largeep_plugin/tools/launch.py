@@ -24,7 +24,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
