@@ -77,8 +77,9 @@ class LargeEPConfig:
         init_std: standard deviation of the normal initialisation of router and expert weights.
         init_seed: seed of that initialisation; expert e always starts from the same weights, on any rank and in
             the dense reference, so sharded and dense models can be compared without copying weights.
-        check_inputs: check every forward, collectively over the EP group, that inputs are finite and shaped
-            right, so that a bad input on one rank is an error on all ranks instead of a hang.
+        check_inputs: check every forward, collectively over the EP group, that inputs are finite, shaped right
+            and of one dtype the experts take (their parameters' or autocast's), so that a bad input on one rank
+            is an error on all ranks instead of a hang or a crash.
     """
 
     hidden_size: int
