@@ -56,8 +56,9 @@ def _bad_input_rank(rank: int, world_size: int) -> dict[str, tuple[str, str]]:
     out["bf16-all"] = _outcome(lambda: layer(_tokens(rank).bfloat16()))
     fp16_on_1 = lambda: _tokens(rank).half() if rank == 1 else _tokens(rank)  # noqa: E731
     out["fp16-rank1"] = _outcome(lambda: layer(fp16_on_1()))
-    for name, other in (("chunked", LargeEPMoE(make_config(world_size, overlap_chunks=2))),
-                        ("hierarchical", LargeEPMoE(make_config(world_size, dispatch="hierarchical"), ranks_per_node=2))):
+    chunked = LargeEPMoE(make_config(world_size, overlap_chunks=2))
+    hierarchical = LargeEPMoE(make_config(world_size, dispatch="hierarchical"), ranks_per_node=2)
+    for name, other in (("chunked", chunked), ("hierarchical", hierarchical)):
         out[f"fp16-rank1-{name}"] = _outcome(lambda: other(fp16_on_1()))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's dtype is one the experts take
         out["autocast-bf16"] = _outcome(lambda: layer(_tokens(rank).bfloat16()))

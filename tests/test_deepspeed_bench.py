@@ -62,7 +62,8 @@ def _variants_rank(rank: int, world_size: int, build_stock: Any) -> dict[str, An
         moe = built[v][0].moe.deepspeed_moe
         out[f"gate:{v}"] = torch.equal(moe.gate.wg.weight, weight_EH)
         fc1, _, fc2 = moe.experts.deepspeed_experts[0]
-        out[f"expert:{v}"] = torch.equal(fc1.weight, large.expert.fc1.weight) and torch.equal(fc2.weight, large.expert.fc2.weight)
+        out[f"expert:{v}"] = (torch.equal(fc1.weight, large.expert.fc1.weight)
+                              and torch.equal(fc2.weight, large.expert.fc2.weight))
     out["expert:ideal"] = all(torch.equal(a, b) for a, b in zip(ideal.parameters(), large.expert.parameters()))
     ys = {}
     for v in ("stock_dropless", "large_ep"):

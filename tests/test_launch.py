@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from largeep_plugin.tools.launch import VERBOSE_ENV, WorldError, run_world
+from largeep_plugin.tools.rank_report import RankOutcome, describe_failure, error_outcome
 
 
 def _identity_rank(rank: int, world_size: int, delay: float) -> tuple[int, int, int, float, int]:
@@ -176,3 +177,18 @@ def test_world_size_and_timeout_are_checked() -> None:
         run_world(_identity_rank, 0)
     with pytest.raises(ValueError, match="timeout=0"):
         run_world(_identity_rank, 2, timeout=0)
+
+
+def test_an_exception_without_a_message_is_named_by_its_type() -> None:
+    try:
+        next(iter(()))
+    except StopIteration as exc:
+        message = error_outcome(exc)
+    outcomes = {1: RankOutcome.from_message(message, 0.0), 0: RankOutcome.from_message(("ok", 5), 0.1)}
+    text, blamed = describe_failure(outcomes, [2], 3, 5.0, verbose=False, hint_env=VERBOSE_ENV)
+    here = test_an_exception_without_a_message_is_named_by_its_type
+    assert blamed == 1 and text.splitlines()[:3] == [
+        "world of 3 ranks failed: rank 1 raised StopIteration",
+        f"  rank 1: StopIteration (at test_launch.py:{here.__code__.co_firstlineno + 2} in {here.__name__})",
+        "  rank 2: still running 5s after the first failure; stopped",
+    ], text

@@ -61,7 +61,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=pos, default=512, help="H (default 512)")
     p.add_argument("--ffn-hidden-size", type=pos, default=1024, help="expert FFN width (default 1024)")
     p.add_argument("--top-k", type=pos, default=4, help="experts per token (default 4)")
-    p.add_argument("--chunks", type=int_list(1), default="1,2,4,8", help="overlap_chunks values, 1 = off (default 1,2,4,8)")
+    p.add_argument("--chunks", type=int_list(1), default="1,2,4,8",
+                   help="overlap_chunks values, 1 = off (default 1,2,4,8)")
     p.add_argument("--dispatch", default="flat,hierarchical", help="dispatch kinds (default flat,hierarchical)")
     p.add_argument("--node-group-chunks", default="1,2",
                    help="overlap_chunks of the hier+groups variant, must include 1; '' for none (default 1,2)")

@@ -38,7 +38,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="seconds before every rank is killed (default 600)")
     r.add_argument("--grace", type=number(0.0), default=15.0,
                    help="seconds the other ranks get to exit on their own after one fails (default 15)")
-    r.add_argument("--port", type=int_at_least(1), default=29500, help="rendezvous port on the first node (default 29500)")
+    r.add_argument("--port", type=int_at_least(1), default=29500,
+                   help="rendezvous port on the first node (default 29500)")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     sub.add_parser("check", help="say whether this machine can host the emulated cluster")
     sub.add_parser("cleanup", help="delete namespaces left behind by killed runs")

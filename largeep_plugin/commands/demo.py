@@ -51,7 +51,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--num-heads", type=pos, default=4, help="attention heads (default 4)")
     p.add_argument("--top-k", type=pos, default=2, help="experts per token (default 2)")
     # The Markov chain gives each token 4 successors (TrainSettings.branching): fewer tokens cannot hold them.
-    p.add_argument("--vocab-size", type=int_at_least(4), default=64, help="vocabulary of the synthetic data (default 64)")
+    p.add_argument("--vocab-size", type=int_at_least(4), default=64,
+                   help="vocabulary of the synthetic data (default 64)")
     p.add_argument("--lr", type=number(0.0, above=True), default=3e-3, help="AdamW learning rate (default 3e-3)")
     p.add_argument("--bias-update-rate", type=nonneg, default=1e-3, help="balancing-bias step (default 1e-3)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the model and the data (default 0)")
@@ -61,7 +62,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=number(0.0, above=True), default=900.0,
                    help="seconds before a world is killed (default 900)")
     p.add_argument("--no-compare", action="store_true", help="skip part 2, the side-by-side comparison")
-    p.add_argument("--compare-ep", type=int_list(2), default="4,8,16", help="EP sizes of the comparison (default 4,8,16)")
+    p.add_argument("--compare-ep", type=int_list(2), default="4,8,16",
+                   help="EP sizes of the comparison (default 4,8,16)")
     p.add_argument("--compare-tokens", type=pos, default=2048, help="tokens per rank in the comparison (default 2048)")
     p.add_argument("--compare-hidden-size", type=pos, default=256, help="H in the comparison (default 256)")
     p.add_argument("--compare-ffn-hidden-size", type=pos, default=512, help="F in the comparison (default 512)")
@@ -131,7 +133,8 @@ def report(summary: dict, settings: TrainSettings) -> str:
 
 def compare_settings(args: argparse.Namespace) -> LayerBenchSettings:
     if args.top_k not in (1, 2):
-        raise ValueError(f"--top-k={args.top_k}: the comparison's stock MoE takes top-1 or top-2 (or give --no-compare)")
+        raise ValueError(f"--top-k={args.top_k}: the comparison's stock MoE takes top-1 or top-2 "
+                         "(or give --no-compare)")
     return LayerBenchSettings(
         hidden_size=args.compare_hidden_size, ffn_hidden_size=args.compare_ffn_hidden_size,
         tokens_per_rank=args.compare_tokens, top_k=args.top_k, skew=args.compare_skew, warmup=1,

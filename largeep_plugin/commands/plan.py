@@ -27,7 +27,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("plan", help="plan expert placement on a topology; --compare runs the benchmark",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--topology", help="topology YAML (examples/topologies/); with --compare default: 2x8 and 4x4")
-    p.add_argument("--num-experts", type=int_at_least(1), help="E (default: the length of --load; with --compare 16, 8 and 4)")
+    p.add_argument("--num-experts", type=int_at_least(1),
+                   help="E (default: the length of --load; with --compare 16, 8 and 4)")
     p.add_argument("--load", help="JSON tokens per expert")
     p.add_argument("--coactivation", help="JSON E x E tokens that chose both experts")
     p.add_argument("--top-k", type=int_at_least(1), default=None,
@@ -38,7 +39,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="bytes of one token on the wire (default 8192: hidden 4096 in bf16)")
     p.add_argument("--compare", action="store_true", help="run the benchmark (synthetic Zipf traces)")
     p.add_argument("--tokens", type=int_at_least(1), default=16384, help="tokens of each synthetic trace (--compare)")
-    p.add_argument("--restarts", type=int_at_least(1), default=32, help="random restarts of the reference search (--compare)")
+    p.add_argument("--restarts", type=int_at_least(1), default=32,
+                   help="random restarts of the reference search (--compare)")
     p.add_argument("--out", help="directory for the JSON and PNG files")
     return p
 

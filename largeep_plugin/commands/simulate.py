@@ -55,7 +55,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     tr = p.add_argument_group("training workload (overrides the preset's)")
     tr.add_argument("--seq-len", type=int_at_least(1), help="tokens per sequence")
     tr.add_argument("--global-batch", type=int_at_least(1), help="sequences per optimizer step")
-    tr.add_argument("--micro-batch", type=int_at_least(1), help="sequences per micro-batch and attention data-parallel rank")
+    tr.add_argument("--micro-batch", type=int_at_least(1),
+                    help="sequences per micro-batch and attention data-parallel rank")
     tr.add_argument("--precision", choices=PRECISIONS, help="GEMM precision (fp8 = FP8 GEMMs and FP8 dispatch)")
     tr.add_argument("--recompute", choices=RECOMPUTE, help="activation recomputation")
     tr.add_argument("--overlap", choices=OVERLAP, help="all-to-all overlap: none, chunked (this plugin's "

@@ -253,7 +253,8 @@ class LargeEPMoE(nn.Module):
     def forward(self, x: torch.Tensor, return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         bad = _BAD_HIDDEN if x.dim() == 0 or x.shape[-1] != cfg.hidden_size else 0
-        bad |= 0 if x.dtype in self._input_dtypes(x.device) else _BAD_DTYPE
+        allowed = self._input_dtypes(x.device)
+        bad |= 0 if allowed is None or x.dtype in allowed else _BAD_DTYPE
         if bad and not cfg.check_inputs:
             raise ValueError(self._describe_problems({self.ep_rank: bad}, x))
         x_TH = x.reshape(-1, cfg.hidden_size) if not bad else x.new_zeros((0, cfg.hidden_size))
@@ -335,10 +336,14 @@ class LargeEPMoE(nn.Module):
             zl = cfg.z_loss_coeff * z_loss(logits_TE)
         return aux, zl
 
-    def _input_dtypes(self, device: torch.device) -> set[torch.dtype]:
+    def _input_dtypes(self, device: torch.device) -> set[torch.dtype] | None:
         """Input dtypes the local experts can take: their parameters' dtype, and autocast's when it is on (any other
-        fails inside an expert on another rank, after the all-to-all)."""
-        allowed = {next(self.local_experts()[0][1].parameters()).dtype}
+        fails inside an expert on another rank, after the all-to-all); None (any) for an expert without
+        parameters."""
+        weight = next(self.local_experts()[0][1].parameters(), None)
+        if weight is None:
+            return None
+        allowed = {weight.dtype}
         if torch.is_autocast_enabled(device.type):
             allowed.add(torch.get_autocast_dtype(device.type))
         return allowed
@@ -358,7 +363,7 @@ class LargeEPMoE(nn.Module):
         if nonfinite:
             parts.append(f"input contains NaN or Inf on EP rank(s) {nonfinite}")
         if wrong_dtype:
-            mine = sorted(str(d).replace("torch.", "") for d in self._input_dtypes(x.device))
+            mine = sorted(str(d).replace("torch.", "") for d in self._input_dtypes(x.device) or ())
             parts.append(f"input dtype does not match the expert parameters' (or autocast's) on EP rank(s) "
                          f"{wrong_dtype}: {_by_dtype({r: dtypes[r] for r in wrong_dtype if r in dtypes})} "
                          f"(this rank takes {' or '.join(mine)})")

@@ -25,8 +25,9 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def error_outcome(exc: BaseException) -> tuple[str, str, str]:
-    """The message a rank sends for an exception: ("error", one-line summary with its place, full traceback)."""
+def error_outcome(exc: BaseException) -> tuple[str, str, str, str]:
+    """The message a rank sends for an exception: ("error", one-line summary with its place, full traceback,
+    exception type name)."""
     lines = str(exc).strip().splitlines()
     text = lines[0] + (" ..." if len(lines) > 1 else "") if lines else ""
     summary = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -37,19 +38,21 @@ def error_outcome(exc: BaseException) -> tuple[str, str, str]:
     ours = [f for f in frames if not f.filename.startswith(_TORCH_DIR)] or frames
     if ours:
         summary += f" (at {os.path.basename(ours[-1].filename)}:{ours[-1].lineno} in {ours[-1].name})"
-    return "error", summary, "".join(traceback.format_exception(exc))
+    return "error", summary, "".join(traceback.format_exception(exc)), type(exc).__name__
 
 
 @dataclass
 class RankOutcome:
-    """How one rank ended: ``kind`` is "ok" (``value``), "raised" (``summary``, ``traceback``) or "exited"
-    without a result (``exit_code``, filled in once the process is reaped; negative: killed by that signal)."""
+    """How one rank ended: ``kind`` is "ok" (``value``), "raised" (``error_type``, ``summary``, ``traceback``) or
+    "exited" without a result (``exit_code``, filled in once the process is reaped; negative: killed by that
+    signal)."""
 
     kind: str
     ended_at: float
     value: Any = None
     summary: str = ""
     traceback: str = ""
+    error_type: str = ""
     exit_code: int | None = None
 
     @property
@@ -63,7 +66,7 @@ class RankOutcome:
             return cls(kind="exited", ended_at=ended_at)
         if message[0] == "ok":
             return cls(kind="ok", ended_at=ended_at, value=message[1])
-        return cls(kind="raised", ended_at=ended_at, summary=message[1], traceback=message[2])
+        return cls(kind="raised", ended_at=ended_at, summary=message[1], traceback=message[2], error_type=message[3])
 
     def describe(self) -> str:
         if self.kind == "raised":
@@ -103,5 +106,5 @@ def describe_failure(outcomes: dict[int, RankOutcome], missing: list[int], world
 
 def _verb(outcome: RankOutcome) -> str:
     if outcome.kind == "raised":
-        return "raised " + outcome.summary.split(":", 1)[0]
+        return f"raised {outcome.error_type}"
     return outcome.describe()
