@@ -14,6 +14,7 @@ import sys
 from typing import Sequence
 
 from largeep_plugin.commands import register_subcommands
+from largeep_plugin.tools.launch import WorldError, WorldInterrupted
 
 # Subcommand modules, in the order ``--help`` lists them.
 _COMMANDS = (
@@ -48,6 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except WorldInterrupted as err:  # SIGTERM / SIGHUP: the ranks are already stopped
+        print(f"largeep {args.command}: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except WorldError as err:  # one line per rank; the tracebacks with LARGEEP_VERBOSE=1
+        print(f"largeep {args.command}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

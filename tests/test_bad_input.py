@@ -1,6 +1,7 @@
 """Bad input to the layer: a ValueError that names the problem on every rank, never a hang or a wrong answer.
 
-A bad input on one rank must raise on all ranks (the layer exchanges its input checks in its one all_reduce),
+A bad input on one rank (hidden size, NaN/Inf, a dtype the experts cannot take or that differs between ranks) must
+raise on all ranks (the layer exchanges its input checks in its one count all-to-all),
 and the world must still work afterwards. Config-level errors (unknown key, wrong type, top_k > num_experts) are
 in test_config.py.
 """
@@ -51,6 +52,16 @@ def _bad_input_rank(rank: int, world_size: int) -> dict[str, tuple[str, str]]:
 
     out["nan-rank1"] = _outcome(nan_on_1)
     out["inf-ranks0,3"] = _outcome(inf_on_0_and_3)
+    # A dtype the experts cannot take, or ranks that disagree (their all-to-alls would differ in bytes: a crash).
+    out["bf16-all"] = _outcome(lambda: layer(_tokens(rank).bfloat16()))
+    fp16_on_1 = lambda: _tokens(rank).half() if rank == 1 else _tokens(rank)  # noqa: E731
+    out["fp16-rank1"] = _outcome(lambda: layer(fp16_on_1()))
+    chunked = LargeEPMoE(make_config(world_size, overlap_chunks=2))
+    hierarchical = LargeEPMoE(make_config(world_size, dispatch="hierarchical"), ranks_per_node=2)
+    for name, other in (("chunked", chunked), ("hierarchical", hierarchical)):
+        out[f"fp16-rank1-{name}"] = _outcome(lambda: other(fp16_on_1()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's dtype is one the experts take
+        out["autocast-bf16"] = _outcome(lambda: layer(_tokens(rank).bfloat16()))
     # After all that the world is in step: a good forward still works and matches a fresh layer's.
     x = _tokens(rank)
     y = layer(x)
@@ -67,7 +78,7 @@ def test_bad_inputs_raise_on_every_rank() -> None:
     results = world(_bad_input_rank, 4)
     for rank, r in enumerate(results):
         for case, (kind, msg) in r.items():
-            if case == "good-after":
+            if case in ("good-after", "autocast-bf16"):
                 assert kind == "ok", f"rank {rank}: the layer is broken after the errors"
                 continue
             assert kind == "ValueError", f"rank {rank}, {case}: {kind}: {msg}"
@@ -80,6 +91,11 @@ def test_bad_inputs_raise_on_every_rank() -> None:
         assert "NaN" in r["nan-rank1"][1] and "rank(s) [1]" in r["nan-rank1"][1]
         assert "Inf" in r["inf-ranks0,3"][1] and "rank(s) [0, 3]" in r["inf-ranks0,3"][1]
         assert "hidden_size=12" in r["hidden-all-unchecked"][1] and "(6, 3)" in r["hidden-all-unchecked"][1]
+        assert "dtype does not match" in r["bf16-all"][1] and "bfloat16 on rank(s) [0, 1, 2, 3]" in r["bf16-all"][1]
+        assert "takes float32" in r["bf16-all"][1]
+        for case in ("fp16-rank1", "fp16-rank1-chunked", "fp16-rank1-hierarchical"):
+            msg = r[case][1]
+            assert "differs between EP ranks: float32 on rank(s) [0, 2, 3], float16 on rank(s) [1]" in msg, (case, msg)
 
 
 def _group_size_rank(rank: int, world_size: int) -> dict[str, tuple[str, str]]:
@@ -120,3 +136,8 @@ def test_single_process_bad_input() -> None:
         layer(torch.zeros(4, 8))
     with pytest.raises(ValueError, match="NaN or Inf"):
         layer(torch.full((2, HIDDEN), float("nan")))
+    with pytest.raises(ValueError, match=r"dtype does not match.*float64 on rank\(s\) \[0\]"):
+        layer(torch.zeros(2, HIDDEN, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"dtype does not match.*bfloat16"):
+        LargeEPMoE(make_config(1, top_k=1, check_inputs=False))(torch.zeros(2, HIDDEN, dtype=torch.bfloat16))
+    assert layer.to(torch.float64)(torch.zeros(2, HIDDEN, dtype=torch.float64)).dtype == torch.float64

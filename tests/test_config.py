@@ -124,3 +124,15 @@ def test_replace_validates() -> None:
     assert cfg.replace(top_k=1).top_k == 1
     with pytest.raises(ValueError, match="top_k"):
         cfg.replace(top_k=9)
+
+
+def test_numpy_numbers_are_accepted_as_python_numbers() -> None:
+    np = pytest.importorskip("numpy")  # the core never imports numpy; users' numbers often are numpy's
+    cfg = LargeEPConfig(hidden_size=np.int64(16), ffn_hidden_size=np.int32(32), num_experts=np.int64(4),
+                        top_k=np.uint8(2), capacity_factor=np.float32(1.5), bias_update_rate=np.float64(1e-3))
+    assert cfg == LargeEPConfig(**BASE, top_k=2, capacity_factor=1.5, bias_update_rate=1e-3)
+    assert type(cfg.num_experts) is int and type(cfg.capacity_factor) is float and type(cfg.bias_update_rate) is float
+    with pytest.raises(ValueError, match="num_experts=np.True_ has the wrong type"):
+        LargeEPConfig(**{**BASE, "num_experts": np.bool_(True)})
+    with pytest.raises(ValueError, match="hidden_size=np.float64.*wrong type"):
+        LargeEPConfig(**{**BASE, "hidden_size": np.float64(16)})

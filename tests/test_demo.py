@@ -12,6 +12,7 @@ from largeep_plugin.cli import main
 from largeep_plugin.tools.load_record import RoutingRecorder
 from largeep_plugin.models.synthetic import MarkovChainData
 from largeep_plugin.models.tiny_moe import TinyMoEConfig
+from largeep_plugin.models.training import TrainSettings
 from largeep_plugin.tools.progress import ProgressBar
 
 WORLD, STEPS, LAYERS, BATCH, SEQ, TOP_K = 4, 24, 2, 4, 32, 2
@@ -75,9 +76,9 @@ def test_help_and_bad_flags(capsys):
         main(["demo", "--help"])
     assert exc.value.code == 0
     assert "--record-load" in capsys.readouterr().out
-    # 30 is not a multiple of 4 heads: refused before any rank starts, naming the field.
+    # 30 is not a multiple of 4 heads: refused before any rank starts, naming the flags.
     assert main(["demo", "--world-size", "2", "--hidden-size", "30"]) == 2
-    assert "hidden_size=30" in capsys.readouterr().err
+    assert "--hidden-size=30 must be a multiple of --num-heads=4" in capsys.readouterr().err
 
 
 def test_recorder_counts_pairs():
@@ -117,3 +118,11 @@ def test_tiny_config_rejects_bad_shapes():
         TinyMoEConfig(norm="batchnorm")
     with pytest.raises(ValueError, match="top_k=5"):
         TinyMoEConfig(num_experts=4, top_k=5)
+
+
+def test_train_settings_refuse_what_every_rank_would():
+    # One error in the parent instead of one traceback per rank after the fork.
+    with pytest.raises(ValueError, match="bias_update_rate=-1.0 must be a finite number >= 0"):
+        TrainSettings(model=TinyMoEConfig(), bias_update_rate=-1.0)
+    with pytest.raises(ValueError, match="branching=4 must be <= model.vocab_size=3"):
+        TrainSettings(model=TinyMoEConfig(vocab_size=3))

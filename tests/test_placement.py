@@ -278,3 +278,18 @@ def test_cli_plan_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixt
     (tmp_path / "bad.json").write_text(json.dumps({"tokens": [1, 2]}))
     rc = cli_main(["plan", "--topology", str(EXAMPLES / "4x4.yaml"), "--load", str(tmp_path / "bad.json")])
     assert rc == 2 and "expected a list or {\"tokens_per_expert\": ...}" in capsys.readouterr().err
+
+
+def test_numpy_inputs_are_accepted() -> None:
+    np = pytest.importorskip("numpy")  # the core never imports numpy; users' numbers often are numpy's
+    topo = Topology.uniform(2, 4)
+    load = [9.0, 1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 4.0]
+    want = plan_placement(8, topo, load=load, top_k=2)
+    got = plan_placement(np.int64(8), topo, load=np.array(load), top_k=np.int64(2))
+    assert got == want and type(got.num_experts) is int
+    by_hand = Placement(topology=topo, num_experts=np.int64(8),
+                        rank_to_experts=tuple((np.int64(x),) for x in range(8)), expert_tp_degree=np.int32(1))
+    assert by_hand == Placement.identity(8, topo)
+    json.dumps(by_hand.to_dict())  # plain ints: numpy's would not serialise
+    ids_TK = torch.tensor([[0, 5]])
+    assert by_hand.destination_ranks(ids_TK, np.int64(3)).tolist() == [[0, 5]]

@@ -88,3 +88,15 @@ def test_bad_objects() -> None:
         Topology(nodes=(), intra_node=Link(bandwidth_gbytes_per_s=1.0), inter_node=Link(bandwidth_gbytes_per_s=1.0))
     with pytest.raises(ValueError, match="num_gpus of node 'x'"):
         Node(name="x", num_gpus=2.0, gpu_memory_gib=1.0)
+
+
+def test_numpy_integers_are_accepted() -> None:
+    np = pytest.importorskip("numpy")  # the core never imports numpy; users' numbers often are numpy's
+    topo = Topology.uniform(np.int64(2), np.int64(4), gpu_memory_gib=np.float32(80))
+    assert topo == Topology.uniform(2, 4, gpu_memory_gib=80.0) and topo.name == "2x4"
+    assert topo.node_of(np.int64(5)) == 1 and topo.ranks_of(np.int32(1)) == range(4, 8)
+    assert type(topo.nodes[0].num_gpus) is int and type(topo.nodes[0].gpu_memory_gib) is float
+    with pytest.raises(ValueError, match=r"rank np.int64\(8\) is not in \[0, 8\)"):
+        topo.node_of(np.int64(8))
+    with pytest.raises(ValueError, match="num_gpus of node 'x' must be an integer"):
+        Node(name="x", num_gpus=np.float64(2), gpu_memory_gib=1.0)

@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from largeep_plugin.tools.layer_bench import VARIANTS, LayerBenchSettings, format_table, plot, result_json, run_layer_bench
+from .flags import int_at_least, int_list, number
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -32,19 +33,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def add_layer_bench_flags(p: argparse.ArgumentParser, *, tokens: int, hidden: int, ffn: int, iters: int) -> None:
     """The benchmark's flags (shared with ``largeep demo``, which uses smaller defaults)."""
-    p.add_argument("--ep", default="4,8,16", help="EP sizes = ranks = experts, comma-separated (default 4,8,16)")
+    pos = int_at_least(1)
+    p.add_argument("--ep", type=int_list(2), default="4,8,16",
+                   help="EP sizes = ranks = experts, comma-separated (default 4,8,16)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated subset of {','.join(VARIANTS)} (default all)")
-    p.add_argument("--tokens", type=int, default=tokens, help=f"tokens per rank (default {tokens})")
-    p.add_argument("--hidden-size", type=int, default=hidden, help=f"H (default {hidden})")
-    p.add_argument("--ffn-hidden-size", type=int, default=ffn, help=f"expert FFN width (default {ffn})")
-    p.add_argument("--top-k", type=int, default=2, help="experts per token, 1 or 2 (default 2)")
-    p.add_argument("--skew", type=float, default=0.0,
+    p.add_argument("--tokens", type=pos, default=tokens, help=f"tokens per rank (default {tokens})")
+    p.add_argument("--hidden-size", type=pos, default=hidden, help=f"H (default {hidden})")
+    p.add_argument("--ffn-hidden-size", type=pos, default=ffn, help=f"expert FFN width (default {ffn})")
+    p.add_argument("--top-k", type=int, choices=(1, 2), default=2, help="experts per token, 1 or 2 (default 2)")
+    p.add_argument("--skew", type=number(0.0), default=0.0,
                    help="routing skew: 0 = a fresh router's near-uniform routing; s > 0 adds -s*ln(e+1) to expert "
                         "e's logit (default 0)")
-    p.add_argument("--iters", type=int, default=iters, help=f"timed iterations per variant (default {iters})")
-    p.add_argument("--warmup", type=int, default=2, help="untimed iterations per variant (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights and tokens (default 0)")
+    p.add_argument("--iters", type=pos, default=iters, help=f"timed iterations per variant (default {iters})")
+    p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed iterations per variant (default 2)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of weights and tokens (default 0)")
 
 
 def parse_list(flag: str, text: str, kind: type) -> list[Any]:
@@ -66,7 +69,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[LayerBenchSettings, li
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; valid are {list(VARIANTS)}")
-    return settings, parse_list("--ep", args.ep, int), variants
+    return settings, args.ep, variants
 
 
 def stock_builder(variants: list[str]) -> Any:

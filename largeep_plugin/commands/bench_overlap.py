@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..cluster import ClusterUnavailable, EmulatedCluster
+from .flags import int_at_least, int_list, number
 from largeep_plugin.layer.config import LargeEPConfig
 from largeep_plugin.layer.hierarchical import NodeLayout, internode_rows
 from largeep_plugin.layer.moe_layer import LargeEPMoE
@@ -55,17 +56,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--clusters", default="2x4,4x4", help="NODESxRANKS shapes, comma-separated (default 2x4,4x4)")
     p.add_argument("--inter-bw", default="1gbit", help="inter-node bandwidth per node and direction (default 1gbit)")
     p.add_argument("--inter-latency", default="0", help="one-way inter-node latency (default 0; >0 needs netem)")
-    p.add_argument("--tokens", type=int, default=256, help="tokens per rank (default 256)")
-    p.add_argument("--hidden-size", type=int, default=512, help="H (default 512)")
-    p.add_argument("--ffn-hidden-size", type=int, default=1024, help="expert FFN width (default 1024)")
-    p.add_argument("--top-k", type=int, default=4, help="experts per token (default 4)")
-    p.add_argument("--chunks", default="1,2,4,8", help="overlap_chunks values, 1 = off (default 1,2,4,8)")
+    pos = int_at_least(1)
+    p.add_argument("--tokens", type=pos, default=256, help="tokens per rank (default 256)")
+    p.add_argument("--hidden-size", type=pos, default=512, help="H (default 512)")
+    p.add_argument("--ffn-hidden-size", type=pos, default=1024, help="expert FFN width (default 1024)")
+    p.add_argument("--top-k", type=pos, default=4, help="experts per token (default 4)")
+    p.add_argument("--chunks", type=int_list(1), default="1,2,4,8",
+                   help="overlap_chunks values, 1 = off (default 1,2,4,8)")
     p.add_argument("--dispatch", default="flat,hierarchical", help="dispatch kinds (default flat,hierarchical)")
     p.add_argument("--node-group-chunks", default="1,2",
                    help="overlap_chunks of the hier+groups variant, must include 1; '' for none (default 1,2)")
-    p.add_argument("--iters", type=int, default=5, help="timed rounds, one step of every variant each (default 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per cluster before it is killed (default 900)")
+    p.add_argument("--iters", type=pos, default=5, help="timed rounds, one step of every variant each (default 5)")
+    p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed rounds first (default 2)")
+    p.add_argument("--timeout", type=number(0.0, above=True), default=900.0,
+                   help="seconds per cluster before it is killed (default 900)")
     p.add_argument("--output", default="runs/bench_overlap.json", help="JSON results (default runs/bench_overlap.json)")
     return p
 
@@ -77,24 +81,24 @@ def _spec_from_args(args: argparse.Namespace) -> tuple[list[tuple[int, int]], di
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise ValueError(f"--clusters item {item!r} is not NODESxRANKS like 2x4")
         shapes.append((int(parts[0]), int(parts[1])))
-    chunks = [int(c) for c in args.chunks.split(",")]
-    if 1 not in chunks or any(c < 1 for c in chunks):
-        raise ValueError(f"--chunks={args.chunks!r} must be positive and include 1 (overlap off, the baseline)")
+    chunks = args.chunks
+    if 1 not in chunks:
+        raise ValueError(f"--chunks={','.join(map(str, chunks))} must include 1 (overlap off, the baseline)")
     kinds = [d.strip() for d in args.dispatch.split(",")]
     if any(d not in ("flat", "hierarchical") for d in kinds):
         raise ValueError(f"--dispatch={args.dispatch!r}: each item is flat or hierarchical")
-    group_chunks = [int(c) for c in args.node_group_chunks.split(",") if c.strip()]
+    items = [c.strip() for c in args.node_group_chunks.split(",") if c.strip()]
+    if not all(c.isdigit() for c in items):
+        raise ValueError(f"--node-group-chunks={args.node_group_chunks!r} must be a comma-separated list of integers")
+    group_chunks = [int(c) for c in items]
     if "hierarchical" not in kinds:
         group_chunks = []  # node groups only exist for the hierarchical dispatch
     if group_chunks and (1 not in group_chunks or any(c < 1 for c in group_chunks)):
         raise ValueError(f"--node-group-chunks={args.node_group_chunks!r} must be positive and include 1 "
                          "(overlap off, the baseline of its hidden share)")
-    for name in ("tokens", "hidden_size", "ffn_hidden_size", "top_k", "iters"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     spec = dict(tokens=args.tokens, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
                 top_k=args.top_k, chunks=sorted(chunks), dispatch=kinds, node_group_chunks=sorted(group_chunks),
-                iters=args.iters, warmup=max(0, args.warmup))
+                iters=args.iters, warmup=args.warmup)
     return shapes, spec
 
 

@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from ..cluster import ClusterUnavailable, EmulatedCluster, remove_leftovers, unavailable_reason
+from .flags import int_at_least, number
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -29,14 +30,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cluster_command", metavar="ACTION")
     r = sub.add_parser("run", help="run COMMAND once per rank inside per-node namespaces")
-    r.add_argument("--nodes", type=int, required=True, help="number of nodes (namespaces)")
-    r.add_argument("--ranks-per-node", type=int, required=True, help="ranks started in each node")
+    r.add_argument("--nodes", type=int_at_least(1), required=True, help="number of nodes (namespaces)")
+    r.add_argument("--ranks-per-node", type=int_at_least(1), required=True, help="ranks started in each node")
     r.add_argument("--inter-bw", default="1gbit", help="inter-node bandwidth per node and direction (default 1gbit)")
     r.add_argument("--inter-latency", default="0", help="one-way inter-node latency, e.g. 100us (default 0; needs netem)")
-    r.add_argument("--timeout", type=float, default=600.0, help="seconds before every rank is killed (default 600)")
-    r.add_argument("--grace", type=float, default=15.0,
+    r.add_argument("--timeout", type=number(0.0, above=True), default=600.0,
+                   help="seconds before every rank is killed (default 600)")
+    r.add_argument("--grace", type=number(0.0), default=15.0,
                    help="seconds the other ranks get to exit on their own after one fails (default 15)")
-    r.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node (default 29500)")
+    r.add_argument("--port", type=int_at_least(1), default=29500,
+                   help="rendezvous port on the first node (default 29500)")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     sub.add_parser("check", help="say whether this machine can host the emulated cluster")
     sub.add_parser("cleanup", help="delete namespaces left behind by killed runs")

@@ -29,7 +29,8 @@ from largeep_plugin.tools.layer_bench import VARIANTS, LayerBenchSettings, forma
 from ..models.tiny_moe import TinyMoEConfig
 from ..models.training import TrainSettings, train_rank, warm_up_before_fork
 from largeep_plugin.tools.progress import ProgressBar
-from .bench_layer import parse_list, stock_builder, write_outputs
+from .bench_layer import stock_builder, write_outputs
+from .flags import int_at_least, int_list, number
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -39,39 +40,47 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--world-size", type=int, default=16, help="ranks to spawn = experts per layer (default 16)")
-    p.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per rank per step (default 8)")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
-    p.add_argument("--hidden-size", type=int, default=64, help="model width H (default 64)")
-    p.add_argument("--ffn-hidden-size", type=int, default=128, help="expert MLP width (default 128)")
-    p.add_argument("--num-layers", type=int, default=4, help="transformer layers, one MoE block each (default 4)")
-    p.add_argument("--num-heads", type=int, default=4, help="attention heads (default 4)")
-    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
-    p.add_argument("--vocab-size", type=int, default=64, help="vocabulary of the synthetic data (default 64)")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
-    p.add_argument("--bias-update-rate", type=float, default=1e-3, help="balancing-bias step (default 1e-3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model and the data (default 0)")
+    pos, nonneg = int_at_least(1), number(0.0)
+    p.add_argument("--world-size", type=pos, default=16, help="ranks to spawn = experts per layer (default 16)")
+    p.add_argument("--steps", type=pos, default=50, help="optimizer steps (default 50)")
+    p.add_argument("--batch-size", type=pos, default=8, help="sequences per rank per step (default 8)")
+    p.add_argument("--seq-len", type=pos, default=64, help="tokens per sequence (default 64)")
+    p.add_argument("--hidden-size", type=pos, default=64, help="model width H (default 64)")
+    p.add_argument("--ffn-hidden-size", type=pos, default=128, help="expert MLP width (default 128)")
+    p.add_argument("--num-layers", type=pos, default=4, help="transformer layers, one MoE block each (default 4)")
+    p.add_argument("--num-heads", type=pos, default=4, help="attention heads (default 4)")
+    p.add_argument("--top-k", type=pos, default=2, help="experts per token (default 2)")
+    # The Markov chain gives each token 4 successors (TrainSettings.branching): fewer tokens cannot hold them.
+    p.add_argument("--vocab-size", type=int_at_least(4), default=64,
+                   help="vocabulary of the synthetic data (default 64)")
+    p.add_argument("--lr", type=number(0.0, above=True), default=3e-3, help="AdamW learning rate (default 3e-3)")
+    p.add_argument("--bias-update-rate", type=nonneg, default=1e-3, help="balancing-bias step (default 1e-3)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the model and the data (default 0)")
     p.add_argument("--output-dir", default="runs/demo", help="where summary.json goes (default runs/demo)")
     p.add_argument("--record-load", metavar="DIR", default=None,
                    help="write the routing load and co-activation JSON files for `largeep plan` to DIR")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds before a world is killed (default 900)")
+    p.add_argument("--timeout", type=number(0.0, above=True), default=900.0,
+                   help="seconds before a world is killed (default 900)")
     p.add_argument("--no-compare", action="store_true", help="skip part 2, the side-by-side comparison")
-    p.add_argument("--compare-ep", default="4,8,16", help="EP sizes of the comparison (default 4,8,16)")
-    p.add_argument("--compare-tokens", type=int, default=2048, help="tokens per rank in the comparison (default 2048)")
-    p.add_argument("--compare-hidden-size", type=int, default=256, help="H in the comparison (default 256)")
-    p.add_argument("--compare-ffn-hidden-size", type=int, default=512, help="F in the comparison (default 512)")
-    p.add_argument("--compare-iters", type=int, default=5, help="timed iterations per variant (default 5)")
-    p.add_argument("--compare-skew", type=float, default=0.0,
+    p.add_argument("--compare-ep", type=int_list(2), default="4,8,16",
+                   help="EP sizes of the comparison (default 4,8,16)")
+    p.add_argument("--compare-tokens", type=pos, default=2048, help="tokens per rank in the comparison (default 2048)")
+    p.add_argument("--compare-hidden-size", type=pos, default=256, help="H in the comparison (default 256)")
+    p.add_argument("--compare-ffn-hidden-size", type=pos, default=512, help="F in the comparison (default 512)")
+    p.add_argument("--compare-iters", type=pos, default=5, help="timed iterations per variant (default 5)")
+    p.add_argument("--compare-skew", type=nonneg, default=0.0,
                    help="routing skew of the comparison (see largeep bench layer --help; default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def settings_from_args(args: argparse.Namespace) -> TrainSettings:
-    """Validate the flags (ValueError naming the flag) and build the run's settings."""
-    if args.world_size < 1:
-        raise ValueError(f"--world-size={args.world_size} must be >= 1")
+    """Build the run's settings; ValueError for values that are wrong only together (``--top-k`` above
+    ``--world-size``), each flag alone was checked by argparse."""
+    if args.top_k > args.world_size:
+        raise ValueError(f"--top-k={args.top_k} must be <= --world-size={args.world_size} (one expert per rank)")
+    if args.hidden_size % args.num_heads:
+        raise ValueError(f"--hidden-size={args.hidden_size} must be a multiple of --num-heads={args.num_heads}")
     model = TinyMoEConfig(
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
@@ -123,6 +132,9 @@ def report(summary: dict, settings: TrainSettings) -> str:
 
 
 def compare_settings(args: argparse.Namespace) -> LayerBenchSettings:
+    if args.top_k not in (1, 2):
+        raise ValueError(f"--top-k={args.top_k}: the comparison's stock MoE takes top-1 or top-2 "
+                         "(or give --no-compare)")
     return LayerBenchSettings(
         hidden_size=args.compare_hidden_size, ffn_hidden_size=args.compare_ffn_hidden_size,
         tokens_per_rank=args.compare_tokens, top_k=args.top_k, skew=args.compare_skew, warmup=1,
@@ -148,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         bench = None
         if not args.no_compare:
             bench = compare_settings(args)
-            compare_eps = parse_list("--compare-ep", args.compare_ep, int)
+            compare_eps = args.compare_ep
             build_stock = stock_builder(["stock_dropless"])
     except ValueError as e:
         print(f"largeep demo: {e}", file=sys.stderr)

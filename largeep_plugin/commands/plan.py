@@ -18,33 +18,36 @@ from typing import Any
 from largeep_plugin.placement.plan import Placement, eplb_placement, megatron_placement, naive_placement, plan_placement
 from largeep_plugin.tools.placement_bench import (BASELINES, CompareResult, compare, format_table, synthetic_trace,
                                             target_report, trace_stats)
+from largeep_plugin.placement.files import read_json
 from largeep_plugin.placement.topology import Topology, load_topology
+from .flags import int_at_least, number
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("plan", help="plan expert placement on a topology; --compare runs the benchmark",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--topology", help="topology YAML (examples/topologies/); with --compare default: 2x8 and 4x4")
-    p.add_argument("--num-experts", type=int, help="E (default: the length of --load; with --compare 16, 8 and 4)")
+    p.add_argument("--num-experts", type=int_at_least(1),
+                   help="E (default: the length of --load; with --compare 16, 8 and 4)")
     p.add_argument("--load", help="JSON tokens per expert")
     p.add_argument("--coactivation", help="JSON E x E tokens that chose both experts")
-    p.add_argument("--top-k", type=int, default=None,
+    p.add_argument("--top-k", type=int_at_least(1), default=None,
                    help="experts per token the files were recorded with (with --compare default 2)")
-    p.add_argument("--expert-bytes", type=float, default=None, help="bytes one expert needs on a GPU")
+    p.add_argument("--expert-bytes", type=number(0.0, above=True), default=None, help="bytes one expert needs on a GPU")
     p.add_argument("--allow-colocate", action="store_true", help="allow several experts per GPU when E > GPUs")
-    p.add_argument("--bytes-per-token", type=float, default=8192.0,
+    p.add_argument("--bytes-per-token", type=number(0.0, above=True), default=8192.0,
                    help="bytes of one token on the wire (default 8192: hidden 4096 in bf16)")
     p.add_argument("--compare", action="store_true", help="run the benchmark (synthetic Zipf traces)")
-    p.add_argument("--tokens", type=int, default=16384, help="tokens of each synthetic trace (--compare)")
-    p.add_argument("--restarts", type=int, default=32, help="random restarts of the reference search (--compare)")
+    p.add_argument("--tokens", type=int_at_least(1), default=16384, help="tokens of each synthetic trace (--compare)")
+    p.add_argument("--restarts", type=int_at_least(1), default=32,
+                   help="random restarts of the reference search (--compare)")
     p.add_argument("--out", help="directory for the JSON and PNG files")
     return p
 
 
 def read_json_vector(path: str, key: str) -> Any:
     """A JSON file holding either the bare value or ``{key: value}`` (no other key)."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_json(path)
     if isinstance(data, dict):
         if set(data) != {key}:
             raise ValueError(f"{path}: expected a list or {{\"{key}\": ...}}, got keys {sorted(data)}")

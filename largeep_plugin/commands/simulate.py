@@ -30,6 +30,7 @@ from largeep_plugin.perfmodel.specs import PRECISIONS, load_cluster, load_model
 from largeep_plugin.perfmodel.training import TrainingResult, simulate_training
 from largeep_plugin.perfmodel.validate import run_validation
 from largeep_plugin.perfmodel.workload import DISPATCH, OVERLAP, RECOMPUTE, DecodeWorkload, TrainingWorkload
+from .flags import int_at_least, number
 
 _TRAIN_FLAGS = {"seq_len": "seq_len", "global_batch": "global_batch", "micro_batch": "micro_batch",
                 "precision": "precision", "recompute": "recompute", "overlap": "overlap", "chunks": "overlap_chunks",
@@ -45,30 +46,31 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                      "layouts and claimed numbers (e.g. 'source': the source design on 2 x 8 H100)")
     src.add_argument("--model", metavar="FILE", help="model YAML or preset name (e.g. mixtral_8x7b)")
     src.add_argument("--cluster", metavar="FILE", help="cluster YAML or preset name (e.g. h100_2x8)")
-    src.add_argument("--nodes", type=int, help="override the cluster's number of nodes")
+    src.add_argument("--nodes", type=int_at_least(1), help="override the cluster's number of nodes")
     src.add_argument("--layout", action="append", metavar="L", help="parallel layout such as ep16, tp8pp2, "
                      "tp2ep8dp2 or tp2pp8ep64dp2vpp4 (dimensions tp pp ep etp dp vpp); repeat or comma-separate "
                      "to compare several")
     src.add_argument("--mode", choices=("train", "decode", "both"), help="training, decode, or both (default: "
                      "whatever workloads the scenario has; training only without a preset unless --batch given)")
     tr = p.add_argument_group("training workload (overrides the preset's)")
-    tr.add_argument("--seq-len", type=int, help="tokens per sequence")
-    tr.add_argument("--global-batch", type=int, help="sequences per optimizer step")
-    tr.add_argument("--micro-batch", type=int, help="sequences per micro-batch and attention data-parallel rank")
+    tr.add_argument("--seq-len", type=int_at_least(1), help="tokens per sequence")
+    tr.add_argument("--global-batch", type=int_at_least(1), help="sequences per optimizer step")
+    tr.add_argument("--micro-batch", type=int_at_least(1),
+                    help="sequences per micro-batch and attention data-parallel rank")
     tr.add_argument("--precision", choices=PRECISIONS, help="GEMM precision (fp8 = FP8 GEMMs and FP8 dispatch)")
     tr.add_argument("--recompute", choices=RECOMPUTE, help="activation recomputation")
     tr.add_argument("--overlap", choices=OVERLAP, help="all-to-all overlap: none, chunked (this plugin's "
                     "in-layer pipeline), cross_batch (DualPipe / 1F1B A2A style)")
-    tr.add_argument("--chunks", type=int, help="token chunks of the chunked overlap (>= 2)")
+    tr.add_argument("--chunks", type=int_at_least(2), help="token chunks of the chunked overlap (>= 2)")
     tr.add_argument("--dispatch", choices=DISPATCH, help="flat all-to-all or hierarchical (node-batched, "
                     "deduplicated) dispatch")
-    tr.add_argument("--imbalance", type=float, help="tokens on the busiest EP rank over the mean (>= 1)")
+    tr.add_argument("--imbalance", type=number(1.0), help="tokens on the busiest EP rank over the mean (>= 1)")
     tr.add_argument("--load", metavar="FILE", help="JSON tokens per expert (list, or {\"tokens_per_expert\": ...}); "
                     "sets the imbalance per layout from its EP size")
-    tr.add_argument("--tp-comm-overlap", type=float, help="fraction of TP collectives hidden under GEMMs (0-1)")
+    tr.add_argument("--tp-comm-overlap", type=number(0.0), help="fraction of TP collectives hidden under GEMMs (0-1)")
     de = p.add_argument_group("decode workload (overrides the preset's)")
-    de.add_argument("--batch", type=int, help="sequences decoded together")
-    de.add_argument("--context", type=int, help="cached tokens each new token attends to")
+    de.add_argument("--batch", type=int_at_least(1), help="sequences decoded together")
+    de.add_argument("--context", type=int_at_least(0), help="cached tokens each new token attends to")
     de.add_argument("--kv-precision", choices=PRECISIONS, help="KV-cache precision")
     out = p.add_argument_group("calibration, validation and output")
     out.add_argument("--calibration", metavar="FILE", help="calibration JSON (largeep-calibration/1): measured "

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from largeep_plugin.placement.topology import as_int
 
 ACTIVATIONS = ("gelu", "swiglu", "swiglu_oai")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
@@ -119,8 +122,9 @@ class LargeEPConfig:
         init_std: standard deviation of the normal initialisation of router and expert weights.
         init_seed: seed of that initialisation; expert e always starts from the same weights, on any rank and in
             the dense reference, so sharded and dense models can be compared without copying weights.
-        check_inputs: check every forward, collectively over the EP group, that inputs are finite and shaped
-            right, so that a bad input on one rank is an error on all ranks instead of a hang.
+        check_inputs: check every forward, collectively over the EP group, that inputs are finite, shaped right
+            and of one dtype the experts take (their parameters' or autocast's), so that a bad input on one rank
+            is an error on all ranks instead of a hang or a crash.
     """
 
     hidden_size: int
@@ -156,7 +160,7 @@ class LargeEPConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), _FIELD_TYPES[f.name])
+            object.__setattr__(self, f.name, _checked(f.name, getattr(self, f.name), _FIELD_TYPES[f.name]))
         _positive("hidden_size", self.hidden_size)
         _positive("ffn_hidden_size", self.ffn_hidden_size)
         _positive("num_experts", self.num_experts)
@@ -280,7 +284,8 @@ class LargeEPConfig:
 
 
 # Types accepted per field. bool is not an int here (True is not a valid hidden_size), and an int is accepted
-# where a float is expected (capacity_factor=1 means 1.0).
+# where a float is expected (capacity_factor=1 means 1.0). Any integer type counts as int and any real as float
+# (numpy's scalars too, stored as Python numbers: see _checked).
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "hidden_size": (int,),
     "ffn_hidden_size": (int,),
@@ -315,11 +320,18 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _check_type(name: str, value: Any, types: tuple[type, ...]) -> None:
+def _checked(name: str, value: Any, types: tuple[type, ...]) -> Any:
+    """``value`` if it has one of ``types``; an integer of another type (numpy.int64(16)) as a Python int, a real
+    (numpy.float32) as a Python float, where the field takes those; ValueError naming the field otherwise."""
     if isinstance(value, bool) and bool not in types:
         raise ValueError(f"{name}={value!r} has the wrong type: expected {_type_names(types)}, got bool")
-    if not isinstance(value, types):
-        raise ValueError(f"{name}={value!r} has the wrong type: expected {_type_names(types)}, got {type(value).__name__}")
+    if isinstance(value, (bool, str, type(None))) and isinstance(value, types):
+        return value
+    if int in types and as_int(value) is not None:
+        return as_int(value)
+    if float in types and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(f"{name}={value!r} has the wrong type: expected {_type_names(types)}, got {type(value).__name__}")
 
 
 def _type_names(types: tuple[type, ...]) -> str:

@@ -45,6 +45,9 @@ from .router import Router, RoutingResult
 # Bits of the per-rank input check exchanged in step 2.
 _BAD_HIDDEN = 1
 _NON_FINITE = 2
+_BAD_DTYPE = 4
+# Input dtypes travel in step 2 as 1 + their index here: the same list on every rank, as torch is the same.
+_DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
 
 # Colocated placements already warned about in this process, so a model of many layers warns once.
 _WARNED_COLOCATED: set[tuple[tuple[int, ...], ...]] = set()
@@ -235,6 +238,8 @@ class LargeEPMoE(nn.Module):
     def forward(self, x: torch.Tensor, return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         bad = _BAD_HIDDEN if x.dim() == 0 or x.shape[-1] != cfg.hidden_size else 0
+        allowed = self._input_dtypes(x.device)
+        bad |= 0 if allowed is None or x.dtype in allowed else _BAD_DTYPE
         if bad and not cfg.check_inputs:
             raise ValueError(self._describe_problems({self.ep_rank: bad}, x))
         x_TH = x.reshape(-1, cfg.hidden_size) if not bad else x.new_zeros((0, cfg.hidden_size))
@@ -253,15 +258,18 @@ class LargeEPMoE(nn.Module):
         load_X[e] = routing.num_dropped
         flag = torch.zeros(1, dtype=torch.int64, device=x_TH.device)
         if cfg.check_inputs:
-            flag[0] = bad + _NON_FINITE * (~torch.isfinite(x_TH).all()).long()
+            # One number per rank: the problem bits, and above them the input dtype (ranks that feed different
+            # dtypes would post all-to-alls of different byte sizes: a crash, not an error).
+            flag[0] = bad + _NON_FINITE * (~torch.isfinite(x_TH).all()).long() + ((1 + _DTYPES.index(x.dtype)) << 8)
         fold = load_rides_in_count_exchange(self.ep_size, e + 1)
         pending_load = None if fold else start_all_reduce(load_X, self.ep_group)
         totals: list[torch.Tensor] = []
 
         def on_shared(flags_R: list[int], sums_X: torch.Tensor) -> None:
-            problems = {r: f for r, f in enumerate(flags_R) if f}
-            if problems:
-                raise ValueError(self._describe_problems(problems, x))
+            problems = {r: f & 0xFF for r, f in enumerate(flags_R) if f & 0xFF}
+            dtypes = {r: _DTYPES[(f >> 8) - 1] for r, f in enumerate(flags_R) if f >> 8}
+            if problems or len(set(dtypes.values())) > 1:
+                raise ValueError(self._describe_problems(problems, x, dtypes))
             if fold:
                 totals.append(sums_X)
 
@@ -363,10 +371,25 @@ class LargeEPMoE(nn.Module):
         """Start a new global batch for the global-batch loss (call after the optimizer step)."""
         self.global_batch_tokens_E.zero_()
 
-    def _describe_problems(self, problems: dict[int, int], x: torch.Tensor) -> str:
+    def _input_dtypes(self, device: torch.device) -> set[torch.dtype] | None:
+        """Input dtypes the local experts can take: their parameters' dtype, and autocast's when it is on (any other
+        fails inside an expert on another rank, after the all-to-all); None (any) for an expert without
+        parameters."""
+        weight = next(self.local_experts()[0][1].parameters(), None)
+        if weight is None:
+            return None
+        allowed = {weight.dtype}
+        if torch.is_autocast_enabled(device.type):
+            allowed.add(torch.get_autocast_dtype(device.type))
+        return allowed
+
+    def _describe_problems(self, problems: dict[int, int], x: torch.Tensor,
+                           dtypes: dict[int, torch.dtype] | None = None) -> str:
         parts = []
         hidden = [r for r, f in problems.items() if f & _BAD_HIDDEN]
         nonfinite = [r for r, f in problems.items() if f & _NON_FINITE]
+        wrong_dtype = [r for r, f in problems.items() if f & _BAD_DTYPE]
+        dtypes = dtypes or {self.ep_rank: x.dtype}
         if hidden:
             mine = f" (this rank's input has shape {tuple(x.shape)})" if self.ep_rank in hidden else ""
             parts.append(
@@ -374,6 +397,13 @@ class LargeEPMoE(nn.Module):
             )
         if nonfinite:
             parts.append(f"input contains NaN or Inf on EP rank(s) {nonfinite}")
+        if wrong_dtype:
+            mine = sorted(str(d).replace("torch.", "") for d in self._input_dtypes(x.device) or ())
+            parts.append(f"input dtype does not match the expert parameters' (or autocast's) on EP rank(s) "
+                         f"{wrong_dtype}: {_by_dtype({r: dtypes[r] for r in wrong_dtype if r in dtypes})} "
+                         f"(this rank takes {' or '.join(mine)})")
+        if len(set(dtypes.values())) > 1:
+            parts.append(f"input dtype differs between EP ranks: {_by_dtype(dtypes)}; every rank must feed the same")
         return "LargeEPMoE: " + "; ".join(parts)
 
     # ---- load balancing ----------------------------------------------------------------------------------------
@@ -396,6 +426,14 @@ class LargeEPMoE(nn.Module):
             f"experts={c.num_experts}, top_k={c.top_k}, hidden={c.hidden_size}, ffn={c.ffn_hidden_size}, "
             f"ep_size={self.ep_size}, expert_ids={self.expert_ids}, activation={c.activation}"
         )
+
+
+def _by_dtype(dtypes: dict[int, torch.dtype]) -> str:
+    """"float16 on rank(s) [0], float32 on rank(s) [1, 2]"."""
+    ranks: dict[str, list[int]] = {}
+    for r, d in sorted(dtypes.items()):
+        ranks.setdefault(str(d).replace("torch.", ""), []).append(r)
+    return ", ".join(f"{d} on rank(s) {rs}" for d, rs in ranks.items())
 
 
 def _uniform_ranks_per_node(placement: Placement) -> int | None:

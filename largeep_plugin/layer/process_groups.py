@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 import torch.distributed as dist
 
 from largeep_plugin.placement.plan import Placement
+from largeep_plugin.placement.topology import as_int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -217,10 +218,10 @@ def build_node_groups(ep_ranks: Sequence[int] | Sequence[Sequence[int]], ranks_p
     """
     if not dist.is_initialized():
         raise RuntimeError("build_node_groups needs torch.distributed to be initialised")
-    g = ranks_per_node
-    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-        raise ValueError(f"ranks_per_node={g!r} must be an integer >= 1")
-    nested = len(ep_ranks) > 0 and not isinstance(ep_ranks[0], int)
+    g = as_int(ranks_per_node)
+    if g is None or g < 1:
+        raise ValueError(f"ranks_per_node={ranks_per_node!r} must be an integer >= 1")
+    nested = len(ep_ranks) > 0 and as_int(ep_ranks[0]) is None
     copies = [sorted(int(r) for r in c) for c in (ep_ranks if nested else [ep_ranks])]  # type: ignore[union-attr]
     world, rank = dist.get_world_size(), dist.get_rank()
     everyone = [r for c in copies for r in c]

@@ -30,6 +30,7 @@ from .hierarchical import (
 )
 from .overlap import ChunkProgram, Exchange, Local, SideJob, chunk_of_tokens, effective_chunks, run_pipeline
 from .process_groups import NodeGroups
+from largeep_plugin.placement.topology import as_int
 
 
 def pipelined_exchange(
@@ -137,6 +138,8 @@ class TokenExchange:
         self.layout: NodeLayout | None = None
         self.node_groups = node_groups
         self.dispatcher: AllToAllDispatcher | HierarchicalDispatcher
+        if as_int(ranks_per_node) is not None:
+            ranks_per_node = as_int(ranks_per_node)  # numpy.int64(8) as well as 8
         if node_groups is not None and config.dispatch != "hierarchical":
             raise ValueError(f"node_groups are used by dispatch='hierarchical' only, got dispatch={config.dispatch!r}")
         if config.dispatch == "hierarchical":

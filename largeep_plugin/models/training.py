@@ -59,6 +59,10 @@ class TrainSettings:
             raise ValueError(f"warmup_steps={self.warmup_steps!r} must be >= 0")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr!r} must be > 0")
+        if self.branching > self.model.vocab_size:
+            raise ValueError(f"branching={self.branching} must be <= model.vocab_size={self.model.vocab_size}")
+        # The config every rank builds: a bad value is one error here, not one traceback per rank.
+        large_ep_config(self.model, bias_update_rate=self.bias_update_rate)
 
 
 def warm_up_before_fork(model: TinyMoEConfig) -> None:

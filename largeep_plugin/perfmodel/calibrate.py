@@ -33,13 +33,13 @@ the emulated cluster write such files, and `largeep simulate --calibration FILE`
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from largeep_plugin.perfmodel import flops
+from largeep_plugin.placement.files import read_json
 from largeep_plugin.perfmodel.costs import gemm_time, memory_time, pipelined_time
 from largeep_plugin.perfmodel.layer import act_bytes, moe_block_time
 from largeep_plugin.perfmodel.layout import Layout
@@ -53,8 +53,7 @@ _LAYER_KEYS = {"name", "hidden_size", "ffn_hidden_size", "num_experts", "top_k",
 
 def read_calibration(path: str | Path) -> dict[str, Any]:
     """Load and check a calibration file; ValueError naming the bad entry."""
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
+    data = read_json(path)
     check_calibration(data, str(path))
     return data
 

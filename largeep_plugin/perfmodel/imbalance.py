@@ -10,10 +10,11 @@ layers are combined by their mean.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
+
+from largeep_plugin.placement.files import read_json
 
 
 def rank_imbalance(tokens_per_expert: Sequence[float], ep: int) -> float:
@@ -40,8 +41,7 @@ def rank_imbalance(tokens_per_expert: Sequence[float], ep: int) -> float:
 
 def read_load_file(path: str | Path, num_experts: int) -> list[list[float]]:
     """Rows of tokens per expert (one per layer) from a load file; ValueError if the shape is wrong."""
-    with open(path, encoding="utf-8") as fh:
-        data: Any = json.load(fh)
+    data: Any = read_json(path)
     if isinstance(data, dict):
         if "tokens_per_expert" not in data:
             raise ValueError(f"load file {path}: expected a list or a mapping with 'tokens_per_expert', got keys "

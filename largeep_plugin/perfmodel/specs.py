@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from largeep_plugin.placement.files import read_yaml
+
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 ACTIVATIONS = ("gelu", "swiglu")
@@ -351,13 +353,8 @@ def _convert(hint: Any, value: Any, name: str) -> Any:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping. A bare name (no '/' and no suffix) is looked up in the shipped presets."""
-    try:
-        import yaml  # lazy: only the loaders need it
-    except ImportError as exc:  # pragma: no cover - pyyaml is an install requirement
-        raise ImportError("reading model/cluster files needs pyyaml: pip install pyyaml") from exc
     p = resolve_preset_path(path)
-    with open(p, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
+    data = read_yaml(p)
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a YAML mapping at the top level, got {type(data).__name__}")
     return data

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from largeep_plugin.placement.topology import Topology
+from largeep_plugin.placement.topology import Topology, as_int
 
 
 def route_flows(capacity_BNE: torch.Tensor, source_N: torch.Tensor) -> torch.Tensor:
@@ -248,8 +248,9 @@ def routing_stats(num_experts: int, topology: Topology, load: Any, coactivation:
     load_E = as_load(load, num_experts)
     coact_EE = as_coactivation(coactivation, load_E)
     if top_k is not None:
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an integer in [1, {num_experts}], got {top_k!r}")
+        given, top_k = top_k, as_int(top_k)
+        if top_k is None or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an integer in [1, {num_experts}], got {given!r}")
         if coact_EE is not None:
             pairs = float(coact_EE.sum() - torch.diagonal(coact_EE).sum())
             expected = float(load_E.sum()) * (top_k - 1)

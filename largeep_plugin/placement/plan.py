@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -28,7 +29,7 @@ from . import search
 from .groups import grouped_units
 from largeep_plugin.placement.figures import (PlacementFigures, RoutingStats, as_load, link_tokens, make_figures,
                                              route_flows, routing_stats, source_shares)
-from largeep_plugin.placement.topology import Topology, topology_from_dict
+from largeep_plugin.placement.topology import Topology, as_int, topology_from_dict
 
 _MASK32 = 0xFFFFFFFF
 
@@ -52,17 +53,24 @@ class Placement:
     expert_tp_degree: int = 1
 
     def __post_init__(self) -> None:
-        e, t, w = self.num_experts, self.expert_tp_degree, self.topology.world_size
-        if not isinstance(e, int) or e < 1:
-            raise ValueError(f"num_experts must be an integer >= 1, got {e!r}")
-        if not isinstance(t, int) or t < 1:
-            raise ValueError(f"expert_tp_degree must be an integer >= 1, got {t!r}")
+        e, t, w = as_int(self.num_experts), as_int(self.expert_tp_degree), self.topology.world_size
+        if e is None or e < 1:
+            raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
+        if t is None or t < 1:
+            raise ValueError(f"expert_tp_degree must be an integer >= 1, got {self.expert_tp_degree!r}")
         if len(self.rank_to_experts) != w:
             raise ValueError(f"rank_to_experts has {len(self.rank_to_experts)} entries, the topology {w} ranks")
+        rank_to_experts = []
         for r, held in enumerate(self.rank_to_experts):
-            if list(held) != sorted(set(held)) or any(not isinstance(x, int) or not 0 <= x < e for x in held):
+            ids = [as_int(x) for x in held]
+            if None in ids or ids != sorted(set(ids)) or not all(0 <= x < e for x in ids):
                 raise ValueError(f"rank_to_experts[{r}] must list distinct expert ids in [0, {e}) ascending, "
                                  f"got {held!r}")
+            rank_to_experts.append(tuple(ids))
+        # Plain ints from here on (the ids may have come as numpy integers): tables, JSON and hashing want them.
+        object.__setattr__(self, "num_experts", e)
+        object.__setattr__(self, "expert_tp_degree", t)
+        object.__setattr__(self, "rank_to_experts", tuple(rank_to_experts))
         missing = sorted(set(range(e)) - {x for held in self.rank_to_experts for x in held})
         if missing:
             raise ValueError(f"experts {missing} are on no rank: every expert must be placed")
@@ -259,7 +267,7 @@ def expert_tp_degree(expert_bytes: int | None, topology: Topology) -> int:
     """
     if expert_bytes is None:
         return 1
-    if not isinstance(expert_bytes, (int, float)) or isinstance(expert_bytes, bool) or not expert_bytes > 0:
+    if not isinstance(expert_bytes, numbers.Real) or isinstance(expert_bytes, bool) or not expert_bytes > 0:
         raise ValueError(f"expert_bytes must be a number > 0, got {expert_bytes!r}")
     memory = min(topology.gpu_memory_bytes(r) for r in range(topology.world_size))
     need = math.ceil(expert_bytes / memory)
@@ -295,8 +303,9 @@ def plan_placement(num_experts: int, topology: Topology, load: Any = None, coact
         The Placement with the best (largest GPU load, largest inter-node link time, total inter-node traffic)
         among the planner's own layout and the naive, Megatron-style and EPLB-style layouts it starts from.
     """
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
+    given, num_experts = num_experts, as_int(num_experts)
+    if num_experts is None or num_experts < 1:
+        raise ValueError(f"num_experts must be an integer >= 1, got {given!r}")
     if coactivation is not None and load is None:
         raise ValueError("coactivation needs the load it was recorded with: pass load as well")
     stats = routing_stats(num_experts, topology, load, coactivation, top_k)

@@ -18,15 +18,36 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .files import read_yaml
+
 GIB = 2**30
 
 
+def as_int(value: Any) -> int | None:
+    """``value`` as a plain int when it is an integer of any type (numpy's too, through ``operator.index``, so the
+    core needs no numpy), else None: a bool is not a count, nor is a float."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    # numbers.Real: numpy's scalars register themselves there, so they pass without importing numpy.
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _plain(x: float) -> float:
+    """A Python number for a numpy scalar: to_dict's JSON and YAML know only those."""
+    return x if type(x) in (int, float) else float(x)
 
 
 def _positive(name: str, x: Any) -> None:
@@ -45,6 +66,8 @@ class Link:
         _positive("bandwidth_gbytes_per_s", self.bandwidth_gbytes_per_s)
         if not _is_number(self.latency_us) or not math.isfinite(self.latency_us) or self.latency_us < 0:
             raise ValueError(f"latency_us must be a finite number >= 0, got {self.latency_us!r}")
+        object.__setattr__(self, "bandwidth_gbytes_per_s", _plain(self.bandwidth_gbytes_per_s))
+        object.__setattr__(self, "latency_us", _plain(self.latency_us))
 
     def seconds(self, num_bytes: float) -> float:
         """Time to move ``num_bytes`` over this link in one message: latency + bytes / bandwidth."""
@@ -62,9 +85,12 @@ class Node:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"node name must be a non-empty string, got {self.name!r}")
-        if not isinstance(self.num_gpus, int) or isinstance(self.num_gpus, bool) or self.num_gpus < 1:
+        num_gpus = as_int(self.num_gpus)
+        if num_gpus is None or num_gpus < 1:
             raise ValueError(f"num_gpus of node {self.name!r} must be an integer >= 1, got {self.num_gpus!r}")
         _positive(f"gpu_memory_gib of node {self.name!r}", self.gpu_memory_gib)
+        object.__setattr__(self, "num_gpus", num_gpus)
+        object.__setattr__(self, "gpu_memory_gib", _plain(self.gpu_memory_gib))
 
 
 # Defaults of ``Topology.uniform`` and ``topology_from_env``: an H100 node (NVLink 4: 450 GB/s per direction per
@@ -101,16 +127,20 @@ class Topology:
         if len(set(names)) != len(names):
             raise ValueError(f"node names must be unique, got {names}")
         seen: set[tuple[int, int]] = set()
-        for a, b, _ in self.link_overrides:
-            for end in (a, b):
-                if not isinstance(end, int) or not 0 <= end < len(self.nodes):
-                    raise ValueError(f"link_overrides: node index {end!r} is not in [0, {len(self.nodes)})")
+        overrides = []
+        for a_in, b_in, link in self.link_overrides:
+            a, b = as_int(a_in), as_int(b_in)
+            for end, given in ((a, a_in), (b, b_in)):
+                if end is None or not 0 <= end < len(self.nodes):
+                    raise ValueError(f"link_overrides: node index {given!r} is not in [0, {len(self.nodes)})")
+            overrides.append((a, b, link))
             if a == b:
                 raise ValueError(f"link_overrides: a link joins two different nodes, got ({a}, {b})")
             pair = (min(a, b), max(a, b))
             if pair in seen:
                 raise ValueError(f"link_overrides: node pair {pair} is given twice")
             seen.add(pair)
+        object.__setattr__(self, "link_overrides", tuple(overrides))
         starts = [0]
         for n in self.nodes[:-1]:
             starts.append(starts[-1] + n.num_gpus)
@@ -121,12 +151,13 @@ class Topology:
                 inter_node: Link = H100_INFINIBAND, gpu_memory_gib: float = H100_MEMORY_GIB,
                 name: str | None = None) -> "Topology":
         """``num_nodes`` identical nodes of ``gpus_per_node`` GPUs (H100 links and memory unless given)."""
-        if not isinstance(num_nodes, int) or num_nodes < 1:
+        count = as_int(num_nodes)
+        if count is None or count < 1:
             raise ValueError(f"num_nodes must be an integer >= 1, got {num_nodes!r}")
         nodes = tuple(Node(name=f"node{i}", num_gpus=gpus_per_node, gpu_memory_gib=gpu_memory_gib)
-                      for i in range(num_nodes))
+                      for i in range(count))
         return cls(nodes=nodes, intra_node=intra_node, inter_node=inter_node,
-                   name=name or f"{num_nodes}x{gpus_per_node}")
+                   name=name or f"{count}x{nodes[0].num_gpus}")
 
     @property
     def world_size(self) -> int:
@@ -139,15 +170,15 @@ class Topology:
 
     def node_of(self, rank: int) -> int:
         """The index of the node that holds ``rank``."""
-        self._check_rank(rank)
-        return bisect.bisect_right(self._first_rank, rank) - 1
+        return bisect.bisect_right(self._first_rank, self._check_rank(rank)) - 1
 
     def ranks_of(self, node: int) -> range:
         """The ranks of node ``node``."""
-        if not isinstance(node, int) or not 0 <= node < self.num_nodes:
+        index = as_int(node)
+        if index is None or not 0 <= index < self.num_nodes:
             raise ValueError(f"node {node!r} is not in [0, {self.num_nodes})")
-        start = self._first_rank[node]
-        return range(start, start + self.nodes[node].num_gpus)
+        start = self._first_rank[index]
+        return range(start, start + self.nodes[index].num_gpus)
 
     def node_of_rank(self) -> tuple[int, ...]:
         """Node index of every rank, [world_size]."""
@@ -179,9 +210,11 @@ class Topology:
                       for a, b, link in self.link_overrides],
         }
 
-    def _check_rank(self, rank: int) -> None:
-        if not isinstance(rank, int) or not 0 <= rank < self.world_size:
+    def _check_rank(self, rank: int) -> int:
+        index = as_int(rank)
+        if index is None or not 0 <= index < self.world_size:
             raise ValueError(f"rank {rank!r} is not in [0, {self.world_size})")
+        return index
 
 
 def _check_keys(where: str, d: Any, allowed: set[str], required: set[str]) -> None:
@@ -215,7 +248,8 @@ def topology_from_dict(d: Mapping[str, Any]) -> Topology:
     _check_keys("topology", d, {"name", "nodes", "gpus_per_node", "gpu_memory_gib", "intra_node", "inter_node",
                                 "links"}, {"nodes", "intra_node", "inter_node"})
     nodes_spec = d["nodes"]
-    if isinstance(nodes_spec, int) and not isinstance(nodes_spec, bool):
+    if as_int(nodes_spec) is not None:
+        nodes_spec = as_int(nodes_spec)
         if nodes_spec < 1:
             raise ValueError(f"topology.nodes must be >= 1, got {nodes_spec}")
         for key in ("gpus_per_node", "gpu_memory_gib"):
@@ -262,12 +296,7 @@ def topology_from_dict(d: Mapping[str, Any]) -> Topology:
 
 def load_topology(path: str | os.PathLike) -> Topology:
     """Read a Topology from a YAML file (format in docs/placement.md)."""
-    try:
-        import yaml  # lazy: the core imports only torch and the standard library at module level
-    except ImportError as err:
-        raise ImportError("load_topology needs pyyaml: pip install pyyaml") from err
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+    data = read_yaml(path)
     try:
         return topology_from_dict(data)
     except ValueError as err:

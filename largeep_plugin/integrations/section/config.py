@@ -22,13 +22,13 @@ This module does not import DeepSpeed: a config can be checked anywhere.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from largeep_plugin.layer.config import DISPATCH_KINDS, SCORE_FUNCTIONS
+from largeep_plugin.placement.files import read_json
 
 SECTION = "large_ep"
 
@@ -130,8 +130,7 @@ def load_ds_config(config: Any) -> dict[str, Any]:
     if isinstance(config, Mapping):
         return dict(config)
     if isinstance(config, (str, os.PathLike)):
-        with open(config, encoding="utf-8") as f:
-            loaded = json.load(f)
+        loaded = read_json(config)
         if not isinstance(loaded, dict):
             raise ValueError(f"DeepSpeed config {os.fspath(config)!r} must hold a JSON object")
         return loaded
