@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from largeep_plugin.tools.docs_quick import shorten
+
 STOCK_ON_CPU = (
     "--no-large-ep: the stock Megatron MoE layer cannot run on CPU (TopKRouter.gating moves its weight to "
     "torch.cuda.current_device(), and the alltoall token dispatcher creates a CUDA stream). Run the comparison on "
@@ -67,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--monitor", default=None, help="JSON-lines per-expert load file (LoadMonitor)")
     p.add_argument("--tensorboard-dir", default=None, help="per-expert load to TensorBoard (needs tensorboard)")
     p.add_argument("--json-out", default=None, help="write losses and tokens/s here")
-    args = p.parse_args(argv)
+    args = shorten(p.parse_args(argv), steps=2)  # LARGEEP_DOCS_QUICK=1: the docs check's short run
     if not args.large_ep and args.device == "cpu":
         p.exit(2, STOCK_ON_CPU + "\n")
     if args.tp > 1 and args.device == "cpu":

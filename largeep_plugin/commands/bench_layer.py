@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Any
 
+from largeep_plugin.tools.docs_quick import shorten
 from largeep_plugin.tools.layer_bench import VARIANTS, LayerBenchSettings, format_table, plot, result_json, run_layer_bench
 
 
@@ -98,7 +99,7 @@ def write_outputs(directory: str, settings: LayerBenchSettings, rows: list[dict[
 
 def run(args: argparse.Namespace) -> int:
     try:
-        settings, eps, variants = settings_from_args(args)
+        settings, eps, variants = settings_from_args(shorten(args, iters=1, warmup=1, tokens=128))
         build = stock_builder(variants)
     except ValueError as e:
         print(f"largeep bench layer: {e}", file=sys.stderr)
