@@ -116,8 +116,8 @@ def _resolve_section(model: nn.Module, section: LargeEPSection) -> LargeEPSectio
     counts = {m.num_experts for m in _stock_layers(model)}
     ep = resolve_ep_size(section, world, counts.pop() if len(counts) == 1 else None)
     if section.ep_size == AUTO and dist.get_rank() == 0:
-        print(f"largeep: {SECTION}.ep_size=\"{AUTO}\" -> {ep} ({world} ranks = EP {ep} x {world // ep} data-parallel "
-              "copies)", file=sys.stderr, flush=True)
+        print(f"largeep: {SECTION}.ep_size=\"{AUTO}\" -> {ep} (world size {world}, data-parallel copies {world // ep})",
+              file=sys.stderr, flush=True)
     return dataclasses.replace(section, ep_size=ep)
 
 
