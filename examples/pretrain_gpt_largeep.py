@@ -1,12 +1,12 @@
 """Pretrain a small Megatron-Core GPT whose MoE layers are large-EP (experts = EP), on Megatron's mock data.
 
 How to run:
-    python examples/pretrain_gpt_largeep.py                          # 4 CPU ranks (gloo), EP 4, 4 layers, 20 steps
-    python examples/pretrain_gpt_largeep.py --score-function sigmoid --monitor /tmp/load.jsonl
-    torchrun --nproc-per-node 8 examples/pretrain_gpt_largeep.py --device cuda                  # GPUs, NCCL
-    torchrun --nproc-per-node 8 examples/pretrain_gpt_largeep.py --device cuda --no-large-ep    # the stock MoE
-    torchrun --nproc-per-node 1 examples/pretrain_gpt_largeep.py --device cuda --top-k 1        # 1 GPU: 1 expert
-    torchrun --nproc-per-node 4 examples/pretrain_gpt_largeep.py --device cuda --tp 2           # TP 2 x EP 2
+    python examples/pretrain_gpt_largeep.py                   # 4 CPU ranks (gloo), EP 4, 4 layers, 20 steps
+    python examples/pretrain_gpt_largeep.py --score-function sigmoid --monitor runs/megatron_load.jsonl
+    torchrun --nproc-per-node 8 examples/pretrain_gpt_largeep.py --device cuda                # needs: 8 GPUs (NCCL)
+    torchrun --nproc-per-node 8 examples/pretrain_gpt_largeep.py --device cuda --no-large-ep  # needs: 8 GPUs
+    torchrun --nproc-per-node 1 examples/pretrain_gpt_largeep.py --device cuda --top-k 1      # needs: 1 GPU
+    torchrun --nproc-per-node 4 examples/pretrain_gpt_largeep.py --device cuda --tp 2         # needs: 4 GPUs (TP 2)
 
 Without ``torchrun`` the script starts ``--nproc`` local ranks itself. On GPUs it uses Megatron's DDP and
 optimizer; on CPU they cannot run (their buffers live on CUDA), so it uses ``GlooDataParallel`` (Megatron's

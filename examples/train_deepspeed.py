@@ -4,7 +4,7 @@ How to run (CPU, gloo; from the repository root):
 
     torchrun --nproc_per_node 4 examples/train_deepspeed.py --deepspeed_config ds_configs/large_ep_cpu.json
     torchrun --nproc_per_node 4 examples/train_deepspeed.py --deepspeed_config ds_configs/stock_moe_cpu.json
-    deepspeed --num_gpus 16 examples/train_deepspeed.py --deepspeed_config ds_configs/large_ep_cpu.json  # needs: 16 GPUs
+    deepspeed --num_gpus 16 examples/train_deepspeed.py --deepspeed_config ds_configs/large_ep_cpu.json # needs: 16 GPUs
 
 The CPU config runs at any world size (``"ep_size": "auto"``: EP = world size, one expert per rank), e.g.
 ``--nproc_per_node 16`` for 16 experts per layer.
