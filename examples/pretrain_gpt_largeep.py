@@ -40,6 +40,8 @@ STOCK_ON_CPU = (
     "GPUs: torchrun --nproc-per-node N examples/pretrain_gpt_largeep.py --device cuda --no-large-ep"
 )
 
+# Megatron's import-time notes about optional packages, and the TransformerLayer's about our MLP class.
+MEGATRON_NOISE = ".*(Transformer Engine|Apex|path_to_cache|Unknown MLP type).*"
 TP_ON_CPU = (
     "--tp > 1 needs --device cuda: Megatron's MoELayer trains with tensor parallelism only under sequence "
     "parallelism, whose all-gather allocates its output on torch.cuda.current_device()"
@@ -123,7 +125,7 @@ def mock_batches(args: argparse.Namespace, dp_rank: int, dp_size: int):
 
 
 def train(rank: int, world: int, args: argparse.Namespace) -> dict[str, Any]:
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|path_to_cache|Unknown MLP type).*")
+    warnings.filterwarnings("ignore", message=MEGATRON_NOISE)
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
 
@@ -220,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
             print("--device cuda: start the ranks with torchrun", file=sys.stderr)
             return 2
         from largeep_plugin.tools.launch import run_world
+
+        # Imported once here, before the ranks fork: each rank would otherwise spend seconds importing Megatron.
+        warnings.filterwarnings("ignore", message=MEGATRON_NOISE)
+        import megatron.core.models.gpt  # noqa: F401
+        import largeep_plugin.integrations.megatron  # noqa: F401
 
         world = args.nproc
         result = run_world(train, world, args=(args,), timeout=900)[0]

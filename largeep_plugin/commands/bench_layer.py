@@ -99,7 +99,8 @@ def write_outputs(directory: str, settings: LayerBenchSettings, rows: list[dict[
 
 def run(args: argparse.Namespace) -> int:
     try:
-        settings, eps, variants = settings_from_args(shorten(args, iters=1, warmup=1, tokens=128))
+        shorten(args, iters=1, warmup=1, tokens=128, hidden_size=64, ffn_hidden_size=128)
+        settings, eps, variants = settings_from_args(args)
         build = stock_builder(variants)
     except ValueError as e:
         print(f"largeep bench layer: {e}", file=sys.stderr)

@@ -145,7 +145,7 @@ def comparison_report(rows: list[dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        shorten(args, steps=2, compare_iters=1, compare_tokens=128)
+        shorten(args, steps=2, compare_iters=1, compare_tokens=128, compare_hidden_size=64, compare_ffn_hidden_size=128)
         settings = settings_from_args(args)
         bench = None
         if not args.no_compare:

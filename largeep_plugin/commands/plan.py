@@ -128,7 +128,7 @@ def figures_table(figures: dict[str, Any]) -> str:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    shorten(args, restarts=1, tokens=2048)
+    shorten(args, restarts=1, tokens=1024)
     top_k = args.top_k or 2
     topologies = [load_topology(args.topology)] if args.topology else [Topology.uniform(2, 8), Topology.uniform(4, 4)]
     expert_counts = [args.num_experts] if args.num_experts else [16, 8, 4]
