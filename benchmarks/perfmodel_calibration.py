@@ -37,6 +37,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from largeep_plugin.perfmodel.calibrate import FORMAT, layer_predictions  # noqa: E402
+from largeep_plugin.tools.docs_quick import shorten  # noqa: E402
 
 # Shape suffixes: T tokens of this rank, H hidden, F expert hidden, K top-k, E experts (= ranks), R received rows.
 
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7, help="timed repetitions, fastest taken (default 7)")
     p.add_argument("--rounds", type=int, default=3, help="calibrate-then-measure rounds (default 3)")
     p.add_argument("--out", default="runs/perfmodel_calibration.json", help="calibration file to write")
-    args = p.parse_args(argv)
+    args = shorten(p.parse_args(argv), rounds=1, repeats=1, tokens=128)  # LARGEEP_DOCS_QUICK=1: the docs check's short run
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.start_processes(_worker, args=(args.ranks, _free_port(), args, queue), nprocs=args.ranks, join=True,

@@ -1,13 +1,13 @@
 """Pretrain a small Megatron-Core GPT whose MoE layers are large-EP (experts = EP), on Megatron's mock data.
 
 How to run:
-    python examples/pretrain_gpt_largeep.py                          # 4 CPU ranks (gloo), EP 4, 4 layers, 20 steps
-    python examples/pretrain_gpt_largeep.py --score-function sigmoid --monitor /tmp/load.jsonl
+    python examples/pretrain_gpt_largeep.py                   # 4 CPU ranks (gloo), EP 4, 4 layers, 20 steps
+    python examples/pretrain_gpt_largeep.py --score-function sigmoid --monitor runs/megatron_load.jsonl
     python examples/pretrain_gpt_largeep.py --model deepseek-v3-tiny    # also mixtral-tiny, qwen3-tiny (see MODELS)
-    torchrun --nproc-per-node 8 examples/pretrain_gpt_largeep.py --device cuda                  # GPUs, NCCL
-    torchrun --nproc-per-node 8 examples/pretrain_gpt_largeep.py --device cuda --no-large-ep    # the stock MoE
-    torchrun --nproc-per-node 1 examples/pretrain_gpt_largeep.py --device cuda --top-k 1        # 1 GPU: 1 expert
-    torchrun --nproc-per-node 4 examples/pretrain_gpt_largeep.py --device cuda --tp 2           # TP 2 x EP 2
+    torchrun --nproc-per-node 8 examples/pretrain_gpt_largeep.py --device cuda                # needs: 8 GPUs (NCCL)
+    torchrun --nproc-per-node 8 examples/pretrain_gpt_largeep.py --device cuda --no-large-ep  # needs: 8 GPUs
+    torchrun --nproc-per-node 1 examples/pretrain_gpt_largeep.py --device cuda --top-k 1      # needs: 1 GPU
+    torchrun --nproc-per-node 4 examples/pretrain_gpt_largeep.py --device cuda --tp 2         # needs: 4 GPUs (TP 2)
 
 Without ``torchrun`` the script starts ``--nproc`` local ranks itself. On GPUs it uses Megatron's DDP and
 optimizer; on CPU they cannot run (their buffers live on CUDA), so it uses ``GlooDataParallel`` (Megatron's
@@ -36,12 +36,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from largeep_plugin.tools.docs_quick import shorten
+
 STOCK_ON_CPU = (
     "--no-large-ep: the stock Megatron MoE layer cannot run on CPU (TopKRouter.gating moves its weight to "
     "torch.cuda.current_device(), and the alltoall token dispatcher creates a CUDA stream). Run the comparison on "
     "GPUs: torchrun --nproc-per-node N examples/pretrain_gpt_largeep.py --device cuda --no-large-ep"
 )
 
+# Megatron's import-time notes about optional packages, and the TransformerLayer's about our MLP class.
+MEGATRON_NOISE = ".*(Transformer Engine|Apex|path_to_cache|Unknown MLP type).*"
 TP_ON_CPU = (
     "--tp > 1 needs --device cuda: Megatron's MoELayer trains with tensor parallelism only under sequence "
     "parallelism, whose all-gather allocates its output on torch.cuda.current_device()"
@@ -97,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--monitor", default=None, help="JSON-lines per-expert load file (LoadMonitor)")
     p.add_argument("--tensorboard-dir", default=None, help="per-expert load to TensorBoard (needs tensorboard)")
     p.add_argument("--json-out", default=None, help="write losses and tokens/s here")
-    args = p.parse_args(argv)
+    args = shorten(p.parse_args(argv), steps=2)  # LARGEEP_DOCS_QUICK=1: the docs check's short run
     if not args.large_ep and args.device == "cpu":
         p.exit(2, STOCK_ON_CPU + "\n")
     if args.tp > 1 and args.device == "cpu":
@@ -189,7 +193,7 @@ def mock_batches(args: argparse.Namespace, dp_rank: int, dp_size: int):
 
 
 def train(rank: int, world: int, args: argparse.Namespace) -> dict[str, Any]:
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|path_to_cache|Unknown MLP type).*")
+    warnings.filterwarnings("ignore", message=MEGATRON_NOISE)
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
 
@@ -286,6 +290,11 @@ def main(argv: list[str] | None = None) -> int:
             print("--device cuda: start the ranks with torchrun", file=sys.stderr)
             return 2
         from largeep_plugin.tools.launch import run_world
+
+        # Imported once here, before the ranks fork: each rank would otherwise spend seconds importing Megatron.
+        warnings.filterwarnings("ignore", message=MEGATRON_NOISE)
+        import megatron.core.models.gpt  # noqa: F401
+        import largeep_plugin.integrations.megatron  # noqa: F401
 
         world = args.nproc
         result = run_world(train, world, args=(args,), timeout=900)[0]

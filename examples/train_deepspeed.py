@@ -2,15 +2,19 @@
 
 How to run (CPU, gloo; from the repository root):
 
-    torchrun --nproc_per_node 16 examples/train_deepspeed.py --deepspeed_config ds_configs/large_ep_cpu.json
-    torchrun --nproc_per_node 16 examples/train_deepspeed.py --deepspeed_config ds_configs/stock_moe_cpu.json
-    deepspeed --num_gpus 16 examples/train_deepspeed.py --deepspeed_config ds_configs/large_ep_cpu.json   # GPUs
+    torchrun --nproc_per_node 4 examples/train_deepspeed.py --deepspeed_config ds_configs/large_ep_cpu.json
+    torchrun --nproc_per_node 4 examples/train_deepspeed.py --deepspeed_config ds_configs/stock_moe_cpu.json
+    deepspeed --num_gpus 16 examples/train_deepspeed.py --deepspeed_config ds_configs/large_ep_cpu.json # needs: 16 GPUs
+
+The CPU config runs at any world size (``"ep_size": "auto"``: EP = world size, one expert per rank), e.g.
+``--nproc_per_node 16`` for 16 experts per layer.
 
 The model is written the stock DeepSpeed way (``deepspeed.moe.layer.MoE`` blocks, MoE parameter groups split
 before initialisation). ``largeep_plugin.integrations.deepspeed.engine.initialize`` is a drop-in for ``deepspeed.initialize``:
 with ``"large_ep": {"enabled": true, ...}`` in the config it converts the MoE blocks to large-EP layers (one expert
 per rank) and updates their balancing bias after every ``engine.step()``; without it the model stays stock.
-Experts per layer: the config's ``large_ep.ep_size`` when enabled, else ``--num-experts`` (default: world size).
+Experts per layer: the config's ``large_ep.ep_size`` when enabled (``"auto"``: the world size divided by
+``large_ep.data_parallel_copies``, default 1), else ``--num-experts`` (default: world size).
 """
 from __future__ import annotations
 
@@ -23,9 +27,11 @@ import torch.distributed as dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 from largeep_plugin.integrations.deepspeed.engine import init_deepspeed_comm, initialize, large_ep_section
+from largeep_plugin.integrations.section.config import resolve_ep_size
 from largeep_plugin.integrations.deepspeed.stock import stock_moe_factory
 from largeep_plugin.models.synthetic import MarkovChainData
 from largeep_plugin.models.tiny_moe import TinyMoEConfig, TinyMoETransformer
+from largeep_plugin.tools.docs_quick import shorten
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--save-dir", default=None, help="save a checkpoint through the engine at the end")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     deepspeed.add_config_arguments(p)
-    return p.parse_args()
+    return shorten(p.parse_args(), steps=2)  # LARGEEP_DOCS_QUICK=1: the docs check's short run
 
 
 def main() -> None:
@@ -49,7 +55,8 @@ def main() -> None:
     init_deepspeed_comm()
     rank, world = dist.get_rank(), dist.get_world_size()
     section = large_ep_section(args)
-    experts = section.ep_size if section.enabled else (args.num_experts or world)
+    # The model is built here, so "auto" cannot follow its experts: the experts follow the EP size instead.
+    experts = resolve_ep_size(section, world) if section.enabled else (args.num_experts or world)
     cfg = TinyMoEConfig(hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
                         num_layers=args.num_layers, seq_len=args.seq_len, num_experts=experts, top_k=args.top_k,
                         seed=args.seed)
@@ -60,7 +67,7 @@ def main() -> None:
 
     data = MarkovChainData(cfg.vocab_size, seed=args.seed)
     batch = engine.train_micro_batch_size_per_gpu()
-    kind = f"large-EP (EP {section.ep_size})" if section.enabled else f"stock DeepSpeed MoE (EP {experts})"
+    kind = f"large-EP (EP {experts})" if section.enabled else f"stock DeepSpeed MoE (EP {experts})"
     if rank == 0:
         print(f"{kind}: {world} ranks, {cfg.num_layers} layers x {experts} experts, {batch}x{cfg.seq_len} tokens/rank")
     losses, start = [], time.perf_counter()

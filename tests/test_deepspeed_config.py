@@ -12,6 +12,7 @@ from largeep_plugin.integrations.section.config import (
     LargeEPSection,
     large_ep_section_from_config,
     parse_large_ep_section,
+    resolve_ep_size,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +56,9 @@ def test_misspelt_key_is_named_with_the_valid_list(section, named, listed):
 @pytest.mark.parametrize("section, path, value", [
     ({"enabled": "yes", "ep_size": 4}, "large_ep.enabled", "'yes'"),
     ({"enabled": True, "ep_size": "16"}, "large_ep.ep_size", "'16'"),
+    ({"enabled": True, "ep_size": "autox"}, "large_ep.ep_size", "'autox'"),
+    ({"enabled": True, "ep_size": "AUTO"}, "large_ep.ep_size", "'AUTO'"),
+    ({"enabled": True, "ep_size": "auto", "data_parallel_copies": "2"}, "large_ep.data_parallel_copies", "'2'"),
     ({"enabled": True, "ep_size": 4.0}, "large_ep.ep_size", "4.0"),
     ({"enabled": True, "ep_size": True}, "large_ep.ep_size", "True"),
     ({"enabled": True, "ep_size": 4, "capacity_factor": True}, "large_ep.capacity_factor", "True"),
@@ -69,7 +73,9 @@ def test_wrong_type_names_the_key_and_value(section, path, value):
 
 @pytest.mark.parametrize("section, fragment", [
     ({"enabled": True}, "large_ep.ep_size is not set"),
-    ({"enabled": True, "ep_size": 0}, "large_ep.ep_size=0"),
+    ({"enabled": True, "ep_size": 0}, "large_ep.ep_size=0 must be >= 1, or \"auto\""),
+    ({"enabled": True, "ep_size": -4}, "large_ep.ep_size=-4"),
+    ({"enabled": True, "ep_size": "auto", "data_parallel_copies": 0}, "large_ep.data_parallel_copies=0"),
     ({"enabled": True, "ep_size": 4, "score_function": "relu"}, "large_ep.score_function='relu'"),
     ({"enabled": True, "ep_size": 4, "capacity_factor": -1}, "large_ep.capacity_factor=-1"),
     ({"enabled": True, "ep_size": 4, "overlap": {"dispatch": "ring"}}, "large_ep.overlap.dispatch='ring'"),
@@ -90,7 +96,42 @@ def test_shipped_configs():
         with open(path) as f:
             raw = json.load(f)
         assert "expert_parallel" not in raw  # that key would switch on DeepSpeed's own AutoEP
-    assert large_ep_section_from_config(os.path.join(ROOT, "ds_configs", "large_ep_cpu.json")).ep_size == 16
+    cpu = large_ep_section_from_config(os.path.join(ROOT, "ds_configs", "large_ep_cpu.json"))
+    # One config for any world: the README runs it at 4 processes, the demo's size is 16.
+    assert cpu.ep_size == "auto" and [resolve_ep_size(cpu, w) for w in (4, 16)] == [4, 16]
+
+
+@pytest.mark.parametrize("section, world, experts, ep", [
+    ({"ep_size": "auto"}, 4, None, 4),                              # experts follow the EP size: the whole world
+    ({"ep_size": "auto"}, 16, None, 16),
+    ({"ep_size": "auto"}, 8, 4, 4),                                 # one expert per rank, 2 data-parallel copies
+    ({"ep_size": "auto", "data_parallel_copies": 2}, 8, None, 4),   # the copies asked for decide
+    ({"ep_size": "auto", "data_parallel_copies": 1}, 4, 4, 4),
+    ({"ep_size": 4}, 8, 4, 4),
+    ({"ep_size": 4, "data_parallel_copies": 2}, 8, None, 4),
+])
+def test_ep_size_resolves_against_the_world(section, world, experts, ep):
+    assert resolve_ep_size(parse_large_ep_section({"enabled": True, **section}), world, experts) == ep
+
+
+@pytest.mark.parametrize("section, world, experts, message", [
+    ({"ep_size": 16}, 4, None, "large_ep.ep_size=16 must divide the world size 4"),
+    ({"ep_size": 3}, 4, 3, "large_ep.ep_size=3 must divide the world size 4"),
+    ({"ep_size": "auto"}, 6, 4, "large_ep.ep_size='auto': the world size 6 is not a multiple of the 4 experts"),
+    ({"ep_size": "auto"}, 2, 4, "large_ep.ep_size='auto': the world size 2 is not a multiple of the 4 experts"),
+    ({"ep_size": "auto", "data_parallel_copies": 3}, 4, None, "large_ep.data_parallel_copies=3 must divide the world"),
+    ({"ep_size": 4, "data_parallel_copies": 2}, 4, None,
+     "large_ep.data_parallel_copies=2 with large_ep.ep_size=4 needs a world of 8 ranks, not 4"),
+])
+def test_ep_size_the_world_cannot_hold_names_the_field(section, world, experts, message):
+    with pytest.raises(ValueError) as exc:
+        resolve_ep_size(parse_large_ep_section({"enabled": True, **section}), world, experts)
+    assert str(exc.value).startswith(message), str(exc.value)
+
+
+def test_unresolved_auto_has_no_group_name():
+    with pytest.raises(ValueError, match="large_ep.ep_size='auto' is not resolved yet"):
+        parse_large_ep_section({"enabled": True, "ep_size": "auto"}).group_name
 
 
 def test_deepspeed_accepts_the_shipped_configs():

@@ -1,10 +1,13 @@
 """DeepSpeed engine with converted layers, ZeRO stage 1 at EP 4 on 4 gloo ranks:
 20 training steps where the loss goes down and matches the stock model's under identical routing; checkpoint
 save/load through the engine round-trips (per-expert files included); the bias update runs after each step and
-the monitor writes its records. One world runs every check."""
+the monitor writes its records; "ep_size": "auto" resolves to the world (logged once, by rank 0) and a size that
+cannot fit the world is an error naming the field. One world runs every check."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 
@@ -92,8 +95,21 @@ def _world(rank: int, world: int, ckpt_dir: str) -> dict:
     out["files"] = sorted(os.listdir(os.path.join(ckpt_dir, "t"))) if rank == 0 else None
 
     # The balancing bias moves after each optimizer step, identically on every rank; the monitor logs each step.
-    balancing = _engine({"enabled": True, "ep_size": WORLD, "load_balance": {"bias_update_rate": 0.01},
-                         "monitor": {"jsonl_path": os.path.join(ckpt_dir, "load.jsonl")}}, stage=2)
+    # "auto": the EP size is the world's (4 experts, one per rank), said once by rank 0.
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+        balancing = _engine({"enabled": True, "ep_size": "auto", "load_balance": {"bias_update_rate": 0.01},
+                             "monitor": {"jsonl_path": os.path.join(ckpt_dir, "load.jsonl")}}, stage=2)
+    out["auto_log"] = [line for line in log.getvalue().splitlines() if "ep_size" in line]
+    out["auto_ep"] = (balancing.large_ep_section.ep_size, type(balancing.module.moe_blocks()[0].moe).__name__)
+    out["bad"] = {}
+    for name, section in (("too_big", {"enabled": True, "ep_size": 16}),
+                          ("copies", {"enabled": True, "ep_size": "auto", "data_parallel_copies": 3})):
+        try:  # refused on every rank before any group exists
+            _engine(section)
+            out["bad"][name] = "no error"
+        except ValueError as e:
+            out["bad"][name] = str(e)
     _train(balancing, rank, 3)
     biases = torch.stack([layer.router.expert_bias for _, layer in moe_layers(balancing.module)])
     gathered = [torch.empty_like(biases) for _ in range(world)]
@@ -147,3 +163,12 @@ def test_bias_update_after_each_step_and_monitor(results):
         records = [json.loads(line) for line in f.read().splitlines()]
     assert [rec["step"] for rec in records] == [1, 1, 2, 2, 3, 3]  # one record per layer per step
     assert all(sum(rec["counts"]) == WORLD * BATCH * MODEL.seq_len * 2 for rec in records)
+
+
+def test_auto_ep_size_and_sizes_the_world_cannot_hold(results):
+    for rank, r in enumerate(results):
+        assert r["auto_ep"] == (WORLD, "LargeEPDeepSpeedMoE"), r["auto_ep"]
+        expected = ['largeep: large_ep.ep_size="auto" -> 4 (world size 4, data-parallel copies 1)'] if rank == 0 else []
+        assert r["auto_log"] == expected, r["auto_log"]
+        assert r["bad"]["too_big"] == "large_ep.ep_size=16 must divide the world size 4", r["bad"]
+        assert r["bad"]["copies"].startswith("large_ep.data_parallel_copies=3 must divide the world size 4"), r["bad"]

@@ -94,6 +94,13 @@ def test_deepspeed_section_is_read_strictly(tmp_path: Any) -> None:
     flag = write_json(tmp_path / "flag.json", {"large_ep": {"enabled": "yes"}})
     with pytest.raises(ValueError, match="large_ep.enabled='yes' has the wrong type"):
         large_ep_settings(lm_args(deepspeed_config=flag))
+    # "auto" leaves the EP size to --expert-model-parallel-size; the copies are Megatron's to derive.
+    auto = write_json(tmp_path / "auto.json", {"large_ep": {"enabled": True, "ep_size": "auto"}})
+    assert large_ep_settings(lm_args(deepspeed_config=auto)).ep_size is None
+    copies = write_json(tmp_path / "copies.json", {"large_ep": {"enabled": True, "ep_size": "auto",
+                                                                "data_parallel_copies": 2}})
+    with pytest.raises(ValueError, match="large_ep.data_parallel_copies=2: under Megatron-LM"):
+        large_ep_settings(lm_args(deepspeed_config=copies))
 
 
 def test_settings_conflicts_are_errors(tmp_path: Any) -> None:
@@ -204,6 +211,7 @@ def _builder_rank(rank: int, world_size: int, monitor: str, ds_dir: str) -> dict
     errors = {}
     for name, file, args in (
         ("ep_size", "ep_size.json", lm_args(**shape)),
+        ("ep_auto", "ep_auto.json", lm_args(**shape)),
         ("top_k", "top_k.json", lm_args(**shape)),
         # a plan for 2 experts on 2 EP ranks, while the config Megatron-LM hands over has 4 and 4
         ("placement", "placed_2.json", lm_args(large_ep=True, num_experts=2, expert_model_parallel_size=2,
@@ -257,6 +265,7 @@ def test_builder_on_builds_large_ep_layers_and_installs_the_hook(tmp_path: Any) 
     placed = {"enabled": True, "ep_size": 4,
               "placement": {"topology_file": str(tmp_path / "2x2.yaml"), "load_file": load}}
     for name, section in (("ep_size", {"enabled": True, "ep_size": 2}),
+                          ("ep_auto", {"enabled": True, "ep_size": "auto"}),  # takes Megatron's EP size
                           ("top_k", {"enabled": True, "ep_size": 4, "top_k": 2}),
                           ("placed", placed),
                           ("placed_2", {"placement": {"topology_file": str(tmp_path / "1x2.yaml")}})):
@@ -267,6 +276,7 @@ def test_builder_on_builds_large_ep_layers_and_installs_the_hook(tmp_path: Any) 
     assert expected != ((0,), (1,), (2,), (3,)), expected  # else the checks below could not tell
     for r in results:
         assert "large_ep.ep_size=2 contradicts --expert-model-parallel-size 4" in r["errors"]["ep_size"], r
+        assert r["errors"]["ep_auto"] == "no error", r
         assert "top_k=2 contradicts the Megatron config (moe_router_topk gives 1)" in r["errors"]["top_k"], r
         assert "placement plan is for 2 experts on 2 EP ranks but the Megatron config has num_moe_experts=4" in (
             r["errors"]["placement"]), r

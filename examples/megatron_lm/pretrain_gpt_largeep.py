@@ -1,6 +1,7 @@
 """Megatron-LM's ``pretrain_gpt.py`` with large-EP MoE layers: a thin entry over Megatron-LM's own pieces.
 
 How to run (from a Megatron-LM checkout at core_r0.16, with this package installed):
+    # needs: a Megatron-LM checkout (core_r0.16) and GPUs
     cd /path/to/Megatron-LM
     torchrun --nproc-per-node 8 /path/to/largeep_plugin/examples/megatron_lm/pretrain_gpt_largeep.py \\
         <the usual pretrain_gpt.py arguments> --num-experts 8 --expert-model-parallel-size 8 \\

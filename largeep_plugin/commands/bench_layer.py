@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Any
 
+from largeep_plugin.tools.docs_quick import shorten
 from largeep_plugin.tools.layer_bench import VARIANTS, LayerBenchSettings, format_table, plot, result_json, run_layer_bench
 from .flags import int_at_least, int_list, number
 
@@ -101,6 +102,7 @@ def write_outputs(directory: str, settings: LayerBenchSettings, rows: list[dict[
 
 def run(args: argparse.Namespace) -> int:
     try:
+        shorten(args, iters=1, warmup=1, tokens=128, hidden_size=64, ffn_hidden_size=128)
         settings, eps, variants = settings_from_args(args)
         build = stock_builder(variants)
     except ValueError as e:

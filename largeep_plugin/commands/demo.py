@@ -28,6 +28,7 @@ from largeep_plugin.tools.launch import run_world
 from largeep_plugin.tools.layer_bench import VARIANTS, LayerBenchSettings, format_table, ratios, run_layer_bench
 from ..models.tiny_moe import TinyMoEConfig
 from ..models.training import TrainSettings, train_rank, warm_up_before_fork
+from largeep_plugin.tools.docs_quick import shorten
 from largeep_plugin.tools.progress import ProgressBar
 from .bench_layer import stock_builder, write_outputs
 from .flags import int_at_least, int_list, number
@@ -156,6 +157,7 @@ def comparison_report(rows: list[dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        shorten(args, steps=2, compare_iters=1, compare_tokens=128, compare_hidden_size=64, compare_ffn_hidden_size=128)
         settings = settings_from_args(args)
         bench = None
         if not args.no_compare:

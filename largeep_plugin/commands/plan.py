@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from largeep_plugin.placement.plan import Placement, eplb_placement, megatron_placement, naive_placement, plan_placement
+from largeep_plugin.tools.docs_quick import shorten
 from largeep_plugin.tools.placement_bench import (BASELINES, CompareResult, compare, format_table, synthetic_trace,
                                             target_report, trace_stats)
 from largeep_plugin.placement.files import read_json
@@ -130,6 +131,7 @@ def figures_table(figures: dict[str, Any]) -> str:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    shorten(args, restarts=1, tokens=1024)
     top_k = args.top_k or 2
     topologies = [load_topology(args.topology)] if args.topology else [Topology.uniform(2, 8), Topology.uniform(4, 4)]
     expert_counts = [args.num_experts] if args.num_experts else [16, 8, 4]

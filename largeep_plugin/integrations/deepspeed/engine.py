@@ -3,7 +3,8 @@
     from largeep_plugin.integrations.deepspeed.engine import initialize
     engine, optimizer, loader, scheduler = initialize(model=model, model_parameters=params, config="ds.json")
 
-With ``"large_ep": {"enabled": true, "ep_size": 16, ...}`` in the config (see ``integrations/section/config.py``) it:
+With ``"large_ep": {"enabled": true, "ep_size": 16, ...}`` in the config (see ``integrations/section/config.py``;
+``"ep_size": "auto"`` is resolved against the world size and the model's experts, and logged by rank 0) it:
 1. initialises DeepSpeed's communication if needed and creates DeepSpeed's expert-parallel groups
    ``ep_size_<N>`` (so the engine and the large-EP layers share one group layout);
 2. converts every ``deepspeed.moe.layer.MoE`` of the model into a ``LargeEPDeepSpeedMoE`` keeping its weights
@@ -20,6 +21,7 @@ it was given: the model stays stock. The section is parsed strictly either way.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import tempfile
@@ -36,7 +38,8 @@ from deepspeed.utils import groups
 from largeep_plugin.layer.load_balance import LoadMonitor, apply_bias_updates
 from largeep_plugin.layer.moe_layer import moe_layers
 from largeep_plugin.placement.plan import Placement
-from largeep_plugin.integrations.section.config import SECTION, LargeEPSection, load_ds_config, parse_large_ep_section
+from largeep_plugin.integrations.section.config import (AUTO, SECTION, LargeEPSection, load_ds_config,
+                                                        parse_large_ep_section, resolve_ep_size)
 from .convert import ExpertConverter, LargeEPDeepSpeedMoE, convert_moe_layers
 from .placement import (deepspeed_expert_groups, hook_checkpoint_names, plan_section_placement,
                                   resolve_ranks_per_node)
@@ -78,6 +81,7 @@ def initialize(
     if model is None:
         raise ValueError("large_ep.enabled is true but no model was given to initialize")
     _check_monitor(section)
+    section = _resolve_section(model, section)
     # Planned before any group or collective, identically on every rank (pure function of the files).
     placement = _section_placement(model, section)
     ranks_per_node = resolve_ranks_per_node(section, placement)
@@ -99,11 +103,28 @@ def initialize(
     return outputs
 
 
+def _stock_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE) and not isinstance(m, LargeEPDeepSpeedMoE)]
+
+
+def _resolve_section(model: nn.Module, section: LargeEPSection) -> LargeEPSection:
+    """The section with ``ep_size`` an integer for this world and this model's expert count; an ``"auto"`` is
+    logged once, by rank 0, so a run's output says which EP size it got."""
+    init_deepspeed_comm()
+    world = dist.get_world_size()
+    counts = {m.num_experts for m in _stock_layers(model)}
+    ep = resolve_ep_size(section, world, counts.pop() if len(counts) == 1 else None)
+    if section.ep_size == AUTO and dist.get_rank() == 0:
+        print(f"largeep: {SECTION}.ep_size=\"{AUTO}\" -> {ep} (world size {world}, data-parallel copies {world // ep})",
+              file=sys.stderr, flush=True)
+    return dataclasses.replace(section, ep_size=ep)
+
+
 def _section_placement(model: nn.Module, section: LargeEPSection) -> Placement | None:
     """The section's placement for the model's stock MoE layers (None without a topology file)."""
     if section.placement.topology_file is None and section.placement.load_file is None:
         return None
-    stock = [m for m in model.modules() if isinstance(m, MoE) and not isinstance(m, LargeEPDeepSpeedMoE)]
+    stock = _stock_layers(model)
     if not stock:
         return None  # convert_moe_layers names the problem
     counts = sorted({m.num_experts for m in stock})
@@ -118,9 +139,6 @@ def ensure_expert_groups(ep_size: int, use_data_before_expert_parallel: bool = F
     """DeepSpeed's expert-parallel group ``ep_size_<N>`` for this rank, created (with its expert-data-parallel
     groups) if it does not exist yet."""
     init_deepspeed_comm()
-    world = dist.get_world_size()
-    if world % ep_size:
-        raise ValueError(f"large_ep.ep_size={ep_size} must divide the world size {world}")
     name = f"ep_size_{ep_size}"
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel)

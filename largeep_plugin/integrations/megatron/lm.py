@@ -16,7 +16,8 @@ Arguments added:
 The "large_ep" section is the one DeepSpeed users write (``integrations/section/config.py``, parsed strictly by the
 same code). In Megatron, the model's shape comes from Megatron's arguments: ``ep_size``, ``top_k``,
 ``score_function``, ``capacity_factor`` and the loss coefficients may appear only with the values Megatron's
-arguments give; what the section adds is ``enabled``, ``load_balance.bias_update_rate``, ``overlap``,
+arguments give (``"ep_size": "auto"`` takes ``--expert-model-parallel-size``; ``data_parallel_copies`` is refused:
+Megatron derives the data-parallel size from the world and its parallel sizes); what the section adds is ``enabled``, ``load_balance.bias_update_rate``, ``overlap``,
 ``monitor`` and ``placement``.
 
 ``placement.topology_file`` (the topology of one EP group: EP rank r is its r-th GPU, counted node by node) and
@@ -41,7 +42,8 @@ from typing import Any, Callable, Mapping
 
 from largeep_plugin.placement.plan import Placement
 from largeep_plugin.placement.topology import load_topology
-from largeep_plugin.integrations.section.config import SECTION, LargeEPSection, PlacementSection, load_ds_config, parse_large_ep_section
+from largeep_plugin.integrations.section.config import (AUTO, SECTION, LargeEPSection, PlacementSection, load_ds_config,
+                                                        parse_large_ep_section)
 from largeep_plugin.integrations.section.placement import plan_section_placement
 
 
@@ -133,6 +135,9 @@ def large_ep_settings(args: Any) -> LargeEPSettings:
             )
         raw = read_large_ep_file(args.large_ep_config)
     section = parse_large_ep_section(raw)  # strict: misspelt keys, wrong types, impossible values
+    if section.data_parallel_copies is not None:
+        raise ValueError(f"{SECTION}.data_parallel_copies={section.data_parallel_copies}: under Megatron-LM the "
+                         "data-parallel size follows from the world size and Megatron's parallel sizes; remove it")
     raw = dict(raw or {})
     if args.large_ep and raw.get("enabled") is False:
         raise ValueError("--large-ep is given but the large_ep section says enabled=false: remove one of them")
@@ -157,7 +162,7 @@ def large_ep_settings(args: Any) -> LargeEPSettings:
     return LargeEPSettings(
         enabled=enabled,
         overrides=overrides_from_section(raw, section),
-        ep_size=section.ep_size,
+        ep_size=None if section.ep_size == AUTO else section.ep_size,  # "auto": Megatron's EP size
         placement=placement,
         monitor=monitor or section.monitor.jsonl_path,
         tensorboard_dir=section.monitor.tensorboard_dir,

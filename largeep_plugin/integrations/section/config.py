@@ -5,7 +5,8 @@ section (never ``"expert_parallel"``: that key switches on DeepSpeed's own AutoE
 
     "large_ep": {
         "enabled": true,
-        "ep_size": 16,                    # ranks per expert-parallel group = experts per MoE layer
+        "ep_size": 16,                    # ranks per expert-parallel group = experts per MoE layer, or "auto"
+        "data_parallel_copies": null,     # copies of the EP group; null: world size / ep_size
         "top_k": null,                    # null: keep the stock layer's k
         "score_function": "softmax",      # "softmax" (the stock gate's) or "sigmoid"
         "capacity_factor": null,          # null: dropless
@@ -15,7 +16,8 @@ section (never ``"expert_parallel"``: that key switches on DeepSpeed's own AutoE
         "monitor": {"jsonl_path": null, "tensorboard_dir": null}
     }
 
-Every key is optional except ``ep_size`` when ``enabled`` is true. A misspelt key anywhere is a ``ValueError``
+Every key is optional except ``ep_size`` when ``enabled`` is true. ``"auto"`` is resolved against the world size
+by ``resolve_ep_size`` once the world is known (one config then serves 4 and 16 processes alike). A misspelt key anywhere is a ``ValueError``
 naming it and listing the valid keys; a wrong type or an impossible value names the key path and the value.
 This module does not import DeepSpeed: a config can be checked anywhere.
 """
@@ -31,6 +33,7 @@ from largeep_plugin.layer.config import DISPATCH_KINDS, SCORE_FUNCTIONS
 from largeep_plugin.placement.files import read_json
 
 SECTION = "large_ep"
+AUTO = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +77,8 @@ class LargeEPSection:
     """The parsed ``"large_ep"`` section. ``enabled=False`` (or no section) leaves the model stock."""
 
     enabled: bool = False
-    ep_size: int | None = None
+    ep_size: int | str | None = None
+    data_parallel_copies: int | None = None
     top_k: int | None = None
     score_function: str = "softmax"
     capacity_factor: float | None = None
@@ -86,6 +90,8 @@ class LargeEPSection:
     @property
     def group_name(self) -> str:
         """DeepSpeed's name of the expert-parallel group (and of the expert parameters' ``group_name``)."""
+        if not isinstance(self.ep_size, int):
+            raise ValueError(f"{SECTION}.ep_size={self.ep_size!r} is not resolved yet: call resolve_ep_size first")
         return f"ep_size_{self.ep_size}"
 
 
@@ -98,13 +104,15 @@ _SUBSECTIONS: dict[str, type] = {
 }
 # Accepted JSON types per key path; None is accepted where the default is None.
 _TYPES: dict[str, tuple[type, ...]] = {
-    "enabled": _BOOL, "ep_size": _INT, "top_k": _INT, "score_function": _STR, "capacity_factor": _FLOAT,
+    "enabled": _BOOL, "ep_size": _INT, "data_parallel_copies": _INT, "top_k": _INT, "score_function": _STR, "capacity_factor": _FLOAT,
     "placement.topology_file": _STR, "placement.load_file": _STR,
     "overlap.chunks": _INT, "overlap.dispatch": _STR, "overlap.ranks_per_node": _INT,
     "load_balance.bias_update_rate": _FLOAT, "load_balance.aux_loss_coeff": _FLOAT,
     "load_balance.z_loss_coeff": _FLOAT,
     "monitor.jsonl_path": _STR, "monitor.tensorboard_dir": _STR,
 }
+# Words accepted besides the JSON types above.
+_WORDS: dict[str, tuple[str, ...]] = {"ep_size": (AUTO,)}
 
 
 def parse_large_ep_section(section: Any) -> LargeEPSection:
@@ -123,6 +131,39 @@ def parse_large_ep_section(section: Any) -> LargeEPSection:
 def large_ep_section_from_config(config: Any) -> LargeEPSection:
     """The parsed section of a whole DeepSpeed config: a dict, or a path to a JSON file."""
     return parse_large_ep_section(load_ds_config(config).get(SECTION))
+
+
+def resolve_ep_size(section: LargeEPSection, world_size: int, num_experts: int | None = None) -> int:
+    """The section's EP size for a world of ``world_size`` ranks whose MoE layers hold ``num_experts`` experts
+    (None: not known yet, the experts follow the EP size, as in ``examples/train_deepspeed.py``).
+
+    An integer must divide the world. ``"auto"`` is ``world_size / data_parallel_copies`` when the copies are
+    given, else the number of experts (one expert per rank, the rest of the world data-parallel), else the whole
+    world. Whatever the source, ``data_parallel_copies`` must then equal ``world_size / ep_size``.
+    """
+    ep, copies = section.ep_size, section.data_parallel_copies
+    where = f"{SECTION}.ep_size={ep!r}"
+    if ep is None:
+        raise ValueError(f"{where}: give the expert-parallel size (an integer or \"{AUTO}\")")
+    if ep == AUTO:
+        if copies is not None:
+            if world_size % copies:
+                raise ValueError(f"{SECTION}.data_parallel_copies={copies} must divide the world size {world_size} "
+                                 f"({where} is the world size / the copies)")
+            ep = world_size // copies
+        elif num_experts is not None:
+            if world_size % num_experts:
+                raise ValueError(f"{where}: the world size {world_size} is not a multiple of the {num_experts} "
+                                 "experts per layer (one expert per rank); give ep_size or data_parallel_copies")
+            ep = num_experts
+        else:
+            ep = world_size
+    if world_size % ep:
+        raise ValueError(f"{where} must divide the world size {world_size}")
+    if copies is not None and copies * ep != world_size:
+        raise ValueError(f"{SECTION}.data_parallel_copies={copies} with {SECTION}.ep_size={ep} needs a world of "
+                         f"{copies * ep} ranks, not {world_size}")
+    return ep
 
 
 def load_ds_config(config: Any) -> dict[str, Any]:
@@ -149,7 +190,8 @@ def _read_mapping(where: str, value: Any, cls: type) -> dict[str, Any]:
         path = key if where == SECTION else f"{where[len(SECTION) + 1:]}.{key}"
         if key in _SUBSECTIONS and where == SECTION:
             continue
-        _check_type(f"{SECTION}.{path}", v, _TYPES[path], nullable=_default_is_none(cls, key))
+        _check_type(f"{SECTION}.{path}", v, _TYPES[path], nullable=_default_is_none(cls, key),
+                    words=_WORDS.get(path, ()))
     return out
 
 
@@ -158,20 +200,22 @@ def _default_is_none(cls: type, key: str) -> bool:
     return f.default is None
 
 
-def _check_type(path: str, value: Any, types: tuple[type, ...], *, nullable: bool) -> None:
-    if value is None and nullable:
+def _check_type(path: str, value: Any, types: tuple[type, ...], *, nullable: bool, words: tuple[str, ...] = ()) -> None:
+    if value is None and nullable or isinstance(value, str) and value in words:
         return
     # JSON true is a bool, and a bool is an int in Python: never accept it where a number is expected.
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        expected = " or ".join(t.__name__ for t in types) + (" or null" if nullable else "")
+        expected = " or ".join([t.__name__ for t in types] + [f'"{w}"' for w in words] + ["null"] * nullable)
         raise ValueError(f"{path}={value!r} has the wrong type: expected {expected}, got {type(value).__name__}")
 
 
 def _check_values(s: LargeEPSection) -> None:
     if s.enabled and s.ep_size is None:
         raise ValueError(f"{SECTION}.enabled is true but {SECTION}.ep_size is not set: give the expert-parallel size")
-    if s.ep_size is not None and s.ep_size < 1:
-        raise ValueError(f"{SECTION}.ep_size={s.ep_size} must be >= 1")
+    if isinstance(s.ep_size, int) and s.ep_size < 1:
+        raise ValueError(f"{SECTION}.ep_size={s.ep_size} must be >= 1, or \"{AUTO}\"")
+    if s.data_parallel_copies is not None and s.data_parallel_copies < 1:
+        raise ValueError(f"{SECTION}.data_parallel_copies={s.data_parallel_copies} must be >= 1, or null")
     if s.top_k is not None and s.top_k < 1:
         raise ValueError(f"{SECTION}.top_k={s.top_k} must be >= 1")
     if s.score_function not in SCORE_FUNCTIONS:
