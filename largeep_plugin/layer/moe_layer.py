@@ -28,6 +28,7 @@ import warnings
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .comm import ProcessGroup, group_rank, group_size, load_rides_in_count_exchange, start_all_reduce
