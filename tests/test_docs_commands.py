@@ -6,7 +6,8 @@ write (``runs/...``) never land in the checkout, and a later command finds what 
 following the page does. The command text is not touched; the environment adds
     LARGEEP_DOCS_QUICK=1   the long commands cap their steps, timed iterations and restarts (tools/docs_quick.py)
     PYTHONPATH             the copy first, so that the code run is this checkout's
-    PET_MASTER_PORT        a free port for torchrun, whose default 29500 collides with any other job on the machine
+    PET_STANDALONE=1       torchrun's --standalone: the OS picks its port, where the default 29500 (or a port
+                           chosen here and bound a second later) can collide with any other job on the machine
 Skipped, each with its reason: a command marked ``needs:``, and pytest itself (this check's own runner). The
 environment this check runs in is the one ``bash scripts/setup.sh`` made, so ``bash scripts/setup.sh && X`` runs X.
 """
@@ -22,7 +23,6 @@ import pytest
 
 from docs_commands import ROOT, Command, all_commands, docstring_commands, markdown_commands, occurrences, strip_comment
 from largeep_plugin.tools.docs_quick import QUICK_ENV, shorten
-from largeep_plugin.tools.launch import free_port
 
 pytestmark = pytest.mark.docs
 COMMANDS = all_commands()
@@ -56,7 +56,7 @@ def runnable(command: Command) -> str:
 def run_bash(text: str, cwd: str) -> tuple[int, str]:
     """Exit code and output (stdout and stderr together) of ``bash -c text``; on a timeout the whole process group
     (torchrun's ranks included) is killed."""
-    env = dict(os.environ, **{QUICK_ENV: "1"}, PET_MASTER_PORT=str(free_port()),
+    env = dict(os.environ, **{QUICK_ENV: "1"}, PET_STANDALONE="1",
                PYTHONPATH=os.pathsep.join(p for p in (cwd, os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.Popen(["bash", "-o", "pipefail", "-c", text], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
