@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=7, help="timed repetitions, fastest taken (default 7)")
     p.add_argument("--rounds", type=int, default=3, help="calibrate-then-measure rounds (default 3)")
     p.add_argument("--out", default="runs/perfmodel_calibration.json", help="calibration file to write")
-    args = shorten(p.parse_args(argv), rounds=1, repeats=1, tokens=128)  # LARGEEP_DOCS_QUICK=1: the docs check's short run
+    # LARGEEP_DOCS_QUICK=1 (the docs check): one round of one repeat on few tokens.
+    args = shorten(p.parse_args(argv), rounds=1, repeats=1, tokens=128)
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.start_processes(_worker, args=(args.ranks, _free_port(), args, queue), nprocs=args.ranks, join=True,

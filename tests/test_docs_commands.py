@@ -6,12 +6,14 @@ write (``runs/...``) never land in the checkout, and a later command finds what 
 following the page does. The command text is not touched; the environment adds
     LARGEEP_DOCS_QUICK=1   the long commands cap their steps, timed iterations and restarts (tools/docs_quick.py)
     PYTHONPATH             the copy first, so that the code run is this checkout's
-    PET_MASTER_PORT        a free port for torchrun, whose default 29500 collides with any other job on the machine
+    PET_STANDALONE=1       torchrun's --standalone: the OS picks its port, where the default 29500 (or a port
+                           chosen here and bound a second later) can collide with any other job on the machine
 Skipped, each with its reason: a command marked ``needs:``, and pytest itself (this check's own runner). The
 environment this check runs in is the one ``bash scripts/setup.sh`` made, so ``bash scripts/setup.sh && X`` runs X.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -20,7 +22,7 @@ import subprocess
 import pytest
 
 from docs_commands import ROOT, Command, all_commands, docstring_commands, markdown_commands, occurrences, strip_comment
-from largeep_plugin.tools.launch import free_port
+from largeep_plugin.tools.docs_quick import QUICK_ENV, shorten
 
 pytestmark = pytest.mark.docs
 COMMANDS = all_commands()
@@ -54,7 +56,7 @@ def runnable(command: Command) -> str:
 def run_bash(text: str, cwd: str) -> tuple[int, str]:
     """Exit code and output (stdout and stderr together) of ``bash -c text``; on a timeout the whole process group
     (torchrun's ranks included) is killed."""
-    env = dict(os.environ, LARGEEP_DOCS_QUICK="1", PET_MASTER_PORT=str(free_port()),
+    env = dict(os.environ, **{QUICK_ENV: "1"}, PET_STANDALONE="1",
                PYTHONPATH=os.pathsep.join(p for p in (cwd, os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.Popen(["bash", "-o", "pipefail", "-c", text], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -76,8 +78,9 @@ def test_command_runs_as_written(command: Command, workspace: str) -> None:
 def test_readme_deepspeed_command_is_checked() -> None:
     """The commands the issue was about are found and run, not skipped."""
     keys = {c.key: c for c in COMMANDS}
-    for key in ("torchrun --nproc_per_node 4 examples/train_deepspeed.py --deepspeed_config ds_configs/large_ep_cpu.json",
-                "bash scripts/setup.sh && largeep demo", "largeep plan --compare", "largeep --help"):
+    readme_deepspeed = "torchrun --nproc_per_node 4 examples/train_deepspeed.py --deepspeed_config " \
+                       "ds_configs/large_ep_cpu.json"
+    for key in (readme_deepspeed, "bash scripts/setup.sh && largeep demo", "largeep plan --compare", "largeep --help"):
         assert key in keys and keys[key].needs is None, key
     assert len(COMMANDS) >= 40
 
@@ -121,3 +124,19 @@ def test_extractor_reads_the_how_to_run_paragraph() -> None:
              '\n    not_this --b\n\nProse.\n"""\nimport os\n'
     found = [(c.key, c.where, c.needs) for c in docstring_commands(source, "x.py")]
     assert found == [("python x.py --a 1", "x.py:5", None), ("torchrun y.py", "x.py:6", "2 GPUs")]
+
+
+def test_docs_quick_caps_the_named_flags_only_when_asked(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv(QUICK_ENV, raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert vars(shorten(argparse.Namespace(steps=50, iters=1), steps=2, iters=3)) == {"steps": 50, "iters": 1}
+    monkeypatch.setenv(QUICK_ENV, "1")
+    assert vars(shorten(argparse.Namespace(steps=50, iters=1), steps=2, iters=3)) == {"steps": 2, "iters": 1}
+    assert capsys.readouterr().err == "LARGEEP_DOCS_QUICK=1: --steps 50 -> 2\n"  # said once, what was cut
+    monkeypatch.setenv("RANK", "3")  # a launcher's other ranks stay quiet
+    shorten(argparse.Namespace(steps=50), steps=2)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv(QUICK_ENV, "yes")
+    with pytest.raises(ValueError, match="LARGEEP_DOCS_QUICK='yes' must be 0 or 1"):
+        shorten(argparse.Namespace(steps=50), steps=2)

@@ -17,8 +17,8 @@ The "large_ep" section is the one DeepSpeed users write (``integrations/section/
 same code). In Megatron, the model's shape comes from Megatron's arguments: ``ep_size``, ``top_k``,
 ``score_function``, ``capacity_factor`` and the loss coefficients may appear only with the values Megatron's
 arguments give (``"ep_size": "auto"`` takes ``--expert-model-parallel-size``; ``data_parallel_copies`` is refused:
-Megatron derives the data-parallel size from the world and its parallel sizes); what the section adds is ``enabled``, ``load_balance.bias_update_rate``, ``overlap``,
-``monitor`` and ``placement``.
+Megatron derives the data-parallel size from the world and its parallel sizes); what the section adds is
+``enabled``, ``load_balance.bias_update_rate``, ``overlap``, ``monitor`` and ``placement``.
 
 ``placement.topology_file`` (the topology of one EP group: EP rank r is its r-th GPU, counted node by node) and
 optionally ``placement.load_file`` (tokens per expert) give a topology-aware permutation of the experts over the

@@ -16,9 +16,10 @@ section (never ``"expert_parallel"``: that key switches on DeepSpeed's own AutoE
         "monitor": {"jsonl_path": null, "tensorboard_dir": null}
     }
 
-Every key is optional except ``ep_size`` when ``enabled`` is true. ``"auto"`` is resolved against the world size
-by ``resolve_ep_size`` once the world is known (one config then serves 4 and 16 processes alike). A misspelt key anywhere is a ``ValueError``
-naming it and listing the valid keys; a wrong type or an impossible value names the key path and the value.
+Every key is optional except ``ep_size`` when ``enabled`` is true. ``"auto"`` is resolved by ``resolve_ep_size``
+once the world is known (one config then serves 4 and 16 processes alike). A misspelt key anywhere is a
+``ValueError`` naming it and listing the valid keys; a wrong type or an impossible value names the key path and
+the value.
 This module does not import DeepSpeed: a config can be checked anywhere.
 """
 from __future__ import annotations
@@ -104,7 +105,8 @@ _SUBSECTIONS: dict[str, type] = {
 }
 # Accepted JSON types per key path; None is accepted where the default is None.
 _TYPES: dict[str, tuple[type, ...]] = {
-    "enabled": _BOOL, "ep_size": _INT, "data_parallel_copies": _INT, "top_k": _INT, "score_function": _STR, "capacity_factor": _FLOAT,
+    "enabled": _BOOL, "ep_size": _INT, "data_parallel_copies": _INT, "top_k": _INT, "score_function": _STR,
+    "capacity_factor": _FLOAT,
     "placement.topology_file": _STR, "placement.load_file": _STR,
     "overlap.chunks": _INT, "overlap.dispatch": _STR, "overlap.ranks_per_node": _INT,
     "load_balance.bias_update_rate": _FLOAT, "load_balance.aux_loss_coeff": _FLOAT,
