@@ -167,7 +167,8 @@ class LocalExperts(nn.ModuleList):
         per_slot = [sum(int(c[l]) for c in recv_counts_RL) for l in range(num_local)]
         sorted_MH = rows_MH.index_select(0, order_M)
         if self[0].config.grouped_gemm:
-            out_MH = grouped_mlp(list(self), sorted_MH, per_slot, self[0].config)
+            per_slot_dev = recv_counts_dev_RL.reshape(len(recv_counts_RL), width).sum(dim=0)[:num_local]
+            out_MH = grouped_mlp(list(self), sorted_MH, per_slot, self[0].config, per_slot_dev)
         else:
             out_MH = torch.cat([expert(part) for expert, part in zip(self, sorted_MH.split(per_slot))])
         # Back to arrival order, so the combine all-to-all returns each row to its source unchanged.
