@@ -13,7 +13,7 @@ pytest.importorskip("deepspeed")
 from conftest import rel_err, world  # noqa: E402
 from largeep_plugin.cli import main  # noqa: E402
 from largeep_plugin.commands.bench_layer import stock_builder  # noqa: E402
-from largeep_plugin.tools.layer_bench import (VARIANTS, LayerBenchSettings, _build, rank_tokens,  # noqa: E402
+from largeep_plugin.tools.layer_bench import (COLOCATED_VARIANTS, VARIANTS, LayerBenchSettings, _build, rank_tokens,  # noqa: E402
                                               router_weight)
 
 SMALL = ["--tokens", "64", "--hidden-size", "16", "--ffn-hidden-size", "32", "--iters", "2", "--warmup", "1"]
@@ -71,6 +71,17 @@ def _variants_rank(rank: int, world_size: int, build_stock: Any) -> dict[str, An
         y = layer(x)
         y.backward(dy)
         ys[v] = (y.detach(), x.grad.clone())
+    # The colocated variants: 8 experts per rank under the same tokens and skew; loop and grouped GEMMs agree.
+    for v in COLOCATED_VARIANTS:
+        layer, x, dy = _build(v, s, rank, world_size, weight_EH, build_stock)
+        out[f"tokens:{v}"] = torch.equal(x.detach(), x_TH)
+        out[f"gate:{v}"] = torch.equal(layer.router.weight, router_weight(s, 8 * world_size))
+        out[f"experts:{v}"] = layer.expert_ids == tuple(range(8 * rank, 8 * rank + 8))
+        y = layer(x)
+        y.backward(dy)
+        ys[v] = (y.detach(), x.grad.clone())
+    out["colocated_y"] = rel_err(ys["colocated8_gemm"][0], ys["colocated8"][0])
+    out["colocated_dx"] = rel_err(ys["colocated8_gemm"][1], ys["colocated8"][1])
     out["y"] = rel_err(ys["stock_dropless"][0], ys["large_ep"][0])
     out["dx"] = rel_err(ys["stock_dropless"][1], ys["large_ep"][1])
     out["y_scale"] = float(ys["large_ep"][0].abs().max())
@@ -84,6 +95,7 @@ def test_every_variant_gets_the_same_tokens_and_weights():
         assert all(same.values()), (rank, same)
         # The same tokens through the same weights: the dropless stock layer and large-EP agree.
         assert r["y"] < 1e-5 and r["dx"] < 1e-5 and r["y_scale"] > 1e-3, (rank, r)
+        assert r["colocated_y"] < 1e-5 and r["colocated_dx"] < 1e-5, (rank, r)
     # Each rank has its own tokens, and the skew is in the gate weight every variant gets.
     s = LayerBenchSettings(hidden_size=8, ffn_hidden_size=16, tokens_per_rank=12, skew=0.5, seed=3)
     assert not torch.equal(rank_tokens(s, 0)[0], rank_tokens(s, 1)[0])

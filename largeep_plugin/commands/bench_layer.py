@@ -3,6 +3,7 @@
     largeep bench layer                                    # EP 4, 8, 16; 2048 tokens per rank; H=256, F=512
     largeep bench layer --ep 16 --skew 0.5 --iters 10      # one EP size, skewed routing, more iterations
     largeep bench layer --variants large_ep,ideal          # without DeepSpeed
+    largeep bench layer --ep 4 --variants large_ep,colocated8,colocated8_gemm   # 8 fine-grained experts per rank
 
 Variants (see largeep_plugin/tools/layer_bench.py): stock_dropless, stock_cf1 (DeepSpeed's MoE without / with capacity
 factor 1.0), large_ep, and ideal (the expert MLP alone on perfectly balanced rows). E = EP size experts, one per
@@ -20,7 +21,8 @@ import sys
 from typing import Any
 
 from largeep_plugin.tools.docs_quick import shorten
-from largeep_plugin.tools.layer_bench import VARIANTS, LayerBenchSettings, format_table, plot, result_json, run_layer_bench
+from largeep_plugin.tools.layer_bench import (ALL_VARIANTS, VARIANTS, LayerBenchSettings, format_table, plot, result_json,
+                                              run_layer_bench)
 from .flags import int_at_least, int_list, number
 
 
@@ -38,7 +40,8 @@ def add_layer_bench_flags(p: argparse.ArgumentParser, *, tokens: int, hidden: in
     p.add_argument("--ep", type=int_list(2), default="4,8,16",
                    help="EP sizes = ranks = experts, comma-separated (default 4,8,16)")
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated subset of {','.join(VARIANTS)} (default all)")
+                   help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (default: {','.join(VARIANTS)}); "
+                        "colocated8 / colocated8_gemm: 8 experts per rank, the same rows split 8 ways, as a loop / as grouped GEMMs")
     p.add_argument("--tokens", type=pos, default=tokens, help=f"tokens per rank (default {tokens})")
     p.add_argument("--hidden-size", type=pos, default=hidden, help=f"H (default {hidden})")
     p.add_argument("--ffn-hidden-size", type=pos, default=ffn, help=f"expert FFN width (default {ffn})")
@@ -67,9 +70,9 @@ def settings_from_args(args: argparse.Namespace) -> tuple[LayerBenchSettings, li
         top_k=args.top_k, skew=args.skew, warmup=args.warmup, iters=args.iters, seed=args.seed,
     )
     variants = parse_list("--variants", args.variants, str)
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in ALL_VARIANTS]
     if unknown:
-        raise ValueError(f"--variants: unknown {unknown}; valid are {list(VARIANTS)}")
+        raise ValueError(f"--variants: unknown {unknown}; valid are {list(ALL_VARIANTS)}")
     return settings, args.ep, variants
 
 

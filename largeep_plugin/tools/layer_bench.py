@@ -23,11 +23,13 @@ allow it.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import math
 import re
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -41,8 +43,15 @@ from .launch import run_world
 from largeep_plugin.layer.moe_layer import LargeEPMoE
 from .pyplot import pyplot
 from largeep_plugin.layer.router import Router, route
+from largeep_plugin.placement.plan import Placement
+from largeep_plugin.placement.topology import Topology
 
 VARIANTS = ("stock_dropless", "stock_cf1", "large_ep", "ideal")
+# Colocated experts, asked for by name (not in the demo): 8 experts per rank, each as wide as large_ep's one, so a
+# rank computes the same rows with the same FLOPs, split 8 ways; as a loop over the slots, or as grouped GEMMs.
+COLOCATED_VARIANTS = {"colocated8": False, "colocated8_gemm": True}
+ALL_VARIANTS = VARIANTS + tuple(COLOCATED_VARIANTS)
+PER_RANK = 8
 STOCK_CAPACITY = {"stock_dropless": None, "stock_cf1": 1.0}
 
 StockBuilder = Callable[[LargeEPConfig, int, "float | None", torch.Tensor], nn.Module]
@@ -137,13 +146,29 @@ def _build(variant: str, settings: LayerBenchSettings, rank: int, world: int, we
         if build_stock is None:
             raise ValueError(f"variant {variant!r} needs a stock builder (DeepSpeed)")
         layer = build_stock(cfg, world, STOCK_CAPACITY[variant], weight_EH)
+    elif variant in COLOCATED_VARIANTS:
+        layer = _colocated_layer(settings, world, grouped_gemm=COLOCATED_VARIANTS[variant])
     elif variant == "ideal":
         layer = ExpertMLP(cfg.expert_config, expert_id=rank, init_seed=cfg.init_seed)
         # Perfect balance: each rank's expert gets exactly T*K rows (E*T*K assignments over E experts).
         x_TH, dy_TH = x_TH.repeat(settings.top_k, 1), dy_TH.repeat(settings.top_k, 1)
     else:
-        raise ValueError(f"variant={variant!r} is not one of {list(VARIANTS)}")
+        raise ValueError(f"variant={variant!r} is not one of {list(ALL_VARIANTS)}")
     return layer, x_TH.requires_grad_(True), dy_TH
+
+
+def _colocated_layer(settings: LayerBenchSettings, world: int, *, grouped_gemm: bool) -> nn.Module:
+    """8 experts per rank (E = 8 W), expert e on rank e // 8, the router skewed alike."""
+    e = PER_RANK * world
+    cfg = dataclasses.replace(settings.layer_config(e), grouped_gemm=grouped_gemm)
+    placement = Placement(topology=Topology.uniform(1, world), num_experts=e,
+                          rank_to_experts=tuple(tuple(range(PER_RANK * r, PER_RANK * (r + 1))) for r in range(world)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the colocation warning: colocation is the point here
+        layer = LargeEPMoE(cfg, placement=placement)
+    with torch.no_grad():
+        layer.router.weight.copy_(router_weight(settings, e))
+    return layer
 
 
 def _step(layer: nn.Module, x_TH: torch.Tensor, dy_TH: torch.Tensor) -> None:
@@ -221,8 +246,8 @@ def run_layer_bench(settings: LayerBenchSettings, ep_sizes: list[int], variants:
     """Run every EP size in its own world (all variants side by side in it); one row per (EP size, variant), its
     time the median over iterations (``on_row`` sees rows as they come)."""
     for v in variants:
-        if v not in VARIANTS:
-            raise ValueError(f"variant {v!r} is not one of {list(VARIANTS)}")
+        if v not in ALL_VARIANTS:
+            raise ValueError(f"variant {v!r} is not one of {list(ALL_VARIANTS)}")
     rows = []
     for ep in ep_sizes:
         if ep < 2:
@@ -284,7 +309,7 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     plt = pyplot("the comparison chart")
 
     eps = sorted({r["ep"] for r in rows})
-    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    variants = [v for v in ALL_VARIANTS if any(r["variant"] == v for r in rows)]
     width = 0.8 / max(1, len(variants))
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, v in enumerate(variants):
