@@ -85,7 +85,10 @@ def main() -> None:
     if args.save_dir is not None:
         engine.save_checkpoint(args.save_dir)
     if rank == 0:
-        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+    # Leave with the group closed: a rank that exits with gloo's threads still running can abort in teardown
+    # ("terminate called without an active exception", SIGABRT), which torchrun reports as a failed job.
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

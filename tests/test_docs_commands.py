@@ -42,9 +42,7 @@ def runnable(command: Command) -> str:
     """The text to give bash, or a pytest skip with the reason."""
     if command.needs:
         pytest.skip(f"needs: {command.needs} ({command.where})")
-    text = command.text
-    if text.startswith(f"{SETUP} && "):
-        text = text[len(SETUP) + 4:]  # the environment is the one setup.sh made
+    text = command.text.removeprefix(f"{SETUP} && ")  # the environment is the one setup.sh made
     words = strip_comment(text).split()
     if words[0] == "pytest" or words[1:3] == ["-m", "pytest"]:
         pytest.skip(f"the check's own runner: `python3 -m pytest -q tests` runs these tests ({command.where})")
@@ -76,7 +74,7 @@ def test_command_runs_as_written(command: Command, workspace: str) -> None:
 
 
 def test_readme_deepspeed_command_is_checked() -> None:
-    """The commands the issue was about are found and run, not skipped."""
+    """The README's own commands are found, and run rather than skipped."""
     keys = {c.key: c for c in COMMANDS}
     readme_deepspeed = "torchrun --nproc_per_node 4 examples/train_deepspeed.py --deepspeed_config " \
                        "ds_configs/large_ep_cpu.json"
