@@ -15,7 +15,7 @@ source design's 8192 -> 32768, GELU):
      other processes on the machine disturb both sides alike;
   3. writes the calibration file (format largeep-calibration/1, docs/performance_model.md) with the
      measured constants and the measured layer, and prints the model's prediction from those constants beside
-     the measurement. The issue's target is within 25%.
+     the measurement. The target is within 25%.
 The same file can be fed back: `largeep simulate --calibration runs/perfmodel_calibration.json`.
 """
 from __future__ import annotations
