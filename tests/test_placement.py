@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from largeep_plugin.placement.plan import search
+from largeep_plugin.placement import search
 from largeep_plugin.cli import main as cli_main
 from largeep_plugin.placement.plan import (Placement, assemble_placement, eplb_placement, expert_tp_degree, layout_problem,
                                       naive_placement, plan_placement)

@@ -65,3 +65,17 @@ def test_nodes_per_token_of_an_ungrouped_placement() -> None:
 def test_impossible_groups_name_the_value(kwargs: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         _plan(kwargs.pop("num_experts"), Topology.uniform(2, 4), **kwargs)
+
+
+def test_plan_compare_replays_group_limited_routing_on_both_plans() -> None:
+    """``largeep plan --compare``'s group table: the trace is group-limited (every token's experts in at most M of
+    the G groups), and on the group-keeping plan no token reaches more than M nodes."""
+    from largeep_plugin.placement.topology import Topology
+    from largeep_plugin.tools.placement_bench import compare_group_routing, group_limited_trace
+
+    ids = group_limited_trace(16, 8, 1, zipf=1.0, top_k=2, num_tokens=512)  # groups of 2 experts, one kept
+    assert all(int(row[0]) // 2 == int(row[1]) // 2 for row in ids)  # both experts of a token in one group
+    r = compare_group_routing("4x4", Topology.uniform(4, 4), 16, 8, 1, zipf=1.0, top_k=2, bytes_per_token=1.0,
+                              num_tokens=512)
+    assert r.max_nodes_per_token["grouped"] == 1
+    assert set(r.internode_bytes) == {"grouped", "ignoring groups"} and r.internode_bytes["grouped"] > 0

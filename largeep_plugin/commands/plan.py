@@ -10,6 +10,7 @@ co-activation: an E x E JSON list or {"coactivation": [[...]]}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -17,7 +18,8 @@ from typing import Any
 
 from largeep_plugin.placement.plan import Placement, eplb_placement, megatron_placement, naive_placement, plan_placement
 from largeep_plugin.tools.docs_quick import shorten
-from largeep_plugin.tools.placement_bench import (BASELINES, CompareResult, compare, format_table, synthetic_trace,
+from largeep_plugin.tools.placement_bench import (BASELINES, CompareResult, compare, compare_group_routing,
+                                                  format_group_table, format_table, synthetic_trace,
                                             target_report, trace_stats)
 from largeep_plugin.placement.files import read_json
 from largeep_plugin.placement.topology import Topology, load_topology
@@ -150,13 +152,25 @@ def _compare(args: argparse.Namespace) -> int:
                                    bytes_per_token=args.bytes_per_token, restarts=args.restarts))
     print(format_table(results))
     print(target_report(results))
+    # Group-limited routing (as DeepSeek-V3: 8 groups; a token keeps half as many groups as there are nodes): the
+    # plan that keeps each routing group on one node against the same planner ignoring the groups, same trace.
+    groups = []
+    for topo in topologies:
+        kept = max(1, topo.num_nodes // 2)
+        for e in [n for n in expert_counts if n % 8 == 0 and top_k <= kept * (n // 8)]:
+            groups.append(compare_group_routing(f"{topo.name} zipf1.0 k{top_k}", topo, e, 8, kept, zipf=1.0,
+                                                top_k=top_k, bytes_per_token=args.bytes_per_token,
+                                                num_tokens=args.tokens))
+    if groups:
+        print(format_group_table(groups))
     if args.out:
         from largeep_plugin.tools.placement_charts import plot_compare   # matplotlib only when a PNG is asked for
         os.makedirs(args.out, exist_ok=True)
         cases = [{"label": r.label, "num_experts": r.num_experts, "topology": r.topology.to_dict(),
                   "figures": {k: f.to_dict() for k, f in r.figures.items()},
                   "replay_max_link_bytes": r.replay_max_link_bytes, "ours": r.ours.to_dict()} for r in results]
-        _write_json(os.path.join(args.out, "compare.json"), {"top_k": top_k, "cases": cases})
+        _write_json(os.path.join(args.out, "compare.json"), {"top_k": top_k, "cases": cases,
+                                                             "group_limited": [dataclasses.asdict(g) for g in groups]})
         keys = (*BASELINES, "ours")
         png = plot_compare([f"{r.label} E{r.num_experts}" for r in results],
                            [{k: r.figures[k] for k in keys} for r in results], os.path.join(args.out, "compare.png"))

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from largeep_plugin.placement.plan import search
+from largeep_plugin.placement import search
+from largeep_plugin.placement.groups import max_nodes_per_token
 from largeep_plugin.placement.plan import (Placement, assemble_placement, eplb_placement, layout_problem,
                                       megatron_placement, naive_placement, plan_placement)
 from largeep_plugin.placement.figures import routing_stats
@@ -183,4 +184,69 @@ def target_report(results: list[CompareResult]) -> str:
             lines.append(f"  {r.label:<24} E={r.num_experts:<3} ours {f.gpu_imbalance:5.3f}  best "
                          f"{r.gpu_optimum / f.mean_gpu_load:5.3f}  within 10%: "
                          f"{'yes' if f.gpu_imbalance <= 1.1 else 'no'}")
+    return "\n".join(lines)
+
+
+# ---- group-limited routing (DeepSeek-V3 style) ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class GroupRoutingResult:
+    """Group-limited routing replayed on a plan that keeps routing groups on one node and on one that ignores them.
+
+    ``link_tokens`` counts a token once per remote node it reaches (the node-batched dispatch); bytes are that
+    times ``bytes_per_token``, per dispatch.
+    """
+
+    label: str
+    num_experts: int
+    num_groups: int
+    group_topk: int
+    internode_bytes: dict[str, float]     # {"grouped": ..., "ignoring groups": ...}
+    max_link_bytes: dict[str, float]
+    max_nodes_per_token: dict[str, int]
+
+
+def group_limited_trace(num_experts: int, num_groups: int, group_topk: int, *, zipf: float, top_k: int,
+                        num_tokens: int = 16384, seed: int = 0) -> torch.Tensor:
+    """Top-k choices [T, K] of a router with group-limited selection (``layer.router.select_experts``): scores are
+    log Zipf popularity (ranks a random permutation) plus Gumbel noise per token."""
+    from largeep_plugin.layer.router import select_experts
+
+    gen = torch.Generator().manual_seed(seed)
+    rank_E = torch.randperm(num_experts, generator=gen)
+    log_pop_E = -zipf * torch.log(rank_E.to(torch.float32) + 1.0)
+    gumbel_TE = -torch.log(-torch.log(torch.rand(num_tokens, num_experts, generator=gen).clamp_min(1e-12)))
+    return select_experts(log_pop_E + gumbel_TE, top_k, num_groups=num_groups, group_topk=group_topk)
+
+
+def compare_group_routing(label: str, topology: Topology, num_experts: int, num_groups: int, group_topk: int, *,
+                          zipf: float, top_k: int, bytes_per_token: float, num_tokens: int = 16384,
+                          seed: int = 0) -> GroupRoutingResult:
+    """Plan with ``expert_groups`` and without, from the trace's own load, and replay the trace on both."""
+    ids = group_limited_trace(num_experts, num_groups, group_topk, zipf=zipf, top_k=top_k, num_tokens=num_tokens,
+                              seed=seed)
+    load, coact = trace_stats(ids, num_experts)
+    plans = {
+        "grouped": plan_placement(num_experts, topology, load, coact, top_k=top_k, expert_groups=num_groups),
+        "ignoring groups": plan_placement(num_experts, topology, load, coact, top_k=top_k),
+    }
+    total, largest, nodes = {}, {}, {}
+    for name, placement in plans.items():
+        _, links = trace_figures(placement, ids)
+        total[name] = float(links.sum()) * bytes_per_token
+        largest[name] = float(links.max()) * bytes_per_token
+        nodes[name] = max_nodes_per_token(placement, num_groups, group_topk)
+    return GroupRoutingResult(label, num_experts, num_groups, group_topk, total, largest, nodes)
+
+
+def format_group_table(results: list[GroupRoutingResult]) -> str:
+    lines = ["group-limited routing replayed (MB per dispatch; nodes = most nodes one token may reach):",
+             f"{'case':28s} {'E':>3s} {'G/M':>5s}   {'inter-node MB':>21s}   {'largest link MB':>21s}   {'nodes':>7s}",
+             f"{'':28s} {'':>3s} {'':>5s}   {'grouped':>10s} {'blind':>10s}   {'grouped':>10s} {'blind':>10s}   "
+             f"{'g':>3s} {'b':>3s}"]
+    for r in results:
+        g, b = "grouped", "ignoring groups"
+        lines.append(f"{r.label:28s} {r.num_experts:3d} {r.num_groups:>2d}/{r.group_topk:<2d}   "
+                     f"{r.internode_bytes[g] / 1e6:10.2f} {r.internode_bytes[b] / 1e6:10.2f}   "
+                     f"{r.max_link_bytes[g] / 1e6:10.2f} {r.max_link_bytes[b] / 1e6:10.2f}   "
+                     f"{r.max_nodes_per_token[g]:3d} {r.max_nodes_per_token[b]:3d}")
     return "\n".join(lines)
