@@ -157,7 +157,7 @@ def _compare(args: argparse.Namespace) -> int:
     groups = []
     for topo in topologies:
         kept = max(1, topo.num_nodes // 2)
-        for e in [n for n in expert_counts if n % 8 == 0 and top_k <= kept * (n // 8)]:
+        for e in [n for n in expert_counts if n % 8 == 0 and n >= 16 and top_k <= kept * (n // 8)]:
             groups.append(compare_group_routing(f"{topo.name} zipf1.0 k{top_k}", topo, e, 8, kept, zipf=1.0,
                                                 top_k=top_k, bytes_per_token=args.bytes_per_token,
                                                 num_tokens=args.tokens))

@@ -215,7 +215,9 @@ def group_limited_trace(num_experts: int, num_groups: int, group_topk: int, *, z
     rank_E = torch.randperm(num_experts, generator=gen)
     log_pop_E = -zipf * torch.log(rank_E.to(torch.float32) + 1.0)
     gumbel_TE = -torch.log(-torch.log(torch.rand(num_tokens, num_experts, generator=gen).clamp_min(1e-12)))
-    return select_experts(log_pop_E + gumbel_TE, top_k, num_groups=num_groups, group_topk=group_topk)
+    group_score_topk = min(2, num_experts // num_groups)  # DeepSeek-V3's sum of the best two, or the max
+    return select_experts(log_pop_E + gumbel_TE, top_k, num_groups=num_groups, group_topk=group_topk,
+                          group_score_topk=group_score_topk)
 
 
 def compare_group_routing(label: str, topology: Topology, num_experts: int, num_groups: int, group_topk: int, *,
