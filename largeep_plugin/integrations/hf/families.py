@@ -32,6 +32,10 @@ class Family:
         shared_prefix: the shared expert's name in the block (an MLP with gate_proj/up_proj/down_proj), or None.
         shared_gate: the sigmoid gate of the shared expert (``Linear(H, 1)``), or None.
         selection_bias: the router's selection-only bias (DeepSeek's ``gate.e_score_correction_bias``), or None.
+        disk_block: the block's name in checkpoints on disk when it differs from the module's (Mixtral's
+            ``block_sparse_moe``: transformers 5 renames it on load and back on save).
+        disk_experts: the per-expert tensors of checkpoints on disk, ``experts.<e>.<name>.weight`` for gate, up and
+            down (transformers 5 fuses them on load and splits them again on save).
     """
 
     name: str
@@ -41,6 +45,8 @@ class Family:
     shared_prefix: str | None = None
     shared_gate: str | None = None
     selection_bias: str | None = None
+    disk_block: str | None = None
+    disk_experts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
     def resolve(self) -> type | None:
         """The block class, or None when this transformers has no such model."""
@@ -91,7 +97,8 @@ def _deepseek_v3(block: nn.Module, act: str) -> dict[str, Any]:
 
 _MODELS = "transformers.models"
 FAMILIES: tuple[Family, ...] = (
-    Family("Mixtral", f"{_MODELS}.mixtral.modeling_mixtral", "MixtralSparseMoeBlock", _mixtral),
+    Family("Mixtral", f"{_MODELS}.mixtral.modeling_mixtral", "MixtralSparseMoeBlock", _mixtral,
+           disk_block="block_sparse_moe", disk_experts=("w1", "w3", "w2")),
     Family("Qwen3-MoE", f"{_MODELS}.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeSparseMoeBlock", _qwen3),
     Family("Qwen2-MoE", f"{_MODELS}.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeSparseMoeBlock", _qwen2,
            shared_prefix="shared_expert", shared_gate="shared_expert_gate"),
