@@ -66,6 +66,10 @@ class SafetensorsReader:
             self._open[file] = safe_open(file, framework="pt")
         return self._open[file]
 
+    def close(self) -> None:
+        """Drop the open files (their memory maps go with them)."""
+        self._open.clear()
+
     def read(self, name: str, row: int | None = None) -> torch.Tensor:
         self.reads.append((name, row))
         if row is None:
@@ -141,6 +145,7 @@ def from_pretrained(path: str, ep_group: ProcessGroup | None = None, placement: 
     if dtype is not None:
         model.to(dtype)
     _convert(model, ep_group, placement, allow_colocate, overrides, load=False)
+    own_reader = reader is None
     reader = reader or SafetensorsReader(path)
     blocks = _blocks(model)
     for prefix, block in blocks.items():
@@ -151,6 +156,8 @@ def from_pretrained(path: str, ep_group: ProcessGroup | None = None, placement: 
             continue
         if key in reader.file_of:
             _set_tensor(model, key, reader.read(key))
+    if own_reader:
+        reader.close()
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     _restore_non_persistent_buffers(model)
