@@ -134,3 +134,20 @@ def _colocate_refused(rank: int, world_size: int) -> str:
 def test_more_experts_than_ranks_needs_allow_colocate() -> None:
     for message in world(_colocate_refused, 2):
         assert "8 experts on EP size 2" in message and "allow_colocate=True" in message
+
+
+def test_router_logits_reach_hf_when_converted_after_a_forward() -> None:
+    """transformers installs its output hooks on the first forward; a conversion afterwards must still feed them."""
+    from largeep_plugin.hf import convert_model
+
+    ref = tiny_model("qwen2_moe", 4)
+    model = copy.deepcopy(ref)
+    ids = tokens()
+    model(ids, output_router_logits=True)   # hooks installed on the Hugging Face routers now
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_model(model)
+    out, want = model(ids, output_router_logits=True), ref(ids, output_router_logits=True)
+    assert len(out.router_logits) == len(want.router_logits) == 2
+    assert max(_max_diff(a, b) for a, b in zip(out.router_logits, want.router_logits)) <= 1e-5
+    assert _max_diff(out.aux_loss, want.aux_loss) <= 1e-5

@@ -89,8 +89,12 @@ def _qwen2(block: nn.Module, act: str) -> dict[str, Any]:
 def _deepseek_v3(block: nn.Module, act: str) -> dict[str, Any]:
     _check_silu(block, act)
     gate = block.gate
-    groups = dict(num_groups=gate.num_group, group_topk=gate.topk_group, group_score_topk=2) if gate.num_group > 1 else {}
-    return dict(_experts_shape(block), top_k=gate.top_k, score_function="sigmoid", normalize_topk=bool(gate.norm_topk_prob),
+    # A group's score is the sum of its two best selection scores (DeepseekV3TopkRouter: .topk(2)); one group = none.
+    groups = {}
+    if gate.num_group > 1:
+        groups = dict(num_groups=gate.num_group, group_topk=gate.topk_group, group_score_topk=2)
+    return dict(_experts_shape(block), top_k=gate.top_k, score_function="sigmoid",
+                normalize_topk=bool(gate.norm_topk_prob),
                 routed_scaling_factor=float(gate.routed_scaling_factor),
                 shared_ffn_hidden_size=block.shared_experts.down_proj.in_features, **groups)
 

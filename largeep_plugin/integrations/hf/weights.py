@@ -63,7 +63,8 @@ def load_block_weights(moe: LargeEPMoE, family: Family, read: Reader) -> list[st
     return read_names
 
 
-def block_state(moe: LargeEPMoE, family: Family, experts: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def block_state(moe: LargeEPMoE, family: Family,
+                experts: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The Hugging Face block's state dict from ``moe``'s dense tensors and ``experts`` (every global id:
     ``{"fc1.weight": [2F, H], "fc2.weight": [H, F]}``), fused back into [E, 2F, H] and [E, H, F]."""
     state = moe.state_dict()
