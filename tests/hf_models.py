@@ -2,7 +2,7 @@
 
 ``tiny_model(family, num_experts)`` gives the same weights in every process (seeded); routers get a larger
 standard deviation than the default so no top-k choice sits on a near-tie, and DeepSeek's selection bias is
-random, so that its mapping matters.
+random, and so are gpt-oss's biases, so that their mapping matters.
 """
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def tiny_config(family: str, num_experts: int):  # type: ignore[no-untyped-def]
     if family == "olmoe":
         return tf.OlmoeConfig(intermediate_size=24, num_experts=num_experts, bos_token_id=None, eos_token_id=None,
                               pad_token_id=None, **COMMON)
+    if family == "gpt_oss":
+        return tf.GptOssConfig(intermediate_size=24, num_local_experts=num_experts, head_dim=8, **COMMON)
     raise ValueError(f"family={family!r}")
 
 
@@ -44,9 +46,13 @@ def tiny_model(family: str, num_experts: int, seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for module in model.modules():
-            gate = getattr(module, "gate", None)
+            gate = getattr(module, "gate", None) or getattr(module, "router", None)
             if hasattr(module, "experts") and gate is not None:
                 gate.weight.copy_(torch.randn(gate.weight.shape, generator=gen) * 0.5)
+                # Biases start at zero: random ones show that their mapping (and gpt-oss's interleaving) is right.
+                for name, p in list(gate.named_parameters()) + list(module.experts.named_parameters()):
+                    if name.endswith("bias"):
+                        p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
                 if hasattr(gate, "e_score_correction_bias"):
                     gate.e_score_correction_bias.copy_(torch.randn(gate.weight.shape[0], generator=gen) * 0.1)
     return model

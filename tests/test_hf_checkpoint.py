@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 from conftest import world  # noqa: E402
 from hf_models import tiny_model, tokens  # noqa: E402
 
-CASES = (("mixtral", 8), ("deepseek_v3", 4), ("qwen2_moe", 4))
+CASES = (("mixtral", 8), ("deepseek_v3", 4), ("qwen2_moe", 4), ("gpt_oss", 4))
 
 
 def _expert_ids_read(reads: list[tuple[str, int | None]]) -> set[int]:

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 from conftest import world  # noqa: E402
 from hf_models import tiny_model, tokens  # noqa: E402
 
-FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "olmoe")
+FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "olmoe", "gpt_oss")
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -30,6 +30,7 @@ def _compare(family: str, num_experts: int) -> dict[str, float]:
     """Errors of the converted model against the unconverted one (run inside a rank)."""
     import largeep_plugin as lep
     from largeep_plugin.hf import convert_model
+    from largeep_plugin.integrations.hf.weights import expert_from_hf
 
     ref = tiny_model(family, num_experts)
     model = copy.deepcopy(ref)
@@ -60,12 +61,16 @@ def _compare(family: str, num_experts: int) -> dict[str, float]:
     for name, block in model.named_modules():
         if type(block).__name__ != "LargeEPHFBlock":
             continue
-        hf = dict(ref.get_submodule(name).named_parameters())
-        grads["router"] = max(grads["router"], _max_diff(block.moe.router.weight.grad, hf["gate.weight"].grad))
+        hf_block = ref.get_submodule(name)
+        hf_grads = {k: p.grad for k, p in hf_block.named_parameters()}
+        router = block.family.router
+        grads["router"] = max(grads["router"], _max_diff(block.moe.router.weight.grad, hf_grads[f"{router}.weight"]))
+        if block.family.router_bias:
+            grads["router"] = max(grads["router"], _max_diff(block.moe.router.bias.grad, hf_grads[f"{router}.bias"]))
         for expert_id, expert in block.moe.local_experts():
-            grads["experts"] = max(grads["experts"],
-                                   _max_diff(expert.fc1.weight.grad, hf["experts.gate_up_proj"].grad[expert_id]),
-                                   _max_diff(expert.fc2.weight.grad, hf["experts.down_proj"].grad[expert_id]))
+            want_grads = expert_from_hf(block.family, lambda n, e: hf_grads[n][e], expert_id)   # layout mapping
+            for key, g in want_grads.items():
+                grads["experts"] = max(grads["experts"], _max_diff(expert.get_parameter(key).grad, g))
     errors.update(grads)
     errors["scale"] = float(want.logits.abs().max())
     return errors

@@ -45,23 +45,34 @@ class LargeEPHFBlock(nn.Module):
 
     Attributes:
         moe: the large-EP layer: router, this rank's experts, shared expert and its gate.
-        gate: the router-logits tap (see the module docstring).
+        gate (gpt-oss: router): the router-logits tap (see the module docstring).
         family: the ``Family`` the block came from.
     """
 
     def __init__(self, moe: LargeEPMoE, gate: nn.Module, family: Family):
         super().__init__()
         self.moe = moe
-        self.gate = as_logits_tap(gate)
         self.family = family
+        # Under the Hugging Face router's own name (``gate``, gpt-oss ``router``).
+        self.add_module(family.router, as_logits_tap(gate))
         # Every router forward sends its logits through the tap: no per-call state on self.
         moe.router.register_forward_hook(self._tap)
 
     def _tap(self, _router: nn.Module, _args: tuple, routing: object) -> None:
-        self.gate(routing.logits_TE)  # returns None: a hook's return value would replace the router's output
+        self._modules[self.family.router](routing.logits_TE)  # returns None: a hook's return value would replace the router's output
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.moe(hidden_states)
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not self.family.returns_scores:
+            return self.moe(hidden_states)
+        # gpt-oss also returns the top-k combine weights [T, K]: caught from this one router call.
+        weights: list[torch.Tensor] = []
+        handle = self.moe.router.register_forward_hook(
+            lambda _module, _args, routing: weights.append(routing.topk_weights_TK))
+        try:
+            y = self.moe(hidden_states)
+        finally:
+            handle.remove()
+        return y, weights[0].to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"family={self.family.name}"

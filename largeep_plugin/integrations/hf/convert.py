@@ -88,12 +88,13 @@ def build_block(block: nn.Module, family: Family, hidden_act: str, ep_group: Pro
     """The large-EP block for ``block``; weights read with ``read`` (None: keep the fresh initialisation)."""
     config = LargeEPConfig(**family.config_of(block, hidden_act), **overrides)
     where = placement_for(config.num_experts, ep_group, placement, allow_colocate)
-    like = block.gate.weight
+    router = getattr(block, family.router)
+    like = router.weight
     moe = LargeEPMoE(config, ep_group, placement=where)
     moe.to(dtype=like.dtype, device=like.device if like.device.type != "meta" else None)
     if read is not None:
         load_block_weights(moe, family, read)
-    return LargeEPHFBlock(moe, block.gate, family)
+    return LargeEPHFBlock(moe, router, family)
 
 
 def convert_model(model: nn.Module, ep_group: ProcessGroup | None = None, placement: Placement | None = None,

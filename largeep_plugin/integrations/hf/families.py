@@ -34,6 +34,13 @@ class Family:
         selection_bias: the router's selection-only bias (DeepSeek's ``gate.e_score_correction_bias``), or None.
         disk_block: the block's name in checkpoints on disk when it differs from the module's (Mixtral's
             ``block_sparse_moe``: transformers 5 renames it on load and back on save).
+        router: the router's attribute name in the block (gpt-oss: ``router``); its class is what transformers
+            records the router logits from.
+        router_bias: the router has a learned bias ``<router>.bias`` [E] (gpt-oss).
+        interleaved: gpt-oss's expert layout: ``experts.gate_up_proj`` [E, H, 2F] with gate and up in alternate
+            columns, ``experts.down_proj`` [E, F, H], biases ``experts.gate_up_proj_bias`` [E, 2F] and
+            ``experts.down_proj_bias`` [E, H].
+        returns_scores: the block returns ``(hidden_states, router_scores [T, K])`` (gpt-oss), not the tensor alone.
         disk_experts: the per-expert tensors of checkpoints on disk, ``experts.<e>.<name>.weight`` for gate, up and
             down (transformers 5 fuses them on load and splits them again on save).
     """
@@ -45,6 +52,10 @@ class Family:
     shared_prefix: str | None = None
     shared_gate: str | None = None
     selection_bias: str | None = None
+    router: str = "gate"
+    router_bias: bool = False
+    interleaved: bool = False
+    returns_scores: bool = False
     disk_block: str | None = None
     disk_experts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
@@ -99,6 +110,15 @@ def _deepseek_v3(block: nn.Module, act: str) -> dict[str, Any]:
                 shared_ffn_hidden_size=block.shared_experts.down_proj.in_features, **groups)
 
 
+def _gpt_oss(block: nn.Module, act: str) -> dict[str, Any]:
+    # gpt-oss: softmax over the top-k logits = the top-k of the softmax, renormalised; its own clamped SwiGLU.
+    experts = block.experts
+    num_experts, hidden, two_f = experts.gate_up_proj.shape
+    return dict(num_experts=num_experts, hidden_size=hidden, ffn_hidden_size=two_f // 2, top_k=block.router.top_k,
+                score_function="softmax", normalize_topk=True, router_bias=True, linear_bias=True,
+                activation="swiglu_oai", swiglu_limit=float(experts.limit), swiglu_alpha=float(experts.alpha))
+
+
 _MODELS = "transformers.models"
 FAMILIES: tuple[Family, ...] = (
     Family("Mixtral", f"{_MODELS}.mixtral.modeling_mixtral", "MixtralSparseMoeBlock", _mixtral,
@@ -109,6 +129,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("DeepSeek-V3", f"{_MODELS}.deepseek_v3.modeling_deepseek_v3", "DeepseekV3MoE", _deepseek_v3,
            shared_prefix="shared_experts", selection_bias="gate.e_score_correction_bias"),
     Family("OLMoE", f"{_MODELS}.olmoe.modeling_olmoe", "OlmoeSparseMoeBlock", _qwen3),
+    Family("gpt-oss", f"{_MODELS}.gpt_oss.modeling_gpt_oss", "GptOssMLP", _gpt_oss, router="router",
+           router_bias=True, interleaved=True, returns_scores=True),
 )
 
 
@@ -122,7 +144,8 @@ def family_of(module: nn.Module) -> Family | None:
 
 def looks_like_moe(module: nn.Module) -> bool:
     """A block we do not know but that has the parts of one: an unsupported family, not a dense MLP."""
-    return hasattr(module, "experts") and (hasattr(module, "gate") or hasattr(module, "router"))
+    return isinstance(getattr(module, "experts", None), nn.Module) and (hasattr(module, "gate") or
+                                                                        hasattr(module, "router"))
 
 
 def supported_names() -> list[str]:

@@ -25,19 +25,37 @@ def _expert_prefix(moe: LargeEPMoE, slot: int) -> str:
     return f"experts.{slot}." if moe.colocated else "expert."
 
 
-def expert_sources(moe: LargeEPMoE) -> dict[str, tuple[str, int]]:
-    """Our expert parameter -> (fused Hugging Face tensor, global expert id), for the experts this rank holds."""
-    out: dict[str, tuple[str, int]] = {}
-    for slot, (expert_id, _) in enumerate(moe.local_experts()):
-        prefix = _expert_prefix(moe, slot)
-        out[prefix + "fc1.weight"] = ("experts.gate_up_proj", expert_id)   # [2F, H], gate rows first in both
-        out[prefix + "fc2.weight"] = ("experts.down_proj", expert_id)      # [H, F]
-    return out
+def expert_from_hf(family: Family, read: Reader, expert_id: int) -> dict[str, torch.Tensor]:
+    """One expert's ``ExpertMLP`` state (fc1 [2F, H] gate rows first, fc2 [H, F], biases) from the fused tensors."""
+    gate_up, down = read("experts.gate_up_proj", expert_id), read("experts.down_proj", expert_id)
+    if not family.interleaved:
+        return {"fc1.weight": gate_up, "fc2.weight": down}   # already our layout
+    # gpt-oss: [H, 2F] with gate and up in alternate columns, [F, H]: transpose, gate columns first.
+    bias = read("experts.gate_up_proj_bias", expert_id)
+    return {"fc1.weight": torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], dim=1).t(),
+            "fc1.bias": torch.cat([bias[0::2], bias[1::2]]),
+            "fc2.weight": down.t(), "fc2.bias": read("experts.down_proj_bias", expert_id)}
+
+
+def experts_to_hf(family: Family, experts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The fused Hugging Face tensors [E, ...] from every expert's ``ExpertMLP`` state, in expert-id order."""
+    fc1 = torch.stack([e["fc1.weight"] for e in experts])      # [E, 2F, H]
+    fc2 = torch.stack([e["fc2.weight"] for e in experts])      # [E, H, F]
+    if not family.interleaved:
+        return {"experts.gate_up_proj": fc1, "experts.down_proj": fc2}
+    f = fc1.shape[1] // 2
+    bias = torch.stack([e["fc1.bias"] for e in experts])      # [E, 2F]
+    return {"experts.gate_up_proj": torch.stack([fc1[:, :f], fc1[:, f:]], dim=2).flatten(1, 2).transpose(1, 2),
+            "experts.gate_up_proj_bias": torch.stack([bias[:, :f], bias[:, f:]], dim=2).flatten(1),
+            "experts.down_proj": fc2.transpose(1, 2),
+            "experts.down_proj_bias": torch.stack([e["fc2.bias"] for e in experts])}
 
 
 def dense_sources(family: Family) -> dict[str, tuple[str, ...]]:
     """Our dense tensor -> the Hugging Face tensors it is the row-concatenation of."""
-    out: dict[str, tuple[str, ...]] = {"router.weight": ("gate.weight",)}
+    out: dict[str, tuple[str, ...]] = {"router.weight": (f"{family.router}.weight",)}
+    if family.router_bias:
+        out["router.bias"] = (f"{family.router}.bias",)
     if family.selection_bias is not None:
         out["router.expert_bias"] = (family.selection_bias,)
     if family.shared_prefix is not None:
@@ -57,9 +75,10 @@ def load_block_weights(moe: LargeEPMoE, family: Family, read: Reader) -> list[st
     for ours, theirs in dense_sources(family).items():
         state[ours].copy_(torch.cat([read(name, None) for name in theirs]))
         read_names += theirs
-    for ours, (name, expert_id) in expert_sources(moe).items():
-        state[ours].copy_(read(name, expert_id))
-        read_names.append(f"{name}[{expert_id}]")
+    for slot, (expert_id, _) in enumerate(moe.local_experts()):
+        for name, tensor in expert_from_hf(family, read, expert_id).items():
+            state[_expert_prefix(moe, slot) + name].copy_(tensor)
+        read_names.append(f"experts[{expert_id}]")
     return read_names
 
 
@@ -76,8 +95,7 @@ def block_state(moe: LargeEPMoE, family: Family,
     ids = sorted(experts)
     if ids != list(range(moe.config.num_experts)):
         raise ValueError(f"expert ids {ids}: every expert 0..{moe.config.num_experts - 1} is needed to save the block")
-    out["experts.gate_up_proj"] = torch.stack([experts[e]["fc1.weight"] for e in ids])
-    out["experts.down_proj"] = torch.stack([experts[e]["fc2.weight"] for e in ids])
+    out.update(experts_to_hf(family, [experts[e] for e in ids]))
     return out
 
 
