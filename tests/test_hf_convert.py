@@ -3,7 +3,7 @@
 Every rank feeds the same tokens, so after ``allreduce_gradients`` (dense gradients averaged over the R ranks,
 expert gradients -- which the all-to-all summed over the R identical copies -- divided by R) every gradient must
 equal the unconverted model's. Compared per family, at EP 4 with one expert per rank and with 8 experts colocated
-two per rank: logits, loss, Hugging Face's aux loss (``output_router_logits=True``), the router logits, every
+two per rank (and Mixtral with 2 experts, each on two ranks): logits, loss, Hugging Face's aux loss (``output_router_logits=True``), the router logits, every
 dense gradient, the router's and this rank's experts' gradients.
 """
 from __future__ import annotations
@@ -77,7 +77,9 @@ def _compare(family: str, num_experts: int) -> dict[str, float]:
 
 
 def _parity_world(rank: int, world_size: int) -> dict[str, dict[str, float]]:
-    return {f"{family} E={e}": _compare(family, e) for family in FAMILIES for e in (world_size, 2 * world_size)}
+    cases = {f"{family} E={e}": _compare(family, e) for family in FAMILIES for e in (world_size, 2 * world_size)}
+    cases["mixtral E=2, replicated"] = _compare("mixtral", world_size // 2)   # fewer experts than ranks
+    return cases
 
 
 def test_families_equal_unconverted_at_ep4() -> None:

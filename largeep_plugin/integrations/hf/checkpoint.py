@@ -131,7 +131,8 @@ def from_pretrained(path: str, ep_group: ProcessGroup | None = None, placement: 
     Args:
         path: a folder with ``config.json`` and safetensors weights (one file, or shards with an index).
         ep_group, placement, allow_colocate, overrides: as for ``convert_model``.
-        dtype: the parameters' dtype (default: the checkpoint's).
+        dtype: the parameters' dtype (default: what ``from_config`` builds, float32 unless the config says
+            otherwise); the checkpoint's tensors are cast to it.
         reader: the reader to use (tests pass one to see what was read); default: a new one on ``path``.
     Returns:
         the model on the CPU; move it to its device after loading.
