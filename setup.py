@@ -7,12 +7,13 @@ from setuptools import find_packages, setup
 
 MEGATRON = ["megatron-core>=0.16,<0.17"]
 DEEPSPEED = ["deepspeed>=0.19,<0.20"]
+HF = ["transformers>=5.0", "safetensors>=0.4"]
 TEST = ["pytest>=7", "pytest-timeout>=2"]
 
 setup(
     name="largeep_plugin",
     version="0.1.0",
-    description="Large expert parallelism for Mixture-of-Experts training in Megatron-Core and DeepSpeed",
+    description="Large expert parallelism for Mixture-of-Experts training in Megatron-Core, DeepSpeed and Transformers",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -26,8 +27,9 @@ setup(
     extras_require={
         "megatron": MEGATRON,
         "deepspeed": DEEPSPEED,
+        "hf": HF,
         "test": TEST,
-        "all": MEGATRON + DEEPSPEED + TEST,
+        "all": MEGATRON + DEEPSPEED + HF + TEST,
     },
     entry_points={"console_scripts": ["largeep=largeep_plugin.cli:main"]},
 )

@@ -249,7 +249,8 @@ FLOORS = {
     "tools": 2, "cluster": 2,
     "models": 3, "perfmodel": 3,
     "integrations": 4,
-    "deepspeed": 5, "megatron": 5,   # deepspeed.py, megatron.py: short names of integrations/, imported on first use
+    "deepspeed": 5, "megatron": 5, "hf": 5,   # deepspeed.py, megatron.py, hf.py: short names of integrations/,
+                                              # imported on first use
     "commands": 5,
     "cli": 6, "__main__": 6,
 }

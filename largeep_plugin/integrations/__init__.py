@@ -5,4 +5,5 @@
     deepspeed/  ``initialize`` (DeepSpeed's engine with large-EP layers), the stock-MoE stand-in of the benchmarks
     megatron/   ``LargeEPMoELayer`` and its router, dispatcher, specs, checkpoint layout, balancing and the
                 Megatron-LM route; CPU stand-ins for Megatron's DDP and fused attention
+    hf/         Hugging Face Transformers MoE blocks: ``convert_model``, ``from_pretrained``, ``save_pretrained``
 """

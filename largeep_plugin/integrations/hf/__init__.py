@@ -1,0 +1,14 @@
+"""Hugging Face Transformers MoE models with large expert parallelism (no DeepSpeed or Megatron needed).
+
+    convert_model(model, ep_group=None, placement=None, allow_colocate=False, **overrides)   in place
+    from_pretrained(path, ep_group=None, ...)   builds, converts, then reads only this rank's experts
+    save_pretrained(model, path)                a checkpoint plain transformers loads (rank 0 writes)
+
+Files: families.py (the registry of supported blocks), block.py (the replacement block and its router-logits tap),
+weights.py (the weight mapping), convert.py, checkpoint.py.
+"""
+from .checkpoint import from_pretrained, save_pretrained
+from .convert import convert_model
+from .families import FAMILIES
+
+__all__ = ["FAMILIES", "convert_model", "from_pretrained", "save_pretrained"]
