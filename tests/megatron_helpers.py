@@ -25,15 +25,15 @@ FFN = 16
 HEADS = 2
 
 
-def init_megatron(tp: int = 1, ep: int = 1, pp: int = 1) -> None:
-    """``parallel_state`` for this world (expert TP 1); destroys a previous initialisation first."""
+def init_megatron(tp: int = 1, ep: int = 1, pp: int = 1, etp: int = 1) -> None:
+    """``parallel_state`` for this world (expert TP ``etp``); destroys a previous initialisation first."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=1, create_gloo_process_groups=False,
+        expert_tensor_parallel_size=etp, create_gloo_process_groups=False,
     )
 
 
@@ -47,7 +47,8 @@ def tiny_config(**overrides: Any) -> Any:
         num_moe_experts=ps.get_expert_model_parallel_world_size(), moe_router_topk=2,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(), expert_tensor_parallel_size=1,
+        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
         init_method_std=0.4,  # O(1) outputs and well separated router scores: tight comparisons mean something
     )

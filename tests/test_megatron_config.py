@@ -49,6 +49,8 @@ def test_translation_reads_the_megatron_moe_settings() -> None:
         (dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.5), "aux_loss_coeff", 0.0),
         (dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
               moe_router_bias_update_rate=0.05), "bias_update_rate", 0.05),
+        # Expert TP is accepted; the config keeps the whole expert's width (the layer cuts the shards).
+        (dict(expert_tensor_parallel_size=2), "ffn_hidden_size", 32),
     ],
 )
 def test_translation_follows_megatron_semantics(megatron: dict[str, Any], field: str, want: Any) -> None:
@@ -86,7 +88,6 @@ def test_translation_of_the_model_families() -> None:
     "change, error, words",
     [
         (dict(num_moe_experts=None), ValueError, "num_moe_experts=None"),
-        (dict(expert_tensor_parallel_size=2), NotImplementedError, "expert_tensor_parallel_size=2"),
         (dict(moe_router_num_groups=2, moe_router_group_topk=1), NotImplementedError, "moe_router_pre_softmax=False"),
         (dict(moe_router_num_groups=2), ValueError, "moe_router_group_topk=None"),
         (dict(moe_router_num_groups=4, moe_router_group_topk=4, moe_router_score_function="sigmoid"), ValueError,

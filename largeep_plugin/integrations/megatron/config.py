@@ -73,7 +73,6 @@ _BALANCING = {"aux_loss": "aux_loss_coeff", "seq_aux_loss": "seq_aux_loss_coeff"
 # Megatron fields whose non-default values the large-EP layer does not implement: (field, allowed values, why).
 _UNSUPPORTED: tuple[tuple[str, tuple[Any, ...], str], ...] = (
     ("context_parallel_size", (1,), "context parallelism is not wired into the large-EP layer"),
-    ("expert_tensor_parallel_size", (None, 1), "experts are not split with tensor parallelism (one expert per rank)"),
     ("moe_router_topk_limited_devices", (None,), "device-limited routing is not implemented (use "
      "moe_router_num_groups / moe_router_group_topk: group-limited routing)"),
     ("moe_router_dtype", (None, "fp32", "fp64"), "the router runs in float32 or float64"),

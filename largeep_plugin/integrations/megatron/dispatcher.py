@@ -39,6 +39,12 @@ assignment's slot on its destination rank, ``token_dispatch`` exchanges counts p
 dispatcher's colocated mode), and ``dispatch_postprocess`` hands the experts the [R, L] counts as
 ``tokens_per_expert``: ``LocalExperts`` groups the rows by slot and puts the results back in arrival order, so
 the weights (in arrival order) and the combine are unchanged.
+
+Expert tensor parallelism (Megatron's ``expert_tensor_parallel_size`` t > 1): the rows travel over Megatron's
+``tp_ep`` group (the EP x expert-TP ranks of one copy of the experts; expert-TP rank fastest, so EP rank r's t
+shards are its ranks r*t .. r*t+t-1) instead of the EP group. ``dispatch_preprocess`` sends each (token, k) to all
+t shards with the same weight, as the core layer does: the combine's weighted sum over the K*t copies adds the
+shards' partial outputs into the expert's output.
 """
 from __future__ import annotations
 
@@ -89,6 +95,8 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
         placement: the plugin's placement (None: expert e on EP rank e).
         rank_to_experts: colocated placements only: the experts of every EP rank (ascending); None: one expert
             per rank.
+        expert_tp_size: t, shards of every expert (Megatron's expert-TP group size); t > 1 dispatches over
+            ``pg_collection.tp_ep`` (see the module docstring).
 
     Attributes:
         count_source: set by ``LargeEPMoELayer`` to its router: ``token_dispatch`` sends what the router's
@@ -97,13 +105,17 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
 
     def __init__(
         self, *, config: Any, pg_collection: Any, ep_rank: int, placement: Any = None,
-        rank_to_experts: Any = None,
+        rank_to_experts: Any = None, expert_tp_size: int = 1,
     ):
         super().__init__(config=config, pg_collection=pg_collection)
         self.top_k = config.moe_router_topk
         self.ep_rank = ep_rank
         self.placement = placement
-        self.dispatcher = AllToAllDispatcher(self.ep_group)
+        self.expert_tp_size = expert_tp_size
+        if expert_tp_size > 1 and rank_to_experts is not None:
+            raise NotImplementedError(f"expert_tp_size={expert_tp_size} with colocated experts: a rank holds one "
+                                      "expert shard under expert tensor parallelism")
+        self.dispatcher = AllToAllDispatcher(self.tp_ep_group if expert_tp_size > 1 else self.ep_group)
         self.num_slots = 1
         self.local_slot_RE: torch.Tensor | None = None
         if rank_to_experts is not None:
@@ -136,6 +148,13 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
             dest_rank_TK = topk_ids_TK  # expert e lives on EP rank e
         else:
             dest_rank_TK = self.placement.destination_ranks(topk_ids_TK, self.ep_rank)
+        # Sends per token: K, or K*t under expert TP (every shard of the chosen expert gets the token).
+        copies = self.top_k
+        if self.expert_tp_size > 1:
+            t = self.expert_tp_size
+            dest_rank_TK = (dest_rank_TK.unsqueeze(-1) * t + torch.arange(t, device=dest_rank_TK.device)).flatten(1)
+            keep_TK, weights_TK = keep_TK.repeat_interleave(t, dim=1), weights_TK.repeat_interleave(t, dim=1)
+            copies = self.top_k * t
         local_slot_TK = None
         if self.local_slot_RE is not None:
             if self.local_slot_RE.device != topk_ids_TK.device:
@@ -149,14 +168,14 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
         # on the communication node.
         shared = self.count_source.take_shared_counts() if self.count_source is not None else None
         handle = self.dispatcher.exchange(
-            order_A, send_counts_V, num_tokens=x_TH.shape[0], top_k=self.top_k,
+            order_A, send_counts_V, num_tokens=x_TH.shape[0], top_k=copies,
             topk_weights_TK=None, num_slots=None if self.local_slot_RE is None else self.num_slots,
             shared_X=None if shared is None else shared[0], on_shared=None if shared is None else shared[1],
         )
         self._routed = _Routed(handle, hidden_states.shape)
         if self.shared_experts is not None:
             self._shared_input = hidden_states
-        tokens_AH = x_TH.index_select(0, handle.order_A // self.top_k)
+        tokens_AH = x_TH.index_select(0, handle.order_A // copies)
         probs_A = weights_TK.reshape(-1).index_select(0, handle.order_A)
         return tokens_AH, probs_A
 

@@ -12,9 +12,16 @@ EP overlap can drive the layer stage by stage. Only ``__init__`` is the plugin's
 
 Process groups come from ``pg_collection`` (Megatron's ``TransformerLayer`` passes it only to the exact stock
 classes, so the default collection of ``parallel_state`` is used unless a spec passes one in ``params``):
-EP = ``ep`` (Megatron's expert-model-parallel group), expert-TP = ``expt_tp`` (must be size 1: a whole expert per
-rank), expert-DP = ``expt_dp`` (Megatron's DDP reduces the expert gradients over it: they carry
-``allreduce=False``).
+EP = ``ep`` (Megatron's expert-model-parallel group), expert-TP = ``expt_tp``, expert-DP = ``expt_dp`` (Megatron's
+DDP reduces the expert gradients over it: they carry ``allreduce=False``).
+
+Expert tensor parallelism (``expert_tensor_parallel_size`` t > 1): EP rank r holds shard j = its ``expt_tp`` rank
+of its expert (``ExpertMLP(tp_rank=j, tp_size=t)``: fc1 rows, fc2 columns, fc2's bias on shard 0), and the tokens
+move over ``tp_ep``, Megatron's group of the EP x expert-TP ranks, in which the t shards of EP rank r are ranks
+r*t .. r*t+t-1 (Megatron's rank generator varies the expert-TP rank fastest; checked here). Every (token, k) goes
+to all t shards and the combine adds their partial outputs (``LargeEPTokenDispatcher``). A placement still lists
+the experts of each EP rank; colocated and replicated placements are refused with t > 1, and so is the
+distributed checkpoint of the shards.
 """
 from __future__ import annotations
 
@@ -57,6 +64,7 @@ class LargeEPExperts(nn.Module):
         ep_replicas: for each of them, its replica index inside the EP group (0: its first holder).
         expt_dp_group: Megatron's expert-data-parallel group.
         colocated: whether some rank of the layer holds several experts (then ``local_experts`` on every rank).
+        tp_rank, tp_size: expert tensor parallelism: this rank holds shard ``tp_rank`` of ``tp_size`` of its expert.
     """
 
     def __init__(
@@ -67,9 +75,13 @@ class LargeEPExperts(nn.Module):
         ep_replicas: Sequence[int],
         expt_dp_group: Any,
         colocated: bool = False,
+        tp_rank: int = 0,
+        tp_size: int = 1,
     ):
         super().__init__()
         self.expert_ids = tuple(int(e) for e in expert_ids)
+        if tp_size != 1 and colocated:
+            raise NotImplementedError(f"tp_size={tp_size} with colocated experts: expert shards are one per rank")
         if len(ep_replicas) != len(self.expert_ids) or (len(self.expert_ids) > 1 and not colocated):
             raise ValueError(f"expert_ids={self.expert_ids} with ep_replicas={tuple(ep_replicas)} and "
                              f"colocated={colocated}: one replica index per expert; several experts need colocated")
@@ -77,7 +89,9 @@ class LargeEPExperts(nn.Module):
         if colocated:
             self.local_experts = LocalExperts(config.expert_config, expert_ids=self.expert_ids, init_seed=config.init_seed)
         else:
-            self.expert = ExpertMLP(config.expert_config, expert_id=self.expert_ids[0], init_seed=config.init_seed)
+            self.expert = ExpertMLP(config.expert_config, expert_id=self.expert_ids[0], init_seed=config.init_seed,
+                                    tp_rank=tp_rank, tp_size=tp_size)
+        self.tp_size = tp_size
         self.num_experts = config.num_experts
         self.ep_replicas = tuple(int(r) for r in ep_replicas)
         self.expt_dp_group = expt_dp_group
@@ -122,6 +136,11 @@ class LargeEPExperts(nn.Module):
         """Nothing to do: weight gradients are computed in the ordinary backward."""
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        if self.tp_size != 1:
+            # The layout stores whole experts; a shard would be a slice of fc1's rows (two slices under SwiGLU)
+            # and of fc2's columns, which expert_sharded_state_dict does not describe yet.
+            raise NotImplementedError(f"expert_tensor_parallel_size={self.tp_size}: the distributed checkpoint of "
+                                      "expert shards is not implemented (save with expert_tensor_parallel_size=1)")
         dp_rank = get_pg_rank(self.expt_dp_group)
         out: dict[str, Any] = {}
         for slot, ((expert_id, module), ep_replica) in enumerate(zip(self.experts_by_id(), self.ep_replicas)):
@@ -180,8 +199,9 @@ class LargeEPMoELayer(MoELayer):
             )
         ep_size, ep_rank = get_pg_size(pg_collection.ep), get_pg_rank(pg_collection.ep)
         if getattr(placement, "expert_tp_degree", 1) != 1:
-            raise NotImplementedError(f"placement.expert_tp_degree={placement.expert_tp_degree}: experts split with "
-                                      "tensor parallelism are not run by the Megatron large-EP layer")
+            raise NotImplementedError(f"placement.expert_tp_degree={placement.expert_tp_degree}: inside Megatron the "
+                                      "experts are split by expert_tensor_parallel_size; the placement lists whole "
+                                      "experts per EP rank (expert_tp_degree=1)")
         rank_to_experts = rank_to_experts_of(lep.num_experts, ep_size, placement, experts_field="num_moe_experts",
                                              ep_what="the expert-model-parallel size is {}")
         expert_ids = rank_to_experts[ep_rank]
@@ -191,9 +211,9 @@ class LargeEPMoELayer(MoELayer):
             warnings.warn(f"LargeEPMoELayer: {lep.num_experts} experts on {ep_size} EP ranks, "
                           f"rank_to_experts={rank_to_experts} (colocated experts run one after another on a rank)",
                           stacklevel=2)
-        expt_tp = get_pg_size(pg_collection.expt_tp)
+        expt_tp, expt_tp_rank = get_pg_size(pg_collection.expt_tp), get_pg_rank(pg_collection.expt_tp)
         if expt_tp != 1:
-            raise NotImplementedError(f"the expert tensor-parallel group has {expt_tp} ranks: the large-EP layer needs 1")
+            _check_expert_tp(pg_collection, ep_size, ep_rank, expt_tp, expt_tp_rank, colocated, replicated)
 
         # BaseMoELayer.__init__ asserts num_experts % EP == 0 and gives each rank a contiguous block of experts;
         # under a placement an EP rank holds whichever experts the placement says (replicas when EP > E, colocated
@@ -222,7 +242,7 @@ class LargeEPMoELayer(MoELayer):
             self.router.set_layer_number(layer_number)
         self.token_dispatcher = LargeEPTokenDispatcher(
             config=config, pg_collection=pg_collection, ep_rank=ep_rank, placement=placement,
-            rank_to_experts=rank_to_experts if colocated else None,
+            rank_to_experts=rank_to_experts if colocated else None, expert_tp_size=expt_tp,
         )
         # The router's global load and input checks ride in the dispatcher's count exchange (one collective fewer)
         # whenever no switch loss needs them during the router's forward.
@@ -231,7 +251,7 @@ class LargeEPMoELayer(MoELayer):
         self.experts = build_module(
             submodules.experts, lep, expert_ids=expert_ids,
             ep_replicas=[replica_index(rank_to_experts, ep_rank, e) for e in expert_ids],
-            expt_dp_group=pg_collection.expt_dp, colocated=colocated,
+            expt_dp_group=pg_collection.expt_dp, colocated=colocated, tp_rank=expt_tp_rank, tp_size=expt_tp,
         )
         self.experts.count_source = self.token_dispatcher
         self.shared_experts = None
@@ -291,6 +311,28 @@ def build_shared_experts(submodules: MoESubmodules, config: Any, pg_collection: 
         else config
     return build_module(submodules.shared_experts, config=build_config, pg_collection=pg_collection,
                         gate=config.moe_shared_expert_gate)
+
+
+def _check_expert_tp(pg_collection: Any, ep_size: int, ep_rank: int, expt_tp: int, expt_tp_rank: int,
+                     colocated: bool, replicated: bool) -> None:
+    """Raise unless the dispatch over ``tp_ep`` can reach the t shards of EP rank r at its ranks r*t .. r*t+t-1."""
+    if colocated or replicated:
+        raise NotImplementedError(
+            f"expert_tensor_parallel_size={expt_tp} with a {'colocated' if colocated else 'replicated'} placement: "
+            "under expert tensor parallelism the large-EP layer runs one expert per EP rank"
+        )
+    tp_ep = getattr(pg_collection, "tp_ep", None)
+    if tp_ep is None:
+        raise ValueError(f"expert_tensor_parallel_size={expt_tp}: pg_collection has no tp_ep group (the EP x "
+                         "expert-TP ranks the tokens are dispatched over)")
+    size, rank = get_pg_size(tp_ep), get_pg_rank(tp_ep)
+    # Each rank checks its own position; together they say the group is EP-major with the t shards consecutive.
+    if size != ep_size * expt_tp or rank != ep_rank * expt_tp + expt_tp_rank:
+        raise ValueError(
+            f"pg_collection.tp_ep: this rank is {rank} of {size}, but EP rank {ep_rank} of {ep_size} with "
+            f"expert-TP rank {expt_tp_rank} of {expt_tp} must be rank {ep_rank * expt_tp + expt_tp_rank} of "
+            f"{ep_size * expt_tp} (the expert-TP rank varying fastest, as Megatron's parallel_state orders it)"
+        )
 
 
 def _check_submodules(submodules: MoESubmodules) -> None:

@@ -77,7 +77,11 @@ class LargeEPRouter(Router):
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
         self.large_ep_config = lep
-        self.ep_group = pg_collection.ep
+        # The group the layer dispatches over: its ranks' loads make the global counts, and their input flags ride
+        # in its count exchange. Under expert TP that is Megatron's tp_ep (EP x expert-TP ranks, see
+        # integrations/megatron/dispatcher.py), whose ranks route their own tokens.
+        expert_tp = getattr(pg_collection, "expt_tp", None)
+        self.ep_group = pg_collection.tp_ep if expert_tp is not None and get_pg_size(expert_tp) > 1 else pg_collection.ep
         self.ep_size = get_pg_size(self.ep_group)
         self.ep_rank = get_pg_rank(self.ep_group)
         # Megatron reduces the bias counts over TP x DP x CP; the plugin's own hook uses the same group.
