@@ -108,14 +108,25 @@ def _refusals() -> dict[str, str]:
 
 
 def _rank(rank: int, world_size: int) -> dict[str, Any]:
+    from largeep_plugin.integrations.megatron import LargeEPMoELayer
+
     init_megatron(ep=EP, etp=ETP)
     gelu_softmax = tiny_config()
     # Megatron's TransformerConfig refuses MoE biases with expert TP > 1: no bias case.
     swiglu_sigmoid = tiny_config(gated_linear_unit=True, activation_func=F.silu, moe_router_score_function="sigmoid")
-    return {
+    out = {
         "parity": {"gelu-softmax": _parity(gelu_softmax, rank), "swiglu-sigmoid": _parity(swiglu_sigmoid, rank)},
         "refusals": _refusals(),
     }
+    # Attention TP 2 = expert TP 2 without sequence parallelism: both TP ranks hold the same tokens and would each
+    # dispatch them; refused.
+    init_megatron(tp=2, ep=EP, etp=ETP)
+    try:
+        LargeEPMoELayer(tiny_config(sequence_parallel=False), layer_number=1)
+        out["refusals"]["tp_without_sp"] = "no error"
+    except NotImplementedError as e:
+        out["refusals"]["tp_without_sp"] = str(e)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +148,4 @@ def test_expert_tp_refuses_checkpoint_and_colocated_experts(ep2_etp2: list[dict[
         assert "expert_tensor_parallel_size=2" in result["refusals"]["checkpoint"], result["refusals"]
         assert "expert_tensor_parallel_size=2 with a colocated placement" in result["refusals"]["colocated"], \
             result["refusals"]
+        assert "needs sequence_parallel=True" in result["refusals"]["tp_without_sp"], result["refusals"]

@@ -214,6 +214,12 @@ class LargeEPMoELayer(MoELayer):
         expt_tp, expt_tp_rank = get_pg_size(pg_collection.expt_tp), get_pg_rank(pg_collection.expt_tp)
         if expt_tp != 1:
             _check_expert_tp(pg_collection, ep_size, ep_rank, expt_tp, expt_tp_rank, colocated, replicated)
+            if get_pg_size(pg_collection.tp) > 1 and not config.sequence_parallel:
+                # Without sequence parallelism the attention-TP ranks hold the same tokens: each would dispatch
+                # them again, and every expert would see (and take the gradient of) each token several times.
+                raise NotImplementedError(
+                    f"expert_tensor_parallel_size={expt_tp} with tensor_model_parallel_size="
+                    f"{get_pg_size(pg_collection.tp)} needs sequence_parallel=True")
 
         # BaseMoELayer.__init__ asserts num_experts % EP == 0 and gives each rank a contiguous block of experts;
         # under a placement an EP rank holds whichever experts the placement says (replicas when EP > E, colocated
