@@ -132,12 +132,12 @@ def check_gemm(device: torch.device, rows: int = 4096) -> dict[str, Any]:
     with torch.no_grad():
         for _ in range(3):
             expert(x)
-        torch.cuda.synchronize(device)
+        torch.accelerator.synchronize(device)
         t0 = time.perf_counter()
         n = 10
         for _ in range(n):
             expert(x)
-        torch.cuda.synchronize(device)
+        torch.accelerator.synchronize(device)
     tflops = flops * n / (time.perf_counter() - t0) / 1e12
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
@@ -153,10 +153,10 @@ def check_overlap(device: torch.device, out_dir: str) -> dict[str, Any]:
                                torch.bfloat16)
     x = torch.randn(16384, 2048, device=device, dtype=torch.bfloat16, requires_grad=True)
     layer(x).float().sum().backward()
-    torch.cuda.synchronize(device)
+    torch.accelerator.synchronize(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         layer(x).float().sum().backward()
-        torch.cuda.synchronize(device)
+        torch.accelerator.synchronize(device)
     path = os.path.join(out_dir, "overlap_trace.json")
     prof.export_chrome_trace(path)
     with open(path, encoding="utf-8") as f:
@@ -225,13 +225,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message="LargeEPMoE: .* experts on")  # colocation is the point here
     os.makedirs(args.out, exist_ok=True)
-    cuda = torch.cuda.is_available()
+    # Device-generic where torch has it (torch.accelerator); the sync debug mode and the device name are CUDA's own.
+    accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    cuda = accel is not None and accel.type == "cuda"
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29531")
     dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
     if cuda:
-        torch.cuda.set_device(device)
+        torch.accelerator.set_device_index(device.index)
     no_gpu = {"skipped": "no CUDA device", "ok": True}
     sections = {
         "parity": _run("parity", lambda: check_parity(device)),

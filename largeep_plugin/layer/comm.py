@@ -356,6 +356,26 @@ def load_rides_in_count_exchange(ep_size: int, load_numbers: int) -> bool:
     return ep_size * load_numbers <= LOAD_IN_EXCHANGE_LIMIT
 
 
+class LoadRide:
+    """A layer's load [X] (per-expert counts, drops) summed over ``group`` on the device, and its input flag [1]:
+    ``shared_X`` is what to send along in the count exchange (load and flag for small groups, the flag alone for
+    large ones, whose load goes in its own asynchronous all_reduce, started here). Inside ``on_shared`` call
+    ``take(sums_X)``; after the dispatch ``total()`` is the summed load, on the device."""
+
+    def __init__(self, load_X: torch.Tensor, flag_1: torch.Tensor, group: ProcessGroup | None, ep_size: int):
+        self.fold = load_rides_in_count_exchange(ep_size, load_X.numel())
+        self.shared_X = torch.cat([load_X, flag_1]) if self.fold else flag_1
+        self._pending = None if self.fold else start_all_reduce(load_X.clone(), group)
+        self._sums: torch.Tensor | None = None
+
+    def take(self, sums_X: torch.Tensor) -> None:
+        if self.fold:
+            self._sums = sums_X
+
+    def total(self) -> torch.Tensor:
+        return self._sums if self.fold else self._pending.wait()  # type: ignore[union-attr,return-value]
+
+
 class PendingLanes:
     """Several lanes in flight (one collective per carrier dtype, see ``_carrier_groups``); ``wait()`` returns them
     in the order given, each in its own dtype."""

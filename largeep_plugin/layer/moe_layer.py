@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .comm import ProcessGroup, group_rank, group_size, load_rides_in_count_exchange, start_all_reduce
+from .comm import LoadRide, ProcessGroup, group_rank, group_size
 from .config import LargeEPConfig
 from .token_exchange import TokenExchange
 from largeep_plugin.placement.plan import Placement
@@ -262,17 +262,14 @@ class LargeEPMoE(nn.Module):
             # One number per rank: the problem bits, and above them the input dtype (ranks that feed different
             # dtypes would post all-to-alls of different byte sizes: a crash, not an error).
             flag[0] = bad + _NON_FINITE * (~torch.isfinite(x_TH).all()).long() + ((1 + _DTYPES.index(x.dtype)) << 8)
-        fold = load_rides_in_count_exchange(self.ep_size, e + 1)
-        pending_load = None if fold else start_all_reduce(load_X, self.ep_group)
-        totals: list[torch.Tensor] = []
+        ride = LoadRide(load_X, flag, self.ep_group, self.ep_size)
 
         def on_shared(flags_R: list[int], sums_X: torch.Tensor) -> None:
             problems = {r: f & 0xFF for r, f in enumerate(flags_R) if f & 0xFF}
             dtypes = {r: _DTYPES[(f >> 8) - 1] for r, f in enumerate(flags_R) if f >> 8}
             if problems or len(set(dtypes.values())) > 1:
                 raise ValueError(self._describe_problems(problems, x, dtypes))
-            if fold:
-                totals.append(sums_X)
+            ride.take(sums_X)
 
         # Steps 3-5: dispatch, expert, combine.
         dest_rank_TK = self._destination_ranks(routing.topk_ids_TK)
@@ -283,7 +280,7 @@ class LargeEPMoE(nn.Module):
             t = self.tp_size
             dest_rank_TK = (dest_rank_TK.unsqueeze(-1) + torch.arange(t, device=dest_rank_TK.device)).flatten(1)
             keep_TK, weights_TK = keep_TK.repeat_interleave(t, dim=1), weights_TK.repeat_interleave(t, dim=1)
-        shared = dict(shared_X=torch.cat([load_X, flag]) if fold else flag, on_shared=on_shared,
+        shared = dict(shared_X=ride.shared_X, on_shared=on_shared,
                       side=self._shared_expert_job(x_TH))
         if self.colocated:
             local_slot_TK = self.local_slot_RE[dest_rank_TK, routing.topk_ids_TK]
@@ -293,7 +290,7 @@ class LargeEPMoE(nn.Module):
             y_TH = self.token_exchange(x_TH, dest_rank_TK, keep_TK, weights_TK, self.expert, **shared)
         if shared["side"] is not None:
             y_TH = y_TH + shared["side"].output
-        load = totals[0] if fold else pending_load.wait()
+        load = ride.total()
         global_counts_E, dropped = load[:e], load[e]  # on the device: the stats stay there until someone reads them
 
         aux = self._aux_losses(routing.scores_TE, routing.logits_TE, global_counts_E)

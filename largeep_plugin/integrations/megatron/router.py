@@ -46,7 +46,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from largeep_plugin.layer.comm import load_rides_in_count_exchange, start_all_reduce
+from largeep_plugin.layer.comm import LoadRide
 from largeep_plugin.layer.config import LargeEPConfig
 from largeep_plugin.layer.load_balance import LoadStats, sequence_aux_loss, switch_aux_loss, z_loss
 from largeep_plugin.layer.router import Router, RoutingResult
@@ -178,18 +178,18 @@ class LargeEPRouter(Router):
             return None
         local_X, aux, zl, deferred = pending
         e = self.large_ep_config.num_experts
-        # The load rides along only when R copies of it are few numbers; else it is summed by an all_reduce of its
-        # own, started now and waited (on the device) when the counts arrive.
-        fold = deferred and load_rides_in_count_exchange(self.ep_size, e + 1)
-        load = None if fold or not deferred else start_all_reduce(local_X[: e + 1].clone(), self.ep_group)
+        # Deferred, the load rides along (or, for a large group, in an all_reduce of its own, waited on the device
+        # when the counts arrive); otherwise only the flag does.
+        ride = LoadRide(local_X[: e + 1], local_X[e + 1:], self.ep_group, self.ep_size) if deferred else None
 
         def on_shared(flags_R: list[int], sums_X: torch.Tensor) -> None:
             self._raise_on_bad_input(flags_R)
-            if deferred:
-                total = sums_X if fold else load.wait()
+            if ride is not None:
+                ride.take(sums_X)
+                total = ride.total()
                 self.last_stats = LoadStats(tokens_per_expert_E=total[:e], dropped=total[e], aux_loss=aux, z_loss=zl)
 
-        return (local_X if fold else local_X[e + 1:]), on_shared
+        return (local_X[e + 1:] if ride is None else ride.shared_X), on_shared
 
     def _local_counts(self, routing: RoutingResult, x_TH: torch.Tensor) -> torch.Tensor:
         """int64 [E + 2]: this rank's assignments per expert, its drops, and its input flag (1: NaN or Inf)."""
