@@ -5,10 +5,12 @@
   and reads no expert of another rank (the reader records every tensor and row it read).
 * After three training steps of the converted model (different tokens on each rank, ``allreduce_gradients``),
   ``save_pretrained`` writes a checkpoint that plain transformers loads and whose logits equal the converted
-  model's.
+  model's; past ``max_shard_size`` in shards with an index (an earlier save's files replaced), which
+  ``from_pretrained`` loads too; the experts are gathered on rank 0 only.
 """
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from pathlib import Path
@@ -45,7 +47,7 @@ def _checkpoint_world(rank: int, world_size: int, root: str) -> dict[str, float]
     from transformers import AutoModelForCausalLM
 
     from largeep_plugin.hf import convert_model, from_pretrained, save_pretrained
-    from largeep_plugin.integrations.hf.checkpoint import SafetensorsReader
+    from largeep_plugin.integrations.hf.checkpoint import SafetensorsReader, _gather_experts
 
     warnings.simplefilter("ignore")
     out: dict[str, float] = {}
@@ -70,8 +72,23 @@ def _checkpoint_world(rank: int, world_size: int, root: str) -> dict[str, float]
             opt.step()
             opt.zero_grad()
         saved = f"{root}/{family}_trained"
-        save_pretrained(model, saved)
+        save_pretrained(model, saved, max_shard_size="1MB")   # stale shards of a sharded save must go
+        files = save_pretrained(model, saved, max_shard_size="30KB")
+        names = sorted(os.listdir(saved))
+        if rank == 0:
+            out[f"{family} sharded"] = float(len(files) < 2 or "model.safetensors.index.json" not in names
+                                             or "model.safetensors" in names or bool(set(files) - set(names)))
+        else:
+            out[f"{family} other ranks write nothing"] = float(files != [])
+        moe = next(m.moe for m in model.modules() if hasattr(m, "moe"))
+        gathered = _gather_experts(moe)
+        want_ids = None if rank else list(range(e))
+        out[f"{family} experts only on rank 0"] = float((gathered and sorted(gathered)) != want_ids)
         reloaded = AutoModelForCausalLM.from_pretrained(saved)
+        with torch.no_grad():
+            out[f"{family} from_pretrained of sharded save"] = float(
+                (from_pretrained(saved, allow_colocate=True)(tokens(seed=7)).logits
+                 - model(tokens(seed=7)).logits).abs().max())
         ids = tokens(seed=7)
         with torch.no_grad():
             out[f"{family} reloaded logits"] = float((reloaded(ids).logits - model(ids).logits).abs().max())
@@ -92,3 +109,12 @@ def test_from_pretrained_and_save_pretrained_at_ep4(tmp_path: Path) -> None:
     per_rank = world(_checkpoint_world, 4, str(tmp_path), timeout=300.0)
     bad = {f"rank {r}: {k}": v for r, errs in enumerate(per_rank) for k, v in errs.items() if not v <= 1e-5}
     assert not bad, bad
+
+
+def test_max_shard_size_errors_name_the_value() -> None:
+    from largeep_plugin.integrations.hf.checkpoint import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size(100) == 100
+    for bad in ("5K", "many", "0", 0, -3, True):
+        with pytest.raises(ValueError, match=f"max_shard_size={bad!r}"):
+            parse_size(bad)

@@ -8,14 +8,17 @@ experts: in the per-expert layout that transformers 5 writes (``experts.<e>.gate
 (``experts.gate_up_proj`` [E, 2F, H]) only the expert's rows are read (``get_slice(name)[e]`` on a memory-mapped
 file).
 
-``save_pretrained`` gathers every expert under its global id, fuses them back into the module layout of
-transformers 5 (``experts.gate_up_proj`` [E, 2F, H], ``experts.down_proj`` [E, H, F]) and rank 0 writes
-``model.safetensors`` and ``config.json``; transformers loads fused keys as they are.
+``save_pretrained`` gathers every expert to global rank 0 under its global id, one block at a time, fuses them back
+into the module layout of transformers 5 (``experts.gate_up_proj`` [E, 2F, H], ``experts.down_proj`` [E, H, F]) and
+rank 0 writes safetensors shards as they fill (``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` with
+``model.safetensors.index.json`` past ``max_shard_size``) and ``config.json``; transformers loads fused keys as they
+are.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from typing import Any
 
@@ -168,38 +171,119 @@ def from_pretrained(path: str, ep_group: ProcessGroup | None = None, placement: 
     return model
 
 
-def save_pretrained(model: nn.Module, path: str) -> None:
-    """Write a checkpoint of the unconverted architecture that plain ``transformers`` loads (rank 0 writes).
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_SHARD_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 
-    Collective over every large-EP block's EP group: call it on every rank. Experts are gathered to every rank of
-    the group under their global ids (replicas: any copy) and fused back into ``experts.gate_up_proj`` [E, 2F, H]
-    and ``experts.down_proj`` [E, H, F].
+
+def parse_size(max_shard_size: int | str) -> int:
+    """Bytes of ``max_shard_size``: an int, or a string like transformers takes ("5GB", "200MB", "20KiB")."""
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool) and max_shard_size > 0:
+        return max_shard_size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Z]*)\s*", str(max_shard_size).upper())
+    if not match or match.group(2) not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"max_shard_size={max_shard_size!r}: expected a positive byte count or a size such as "
+                         "\"5GB\", \"200MB\", \"512MiB\"")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most ``max_bytes`` each (a tensor larger than that gets a shard
+    of its own), flushing each shard as soon as it is full, so the writer holds one shard at a time. ``close``
+    names them as transformers does: ``model.safetensors`` when one is enough, else
+    ``model-0000i-of-0000N.safetensors`` with ``model.safetensors.index.json``."""
+
+    def __init__(self, path: str, max_bytes: int):
+        self.path, self.max_bytes = path, max_bytes
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(path):   # an earlier save's shards would shadow or mix with these
+            if _SHARD_FILE.match(name) or name == _INDEX:
+                os.remove(os.path.join(path, name))
+        self._shard: dict[str, torch.Tensor] = {}
+        self._bytes = 0
+        self._files: list[tuple[str, list[str]]] = []   # (temporary file, its keys)
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._shard and self._bytes + size > self.max_bytes:
+            self._flush()
+        # Own contiguous CPU copies: safetensors refuses tensors that share storage (tied embeddings).
+        self._shard[key] = tensor.detach().cpu().contiguous().clone()
+        self._bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        file = os.path.join(self.path, f".model-part{len(self._files):05d}.safetensors")
+        save_file(self._shard, file, metadata={"format": "pt"})
+        self._files.append((file, list(self._shard)))
+        self._shard, self._bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Write the last shard, give the shards their final names (and the index); returns the file names."""
+        if self._shard or not self._files:
+            self._flush()
+        n = len(self._files)
+        names = [_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for (file, _), name in zip(self._files, names):
+            os.replace(file, os.path.join(self.path, name))
+        if n > 1:
+            weight_map = {key: name for (_, keys), name in zip(self._files, names) for key in keys}
+            with open(os.path.join(self.path, _INDEX), "w", encoding="utf-8") as f:
+                json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
+        return names
+
+
+def _gather_experts(moe: Any) -> dict[int, dict[str, torch.Tensor]] | None:
+    """Every expert of ``moe`` by global id on the rank that writes (global rank 0), None elsewhere.
+
+    Only the EP group that holds global rank 0 gathers (another data-parallel copy holds the same experts), and only
+    to its first rank: the other ranks never hold experts they do not own."""
+    mine = local_expert_tensors(moe)
+    if group_size(moe.ep_group) == 1:
+        return mine if group_rank(None) == 0 else None
+    ranks = dist.get_process_group_ranks(moe.ep_group if moe.ep_group is not None else dist.group.WORLD)
+    if ranks[0] != 0:
+        return None
+    gathered: list[Any] | None = [None] * len(ranks) if dist.get_rank() == 0 else None
+    dist.gather_object(mine, gathered, dst=0, group=moe.ep_group)
+    if gathered is None:
+        return None
+    return {e: tensors for held in gathered for e, tensors in held.items()}   # replicas: any copy
+
+
+def save_pretrained(model: nn.Module, path: str, max_shard_size: int | str = "5GB") -> list[str]:
+    """Write a checkpoint of the unconverted architecture that plain ``transformers`` loads (global rank 0 writes).
+
+    Collective over every large-EP block's EP group: call it on every rank. Each block's experts are gathered, to
+    global rank 0 only, under their global ids (replicas: any copy) and fused back into ``experts.gate_up_proj``
+    [E, 2F, H] and ``experts.down_proj`` [E, H, F]; shards are written as they fill (``max_shard_size``, as
+    transformers takes it), so the writer holds one block's experts and one shard at a time.
+
+    Returns:
+        the safetensors files written (on rank 0; an empty list on the other ranks).
     """
-    state: dict[str, torch.Tensor] = {}
+    rank0 = group_rank(None) == 0
+    writer = ShardWriter(path, parse_size(max_shard_size)) if rank0 else None
     blocks = _blocks(model)
     for prefix, block in blocks.items():
         moe = block.moe
-        gathered: list[Any] = [None] * group_size(moe.ep_group)
-        mine = local_expert_tensors(moe)
-        if len(gathered) > 1:
-            dist.all_gather_object(gathered, mine, group=moe.ep_group)
-        else:
-            gathered = [mine]
-        experts = {e: tensors for held in gathered for e, tensors in held.items()}
+        experts = _gather_experts(moe)
+        if writer is None or experts is None:
+            continue
         if block.family.selection_bias is None and bool(moe.router.expert_bias.ne(0).any()):
             warnings.warn(f"{prefix}: {block.family.name} has no selection bias in its checkpoint; the large-EP "
                           "balancing bias is not saved", stacklevel=2)
         for name, tensor in block_state(moe, block.family, experts).items():
-            state[f"{prefix}.{name}"] = tensor
-    block_keys = tuple(f"{p}." for p in blocks)
-    for key, tensor in model.state_dict().items():
-        if not key.startswith(block_keys):
-            state[key] = tensor
-    if group_rank(None) == 0:
-        os.makedirs(path, exist_ok=True)
-        # Own contiguous CPU copies: safetensors refuses tensors that share storage (tied embeddings).
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()},
-                  os.path.join(path, _SINGLE), metadata={"format": "pt"})
+            writer.add(f"{prefix}.{name}", tensor)
+        del experts
+    files: list[str] = []
+    if writer is not None:
+        block_keys = tuple(f"{p}." for p in blocks)
+        for key, tensor in model.state_dict().items():
+            if not key.startswith(block_keys):
+                writer.add(key, tensor)
+        files = writer.close()
         model.config.save_pretrained(path)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+    return files
