@@ -8,9 +8,11 @@ One world of 4 gloo ranks trains the converted model 5 steps four ways: EP 4 (on
 data-parallel copies (two experts per rank), each with recipe (a), ``allreduce_gradients(model)``, and recipe (b),
 torch DDP over the dense parameters with the experts ignored plus ``allreduce_gradients`` of the experts.
 Compared (fp32): every step's mean loss, and at the end every dense parameter, the router and each expert of the
-reference against the rank that holds it (every rank that holds it). Also: one step with a balancing bias gives the
-bias of the reference's global counts on every rank (the counts summed over both copies), and an EP size that does
-not divide the world is a ValueError. Last, the example script runs under ``torch.distributed.run`` on 2 ranks.
+reference against the rank that holds it (every rank that holds it). Also: one step of two accumulated
+micro-batches under DDP at EP 2 x 2 with a balancing bias gives the reference's parameters, each copy's own token
+counts (DDP's buffer broadcast must not replace them by rank 0's) and, on every rank, the bias of the reference's
+global counts (summed over both copies); an EP size that does not divide the world is a ValueError. Last, the
+example script runs under ``torch.distributed.run`` on 2 ranks.
 """
 from __future__ import annotations
 
@@ -164,7 +166,8 @@ def test_recipes_train_like_the_unconverted_model() -> None:
     assert sorted(e for res in per_rank[:2] for _, e in res[(2, "a")]["experts"]) == [0, 0, 1, 1, 2, 2, 3, 3]
     # Training moved every kind of parameter far beyond the tolerance: the comparison is not of a frozen model.
     init = dict(tiny_model("mixtral", E).named_parameters())
-    moved = {kind: max(float((p.detach() - init[n].detach()).abs().max()) for n, p in ref.named_parameters() if kind in n)
+    moved = {kind: max(float((p.detach() - init[n].detach()).abs().max())
+                       for n, p in ref.named_parameters() if kind in n)
              for kind in (".self_attn.", ".gate.", ".experts.")}
     assert min(moved.values()) > 1e-2, moved
 
@@ -201,7 +204,8 @@ def test_example_runs_under_torchrun(tmp_path) -> None:  # type: ignore[no-untyp
     save, monitor = tmp_path / "model", tmp_path / "load.jsonl"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "examples/train_hf_torchrun.py", "--steps", "3", "--ddp", "--save", str(save), "--load-log", str(monitor)]
+               "examples/train_hf_torchrun.py", "--steps", "3", "--ddp", "--save", str(save),
+               "--load-log", str(monitor)]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
