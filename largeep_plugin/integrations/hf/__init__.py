@@ -3,12 +3,15 @@
     convert_model(model, ep_group=None, placement=None, allow_colocate=False, **overrides)   in place
     from_pretrained(path, ep_group=None, ...)   builds, converts, then reads only this rank's experts
     save_pretrained(model, path)                a checkpoint plain transformers loads (rank 0 writes)
+    parallel_groups(ep_size), wrap_ddp(model), expert_parameters(model)   training with torchrun (training.py)
 
 Files: families.py (the registry of supported blocks), block.py (the replacement block and its router-logits tap),
-weights.py (the weight mapping), convert.py, checkpoint.py.
+weights.py (the weight mapping), convert.py, checkpoint.py, training.py (plain PyTorch: groups, DDP).
 """
 from .checkpoint import from_pretrained, save_pretrained
 from .convert import convert_model
 from .families import FAMILIES
+from .training import ParallelGroups, ddp_ignored_names, expert_parameters, parallel_groups, wrap_ddp
 
-__all__ = ["FAMILIES", "convert_model", "from_pretrained", "save_pretrained"]
+__all__ = ["FAMILIES", "ParallelGroups", "convert_model", "ddp_ignored_names", "expert_parameters", "from_pretrained",
+           "parallel_groups", "save_pretrained", "wrap_ddp"]
