@@ -5,7 +5,7 @@ The reference is the same model unconverted under plain ``deepspeed.initialize``
 section, the same tokens per rank (different on every rank: real data parallelism) and the same seed; the
 balancing-bias rate is 0 for the parity runs so that routing cannot drift. Checked:
     * ZeRO 2, ten steps, Mixtral and DeepSeek-V3 (shared expert, group-limited routing, selection bias) at EP 4:
-      the per-step mean loss equals the reference's to 1e-4; ZeRO 1 (EP 4) and ZeRO 3 (EP 2 x 2 data-parallel
+      the per-step mean loss equals the reference's to 1e-4; ZeRO 0 and 1 (EP 4) and ZeRO 3 (EP 2 x 2 data-parallel
       copies: each expert partitioned over its two holders) for three steps; 8 experts colocated two per rank
       (``allow_colocate``) under ZeRO 2 for three steps;
     * the bias (rate > 0, two gradient-accumulation micro-steps per step, EP 2 x 2 copies) stays put after a
@@ -13,7 +13,7 @@ balancing-bias rate is 0 for the parity runs so that routing cannot drift. Check
       monitor's JSONL file gets one record per step and layer;
     * checkpoint: two steps, ``engine.save_checkpoint``, a fresh engine built from other weights
       ``load_checkpoint``s it: every parameter and the bias equal, the next step's loss equal, one file per layer
-      and expert (every rank's experts), and the same with colocated experts;
+      and expert (every rank's experts); the same with colocated experts, and under ZeRO 3 (EP 2 x 2 copies);
     * errors: a model-defining key in the section, more ranks than experts, colocation without the opt-in (in the
       world); a misspelt section name and ``"expert_parallel"`` with ``"large_ep"`` (before any rank starts).
 """
@@ -85,17 +85,21 @@ def _parity(family: str, experts: int, stage: int, steps: int, section: dict) ->
 
 
 def _state(engine) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in list(engine.module.named_parameters()) +
-            list(engine.module.named_buffers())}
+    """Every parameter (whole, also under ZeRO 3) and buffer of the engine's model."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    params = list(engine.module.named_parameters())
+    with GatheredParameters([p for _, p in params]):
+        return {k: v.detach().clone() for k, v in params + list(engine.module.named_buffers())}
 
 
-def _checkpoint(rank: int, ckpt_dir: str, experts: int, section: dict) -> dict:
+def _checkpoint(rank: int, ckpt_dir: str, experts: int, section: dict, stage: int = 2) -> dict:
     """Two steps, save; a fresh engine from other weights loads; compare every tensor and the next loss."""
-    trained = _engine("mixtral", experts, 2, section)
+    trained = _engine("mixtral", experts, stage, section)
     _losses(trained, rank, 2)
     trained.save_checkpoint(ckpt_dir, tag="t")
     saved = _state(trained)
-    fresh = _engine("mixtral", experts, 2, section, seed=7)
+    fresh = _engine("mixtral", experts, stage, section, seed=7)
     before = _state(fresh)
     fresh.load_checkpoint(ckpt_dir, tag="t")
     after = _state(fresh)
@@ -153,6 +157,7 @@ def _world(rank: int, world: int, tmp: str) -> dict:
     out = {
         "mixtral_z2": _parity("mixtral", WORLD, 2, 10, auto),
         "deepseek_z2": _parity("deepseek_v3", WORLD, 2, 10, auto),
+        "mixtral_z0": _parity("mixtral", WORLD, 0, 3, auto),
         "mixtral_z1": _parity("mixtral", WORLD, 1, 3, auto),
         "mixtral_z3_copies": _parity("mixtral", 2, 3, 3, auto),  # EP 2, two data-parallel copies
         "colocated_z2": _parity("mixtral", 8, 2, 3, dict(auto, ep_size=WORLD, allow_colocate=True)),
@@ -163,6 +168,9 @@ def _world(rank: int, world: int, tmp: str) -> dict:
     out["ckpt"] = _checkpoint(rank, os.path.join(tmp, "ckpt"), WORLD, dict(auto, **rate))
     out["ckpt_colocated"] = _checkpoint(rank, os.path.join(tmp, "ckpt8"), 8,
                                         dict(auto, ep_size=WORLD, allow_colocate=True, **rate))
+    # ZeRO 3, EP 2 x 2 copies, two experts per rank: each expert partitioned over its two holders.
+    out["ckpt_z3"] = _checkpoint(rank, os.path.join(tmp, "ckpt_z3"), WORLD,
+                                 dict(auto, ep_size=2, allow_colocate=True, **rate), stage=3)
     return out
 
 
@@ -178,7 +186,8 @@ def results(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("case", ["mixtral_z2", "deepseek_z2", "mixtral_z1", "mixtral_z3_copies", "colocated_z2"])
+@pytest.mark.parametrize("case", ["mixtral_z2", "deepseek_z2", "mixtral_z0", "mixtral_z1", "mixtral_z3_copies",
+                                  "colocated_z2"])
 def test_losses_equal_the_unconverted_model(results, case):
     r = results[0][case]
     ref, conv = r["reference"], r["converted"]
@@ -208,7 +217,7 @@ def test_bias_moves_after_real_steps_only_and_the_same_everywhere(results):
     assert all(sum(r["counts"]) == 2 * BATCH * SEQ * 2 for r in records)
 
 
-@pytest.mark.parametrize("case,experts", [("ckpt", WORLD), ("ckpt_colocated", 8)])
+@pytest.mark.parametrize("case,experts", [("ckpt", WORLD), ("ckpt_colocated", 8), ("ckpt_z3", WORLD)])
 def test_checkpoint_round_trip(results, case, experts):
     for r in results:
         c = r[case]
@@ -216,6 +225,9 @@ def test_checkpoint_round_trip(results, case, experts):
         assert any(".moe.expert" in k for k in c["differs_before"]) and c["unequal_after"] == [], c
         assert c["next"][0] == pytest.approx(c["next"][1], abs=1e-6)
     files = results[0][case]["files"]
+    if case == "ckpt_z3":  # the engine sees no MoE module: every rank's shard (experts included) in its own file
+        assert sum(f.endswith("_optim_states.pt") and f.startswith("zero_pp_rank_") for f in files) == WORLD
+        return
     for layer in range(2):
         assert [e for e in range(experts) if f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" in files] == \
             list(range(experts))

@@ -140,8 +140,8 @@ def _layout(num_experts: int, section: LargeEPSection, ep_group: ProcessGroup,
     if num_experts > ep:
         if placement is not None:
             raise NotImplementedError(f"{SECTION}.placement with {num_experts} experts on {where}: a placement "
-                                      "file places one expert per rank; give ep_size={num_experts}")
-        if not section.allow_colocate:
+                                      f"file places one expert per rank; give ep_size={num_experts}")
+        if not section.allow_colocate and ep > 1:  # EP 1: holding every expert is the only layout there is
             raise ValueError(f"{num_experts} experts per block on {where}: several experts per rank needs "
                              f"\"{SECTION}\": {{\"allow_colocate\": true}} (or ep_size={num_experts})")
     return placement_for(num_experts, ep_group, placement, section.allow_colocate)
