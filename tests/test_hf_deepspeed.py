@@ -14,6 +14,11 @@ balancing-bias rate is 0 for the parity runs so that routing cannot drift. Check
     * checkpoint: two steps, ``engine.save_checkpoint``, a fresh engine built from other weights
       ``load_checkpoint``s it: every parameter and the bias equal, the next step's loss equal, one file per layer
       and expert (every rank's experts); the same with colocated experts, and under ZeRO 3 (EP 2 x 2 copies);
+    * the section's placement (a 2 x 2 topology and a skewed load file): a permutation of the experts, the same
+      losses, and checkpoint file ``layer_0_expert_<e>`` holds expert e whichever rank holds it;
+    * optimizer groups built on the unconverted model follow the conversion (router and experts where the Hugging
+      Face tensors they are read from were, experts split into DeepSpeed's MoE group; a tensor read from two
+      groups is an error);
     * errors: a model-defining key in the section, more ranks than experts, colocation without the opt-in (in the
       world); a misspelt section name and ``"expert_parallel"`` with ``"large_ep"`` (before any rank starts).
 """
@@ -133,6 +138,48 @@ def _bias_steps(rank: int, world: int, jsonl: str) -> dict:
     return {"biases": biases, "steps": engine.global_steps}
 
 
+def _placed(rank: int, ckpt_dir: str, files: dict) -> dict:
+    """The section's placement files (2 nodes x 2 GPUs, two hot experts): parity, and the per-expert checkpoint
+    file of expert e holds expert e whichever rank holds it."""
+    engine = _engine("mixtral", WORLD, 2, {"enabled": True, "ep_size": "auto", "placement": files,
+                                            "load_balance": {"bias_update_rate": 0.0}})
+    out = {"reference": _losses(_engine("mixtral", WORLD, 2, None), rank, 3), "converted": _losses(engine, rank, 3)}
+    engine.save_checkpoint(ckpt_dir, tag="p")
+    moe = engine.module.model.layers[0].mlp.moe
+    saved = torch.load(os.path.join(ckpt_dir, "p", f"layer_0_expert_{moe.expert_id}_mp_rank_00_model_states.pt"),
+                       weights_only=False)
+    on_disk = next(v for k, v in saved.items() if k.endswith(f"deepspeed_experts.{moe.expert_id}.fc1.weight"))
+    return dict(out, expert_id=moe.expert_id, file_holds_it=torch.equal(on_disk, moe.expert.fc1.weight))
+
+
+def _param_groups() -> dict:
+    """Optimizer groups built on the unconverted model follow the conversion (no engine needed)."""
+    from largeep_plugin.integrations.deepspeed.engine import _moe_param_groups, ensure_expert_groups
+    from largeep_plugin.integrations.deepspeed.hf_blocks import convert_hf_blocks
+    from largeep_plugin.integrations.section.config import parse_large_ep_section
+
+    section = parse_large_ep_section({"enabled": True, "ep_size": WORLD})
+    out = {}
+    for family in ("mixtral", "deepseek_v3"):
+        model = tiny_model(family, WORLD)
+        named = list(model.named_parameters())
+        # The MoE blocks' tensors in a group of their own learning rate; the shared expert's up projection apart.
+        split = [n for n, _ in named if ".mlp." in n and not n.endswith("shared_experts.up_proj.weight")]
+        groups = [{"params": [p for n, p in named if n in split], "lr": 0.5},
+                  {"params": [p for n, p in named if n not in split]}]
+        mapping = convert_hf_blocks(model, section, {}, ensure_expert_groups(WORLD), None, 2)
+        try:
+            result = _moe_param_groups(groups, mapping, model)
+        except ValueError as e:
+            out[family] = str(e)
+            continue
+        names = {id(p): n for n, p in model.named_parameters()}
+        out[family] = [(g.get("lr"), bool(g.get("moe")), sorted(names[id(p)].split(".", 3)[-1] for p in g["params"]))
+                       for g in result]
+        out[family + "_covered"] = sorted(id(p) for g in result for p in g["params"]) == sorted(names)
+    return out
+
+
 def _errors() -> dict[str, str]:
     out = {}
     cases = {
@@ -149,7 +196,7 @@ def _errors() -> dict[str, str]:
     return out
 
 
-def _world(rank: int, world: int, tmp: str) -> dict:
+def _world(rank: int, world: int, tmp: str, files: dict) -> dict:
     from largeep_plugin.integrations.deepspeed.engine import init_deepspeed_comm
 
     init_deepspeed_comm()
@@ -162,7 +209,9 @@ def _world(rank: int, world: int, tmp: str) -> dict:
         "mixtral_z3_copies": _parity("mixtral", 2, 3, 3, auto),  # EP 2, two data-parallel copies
         "colocated_z2": _parity("mixtral", 8, 2, 3, dict(auto, ep_size=WORLD, allow_colocate=True)),
     }
+    out["placed"] = _placed(rank, os.path.join(tmp, "ckpt_placed"), files)
     out["errors"] = _errors()
+    out["param_groups"] = _param_groups()
     out["bias"] = _bias_steps(rank, world, os.path.join(tmp, "load.jsonl"))
     rate = {"load_balance": {"bias_update_rate": 0.01}}
     out["ckpt"] = _checkpoint(rank, os.path.join(tmp, "ckpt"), WORLD, dict(auto, **rate))
@@ -180,8 +229,15 @@ def results(tmp_path_factory):
     from largeep_plugin.integrations.deepspeed.engine import load_deepspeed_ops_before_fork
 
     load_deepspeed_ops_before_fork()
-    tmp = str(tmp_path_factory.mktemp("hf_ds"))
-    out = run_world(_world, WORLD, args=(tmp,), timeout=600)
+    tmp = tmp_path_factory.mktemp("hf_ds")
+    (tmp / "topology.yaml").write_text(
+        "name: synthetic\nnodes: 2\ngpus_per_node: 2\ngpu_memory_gib: 80\n"
+        "intra_node: {bandwidth_gbytes_per_s: 450, latency_us: 1}\n"
+        "inter_node: {bandwidth_gbytes_per_s: 50, latency_us: 5}\n")
+    (tmp / "load.json").write_text(json.dumps({"tokens_per_expert": [10, 9, 1, 1]}))
+    files = {"topology_file": str(tmp / "topology.yaml"), "load_file": str(tmp / "load.json")}
+    tmp = str(tmp)
+    out = run_world(_world, WORLD, args=(tmp, files), timeout=600)
     out[0]["tmp"] = tmp
     return out
 
@@ -197,6 +253,14 @@ def test_losses_equal_the_unconverted_model(results, case):
     stage3 = case.endswith("z3_copies")
     assert r["moe_module"] is not stage3
     assert r["blocks"] == ["LargeEPHFBlock" if stage3 else "LargeEPDeepSpeedHFBlock"]
+
+
+def test_placement_from_the_section(results):
+    r = results[0]["placed"]
+    assert max(abs(a - b) for a, b in zip(r["reference"], r["converted"])) < 1e-4, r
+    held = [res["placed"]["expert_id"] for res in results]
+    assert sorted(held) == list(range(WORLD)) and held != list(range(WORLD)), held  # a real permutation
+    assert all(res["placed"]["file_holds_it"] for res in results)
 
 
 def test_bias_moves_after_real_steps_only_and_the_same_everywhere(results):
@@ -231,6 +295,20 @@ def test_checkpoint_round_trip(results, case, experts):
     for layer in range(2):
         assert [e for e in range(experts) if f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" in files] == \
             list(range(experts))
+
+
+def test_parameter_groups_follow_the_conversion(results):
+    r = results[0]["param_groups"]
+    assert r["mixtral_covered"]
+    (lr_a, moe_a, a), (lr_b, moe_b, b), (lr_e, moe_e, e) = r["mixtral"]
+    # Router and layer norms stay where the Hugging Face router was; the experts split off into the MoE group
+    # with the learning rate of the group that held experts.gate_up_proj / down_proj.
+    assert (lr_a, moe_a, lr_b, moe_b, lr_e, moe_e) == (0.5, False, None, False, 0.5, True)
+    assert set(a) == {"mlp.moe.router.weight"} and len(a) == 2  # two layers
+    assert sorted(set(e)) == ["mlp.moe.expert.fc1.weight", "mlp.moe.expert.fc2.weight"] and len(e) == 4
+    assert not any(n.startswith("mlp.") for n in b)
+    # DeepSeek's shared expert: gate and up projections become one tensor, but the groups split them.
+    assert r["deepseek_v3"].startswith("parameter groups 0 and 1 both hold a tensor"), r["deepseek_v3"]
 
 
 def test_errors_in_the_world(results):

@@ -9,14 +9,17 @@ With ``"large_ep": {"enabled": true, "ep_size": 16, ...}`` in the config (see ``
    ``ep_size_<N>`` (so the engine and the large-EP layers share one group layout);
 2. converts every ``deepspeed.moe.layer.MoE`` of the model into a ``LargeEPDeepSpeedMoE`` keeping its weights
    (gate -> router, expert e -> rank e of its EP group, or where ``placement.topology_file`` plans it:
-   ``integrations/deepspeed/placement.py``), see ``integrations/deepspeed/convert.py``;
-3. maps ``model_parameters`` (parameters or parameter groups built on the stock model) onto the converted
-   parameters and splits them into DeepSpeed's MoE parameter groups (needed by ZeRO stages 1 and 2);
+   ``integrations/deepspeed/placement.py``), see ``integrations/deepspeed/convert.py``; or, for a Hugging Face
+   model, every MoE block of a registered family through ``largeep_plugin.hf.convert_model``, made what the
+   engine needs at the config's ZeRO stage (``integrations/deepspeed/hf_blocks.py``);
+3. maps ``model_parameters`` (parameters or parameter groups built on the unconverted model) onto the converted
+   parameters and splits them into DeepSpeed's MoE parameter groups (needed by ZeRO stages 1 to 3);
 4. calls ``deepspeed.initialize`` and hooks the optimizer so that every optimizer step is followed by the
    balancing-bias update of each layer (and a monitor record, when configured).
 
 Without the section, or with ``"enabled": false``, it calls ``deepspeed.initialize`` with exactly the arguments
-it was given: the model stays stock. The section is parsed strictly either way.
+it was given: the model stays stock. The section is parsed strictly either way, and a top-level key that looks
+like a misspelt ``"large_ep"`` (or ``"large_ep"`` with AutoEP's ``"expert_parallel"``) is an error.
 """
 from __future__ import annotations
 
