@@ -5,9 +5,10 @@ The reference is the same model unconverted under plain ``deepspeed.initialize``
 section, the same tokens per rank (different on every rank: real data parallelism) and the same seed; the
 balancing-bias rate is 0 for the parity runs so that routing cannot drift. Checked:
     * ZeRO 2, ten steps, Mixtral and DeepSeek-V3 (shared expert, group-limited routing, selection bias) at EP 4:
-      the per-step mean loss equals the reference's to 1e-4; ZeRO 0 and 1 (EP 4) and ZeRO 3 (EP 2 x 2 data-parallel
-      copies: each expert partitioned over its two holders) for three steps; 8 experts colocated two per rank
-      (``allow_colocate``) under ZeRO 2 for three steps;
+      the per-step mean loss equals the reference's to 1e-4; for three steps: gpt-oss (router and expert biases)
+      and Qwen2-MoE (gated shared expert) under ZeRO 2, Mixtral under ZeRO 0 and 1 (EP 4) and ZeRO 3 (EP 2 x 2
+      data-parallel copies: each expert partitioned over its two holders), 8 experts colocated two per rank
+      (``allow_colocate``) under ZeRO 2;
     * the bias (rate > 0, two gradient-accumulation micro-steps per step, EP 2 x 2 copies) stays put after a
       micro-step, moves after the real step, identically on every rank (counts summed over the copies); the
       monitor's JSONL file gets one record per step and layer;
@@ -204,6 +205,8 @@ def _world(rank: int, world: int, tmp: str, files: dict) -> dict:
     out = {
         "mixtral_z2": _parity("mixtral", WORLD, 2, 10, auto),
         "deepseek_z2": _parity("deepseek_v3", WORLD, 2, 10, auto),
+        "gpt_oss_z2": _parity("gpt_oss", WORLD, 2, 3, auto),
+        "qwen2_moe_z2": _parity("qwen2_moe", WORLD, 2, 3, auto),
         "mixtral_z0": _parity("mixtral", WORLD, 0, 3, auto),
         "mixtral_z1": _parity("mixtral", WORLD, 1, 3, auto),
         "mixtral_z3_copies": _parity("mixtral", 2, 3, 3, auto),  # EP 2, two data-parallel copies
@@ -242,8 +245,8 @@ def results(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("case", ["mixtral_z2", "deepseek_z2", "mixtral_z0", "mixtral_z1", "mixtral_z3_copies",
-                                  "colocated_z2"])
+@pytest.mark.parametrize("case", ["mixtral_z2", "deepseek_z2", "gpt_oss_z2", "qwen2_moe_z2", "mixtral_z0",
+                                  "mixtral_z1", "mixtral_z3_copies", "colocated_z2"])
 def test_losses_equal_the_unconverted_model(results, case):
     r = results[0][case]
     ref, conv = r["reference"], r["converted"]
