@@ -453,7 +453,11 @@ def moe_layers(model: nn.Module) -> Iterator[tuple[str, LargeEPMoE]]:
 def update_expert_biases(model: nn.Module, dp_group: ProcessGroup | None = None) -> int:
     """Apply the bias update of every large-EP layer in ``model``, after the optimizer step (``dp_group``: see
     ``update_expert_bias``; one all_reduce for all layers); returns how many layers were updated."""
-    layers = [layer for _, layer in moe_layers(model)]
+    return update_layer_biases([layer for _, layer in moe_layers(model)], dp_group)
+
+
+def update_layer_biases(layers: list[LargeEPMoE], dp_group: ProcessGroup | None = None) -> int:
+    """``update_expert_biases`` for a list of layers that share ``dp_group``."""
     n = apply_bias_updates([layer.router.expert_bias for layer in layers],
                            [layer.tokens_per_expert_since_update for layer in layers],
                            [layer.config.bias_update_rate for layer in layers], dp_group)

@@ -3,6 +3,7 @@
 
     engine.py      initialize, the bias-update and monitor hooks on the engine
     convert.py     stock ``deepspeed.moe.layer.MoE`` -> large-EP layers the engine still treats as MoE
+    hf_blocks.py   Hugging Face MoE blocks (``largeep_plugin.hf``) made what the engine needs at each ZeRO stage
     placement.py   the section's placement and node layout under DeepSpeed's expert groups; checkpoint names
     stock.py       stand-in: stock DeepSpeed MoE with the plugin's seeded weights, the benchmarks' baseline
 """

@@ -19,7 +19,10 @@ So the converted layer, ``LargeEPDeepSpeedMoE``, *is* a ``MoE`` subclass that ho
       deepspeed_moe.experts.deepspeed_experts.0.fc1.weight  expert [F, H]          (per-expert file)
       deepspeed_moe.experts.deepspeed_experts.0.fc2.weight  expert [H, F]          (per-expert file)
 
-  (the bias must not have "expert" in its name, or the engine would file it as an expert parameter).
+  (the bias must not have "expert" in its name, or the engine would file it as an expert parameter; for the same
+  reason a shared expert is ``deepspeed_moe.shared_mlp.*`` and its gate ``deepspeed_moe.shared_mlp_gate.*``, and
+  colocated experts are ``deepspeed_moe.experts.deepspeed_experts.<slot>.*``). ``tag_expert_params``,
+  ``use_stock_names`` and ``check_engine_group`` also serve the Hugging Face blocks (``hf_blocks.py``).
 """
 from __future__ import annotations
 
@@ -38,14 +41,9 @@ from largeep_plugin.layer.experts import is_gated
 from largeep_plugin.layer.moe_layer import LargeEPMoE
 from largeep_plugin.placement.plan import Placement
 from largeep_plugin.layer.process_groups import ExpertProcessGroups
-from largeep_plugin.integrations.section.config import LargeEPSection
+from largeep_plugin.integrations.section.config import LargeEPSection, layer_fields
 
-# (internal name inside the LargeEPDeepSpeedMoE, stock-layout name in its state dict); prefixes first match wins.
-_RENAMES = (
-    ("deepspeed_moe.router.weight", "deepspeed_moe.gate.wg.weight"),
-    ("deepspeed_moe.router.expert_bias", "deepspeed_moe.gate.selection_bias"),
-    ("deepspeed_moe.expert.", "deepspeed_moe.experts.deepspeed_experts.0."),
-)
+STOCK_PREFIX = "deepspeed_moe."  # where the engine's checkpoint code looks for a layer's tensors
 
 ExpertConverter = Callable[[nn.Module], tuple[str, dict[str, torch.Tensor]]]
 """``converter(stock_expert) -> (activation, ExpertMLP state dict)`` for experts the default cannot read. Values
@@ -69,22 +67,12 @@ class LargeEPDeepSpeedMoE(MoE):
         self.num_experts = layer.config.num_experts
         self.num_local_experts = 1
         self.deepspeed_moe = layer
-        for p in layer.expert.parameters():
-            p.allreduce = False
-            p.group_name = self.expert_group_name
-        self.register_state_dict_post_hook(_to_stock_names)
-        self.register_load_state_dict_pre_hook(_from_stock_names)
+        tag_expert_params(layer, self.expert_group_name)
+        use_stock_names(self, "deepspeed_moe", layer)
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by the engine. The EP group was made before conversion; check the engine sees the same one."""
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            raise RuntimeError(
-                f"DeepSpeed has no expert-parallel group {self.expert_group_name!r}: build large-EP layers through "
-                "largeep_plugin.integrations.deepspeed.engine.initialize, which creates it before converting"
-            )
-        engine_group = groups._get_expert_parallel_group(self.expert_group_name)
-        if group_size(engine_group) != self.ep_size or group_rank(engine_group) != self.deepspeed_moe.ep_rank:
-            raise RuntimeError(f"DeepSpeed's group {self.expert_group_name!r} differs from the layer's EP group")
+        check_engine_group(self.expert_group_name, self.deepspeed_moe)
 
     def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None):  # type: ignore[override]
         if used_token is not None:
@@ -93,26 +81,63 @@ class LargeEPDeepSpeedMoE(MoE):
         return y, aux, self.deepspeed_moe.last_stats.tokens_per_expert_E
 
 
-def _rename(key: str, prefix: str, pairs: tuple[tuple[str, str], ...]) -> str:
-    for old, new in pairs:
-        if key.startswith(prefix + old):
-            return prefix + new + key[len(prefix + old):]
-    return key
+def check_engine_group(group_name: str, layer: LargeEPMoE) -> None:
+    """RuntimeError unless DeepSpeed's expert-parallel group ``group_name`` is ``layer``'s EP group (size and rank)."""
+    if group_name not in groups._get_expert_parallel_group_dict():
+        raise RuntimeError(
+            f"DeepSpeed has no expert-parallel group {group_name!r}: build large-EP layers through "
+            "largeep_plugin.integrations.deepspeed.engine.initialize, which creates it before converting"
+        )
+    engine_group = groups._get_expert_parallel_group(group_name)
+    if group_size(engine_group) != layer.ep_size or group_rank(engine_group) != layer.ep_rank:
+        raise RuntimeError(f"DeepSpeed's group {group_name!r} differs from the layer's EP group")
 
 
-def _to_stock_names(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        new = _rename(key, prefix, _RENAMES)
-        if new != key:
-            state_dict[new] = state_dict.pop(key)
+def tag_expert_params(layer: LargeEPMoE, group_name: str) -> None:
+    """What DeepSpeed's engine reads off an expert parameter: ``allreduce = False`` (not averaged over the data-
+    parallel group) and ``group_name`` (its expert-data-parallel group ``ep_size_N``)."""
+    for _, expert in layer.local_experts():
+        for p in expert.parameters():
+            p.allreduce = False
+            p.group_name = group_name
 
 
-def _from_stock_names(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-    back = tuple((new, old) for old, new in _RENAMES)
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        old = _rename(key, prefix, back)
-        if old != key:
-            state_dict[old] = state_dict.pop(key)
+def _stock_renames(layer: LargeEPMoE) -> tuple[tuple[str, str], ...]:
+    """(name inside the ``LargeEPMoE``, name in the stock layout under ``deepspeed_moe.``); first match wins.
+    The engine files every key of an MoE module with "expert" in it (but the gate's ``wg.weight``) as an expert
+    tensor: the bias and a shared expert must lose the word, the experts get the stock per-expert names."""
+    experts = ("experts.", "experts.deepspeed_experts.") if layer.colocated else \
+        ("expert.", "experts.deepspeed_experts.0.")
+    return (("router.weight", "gate.wg.weight"), ("router.expert_bias", "gate.selection_bias"), experts,
+            ("shared_expert_gate.", "shared_mlp_gate."), ("shared_expert.", "shared_mlp."))
+
+
+def _rename(key: str, old: str, new: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    """``old + a`` -> ``new + b`` for the first pair (a, b) whose a starts the rest of the key; other keys under
+    ``old`` just move under ``new``."""
+    rest = key[len(old):]
+    for a, b in pairs:
+        if rest.startswith(a):
+            return new + b + rest[len(a):]
+    return new + rest
+
+
+def use_stock_names(module: nn.Module, attr: str, layer: LargeEPMoE) -> None:
+    """Give ``module`` (which holds ``layer`` as ``module.<attr>``) a state dict in the stock layout the engine's
+    checkpoint code parses (the module docstring), and load that layout back."""
+    to_stock = _stock_renames(layer)
+    back = tuple((b, a) for a, b in to_stock)
+
+    def save_hook(_module: nn.Module, state_dict: dict, prefix: str, _local_metadata: dict) -> None:
+        for key in [k for k in state_dict if k.startswith(f"{prefix}{attr}.")]:
+            state_dict[_rename(key, f"{prefix}{attr}.", prefix + STOCK_PREFIX, to_stock)] = state_dict.pop(key)
+
+    def load_hook(_module: nn.Module, state_dict: dict, prefix: str, *_args: object) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix + STOCK_PREFIX)]:
+            state_dict[_rename(key, prefix + STOCK_PREFIX, f"{prefix}{attr}.", back)] = state_dict.pop(key)
+
+    module.register_state_dict_post_hook(save_hook)
+    module.register_load_state_dict_pre_hook(load_hook)
 
 
 # ---- conversion ----------------------------------------------------------------------------------------------
@@ -202,24 +227,18 @@ def convert_stock_layer(
     stock_params = {k: v for k, v in expert_state.items() if isinstance(v, nn.Parameter)}
     if placement is not None and stock.ep_size == ep_size:
         expert_state = _fetch_expert(expert_state, expert_id, ep_group)
-    top_k = section.top_k if section.top_k is not None else _stock_top_k(stock)
+    fields = dict(layer_fields(section))
+    top_k = fields.setdefault("top_k", _stock_top_k(stock))
     fc1_rows = expert_state["fc1.weight"].shape[0]
     cfg = LargeEPConfig(
         hidden_size=gate_weight.shape[1],
         ffn_hidden_size=fc1_rows // 2 if is_gated(activation) else fc1_rows,
         num_experts=stock.num_experts,
-        top_k=top_k,
         activation=activation,
-        score_function=section.score_function,
         # DeepSpeed's top-1 gate weights the expert by its raw probability; top-2 and top-k renormalise.
         normalize_topk=top_k > 1,
-        capacity_factor=section.capacity_factor,
-        bias_update_rate=section.load_balance.bias_update_rate,
-        aux_loss_coeff=section.load_balance.aux_loss_coeff,
-        z_loss_coeff=section.load_balance.z_loss_coeff,
-        overlap_chunks=section.overlap.chunks,
-        dispatch=section.overlap.dispatch,
         linear_bias="fc1.bias" in expert_state,
+        **fields,
     )
     layer = LargeEPMoE(cfg, ep_group, placement=placement, ranks_per_node=ranks_per_node, expert_groups=expert_groups)
     with torch.no_grad():

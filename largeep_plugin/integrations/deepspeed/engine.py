@@ -9,14 +9,17 @@ With ``"large_ep": {"enabled": true, "ep_size": 16, ...}`` in the config (see ``
    ``ep_size_<N>`` (so the engine and the large-EP layers share one group layout);
 2. converts every ``deepspeed.moe.layer.MoE`` of the model into a ``LargeEPDeepSpeedMoE`` keeping its weights
    (gate -> router, expert e -> rank e of its EP group, or where ``placement.topology_file`` plans it:
-   ``integrations/deepspeed/placement.py``), see ``integrations/deepspeed/convert.py``;
-3. maps ``model_parameters`` (parameters or parameter groups built on the stock model) onto the converted
-   parameters and splits them into DeepSpeed's MoE parameter groups (needed by ZeRO stages 1 and 2);
+   ``integrations/deepspeed/placement.py``), see ``integrations/deepspeed/convert.py``; or, for a Hugging Face
+   model, every MoE block of a registered family through ``largeep_plugin.hf.convert_model``, made what the
+   engine needs at the config's ZeRO stage (``integrations/deepspeed/hf_blocks.py``);
+3. maps ``model_parameters`` (parameters or parameter groups built on the unconverted model) onto the converted
+   parameters and splits them into DeepSpeed's MoE parameter groups (needed by ZeRO stages 1 to 3);
 4. calls ``deepspeed.initialize`` and hooks the optimizer so that every optimizer step is followed by the
    balancing-bias update of each layer (and a monitor record, when configured).
 
 Without the section, or with ``"enabled": false``, it calls ``deepspeed.initialize`` with exactly the arguments
-it was given: the model stays stock. The section is parsed strictly either way.
+it was given: the model stays stock. The section is parsed strictly either way, and a top-level key that looks
+like a misspelt ``"large_ep"`` (or ``"large_ep"`` with AutoEP's ``"expert_parallel"``) is an error.
 """
 from __future__ import annotations
 
@@ -35,25 +38,42 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
 
-from largeep_plugin.layer.load_balance import LoadMonitor, apply_bias_updates
-from largeep_plugin.layer.moe_layer import moe_layers
+from largeep_plugin.layer.load_balance import LoadMonitor
+from largeep_plugin.layer.moe_layer import LargeEPMoE, moe_layers, update_layer_biases
 from largeep_plugin.placement.plan import Placement
-from largeep_plugin.integrations.section.config import (AUTO, SECTION, LargeEPSection, load_ds_config,
-                                                        parse_large_ep_section, resolve_ep_size)
+from largeep_plugin.integrations.hf.families import supported_names
+from largeep_plugin.integrations.section.config import (AUTO, SECTION, LargeEPSection, check_top_level_keys,
+                                                        load_ds_config, parse_large_ep_section, resolve_ep_size)
 from .convert import ExpertConverter, LargeEPDeepSpeedMoE, convert_moe_layers
+from .hf_blocks import convert_hf_blocks, hf_moe_blocks, hf_routing
 from .placement import (deepspeed_expert_groups, hook_checkpoint_names, plan_section_placement,
                                   resolve_ranks_per_node)
 
 __all__ = ["initialize", "LargeEPDeepSpeedMoE", "large_ep_section", "update_large_ep_biases"]
 
 
+def _ds_config(args: Any, config: Any) -> dict[str, Any]:
+    """The config ``deepspeed.initialize`` would use (``config``, else ``args.deepspeed_config``); {} for none."""
+    source = config if config is not None else getattr(args, "deepspeed_config", None)
+    return {} if source is None else load_ds_config(source)
+
+
+def deepspeed_top_level_keys() -> set[str]:
+    """DeepSpeed's own top-level config keys (the constants its config parser reads)."""
+    from deepspeed.runtime import config as ds_config, constants
+
+    return {v for module in (constants, ds_config) for k, v in vars(module).items()
+            if k.isupper() and isinstance(v, str)}
+
+
 def large_ep_section(args: Any = None, config: Any = None) -> LargeEPSection:
     """The parsed ``"large_ep"`` section of the config ``deepspeed.initialize`` would use (``config``, else
-    ``args.deepspeed_config``); disabled when there is no config or no section."""
-    source = config if config is not None else getattr(args, "deepspeed_config", None)
-    if source is None:
-        return LargeEPSection()
-    return parse_large_ep_section(load_ds_config(source).get(SECTION))
+    ``args.deepspeed_config``); disabled when there is no config or no section. A top-level key that looks like a
+    misspelt ``"large_ep"``, or ``"large_ep"`` together with AutoEP's ``"expert_parallel"``, is a ValueError
+    (``section/config.py``, ``check_top_level_keys``)."""
+    raw = _ds_config(args, config)
+    check_top_level_keys(raw, deepspeed_top_level_keys())
+    return parse_large_ep_section(raw.get(SECTION))
 
 
 def initialize(
@@ -68,9 +88,12 @@ def initialize(
 ) -> tuple[Any, ...]:
     """``deepspeed.initialize`` with the large-EP conversion when the config's ``"large_ep"`` section enables it.
 
+    Converts the model's stock ``deepspeed.moe.layer.MoE`` layers (``convert.py``) or its Hugging Face MoE
+    blocks (``hf_blocks.py``: the families of ``largeep_plugin.hf``); a model with both kinds is refused.
+
     Args:
         args, model, optimizer, model_parameters, config, **kwargs: as for ``deepspeed.initialize``.
-        expert_converter: reads experts the default converter cannot (see ``deepspeed_convert.ExpertConverter``).
+        expert_converter: reads stock experts the default converter cannot (see ``convert.ExpertConverter``).
     Returns:
         what ``deepspeed.initialize`` returns: (engine, optimizer, training_dataloader, lr_scheduler).
     """
@@ -81,15 +104,25 @@ def initialize(
     if model is None:
         raise ValueError("large_ep.enabled is true but no model was given to initialize")
     _check_monitor(section)
-    section = _resolve_section(model, section)
+    raw = _ds_config(args, config)
+    hf = bool(hf_moe_blocks(model))
+    num_experts, top_k = _routing(model, hf)
+    section = _resolve_section(section, num_experts)
     # Planned before any group or collective, identically on every rank (pure function of the files).
-    placement = _section_placement(model, section)
+    placement = _section_placement(section, num_experts, top_k)
     ranks_per_node = resolve_ranks_per_node(section, placement)
-    raw = load_ds_config(config if config is not None else args.deepspeed_config)
     ep_group = ensure_expert_groups(section.ep_size, bool(raw.get("use_data_before_expert_parallel_", False)))
-    expert_groups = None if placement is None else deepspeed_expert_groups(placement, ep_group, section.group_name)
-    mapping = convert_moe_layers(model, section, ep_group, expert_converter=expert_converter, placement=placement,
-                                 ranks_per_node=ranks_per_node, expert_groups=expert_groups)
+    if hf:
+        mapping = convert_hf_blocks(model, section, raw.get(SECTION), ep_group, placement, _zero_stage(raw),
+                                    ranks_per_node=ranks_per_node)
+        # Under ZeRO 3 the engine sees no MoE module and would not split the expert groups off itself.
+        model_parameters = list(model.parameters()) if model_parameters is None else model_parameters
+    else:
+        expert_groups = None if placement is None else deepspeed_expert_groups(placement, ep_group,
+                                                                                section.group_name)
+        mapping = convert_moe_layers(model, section, ep_group, expert_converter=expert_converter,
+                                     placement=placement, ranks_per_node=ranks_per_node,
+                                     expert_groups=expert_groups)
     if model_parameters is not None:
         model_parameters = _moe_param_groups(model_parameters, mapping, model)
     outputs = deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
@@ -103,36 +136,51 @@ def initialize(
     return outputs
 
 
+def _zero_stage(raw: dict[str, Any]) -> int:
+    zero = raw.get("zero_optimization", {})
+    return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
+
+
 def _stock_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE) and not isinstance(m, LargeEPDeepSpeedMoE)]
 
 
-def _resolve_section(model: nn.Module, section: LargeEPSection) -> LargeEPSection:
-    """The section with ``ep_size`` an integer for this world and this model's expert count; an ``"auto"`` is
+def _routing(model: nn.Module, hf: bool) -> tuple[int | None, int | None]:
+    """(experts per layer, top k) of what ``initialize`` converts (None, None when the stock layers differ);
+    ValueError when the model has nothing to convert, NotImplementedError when it has both kinds."""
+    stock = _stock_layers(model)
+    if hf and stock:
+        raise NotImplementedError("the model holds both deepspeed.moe.layer.MoE layers and Hugging Face MoE blocks: "
+                                  "large_ep converts one kind per model")
+    if hf:
+        return hf_routing(model)  # type: ignore[return-value]
+    if not stock:
+        raise ValueError("large_ep.enabled is true but the model has no deepspeed.moe.layer.MoE layer and no "
+                         f"supported Hugging Face MoE block to convert (supported: {', '.join(supported_names())})")
+    counts = {m.num_experts for m in stock}
+    return (counts.pop() if len(counts) == 1 else None), int(stock[0].deepspeed_moe.gate.k)
+
+
+def _resolve_section(section: LargeEPSection, num_experts: int | None) -> LargeEPSection:
+    """The section with ``ep_size`` an integer for this world and the model's expert count; an ``"auto"`` is
     logged once, by rank 0, so a run's output says which EP size it got."""
     init_deepspeed_comm()
     world = dist.get_world_size()
-    counts = {m.num_experts for m in _stock_layers(model)}
-    ep = resolve_ep_size(section, world, counts.pop() if len(counts) == 1 else None)
+    ep = resolve_ep_size(section, world, num_experts)
     if section.ep_size == AUTO and dist.get_rank() == 0:
         print(f"largeep: {SECTION}.ep_size=\"{AUTO}\" -> {ep} (world size {world}, data-parallel copies {world // ep})",
               file=sys.stderr, flush=True)
     return dataclasses.replace(section, ep_size=ep)
 
 
-def _section_placement(model: nn.Module, section: LargeEPSection) -> Placement | None:
-    """The section's placement for the model's stock MoE layers (None without a topology file)."""
+def _section_placement(section: LargeEPSection, num_experts: int | None, top_k: int | None) -> Placement | None:
+    """The section's placement for the model's MoE layers (None without a topology file)."""
     if section.placement.topology_file is None and section.placement.load_file is None:
         return None
-    stock = _stock_layers(model)
-    if not stock:
-        return None  # convert_moe_layers names the problem
-    counts = sorted({m.num_experts for m in stock})
-    if len(counts) > 1:
-        raise NotImplementedError(f"the MoE layers have different expert counts {counts}: one placement cannot "
-                                  "serve them all")
-    top_k = section.top_k if section.top_k is not None else int(stock[0].deepspeed_moe.gate.k)
-    return plan_section_placement(section, counts[0], top_k)
+    if num_experts is None:
+        raise NotImplementedError("the MoE layers have different expert counts: one placement cannot serve them all")
+    k = section.top_k if section.top_k is not None else top_k
+    return plan_section_placement(section, num_experts, k)
 
 
 def ensure_expert_groups(ep_size: int, use_data_before_expert_parallel: bool = False) -> dist.ProcessGroup:
@@ -193,22 +241,32 @@ def load_deepspeed_ops_before_fork() -> None:
         build_shm_op()
 
 
-def _moe_param_groups(model_parameters: Any, mapping: dict[int, nn.Parameter], model: nn.Module) -> list[dict]:
-    """Follow the conversion in the caller's parameters (a list of parameters or of groups), drop parameters the
-    model no longer has, and split the expert parameters into DeepSpeed's MoE groups."""
+def _moe_param_groups(model_parameters: Any, mapping: dict[int, nn.Parameter | list[nn.Parameter]],
+                      model: nn.Module) -> list[dict]:
+    """Follow the conversion in the caller's parameters (a list of parameters or of groups): each converted
+    parameter (``mapping``: ``{id(old parameter): the new one, or the new ones read from it}``) goes where the
+    parameters it was read from were, parameters the model no longer has are dropped; then split the expert
+    parameters into DeepSpeed's MoE groups."""
     alive = {id(p) for p in model.parameters()}
+    placed: dict[int, int] = {}  # converted parameter -> the group it went to
 
-    def follow(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    def follow(params: Iterable[nn.Parameter], index: int) -> list[nn.Parameter]:
         out = []
         for p in params:
-            p = mapping.get(id(p), p)
-            if id(p) in alive:
-                out.append(p)
+            new = mapping.get(id(p), p)
+            for q in new if isinstance(new, list) else [new]:
+                if id(q) not in alive or placed.get(id(q)) == index:
+                    continue
+                if id(q) in placed:
+                    raise ValueError(f"parameter groups {placed[id(q)]} and {index} both hold a tensor that one "
+                                     f"converted parameter {tuple(q.shape)} is read from: put them in one group")
+                placed[id(q)] = index
+                out.append(q)
         return out
 
     items = list(model_parameters)
     if all(isinstance(g, dict) for g in items) and items:
-        param_groups = [{**g, "params": follow(g["params"])} for g in items]
+        param_groups = [{**g, "params": follow(g["params"], i)} for i, g in enumerate(items)]
         already_split = any(g.get("moe") for g in param_groups)
         for i, g in enumerate(param_groups):
             g.setdefault("name", f"group{i}")
@@ -223,7 +281,7 @@ def _moe_param_groups(model_parameters: Any, mapping: dict[int, nn.Parameter], m
     elif any(isinstance(g, dict) for g in items):
         raise ValueError("model_parameters mixes parameter groups (dicts) and bare parameters")
     else:
-        param_groups = [{"params": follow(items), "name": "params"}]
+        param_groups = [{"params": follow(items, 0), "name": "params"}]
     return split_params_into_different_moe_groups_for_optimizer(param_groups)
 
 
@@ -240,18 +298,14 @@ def _check_monitor(section: LargeEPSection) -> None:
 
 @torch.no_grad()
 def update_large_ep_biases(model: nn.Module) -> int:
-    """The balancing-bias update of every large-EP layer of ``model``, with counts summed over the expert-data-
-    parallel replicas as well, so that every replica of the model applies the same bias. Returns the layer count."""
-    by_group: dict[str, list[Any]] = {}
-    for _, module in model.named_modules():
-        if isinstance(module, LargeEPDeepSpeedMoE):
-            by_group.setdefault(module.expert_group_name, []).append(module.deepspeed_moe)
-    for name, layers in by_group.items():
-        apply_bias_updates([layer.router.expert_bias for layer in layers],
-                           [layer.tokens_per_expert_since_update for layer in layers],
-                           [layer.config.bias_update_rate for layer in layers],
-                           groups._get_expert_data_parallel_group(name))
-    return sum(len(layers) for layers in by_group.values())
+    """The balancing-bias update of every large-EP layer of ``model`` (converted stock layers and Hugging Face
+    blocks alike), with counts summed over the expert-data-parallel replicas as well, so that every replica of the
+    model applies the same bias. Returns the layer count."""
+    by_group: dict[str, list[LargeEPMoE]] = {}
+    for _, layer in moe_layers(model):
+        by_group.setdefault(f"ep_size_{layer.ep_size}", []).append(layer)
+    return sum(update_layer_biases(layers, groups._get_expert_data_parallel_group(name))
+               for name, layers in by_group.items())
 
 
 def _hook_bias_updates(engine: Any, section: LargeEPSection) -> None:

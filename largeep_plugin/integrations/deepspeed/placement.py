@@ -89,19 +89,20 @@ def resolve_ranks_per_node(section: LargeEPSection, placement: Placement | None,
 
 
 def deepspeed_expert_groups(placement: Placement, ep_group: dist.ProcessGroup, group_name: str) -> ExpertProcessGroups:
-    """The layers' view of DeepSpeed's groups for a one-copy-per-expert placement: the EP group, and as each
-    expert's data-parallel group DeepSpeed's expert-data-parallel group (the same EP rank, hence the same expert,
-    in every copy). Passing it to ``LargeEPMoE`` avoids building a second set of groups."""
+    """The layers' view of DeepSpeed's groups for a placement with one copy of every expert (one expert per rank,
+    or several when colocated): the EP group, and as the data-parallel group of each expert this rank holds
+    DeepSpeed's expert-data-parallel group (the same EP rank, hence the same experts, in every copy). Passing it to
+    ``LargeEPMoE`` avoids building a second set of groups."""
     rank = dist.get_rank()
     ep_ranks = tuple(dist.get_process_group_ranks(ep_group))
-    expert = placement.rank_to_expert[ep_ranks.index(rank)]
+    held = placement.rank_to_experts[ep_ranks.index(rank)]
     edp = groups._get_expert_data_parallel_group(group_name)
     edp_ranks = tuple(sorted(dist.get_process_group_ranks(edp)))
     edp_group = edp if len(edp_ranks) > 1 else None
     return ExpertProcessGroups(
         placement=placement, rank=rank, ep_ranks=ep_ranks, ep_group=ep_group, expert_tp_group=None,
-        expert_dp_groups={expert: edp_group}, expert_dp_ranks={expert: edp_ranks},
-        replica_groups={expert: edp_group}, replica_ranks={expert: edp_ranks},
+        expert_dp_groups={e: edp_group for e in held}, expert_dp_ranks={e: edp_ranks for e in held},
+        replica_groups={e: edp_group for e in held}, replica_ranks={e: edp_ranks for e in held},
     )
 
 

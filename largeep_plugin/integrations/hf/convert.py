@@ -20,6 +20,7 @@ import torch.nn as nn
 from largeep_plugin.layer.comm import ProcessGroup, group_size
 from largeep_plugin.layer.config import LargeEPConfig
 from largeep_plugin.layer.moe_layer import LargeEPMoE
+from largeep_plugin.layer.process_groups import ExpertProcessGroups
 from largeep_plugin.placement.plan import Placement, plan_placement
 from largeep_plugin.placement.topology import Topology
 
@@ -84,13 +85,14 @@ def _block_reader(block: nn.Module) -> Reader:
 
 def build_block(block: nn.Module, family: Family, hidden_act: str, ep_group: ProcessGroup | None,
                 placement: Placement | None, allow_colocate: bool, overrides: dict[str, Any],
-                read: Reader | None) -> LargeEPHFBlock:
+                read: Reader | None, expert_groups: ExpertProcessGroups | None = None,
+                ranks_per_node: int | None = None) -> LargeEPHFBlock:
     """The large-EP block for ``block``; weights read with ``read`` (None: keep the fresh initialisation)."""
     config = LargeEPConfig(**family.config_of(block, hidden_act), **overrides)
     where = placement_for(config.num_experts, ep_group, placement, allow_colocate)
     router = getattr(block, family.router)
     like = router.weight
-    moe = LargeEPMoE(config, ep_group, placement=where)
+    moe = LargeEPMoE(config, ep_group, placement=where, expert_groups=expert_groups, ranks_per_node=ranks_per_node)
     moe.to(dtype=like.dtype, device=like.device if like.device.type != "meta" else None)
     if read is not None:
         load_block_weights(moe, family, read)
@@ -98,7 +100,8 @@ def build_block(block: nn.Module, family: Family, hidden_act: str, ep_group: Pro
 
 
 def convert_model(model: nn.Module, ep_group: ProcessGroup | None = None, placement: Placement | None = None,
-                  allow_colocate: bool = False, **overrides: Any) -> nn.Module:
+                  allow_colocate: bool = False, expert_groups: ExpertProcessGroups | None = None,
+                  ranks_per_node: int | None = None, **overrides: Any) -> nn.Module:
     """Replace every supported MoE block of ``model`` in place; returns ``model``.
 
     Args:
@@ -106,17 +109,24 @@ def convert_model(model: nn.Module, ep_group: ProcessGroup | None = None, placem
         ep_group: the expert-parallel group (None: the default group, or one process without torch.distributed).
         placement: which rank holds which expert (default: see the module docstring); the same for every block.
         allow_colocate: allow several experts per rank when the blocks have more experts than ranks.
+        expert_groups: the groups expert gradients are summed over, for every block (see ``LargeEPMoE``; None: each
+            block builds its own when the world holds several copies of the EP group). The DeepSpeed adapter
+            passes DeepSpeed's expert-data-parallel groups.
+        ranks_per_node: ranks of one node, consecutive in the EP group, for ``dispatch="hierarchical"`` (see
+            ``LargeEPMoE``).
         overrides: plugin-only ``LargeEPConfig`` fields (``bias_update_rate``, ``capacity_factor``,
             ``overlap_chunks``, ``dispatch``, ``aux_loss_coeff``...). A model-defining or unknown name: ValueError.
     Raises:
         NotImplementedError: an MoE-looking block of an unregistered class, or a block setting we cannot express.
     """
     check_overrides(overrides)
-    return _convert(model, ep_group, placement, allow_colocate, overrides, load=True)
+    return _convert(model, ep_group, placement, allow_colocate, overrides, load=True, expert_groups=expert_groups,
+                    ranks_per_node=ranks_per_node)
 
 
 def _convert(model: nn.Module, ep_group: ProcessGroup | None, placement: Placement | None, allow_colocate: bool,
-             overrides: dict[str, Any], load: bool) -> nn.Module:
+             overrides: dict[str, Any], load: bool, expert_groups: ExpertProcessGroups | None = None,
+             ranks_per_node: int | None = None) -> nn.Module:
     targets: list[tuple[nn.Module, str, nn.Module, Family]] = []
     for parent_name, parent in model.named_modules():
         for name, child in parent.named_children():
@@ -133,6 +143,6 @@ def _convert(model: nn.Module, ep_group: ProcessGroup | None, placement: Placeme
     for parent, name, block, family in targets:
         read = _block_reader(block) if load else None
         setattr(parent, name, build_block(block, family, hidden_act, ep_group, placement, allow_colocate,
-                                          overrides, read))
+                                          overrides, read, expert_groups, ranks_per_node))
         del block  # the Hugging Face experts go with it (the other ranks' experts are never kept)
     return model

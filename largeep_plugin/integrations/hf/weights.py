@@ -25,16 +25,34 @@ def _expert_prefix(moe: LargeEPMoE, slot: int) -> str:
     return f"experts.{slot}." if moe.colocated else "expert."
 
 
+def expert_sources(family: Family) -> dict[str, str]:
+    """An expert's ``ExpertMLP`` tensor -> the fused Hugging Face tensor [E, ...] whose row it comes from."""
+    out = {"fc1.weight": "experts.gate_up_proj", "fc2.weight": "experts.down_proj"}
+    if family.interleaved:
+        out.update({"fc1.bias": "experts.gate_up_proj_bias", "fc2.bias": "experts.down_proj_bias"})
+    return out
+
+
 def expert_from_hf(family: Family, read: Reader, expert_id: int) -> dict[str, torch.Tensor]:
     """One expert's ``ExpertMLP`` state (fc1 [2F, H] gate rows first, fc2 [H, F], biases) from the fused tensors."""
-    gate_up, down = read("experts.gate_up_proj", expert_id), read("experts.down_proj", expert_id)
+    rows = {ours: read(theirs, expert_id) for ours, theirs in expert_sources(family).items()}
     if not family.interleaved:
-        return {"fc1.weight": gate_up, "fc2.weight": down}   # already our layout
+        return rows   # already our layout
     # gpt-oss: [H, 2F] with gate and up in alternate columns, [F, H]: transpose, gate columns first.
-    bias = read("experts.gate_up_proj_bias", expert_id)
+    gate_up, bias = rows["fc1.weight"], rows["fc1.bias"]
     return {"fc1.weight": torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], dim=1).t(),
             "fc1.bias": torch.cat([bias[0::2], bias[1::2]]),
-            "fc2.weight": down.t(), "fc2.bias": read("experts.down_proj_bias", expert_id)}
+            "fc2.weight": rows["fc2.weight"].t(), "fc2.bias": rows["fc2.bias"]}
+
+
+def tensor_sources(moe: LargeEPMoE, family: Family) -> dict[str, tuple[str, ...]]:
+    """Every tensor of ``moe`` read from the Hugging Face block -> the block's tensors it comes from (this rank's
+    experts from rows of the fused ones): what lets optimizer groups built on the unconverted model follow."""
+    out = dense_sources(family)
+    for slot, _ in enumerate(moe.local_experts()):
+        for ours, theirs in expert_sources(family).items():
+            out[_expert_prefix(moe, slot) + ours] = (theirs,)
+    return out
 
 
 def experts_to_hf(family: Family, experts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -42,8 +42,8 @@ from typing import Any, Callable, Mapping
 
 from largeep_plugin.placement.plan import Placement
 from largeep_plugin.placement.topology import load_topology
-from largeep_plugin.integrations.section.config import (AUTO, SECTION, LargeEPSection, PlacementSection, load_ds_config,
-                                                        parse_large_ep_section)
+from largeep_plugin.integrations.section.config import (AUTO, SECTION, LargeEPSection, PlacementSection, layer_fields,
+                                                        load_ds_config, parse_large_ep_section)
 from largeep_plugin.integrations.section.placement import plan_section_placement
 
 
@@ -108,18 +108,7 @@ def overrides_from_section(raw: Mapping[str, Any], section: LargeEPSection) -> d
     """``LargeEPConfig`` overrides from a parsed section; only the keys the user wrote (``raw``) count, so a
     default of the section never contradicts Megatron's arguments. (The placement files give
     ``LargeEPSettings.placement``, see ``plan_megatron_placement``.)"""
-    out: dict[str, Any] = {}
-    for key in ("top_k", "score_function", "capacity_factor"):
-        if key in raw and getattr(section, key) is not None:
-            out[key] = getattr(section, key)
-    for key in ("bias_update_rate", "aux_loss_coeff", "z_loss_coeff"):
-        if key in raw.get("load_balance", {}):
-            out[key] = getattr(section.load_balance, key)
-    if "chunks" in raw.get("overlap", {}):
-        out["overlap_chunks"] = section.overlap.chunks
-    if "dispatch" in raw.get("overlap", {}):
-        out["dispatch"] = section.overlap.dispatch
-    return out
+    return layer_fields(section, written=raw)
 
 
 def large_ep_settings(args: Any) -> LargeEPSettings:
@@ -138,6 +127,9 @@ def large_ep_settings(args: Any) -> LargeEPSettings:
     if section.data_parallel_copies is not None:
         raise ValueError(f"{SECTION}.data_parallel_copies={section.data_parallel_copies}: under Megatron-LM the "
                          "data-parallel size follows from the world size and Megatron's parallel sizes; remove it")
+    if section.allow_colocate:
+        raise ValueError(f"{SECTION}.allow_colocate=true is for Hugging Face models under DeepSpeed; under "
+                         "Megatron-LM experts per rank follow --num-experts and --expert-model-parallel-size: remove it")
     raw = dict(raw or {})
     if args.large_ep and raw.get("enabled") is False:
         raise ValueError("--large-ep is given but the large_ep section says enabled=false: remove one of them")

@@ -10,6 +10,7 @@ section (never ``"expert_parallel"``: that key switches on DeepSpeed's own AutoE
         "top_k": null,                    # null: keep the stock layer's k
         "score_function": "softmax",      # "softmax" (the stock gate's) or "sigmoid"
         "capacity_factor": null,          # null: dropless
+        "allow_colocate": false,          # Hugging Face models: more experts than ep_size, several per rank
         "placement": {"topology_file": null, "load_file": null},
         "overlap": {"chunks": 1, "dispatch": "flat", "ranks_per_node": null},
         "load_balance": {"bias_update_rate": 0.001, "aux_loss_coeff": 0.0, "z_loss_coeff": 0.0},
@@ -25,16 +26,18 @@ This module does not import DeepSpeed: a config can be checked anywhere.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from largeep_plugin.layer.config import DISPATCH_KINDS, SCORE_FUNCTIONS
 from largeep_plugin.placement.files import read_json
 
 SECTION = "large_ep"
 AUTO = "auto"
+AUTOEP_SECTION = "expert_parallel"  # DeepSpeed's own AutoEP: converts the same Hugging Face blocks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +86,7 @@ class LargeEPSection:
     top_k: int | None = None
     score_function: str = "softmax"
     capacity_factor: float | None = None
+    allow_colocate: bool = False
     placement: PlacementSection = field(default_factory=PlacementSection)
     overlap: OverlapSection = field(default_factory=OverlapSection)
     load_balance: LoadBalanceSection = field(default_factory=LoadBalanceSection)
@@ -106,7 +110,7 @@ _SUBSECTIONS: dict[str, type] = {
 # Accepted JSON types per key path; None is accepted where the default is None.
 _TYPES: dict[str, tuple[type, ...]] = {
     "enabled": _BOOL, "ep_size": _INT, "data_parallel_copies": _INT, "top_k": _INT, "score_function": _STR,
-    "capacity_factor": _FLOAT,
+    "capacity_factor": _FLOAT, "allow_colocate": _BOOL,
     "placement.topology_file": _STR, "placement.load_file": _STR,
     "overlap.chunks": _INT, "overlap.dispatch": _STR, "overlap.ranks_per_node": _INT,
     "load_balance.bias_update_rate": _FLOAT, "load_balance.aux_loss_coeff": _FLOAT,
@@ -133,6 +137,54 @@ def parse_large_ep_section(section: Any) -> LargeEPSection:
 def large_ep_section_from_config(config: Any) -> LargeEPSection:
     """The parsed section of a whole DeepSpeed config: a dict, or a path to a JSON file."""
     return parse_large_ep_section(load_ds_config(config).get(SECTION))
+
+
+def check_top_level_keys(config: Mapping[str, Any], own_keys: Collection[str] = ()) -> None:
+    """ValueError for a top-level key that is not DeepSpeed's own (``own_keys``) but close to ``"large_ep"``
+    (``"large-ep"``, ``"largeep"``, ``"large_EP"``, ``"larg_ep"``): DeepSpeed keeps unknown top-level keys without
+    a word, so a misspelt section would be a silent stock run. Also refuses ``"large_ep"`` together with an enabled
+    ``"expert_parallel"`` (DeepSpeed's AutoEP): both would convert the same MoE blocks."""
+    for key in config:
+        if not isinstance(key, str) or key == SECTION or key in own_keys:
+            continue
+        if difflib.get_close_matches(key.lower().replace("-", "_"), [SECTION], n=1, cutoff=0.8):
+            raise ValueError(f"the DeepSpeed config has a top-level key {key!r}: did you mean {SECTION!r}? "
+                             f"(DeepSpeed ignores unknown top-level keys, so the run would silently stay stock)")
+    autoep = config.get(AUTOEP_SECTION)
+    if isinstance(autoep, Mapping) and autoep.get("enabled") and parse_large_ep_section(config.get(SECTION)).enabled:
+        raise ValueError(f"the DeepSpeed config enables both {AUTOEP_SECTION!r} (DeepSpeed's AutoEP) and {SECTION!r}: "
+                         "both convert the model's MoE blocks, enable one of them")
+
+
+# The one mapping of the section onto ``LargeEPConfig``: (key path in the section, LargeEPConfig field).
+LAYER_FIELDS: tuple[tuple[str, str], ...] = (
+    ("top_k", "top_k"), ("score_function", "score_function"), ("capacity_factor", "capacity_factor"),
+    ("load_balance.bias_update_rate", "bias_update_rate"), ("load_balance.aux_loss_coeff", "aux_loss_coeff"),
+    ("load_balance.z_loss_coeff", "z_loss_coeff"), ("overlap.chunks", "overlap_chunks"),
+    ("overlap.dispatch", "dispatch"),
+)
+
+
+def layer_fields(section: LargeEPSection, written: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``LargeEPConfig`` fields the section gives (``{field: value}``; a null value, "keep the model's", is
+    left out). ``written``: the raw section; then only the keys the user wrote count, so a default of the section
+    never contradicts the model's or the framework's own settings."""
+    out: dict[str, Any] = {}
+    for path, name in LAYER_FIELDS:
+        head, _, leaf = path.rpartition(".")
+        if written is not None:
+            raw = written.get(head, {}) if head else written
+            if not isinstance(raw, Mapping) or leaf not in raw:
+                continue
+        value = getattr(getattr(section, head) if head else section, leaf)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def section_key(field_name: str) -> str:
+    """``"large_ep.<key path>"`` of a ``LargeEPConfig`` field the section sets (``LAYER_FIELDS``)."""
+    return f"{SECTION}." + next(path for path, name in LAYER_FIELDS if name == field_name)
 
 
 def resolve_ep_size(section: LargeEPSection, world_size: int, num_experts: int | None = None) -> int:
