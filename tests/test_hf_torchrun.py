@@ -90,7 +90,11 @@ def _train(rank: int, world_size: int, ep_size: int, recipe: str, steps: int, bi
             for expert_id, module in block.moe.local_experts():
                 experts[(name, expert_id)] = {k: v.clone() for k, v in module.state_dict().items()}
     dense = {name: p.detach().clone() for name, p in model.named_parameters() if not is_expert_param(p)}
-    return {"losses": losses, "dense": dense, "experts": experts, "biases": biases, "counts": counts}
+    # The conversion builds the expert groups once: every layer's copy of expert e is reduced over one group.
+    shared = (len({id(getattr(p, "expert_dp_group", None)) for p in expert_parameters(model)}),
+              len({e for _, e in experts}))
+    return {"losses": losses, "dense": dense, "experts": experts, "biases": biases, "counts": counts,
+            "groups": shared}
 
 
 def _world(rank: int, world_size: int) -> dict:
@@ -162,6 +166,8 @@ def test_recipes_train_like_the_unconverted_model() -> None:
             if errs:
                 bad[f"EP {run[0]}, recipe ({run[1]}), rank {rank}"] = errs
     assert not bad, bad
+    # With two copies, the layers share their expert groups: one per expert this rank holds, not per layer.
+    assert all(res[(2, "a")]["groups"] == (2, 2) for res in per_rank), [res[(2, "a")]["groups"] for res in per_rank]
     # Each rank held E / EP experts; together the ranks of one copy held every expert.
     assert sorted(e for res in per_rank[:2] for _, e in res[(2, "a")]["experts"]) == [0, 0, 1, 1, 2, 2, 3, 3]
     # Training moved every kind of parameter far beyond the tolerance: the comparison is not of a frozen model.

@@ -35,7 +35,7 @@ from .comm import LoadRide, ProcessGroup, group_rank, group_size
 from .config import LargeEPConfig
 from .token_exchange import TokenExchange
 from largeep_plugin.placement.plan import Placement
-from .process_groups import ExpertProcessGroups, NodeGroups, build_process_groups, ep_partition, ep_ranks_of
+from .process_groups import ExpertProcessGroups, NodeGroups, ep_ranks_of, layer_expert_groups
 from .expert_slots import rank_to_experts_of, slot_table
 from .experts import ExpertMLP, LocalExperts
 from .overlap import SideJob
@@ -214,17 +214,14 @@ class LargeEPMoE(nn.Module):
         rank, in every data-parallel copy of the EP group, that holds the same expert.
 
         Groups are needed when an expert has replicas or the world holds several copies of the EP group. They are
-        built here when not given, from the real EP groups (gathered from every rank); each layer built that way
-        creates its own groups, so for more than a few layers build them once with
-        ``process_groups.build_process_groups`` and pass ``expert_groups`` to every layer."""
+        built here when not given (``process_groups.layer_expert_groups``); each layer built that way creates its own
+        groups, so for more than a few layers build them once with ``layer_expert_groups`` and pass
+        ``expert_groups`` to every layer (``hf.convert_model`` does)."""
         my_ep_ranks = ep_ranks_of(self.ep_group)
         if expert_groups is None:
-            # Decided alike on every rank: building groups is collective.
-            replicated = placement is not None and max(placement.num_replicas) > 1
-            if not replicated and len(my_ep_ranks) == group_size(None):
+            expert_groups = layer_expert_groups(placement, self.config.num_experts, self.ep_group)
+            if expert_groups is None:
                 return  # one copy of every expert: nothing to reduce, no group to build
-            layout = placement if placement is not None else Placement.identity(self.config.num_experts)
-            expert_groups = build_process_groups(layout, ep_ranks=ep_partition(my_ep_ranks))
         elif tuple(expert_groups.ep_ranks) != tuple(my_ep_ranks):
             raise ValueError(
                 f"expert_groups were built for the EP ranks {list(expert_groups.ep_ranks)}, but this layer's "

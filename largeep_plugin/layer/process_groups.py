@@ -145,6 +145,20 @@ def ep_partition(my_ep_ranks: list[int]) -> list[list[int]]:
     return [list(c) for c in sorted(copies, key=min)]
 
 
+def layer_expert_groups(placement: Placement | None, num_experts: int,
+                        ep_group: dist.ProcessGroup | None) -> ExpertProcessGroups | None:
+    """The groups a layer's expert gradients are summed over, built from the real EP groups (gathered from every
+    rank; collective), or None when each expert is held once in the whole world (nothing to reduce). Decided alike
+    on every rank. Build once and pass to every layer with the same layout: each call creates new groups."""
+    my_ep_ranks = ep_ranks_of(ep_group)
+    replicated = placement is not None and max(placement.num_replicas) > 1
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if not replicated and len(my_ep_ranks) == world:
+        return None
+    layout = placement if placement is not None else Placement.identity(num_experts)
+    return build_process_groups(layout, ep_ranks=ep_partition(my_ep_ranks))
+
+
 def build_replica_groups(rank_to_experts: Sequence[Sequence[int]], ep_ranks: Sequence[Sequence[int]], *,
                          backend: str | None = None) -> dict[int, dist.ProcessGroup | None]:
     """Per expert this rank holds: the group of the ranks *of its own EP group* that hold the same expert (None

@@ -20,7 +20,7 @@ import torch.nn as nn
 from largeep_plugin.layer.comm import ProcessGroup, group_size
 from largeep_plugin.layer.config import LargeEPConfig
 from largeep_plugin.layer.moe_layer import LargeEPMoE
-from largeep_plugin.layer.process_groups import ExpertProcessGroups
+from largeep_plugin.layer.process_groups import ExpertProcessGroups, layer_expert_groups
 from largeep_plugin.placement.plan import Placement, plan_placement
 from largeep_plugin.placement.topology import Topology
 
@@ -109,9 +109,9 @@ def convert_model(model: nn.Module, ep_group: ProcessGroup | None = None, placem
         ep_group: the expert-parallel group (None: the default group, or one process without torch.distributed).
         placement: which rank holds which expert (default: see the module docstring); the same for every block.
         allow_colocate: allow several experts per rank when the blocks have more experts than ranks.
-        expert_groups: the groups expert gradients are summed over, for every block (see ``LargeEPMoE``; None: each
-            block builds its own when the world holds several copies of the EP group). The DeepSpeed adapter
-            passes DeepSpeed's expert-data-parallel groups.
+        expert_groups: the groups expert gradients are summed over, for every block (see ``LargeEPMoE``; None: built
+            once per conversion, shared by the blocks, when the world holds several copies of the EP group or
+            experts have replicas). The DeepSpeed adapter passes DeepSpeed's expert-data-parallel groups.
         ranks_per_node: ranks of one node, consecutive in the EP group, for ``dispatch="hierarchical"`` (see
             ``LargeEPMoE``).
         overrides: plugin-only ``LargeEPConfig`` fields (``bias_update_rate``, ``capacity_factor``,
@@ -140,9 +140,18 @@ def _convert(model: nn.Module, ep_group: ProcessGroup | None, placement: Placeme
                 raise NotImplementedError(f"{where}: MoE block of class {type(child).__name__} is not supported; "
                                           f"supported: {', '.join(supported_names())}")
     hidden_act = _hidden_act(model)
+    # Blocks with the same expert count share one layout: their expert groups are built once, not per block.
+    shared: dict[int, ExpertProcessGroups | None] = {}
     for parent, name, block, family in targets:
         read = _block_reader(block) if load else None
+        groups = expert_groups
+        if groups is None:
+            num_experts = int(family.config_of(block, hidden_act)["num_experts"])
+            if num_experts not in shared:
+                shared[num_experts] = layer_expert_groups(
+                    placement_for(num_experts, ep_group, placement, allow_colocate), num_experts, ep_group)
+            groups = shared[num_experts]
         setattr(parent, name, build_block(block, family, hidden_act, ep_group, placement, allow_colocate,
-                                          overrides, read, expert_groups, ranks_per_node))
+                                          overrides, read, groups, ranks_per_node))
         del block  # the Hugging Face experts go with it (the other ranks' experts are never kept)
     return model
