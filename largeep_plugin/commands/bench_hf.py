@@ -55,7 +55,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--router", choices=ROUTER_CHOICES, default="both", help="routing to run (default both)")
     p.add_argument("--variants", default="unconverted,autoep,large_ep,large_ep_replicas",
                    help="comma-separated subset (default: all four)")
-    add_model_flags(p, batch_size=2, seq_len=128, hidden_size=128, ffn_hidden_size=256, num_layers=2, num_heads=4,
+    add_model_flags(p, batch_size=8, seq_len=32, hidden_size=128, ffn_hidden_size=256, num_layers=2, num_heads=4,
                     top_k=2)
     p.add_argument("--vocab-size", type=pos, default=256, help="vocabulary (default 256)")
     p.add_argument("--skew", type=number(0.0), default=1.5,
@@ -75,7 +75,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        shorten(args, iters=1, warmup=1, record_steps=1, seq_len=32)
+        shorten(args, iters=1, warmup=1, record_steps=1, seq_len=16)
         from largeep_plugin.integrations.hf.bench import (HFBenchSettings, autoep_unavailable, check_variants,
                                                           format_table, result_json, run_hf_bench)
         from largeep_plugin.integrations.hf.bench_models import ModelSizes

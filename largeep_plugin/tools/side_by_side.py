@@ -78,7 +78,8 @@ def peak_growth_mib(run: Callable[[], Any], *, since_kib: int | None = None) -> 
 
 
 def interleaved_seconds(steps: Mapping[str, Callable[[], Any]], *, warmup: int, iters: int,
-                        on_iteration: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+                        on_iteration: Callable[[int], None] | None = None,
+                        cpu_seconds: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Seconds of every timed step of every variant, interleaved (see the module docstring); call it on every rank
     of the world (it holds barriers).
 
@@ -86,6 +87,9 @@ def interleaved_seconds(steps: Mapping[str, Callable[[], Any]], *, warmup: int, 
         steps: {variant: one step}, in the order they run within an iteration.
         warmup, iters: untimed and timed iterations.
         on_iteration: called with the number of iterations done (warm-up ones included) after each.
+        cpu_seconds: when given, filled with {variant: [iters seconds of CPU this process used in the step]}: the
+            work of this rank, whatever the waits (where ranks share cores, the wall time hides how the work is
+            spread over the ranks).
     Returns:
         {variant: [iters seconds]}
     """
@@ -98,10 +102,13 @@ def interleaved_seconds(steps: Mapping[str, Callable[[], Any]], *, warmup: int, 
     for i in range(iters):
         for v, step in steps.items():
             dist.barrier()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step()
+            cpu_end = time.process_time()
             dist.barrier()  # the step of the slowest rank is the step
             seconds[v].append(time.perf_counter() - start)
+            if cpu_seconds is not None:
+                cpu_seconds.setdefault(v, []).append(cpu_end - cpu_start)
         if on_iteration is not None:
             on_iteration(warmup + i + 1)
     return seconds

@@ -137,27 +137,29 @@ def deepspeed_config(settings: HFBenchSettings) -> dict[str, Any]:
 
 
 def replica_placement(load_E: torch.Tensor, num_ranks: int, extra_slots: int) -> Placement:
-    """Expert e on rank e plus ``extra_slots`` copies of the hot experts, at most one copy of an expert per rank.
+    """E experts and ``extra_slots`` more copies of the hot ones on ``num_ranks`` ranks, at most one copy of an
+    expert per rank.
 
     Step 1: copies per expert, by ``plan_placement`` on E + X slots of one node (one each, the spare slots
-    proportional to load), capped at one per rank. Step 2: each rank keeps expert r; the extra copies, heaviest
-    share of load first, each go to the least loaded rank that does not hold that expert yet, with room first
-    (``ceil(X / N)`` extra slots per rank).
+    proportional to load), capped at one per rank. Step 2: the copies onto ranks, largest share of load first, each
+    to the least loaded rank that does not hold that expert yet, one with room first (``ceil((E + X) / N)`` slots
+    per rank).
 
-    Args: load_E [E] tokens per expert, E == num_ranks; extra_slots X >= 1.
+    Args: load_E [E] tokens per expert; num_ranks N <= E + X; extra_slots X >= 1.
+    Returns: the placement on one node of N ranks (a token's copy of an expert is any of its ranks, evenly).
     """
     e = load_E.numel()
-    if e != num_ranks:
-        raise ValueError(f"{e} experts on {num_ranks} ranks: the replicas setup has one expert per rank")
+    if not e <= num_ranks <= e + extra_slots:
+        raise ValueError(f"{e} experts + {extra_slots} extra slots on {num_ranks} ranks: need E <= N <= E + X")
     planned = plan_placement(e, Topology.uniform(1, e + extra_slots), load=load_E)
     copies = [min(c, num_ranks) for c in planned.num_replicas]
     share = [float(load_E[x]) / copies[x] for x in range(e)]
-    held = [[r] for r in range(num_ranks)]
-    rank_load = [share[r] for r in range(num_ranks)]
-    room = 1 + math.ceil(extra_slots / num_ranks)
-    for x in sorted((x for x in range(e) for _ in range(copies[x] - 1)), key=lambda x: (-share[x], x)):
-        free = [r for r in range(num_ranks) if x not in held[r]]
-        r = min(free, key=lambda r: (len(held[r]) >= room, rank_load[r], r))
+    held: list[list[int]] = [[] for _ in range(num_ranks)]
+    rank_load = [0.0] * num_ranks
+    room = math.ceil(sum(copies) / num_ranks)
+    for x in sorted((x for x in range(e) for _ in range(copies[x])), key=lambda x: (-share[x], -copies[x], x)):
+        r = min((r for r in range(num_ranks) if x not in held[r]),
+                key=lambda r: (len(held[r]) >= room, rank_load[r], len(held[r]), r))
         held[r].append(x)
         rank_load[r] += share[x]
     return Placement(topology=Topology.uniform(1, num_ranks), num_experts=e,
@@ -277,8 +279,9 @@ def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, va
         if progress is not None:
             progress.update(i + 1, built=v)
     steps = {v: (lambda v=v: _step(built[v], ids_BS)) for v in variants}
+    out["cpu_seconds"] = {}
     out["seconds"] = interleaved_seconds(
-        steps, warmup=settings.warmup, iters=settings.iters,
+        steps, warmup=settings.warmup, iters=settings.iters, cpu_seconds=out["cpu_seconds"],
         on_iteration=None if progress is None else lambda i: progress.update(len(variants) + i, iteration=i))
     if progress is not None:
         progress.close()
@@ -331,6 +334,9 @@ def run_hf_bench(settings: HFBenchSettings, ep_sizes: list[int], routers: list[s
                     # Every rank timed the same barrier-to-barrier span; rank 0's list is the world's.
                     "tokens_per_s_per_rank": settings.sizes.tokens_per_rank / statistics.median(first["seconds"][v]),
                     "step_seconds": first["seconds"][v],
+                    # The busiest rank's CPU time per step: the step if every rank had a core of its own.
+                    "busiest_cpu_ms": 1e3 * statistics.median(max(per_iter) for per_iter in
+                                                              zip(*(r["cpu_seconds"][v] for r in per_rank))),
                     "peak_mib": max(peaks) if all(p is not None for p in peaks) else None,
                     "imbalance": world["imbalance"],
                     "rank_imbalance": first["rank_imbalance"].get(v),
@@ -352,12 +358,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         return "-" if value is None else format(value, fmt)
 
     lines = [f"{'EP':>3}  {'router':<8}{'variant':<19}{'tokens/s/rank':>14}{'vs autoep':>10}{'vs unconv':>10}"
-             f"{'peak MiB':>10}{'imbalance':>10}{'rank load':>10}"]
+             f"{'busiest CPU ms':>15}{'peak MiB':>10}{'imbalance':>10}{'rank load':>10}"]
     for r in rows:
         lines.append(f"{r['ep']:>3}  {r['router']:<8}{r['variant']:<19}{r['tokens_per_s_per_rank']:>14,.0f}"
                      f"{num(r['vs_autoep'], '.2f') + 'x' if r['vs_autoep'] else '-':>10}"
                      f"{num(r['vs_unconverted'], '.2f') + 'x' if r['vs_unconverted'] else '-':>10}"
-                     f"{num(r['peak_mib'], '.1f'):>10}{num(r['imbalance'], '.2f'):>10}"
+                     f"{r['busiest_cpu_ms']:>15.1f}{num(r['peak_mib'], '.1f'):>10}{num(r['imbalance'], '.2f'):>10}"
                      f"{num(r['rank_imbalance'], '.2f'):>10}")
     return "\n".join(lines)
 

@@ -51,8 +51,8 @@ class ModelSizes:
     num_layers: int = 2
     num_heads: int = 4
     vocab_size: int = 256
-    seq_len: int = 128
-    batch_size: int = 2
+    seq_len: int = 32
+    batch_size: int = 8
     top_k: int = 2
 
     def __post_init__(self) -> None:
