@@ -15,7 +15,7 @@ DeepSpeed config (ZeRO stage 1, AdamW). One step = forward + backward + optimize
     large_ep_replicas   large-EP with E + X expert slots (--replica-slots X, default one more per rank): the extra
                         copies go to the hot experts, planned by plan_placement from the load large_ep recorded
                         over its first steps (--record-steps)
-Routers: uniform (no expert favoured) and skewed (the first quarter of the experts favoured by --skew standard
+Routers: uniform (no expert favoured) and skewed (the last quarter of the experts favoured by --skew standard
 deviations; printed: the measured max / mean tokens per expert).
 
 Timing: the variants interleaved in one world per (EP, router), --warmup untimed steps, the median of --iters

@@ -14,7 +14,7 @@ Routers (``set_router``): the input of an MoE block has a mean direction m (atte
 router's rows have random shares along it that favour some experts for every token. ``"uniform"`` removes them
 (every router row orthogonal to m): tokens choose by what is their own. ``"skewed"`` first gives every token
 embedding a shared direction (as long as a typical embedding row), then aligns the rows of the hot experts
-(``hot_experts``: the first quarter, at least one) with m so that their logits rise by ``skew`` standard deviations
+(``hot_experts``: the last quarter, at least one) with m so that their logits rise by ``skew`` standard deviations
 for every token, and they get more of the tokens. A pure function of the seed: every variant and every rank builds
 the same weights.
 """
@@ -125,8 +125,9 @@ def bench_config(family: str, num_experts: int, sizes: ModelSizes) -> Any:
 
 
 def hot_experts(num_experts: int) -> list[int]:
-    """The experts the skewed router favours: the first quarter, at least one."""
-    return list(range(max(1, num_experts // 4)))
+    """The experts the skewed router favours: the last quarter, at least one (not the lowest ids, which win the
+    ties of a planner that knew nothing of the load)."""
+    return list(range(num_experts - max(1, num_experts // 4), num_experts))
 
 
 def moe_routers(model: nn.Module) -> list[nn.Module]:
