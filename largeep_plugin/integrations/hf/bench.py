@@ -60,7 +60,8 @@ class HFBenchSettings:
         sizes: the model's sizes and the tokens per rank.
         skew: how far the skewed router lifts the hot experts' logits (standard deviations).
         replica_slots: X, the extra expert slots of ``large_ep_replicas`` (None: one per rank, X = N).
-        record_steps: steps of ``large_ep`` whose load the replicas are planned from (its first steps).
+        record_steps: the first steps of every variant, before the timed ones; the replicas are planned from the
+            load ``large_ep`` recorded over its own.
         warmup, iters: untimed and timed interleaved steps per variant.
         seed: seed of the weights and the tokens.
         lr: AdamW's learning rate (small: the routing stays as built).
@@ -233,14 +234,44 @@ def _build(variant: str, settings: HFBenchSettings, router: str, ep_size: int, p
     return _Variant(engine, after_backward=lambda: reduce_expert_gradients(engine.module.parameters()))
 
 
-def _summed_load(model: nn.Module) -> torch.Tensor:
-    """int64 [E] tokens per expert of the latest forward, summed over the model's MoE layers (global counts)."""
-    return sum(s.tokens_per_expert_E for s in load_stats(model).values())
+def _summed_load(model: nn.Module) -> torch.Tensor | None:
+    """int64 [E] tokens per expert of the latest forward, summed over the model's large-EP layers (global counts);
+    None for a model without any."""
+    stats = load_stats(model)
+    return sum(s.tokens_per_expert_E for s in stats.values()) if stats else None
+
+
+def _first_steps(build: Callable[[], _Variant], ids_BS: torch.Tensor,
+                 steps: int) -> tuple[_Variant, float | None, float, torch.Tensor | None]:
+    """Build a variant and take its first ``steps`` steps: every variant takes the same steps, so they train alike.
+
+    Returns the variant, its peak memory growth (MiB) from before the build through the first step, the first
+    step's loss, and (large-EP) the load summed over the steps and layers."""
+    base = resident_kib()
+    variant = build()
+    losses: list[torch.Tensor] = []
+    peak = peak_growth_mib(lambda: losses.append(_step(variant, ids_BS)), since_kib=base)
+    load_E = _summed_load(variant.engine.module)
+    for _ in range(steps - 1):
+        _step(variant, ids_BS)
+        if load_E is not None:
+            load_E = load_E + _summed_load(variant.engine.module)
+    return variant, peak, float(losses[0]), load_E
+
+
+def _routing_facts(load_E: torch.Tensor, placement: Placement, model: nn.Module) -> dict[str, Any]:
+    """What the recorded load says: the load, each layer's imbalance in the last step, the replicas' placement,
+    and the planned max / mean load per rank of each variant."""
+    one_each = Placement.identity(load_E.numel()).figures(load_E).gpu_imbalance
+    return {"load": load_E.tolist(), "layer_imbalance": [s.imbalance for s in load_stats(model).values()],
+            "replicas": [list(h) for h in placement.rank_to_experts], "copies": placement.num_replicas,
+            "rank_imbalance": {"unconverted": 1.0, "autoep": one_each, "large_ep": one_each,
+                               "large_ep_replicas": placement.figures(load_E).gpu_imbalance}}
 
 
 def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, variants: list[str]) -> dict[str, Any]:
     """Build every variant (measuring its memory), record ``large_ep``'s load and plan the replicas from it, then
-    time the variants interleaved. Returns this rank's seconds, memory, first losses and the routing facts."""
+    time the variants interleaved. Returns this rank's seconds, memory, losses and the routing facts."""
     import deepspeed
 
     from largeep_plugin.integrations.deepspeed.engine import init_deepspeed_comm
@@ -256,32 +287,24 @@ def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, va
     minimal = dataclasses.replace(settings.sizes, hidden_size=4 * settings.sizes.num_heads, ffn_hidden_size=4)
     _step(_build("unconverted", dataclasses.replace(settings, sizes=minimal), router, world, None), ids_BS)
     built: dict[str, _Variant] = {}
-    out: dict[str, Any] = {"peak_mib": {}, "first_loss": {}, "rank_imbalance": {"unconverted": 1.0}}
-    load_E, placement = None, None
+    out: dict[str, Any] = {"peak_mib": {}, "first_loss": {}, "last_loss": {}, "cpu_seconds": {}}
+    placement = None
     for i, v in enumerate(variants):
-        base = resident_kib()
-        built[v] = _build(v, settings, router, world, placement if v == "large_ep_replicas" else None)
-        losses: list[torch.Tensor] = []
-        out["peak_mib"][v] = peak_growth_mib(lambda: losses.append(_step(built[v], ids_BS)), since_kib=base)
-        out["first_loss"][v] = float(losses[0])
+        built[v], out["peak_mib"][v], out["first_loss"][v], load_E = _first_steps(
+            lambda: _build(v, settings, router, world, placement if v == "large_ep_replicas" else None), ids_BS,
+            settings.record_steps)
         if v == "large_ep":
-            load_E = _summed_load(built[v].engine.module).clone()
-            for _ in range(settings.record_steps - 1):
-                _step(built[v], ids_BS)
-                load_E += _summed_load(built[v].engine.module)
-            layers = [s.imbalance for s in load_stats(built[v].engine.module).values()]
             placement = replica_placement(load_E, world, extra)
-            out.update(load=load_E.tolist(), layer_imbalance=layers, replicas=[list(h) for h in placement.rank_to_experts],
-                       copies=placement.num_replicas)
-            out["rank_imbalance"].update(autoep=Placement.identity(world).figures(load_E).gpu_imbalance,
-                                         large_ep=Placement.identity(world).figures(load_E).gpu_imbalance,
-                                         large_ep_replicas=placement.figures(load_E).gpu_imbalance)
+            out.update(_routing_facts(load_E, placement, built[v].engine.module))
         if progress is not None:
             progress.update(i + 1, built=v)
-    steps = {v: (lambda v=v: _step(built[v], ids_BS)) for v in variants}
-    out["cpu_seconds"] = {}
+
+    def step(v: str) -> None:
+        out["last_loss"][v] = float(_step(built[v], ids_BS))
+
     out["seconds"] = interleaved_seconds(
-        steps, warmup=settings.warmup, iters=settings.iters, cpu_seconds=out["cpu_seconds"],
+        {v: (lambda v=v: step(v)) for v in variants}, warmup=settings.warmup, iters=settings.iters,
+        cpu_seconds=out["cpu_seconds"],
         on_iteration=None if progress is None else lambda i: progress.update(len(variants) + i, iteration=i))
     if progress is not None:
         progress.close()
@@ -339,8 +362,9 @@ def run_hf_bench(settings: HFBenchSettings, ep_sizes: list[int], routers: list[s
                                                               zip(*(r["cpu_seconds"][v] for r in per_rank))),
                     "peak_mib": max(peaks) if all(p is not None for p in peaks) else None,
                     "imbalance": world["imbalance"],
-                    "rank_imbalance": first["rank_imbalance"].get(v),
+                    "rank_imbalance": first.get("rank_imbalance", {}).get(v),
                     "first_loss": statistics.fmean(r["first_loss"][v] for r in per_rank),
+                    "last_loss": statistics.fmean(r["last_loss"][v] for r in per_rank),
                 })
             by = {r["variant"]: r["tokens_per_s_per_rank"] for r in group}
             for r in group:
