@@ -5,7 +5,8 @@
     save_pretrained(model, path)                a checkpoint plain transformers loads (rank 0 writes)
 
 Files: families.py (the registry of supported blocks), block.py (the replacement block and its router-logits tap),
-weights.py (the weight mapping), convert.py, checkpoint.py.
+weights.py (the weight mapping), convert.py, checkpoint.py; bench.py and bench_models.py serve ``largeep bench hf``
+(they import DeepSpeed too, and nothing here imports them).
 """
 from .checkpoint import from_pretrained, save_pretrained
 from .convert import convert_model

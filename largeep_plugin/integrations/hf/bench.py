@@ -19,7 +19,9 @@ engine does not do itself: so every variant runs with ``"managed_gradient_accumu
 reduces gradients in ``step()``, not at the end of ``backward()``), the same config for all.
 
 Timing: the variants are interleaved in one world (``tools/side_by_side.py``), after ``warmup`` untimed steps;
-the median of ``iters`` timed steps counts. Memory: the peak growth of a rank's resident set from before the
+the median of ``iters`` timed steps counts; also the busiest rank's CPU time per step, the step if every rank had
+a core of its own (where ranks share cores, a rank that waits gives its core to the others, which hides the
+imbalance a GPU step would show). Memory: the peak growth of a rank's resident set from before the
 variant's model is built through its first step (weights, gradients, optimizer state, activations), the largest
 over the ranks. A small learning rate keeps the routing as built for the whole run.
 """
