@@ -101,3 +101,12 @@ def test_bad_family_and_flags_are_clear_errors(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit) as exc:  # argparse: before any rank starts
         main(["bench", "hf", "--router", "zipf", "--out", "unused"])
     assert exc.value.code == 2 and "argument --router: invalid choice: 'zipf'" in capsys.readouterr().err
+
+
+def test_autoep_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    assert "no preset for gpt_oss" in autoep_unavailable("gpt_oss") and "olmoe" in autoep_unavailable("olmoe")
+    monkeypatch.setattr(transformers, "__version__", "5.23.0")
+    reason = autoep_unavailable("mixtral")
+    assert reason is not None and "transformers 5.23.0" in reason and "5.22.2" in reason

@@ -62,7 +62,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="skewed router: hot experts' logits raised by this many standard deviations (default 1.5)")
     p.add_argument("--replica-slots", type=pos, default=None,
                    help="extra expert slots of large_ep_replicas (default: one per rank)")
-    p.add_argument("--record-steps", type=pos, default=2, help="large_ep steps the replicas are planned from (default 2)")
+    p.add_argument("--record-steps", type=pos, default=2, help="first steps of every variant, before the timed ones; the replicas are planned from large_ep's load over them (default 2)")
     p.add_argument("--warmup", type=nonneg, default=2, help="untimed steps per variant (default 2)")
     p.add_argument("--iters", type=pos, default=5, help="timed steps per variant (default 5)")
     p.add_argument("--seed", type=nonneg, default=0, help="seed of the weights and the tokens (default 0)")
