@@ -3,6 +3,7 @@
     largeep bench overlap          # flat vs hierarchical, overlap off vs 2/4/8 chunks, on the emulated cluster
     largeep bench layer            # one MoE layer: stock DeepSpeed MoE vs large-EP vs ideal, on CPU ranks
     largeep bench count-exchange   # host time per forward of the count exchange at EP 256 and 1024
+    largeep bench hf               # a Hugging Face MoE model: unconverted, AutoEP, large-EP, large-EP + replicas
 
 A benchmark module exposes ``add_parser(subparsers) -> ArgumentParser`` and ``run(args) -> int``, like a
 subcommand; add its name to ``_BENCHES`` (one line) to register it.
@@ -20,6 +21,7 @@ _BENCHES = (
     "overlap",
     "layer",
     "count_exchange",
+    "hf",
 )
 
 

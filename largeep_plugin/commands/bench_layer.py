@@ -15,14 +15,13 @@ the routing's imbalance and the stock layer's padding; written: JSON and a PNG c
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from typing import Any
 
 from largeep_plugin.tools.docs_quick import shorten
-from largeep_plugin.tools.layer_bench import (ALL_VARIANTS, VARIANTS, LayerBenchSettings, format_table, plot, result_json,
+from largeep_plugin.tools.layer_bench import (ALL_VARIANTS, VARIANTS, LayerBenchSettings, format_table, result_json,
                                               run_layer_bench)
+from largeep_plugin.tools.side_by_side import write_json_and_chart
 from .flags import int_at_least, int_list, number
 
 
@@ -94,13 +93,9 @@ def stock_builder(variants: list[str]) -> Any:
 def write_outputs(directory: str, settings: LayerBenchSettings, rows: list[dict[str, Any]], title: str,
                   stem: str = "layer_bench") -> list[str]:
     """``<stem>.json`` and ``<stem>.png`` in ``directory``; returns their paths."""
-    os.makedirs(directory, exist_ok=True)
-    json_path = os.path.join(directory, f"{stem}.json")
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(result_json(settings, rows), f, indent=1)
-    png_path = os.path.join(directory, f"{stem}.png")
-    plot(rows, png_path, title)
-    return [json_path, png_path]
+    order = sorted(rows, key=lambda r: (r["ep"], ALL_VARIANTS.index(r["variant"])))
+    return write_json_and_chart(directory, stem, result_json(settings, rows), order, title,
+                                group_of=lambda r: f"EP {r['ep']}")
 
 
 def run(args: argparse.Namespace) -> int:

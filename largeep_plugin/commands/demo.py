@@ -31,7 +31,7 @@ from ..models.training import TrainSettings, train_rank, warm_up_before_fork
 from largeep_plugin.tools.docs_quick import shorten
 from largeep_plugin.tools.progress import ProgressBar
 from .bench_layer import stock_builder, write_outputs
-from .flags import int_at_least, int_list, number
+from .flags import add_model_flags, int_at_least, int_list, number
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -44,13 +44,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     pos, nonneg = int_at_least(1), number(0.0)
     p.add_argument("--world-size", type=pos, default=16, help="ranks to spawn = experts per layer (default 16)")
     p.add_argument("--steps", type=pos, default=50, help="optimizer steps (default 50)")
-    p.add_argument("--batch-size", type=pos, default=8, help="sequences per rank per step (default 8)")
-    p.add_argument("--seq-len", type=pos, default=64, help="tokens per sequence (default 64)")
-    p.add_argument("--hidden-size", type=pos, default=64, help="model width H (default 64)")
-    p.add_argument("--ffn-hidden-size", type=pos, default=128, help="expert MLP width (default 128)")
-    p.add_argument("--num-layers", type=pos, default=4, help="transformer layers, one MoE block each (default 4)")
-    p.add_argument("--num-heads", type=pos, default=4, help="attention heads (default 4)")
-    p.add_argument("--top-k", type=pos, default=2, help="experts per token (default 2)")
+    add_model_flags(p, batch_size=8, seq_len=64, hidden_size=64, ffn_hidden_size=128, num_layers=4, num_heads=4,
+                    top_k=2)
     # The Markov chain gives each token 4 successors (TrainSettings.branching): fewer tokens cannot hold them.
     p.add_argument("--vocab-size", type=int_at_least(4), default=64,
                    help="vocabulary of the synthetic data (default 64)")

@@ -57,3 +57,19 @@ def _is_int(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def add_model_flags(p: argparse.ArgumentParser, *, batch_size: int, seq_len: int, hidden_size: int,
+                    ffn_hidden_size: int, num_layers: int, num_heads: int, top_k: int) -> None:
+    """The flags of a small MoE transformer and its tokens per rank (``largeep demo``, ``largeep bench hf``), with
+    the caller's defaults."""
+    pos = int_at_least(1)
+    p.add_argument("--batch-size", type=pos, default=batch_size, help=f"sequences per rank per step (default {batch_size})")
+    p.add_argument("--seq-len", type=pos, default=seq_len, help=f"tokens per sequence (default {seq_len})")
+    p.add_argument("--hidden-size", type=pos, default=hidden_size, help=f"model width H (default {hidden_size})")
+    p.add_argument("--ffn-hidden-size", type=pos, default=ffn_hidden_size,
+                   help=f"expert MLP width (default {ffn_hidden_size})")
+    p.add_argument("--num-layers", type=pos, default=num_layers,
+                   help=f"transformer layers, one MoE block each (default {num_layers})")
+    p.add_argument("--num-heads", type=pos, default=num_heads, help=f"attention heads (default {num_heads})")
+    p.add_argument("--top-k", type=pos, default=top_k, help=f"experts per token (default {top_k})")

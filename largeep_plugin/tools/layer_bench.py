@@ -13,22 +13,16 @@ Variants, all with E = world size (one expert per rank), the same weights and th
 The stock variants come from a builder the caller passes in (``largeep_plugin/integrations/deepspeed/stock.py``), so
 this file never imports DeepSpeed. Each EP size runs in a fresh world holding every variant; their iterations
 are interleaved so that outside load (other processes on the machine) falls on all of them alike, and the median
-iteration counts.
+iteration counts (``tools/side_by_side.py``: the timing, memory and chart pieces every side-by-side benchmark shares).
 
-Memory: the peak growth of the process's resident set (Linux ``VmHWM`` after resetting it through
-``/proc/self/clear_refs``) over one forward+backward, i.e. activations, communication buffers and gradients,
-measured variant after variant once freed memory has been handed back to the OS; None where /proc does not
-allow it.
+Memory: the peak growth of the process's resident set over one forward+backward, i.e. activations, communication
+buffers and gradients, measured variant after variant; None where /proc does not allow it.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import gc
 import math
-import re
 import statistics
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -41,7 +35,7 @@ from largeep_plugin.layer.config import LargeEPConfig
 from largeep_plugin.layer.experts import ExpertMLP
 from .launch import run_world
 from largeep_plugin.layer.moe_layer import LargeEPMoE
-from .pyplot import pyplot
+from .side_by_side import interleaved_seconds, peak_growth_mib
 from largeep_plugin.layer.router import Router, route
 from largeep_plugin.placement.plan import Placement
 from largeep_plugin.placement.topology import Topology
@@ -115,24 +109,6 @@ def rank_tokens(settings: LayerBenchSettings, rank: int) -> tuple[torch.Tensor, 
     return x_TH, torch.randn(x_TH.shape, generator=gen)
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # "5" resets the peak resident set size (VmHWM) to the current one
-        return True
-    except OSError:
-        return False
-
-
 def _build(variant: str, settings: LayerBenchSettings, rank: int, world: int, weight_EH: torch.Tensor,
            build_stock: StockBuilder | None) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The variant's module and its input and output gradient on this rank."""
@@ -177,16 +153,6 @@ def _step(layer: nn.Module, x_TH: torch.Tensor, dy_TH: torch.Tensor) -> None:
     layer(x_TH).backward(dy_TH)
 
 
-def _release_freed_memory() -> None:
-    """Hand memory freed by earlier variants back to the OS (glibc keeps it otherwise), so the next peak
-    measurement starts clean. A no-op where glibc's malloc_trim is not available."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def bench_rank(rank: int, world: int, settings: LayerBenchSettings, variants: list[str],
                build_stock: StockBuilder | None) -> dict[str, Any]:
     """Time every variant on this rank, interleaved: iteration i of every variant runs before iteration i + 1 of
@@ -199,26 +165,9 @@ def bench_rank(rank: int, world: int, settings: LayerBenchSettings, variants: li
     torch.manual_seed(settings.seed)
     weight_EH = router_weight(settings, world)
     built = {v: _build(v, settings, rank, world, weight_EH, build_stock) for v in variants}
-    for _ in range(settings.warmup):
-        for v in variants:
-            _step(*built[v])
-    seconds: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(settings.iters):
-        for v in variants:
-            dist.barrier()
-            start = time.perf_counter()
-            _step(*built[v])
-            dist.barrier()  # the step of the slowest rank is the step
-            seconds[v].append(time.perf_counter() - start)
-    growth: dict[str, float | None] = {}
-    for v in variants:
-        _release_freed_memory()
-        can_measure = _reset_peak_rss()
-        base_kib = _status_kib("VmRSS")
-        _step(*built[v])
-        peak_kib = _status_kib("VmHWM")
-        ok = can_measure and peak_kib is not None and base_kib is not None
-        growth[v] = (peak_kib - base_kib) / 1024 if ok else None
+    seconds = interleaved_seconds({v: (lambda v=v: _step(*built[v])) for v in variants}, warmup=settings.warmup,
+                                  iters=settings.iters)
+    growth = {v: peak_growth_mib(lambda v=v: _step(*built[v])) for v in variants}
     routing = _routing_facts(settings, weight_EH, rank_tokens(settings, rank)[0], settings.layer_config(world))
     return {"seconds": seconds, "peak_growth_mib": growth, **routing}
 
@@ -302,24 +251,3 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def result_json(settings: LayerBenchSettings, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"settings": asdict(settings), "rows": rows, "ratios": ratios(rows)}
-
-
-def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
-    """Grouped bars of tokens/s per rank by EP size and variant, written as a PNG."""
-    plt = pyplot("the comparison chart")
-
-    eps = sorted({r["ep"] for r in rows})
-    variants = [v for v in ALL_VARIANTS if any(r["variant"] == v for r in rows)]
-    width = 0.8 / max(1, len(variants))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, v in enumerate(variants):
-        values = [next((r["tokens_per_s_per_rank"] for r in rows if r["ep"] == ep and r["variant"] == v), 0.0)
-                  for ep in eps]
-        ax.bar([j + i * width for j in range(len(eps))], values, width, label=v)
-    ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(eps))], [f"EP {ep}" for ep in eps])
-    ax.set_ylabel("tokens/s per rank (forward + backward)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -10,7 +10,7 @@ So the converted layer, ``LargeEPDeepSpeedMoE``, *is* a ``MoE`` subclass that ho
 
 * ``forward(x) -> (y, l_aux, exp_counts)`` like the stock layer (``l_aux`` is the large-EP aux + z loss, already
   scaled by its coefficients: 0 when they are off; ``exp_counts`` the global tokens per expert).
-* attributes ``num_experts``, ``ep_size``, ``num_local_experts`` (= 1), ``expert_group_name``.
+* attributes ``num_experts``, ``ep_size``, ``num_local_experts`` (1, unless the placement colocates experts), ``expert_group_name``.
 * expert parameters carry ``allreduce = False`` and ``group_name = "ep_size_N"``.
 * state-dict names follow the stock layout, which the engine's checkpoint code parses::
 
@@ -65,7 +65,7 @@ class LargeEPDeepSpeedMoE(MoE):
         self.ep_size = layer.ep_size
         self.expert_group_name = f"ep_size_{layer.ep_size}"
         self.num_experts = layer.config.num_experts
-        self.num_local_experts = 1
+        self.num_local_experts = len(layer.expert_ids)
         self.deepspeed_moe = layer
         tag_expert_params(layer, self.expert_group_name)
         use_stock_names(self, "deepspeed_moe", layer)

@@ -1,0 +1,400 @@
+"""``largeep bench hf``: one Hugging Face MoE model trained side by side on a local world of CPU ranks.
+
+Shape legend:
+    N  ranks (= EP size)   E  experts (= N)   T  tokens per rank   X  extra expert slots of the replicas variant
+
+Every variant trains the same tiny random-init model (``bench_models.py``: same weights, same tokens per rank)
+under the same DeepSpeed config (ZeRO stage 1, AdamW); one step is forward + backward + optimizer step:
+    unconverted         the model under plain ``deepspeed.initialize``: every rank holds every expert (data parallel)
+    autoep              DeepSpeed's own AutoEP (``"expert_parallel": {"autoep_size": N}``): expert e on rank e
+    large_ep            the model converted by the plugin (``convert_model``): expert e on rank e
+    large_ep_replicas   the same with E + X expert slots (X = N by default: a second slot on every rank); the extra
+                        copies go to the hot experts, planned by ``plan_placement`` from the per-expert load that
+                        ``large_ep`` recorded (its layers' ``last_stats``) over its first steps. Its extra memory
+                        shows in the peak-memory column.
+
+A rank with two slots runs them one after the other (colocated experts). Replicas of an expert sum their
+gradients over their replica group between backward and the optimizer step (``layer/grads.py``), which DeepSpeed's
+engine does not do itself: so every variant runs with ``"managed_gradient_accumulation": false`` (the engine
+reduces gradients in ``step()``, not at the end of ``backward()``), the same config for all.
+
+Timing: the variants are interleaved in one world (``tools/side_by_side.py``), after ``warmup`` untimed steps;
+the median of ``iters`` timed steps counts; also the busiest rank's CPU time per step, the step if every rank had
+a core of its own (where ranks share cores, a rank that waits gives its core to the others, which hides the
+imbalance a GPU step would show). Memory: the peak growth of a rank's resident set from before the
+variant's model is built through its first step (weights, gradients, optimizer state, activations), the largest
+over the ranks. A small learning rate keeps the routing as built for the whole run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import statistics
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from largeep_plugin.layer.grads import reduce_expert_gradients
+from largeep_plugin.layer.moe_layer import load_stats, moe_layers
+from largeep_plugin.placement.plan import Placement, plan_placement
+from largeep_plugin.placement.topology import Topology
+from largeep_plugin.tools.launch import run_world
+from largeep_plugin.tools.progress import ProgressBar
+from largeep_plugin.tools.side_by_side import interleaved_seconds, peak_growth_mib, resident_kib
+
+from .bench_models import ROUTERS, ModelSizes, bench_model, check_family, moe_routers, rank_tokens
+from .convert import convert_model
+
+VARIANTS = ("unconverted", "autoep", "large_ep", "large_ep_replicas")
+AUTOEP_NEWEST_TRANSFORMERS = "5.22.2"
+
+
+@dataclass(frozen=True, kw_only=True)
+class HFBenchSettings:
+    """One benchmark run.
+
+    Fields:
+        family: the model's ``model_type`` (``bench_models.BENCH_FAMILIES``).
+        sizes: the model's sizes and the tokens per rank.
+        skew: how far the skewed router lifts the hot experts' logits (standard deviations).
+        replica_slots: X, the extra expert slots of ``large_ep_replicas`` (None: one per rank, X = N).
+        record_steps: the first steps of every variant, before the timed ones; the replicas are planned from the
+            load ``large_ep`` recorded over its own.
+        warmup, iters: untimed and timed interleaved steps per variant.
+        seed: seed of the weights and the tokens.
+        lr: AdamW's learning rate (small: the routing stays as built).
+    """
+
+    family: str
+    sizes: ModelSizes = field(default_factory=ModelSizes)
+    skew: float = 1.5
+    replica_slots: int | None = None
+    record_steps: int = 2
+    warmup: int = 2
+    iters: int = 5
+    seed: int = 0
+    lr: float = 1e-5
+
+    def __post_init__(self) -> None:
+        check_family(self.family)
+        for name, low in (("record_steps", 1), ("warmup", 0), ("iters", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+        if self.replica_slots is not None and (not isinstance(self.replica_slots, int) or self.replica_slots < 1):
+            raise ValueError(f"replica_slots={self.replica_slots!r} must be an integer >= 1 (or None: one per rank)")
+        if not (math.isfinite(self.skew) and self.skew >= 0):
+            raise ValueError(f"skew={self.skew!r} must be a finite number >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr={self.lr!r} must be a finite number > 0")
+
+
+def check_variants(variants: list[str]) -> None:
+    """ValueError for an unknown variant, or replicas without the ``large_ep`` run they are planned from."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"variants {unknown or variants}: choose from {', '.join(VARIANTS)}")
+    if "large_ep_replicas" in variants and "large_ep" not in variants:
+        raise ValueError("large_ep_replicas is planned from the load large_ep records: list large_ep too")
+
+
+def autoep_preset(family: str) -> str | None:
+    """DeepSpeed's AutoEP preset for ``family`` (a Hugging Face model_type), None when it has none."""
+    from deepspeed.module_inject.auto_ep_presets.registry import preset_name_for_hf_model_type
+
+    return preset_name_for_hf_model_type(family)
+
+
+def autoep_unavailable(family: str) -> str | None:
+    """Why DeepSpeed's AutoEP cannot run ``family`` here (one line), or None when it can."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) > Version(AUTOEP_NEWEST_TRANSFORMERS):
+        return (f"transformers {transformers.__version__}: DeepSpeed's AutoEP works up to {AUTOEP_NEWEST_TRANSFORMERS} "
+                "(from 5.23 deepspeed.initialize fails in auto_ep_presets/base.py)")
+    try:
+        from deepspeed.module_inject.auto_ep_presets.registry import available_preset_names
+    except ImportError as e:
+        return f"this DeepSpeed has no AutoEP ({e})"
+    if autoep_preset(family) is None:
+        return f"AutoEP has no preset for {family} (its presets: {', '.join(available_preset_names())})"
+    return None
+
+
+def deepspeed_config(settings: HFBenchSettings) -> dict[str, Any]:
+    """The DeepSpeed config every variant runs under (AutoEP adds its ``"expert_parallel"`` section)."""
+    return {
+        "train_micro_batch_size_per_gpu": settings.sizes.batch_size,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": settings.lr, "weight_decay": 0.0, "torch_adam": True}},
+        "zero_optimization": {"stage": 1},
+        "managed_gradient_accumulation": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def replica_placement(load_E: torch.Tensor, num_ranks: int, extra_slots: int) -> Placement:
+    """E experts and ``extra_slots`` more copies of the hot ones on ``num_ranks`` ranks, at most one copy of an
+    expert per rank.
+
+    Step 1: copies per expert, by ``plan_placement`` on E + X slots of one node (one each, the spare slots
+    proportional to load), capped at one per rank. Step 2: the copies onto ranks, largest share of load first, each
+    to the least loaded rank that does not hold that expert yet, one with room first (``ceil((E + X) / N)`` slots
+    per rank).
+
+    Args: load_E [E] tokens per expert; num_ranks N <= E + X; extra_slots X >= 1.
+    Returns: the placement on one node of N ranks (a token's copy of an expert is any of its ranks, evenly).
+    """
+    e = load_E.numel()
+    if not e <= num_ranks <= e + extra_slots:
+        raise ValueError(f"{e} experts + {extra_slots} extra slots on {num_ranks} ranks: need E <= N <= E + X")
+    planned = plan_placement(e, Topology.uniform(1, e + extra_slots), load=load_E)
+    copies = [min(c, num_ranks) for c in planned.num_replicas]
+    share = [float(load_E[x]) / copies[x] for x in range(e)]
+    held: list[list[int]] = [[] for _ in range(num_ranks)]
+    rank_load = [0.0] * num_ranks
+    room = math.ceil(sum(copies) / num_ranks)
+    for x in sorted((x for x in range(e) for _ in range(copies[x])), key=lambda x: (-share[x], -copies[x], x)):
+        r = min((r for r in range(num_ranks) if x not in held[r]),
+                key=lambda r: (len(held[r]) >= room, rank_load[r], len(held[r]), r))
+        held[r].append(x)
+        rank_load[r] += share[x]
+    return Placement(topology=Topology.uniform(1, num_ranks), num_experts=e,
+                     rank_to_experts=tuple(tuple(sorted(h)) for h in held))
+
+
+@dataclass
+class _Variant:
+    engine: Any
+    after_backward: Callable[[], None] = lambda: None
+
+
+def _step(variant: _Variant, ids_BS: torch.Tensor) -> torch.Tensor:
+    """One training step; returns the loss."""
+    engine = variant.engine
+    loss = engine(input_ids=ids_BS, labels=ids_BS).loss
+    engine.backward(loss)
+    variant.after_backward()
+    engine.step()
+    return loss.detach()
+
+
+def _large_ep_engine(model: nn.Module, ep_size: int, config: dict[str, Any], placement: Placement | None) -> Any:
+    """The model converted by the plugin under ``deepspeed.initialize``.
+
+    To be replaced by ``largeep_plugin.integrations.deepspeed.engine.initialize`` with a ``"large_ep"`` section once
+    it converts Hugging Face models (branch hf-ds): the one call ``initialize(model=model, model_parameters=
+    model.parameters(), config={**config, "large_ep": {"enabled": True, "ep_size": ep_size}})``."""
+    import deepspeed
+
+    from largeep_plugin.integrations.deepspeed.convert import LargeEPDeepSpeedMoE
+    from largeep_plugin.integrations.deepspeed.engine import _moe_param_groups, ensure_expert_groups
+
+    group = ensure_expert_groups(ep_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the colocation warning of the replicas' second slot
+        convert_model(model, group, placement=placement)
+    # The engine treats only deepspeed.moe.layer.MoE modules as MoE (expert groups under ZeRO, no broadcast of
+    # experts): one view per block sharing its layer, which also tags the expert parameters (allreduce=False,
+    # group_name="ep_size_N").
+    model.large_ep_views = nn.ModuleList(LargeEPDeepSpeedMoE(layer) for _, layer in moe_layers(model))
+    params = _moe_param_groups(list(model.parameters()), {}, model)
+    return deepspeed.initialize(model=model, model_parameters=params, config=config)[0]
+
+
+def _autoep_engine(model: nn.Module, family: str, ep_size: int, config: dict[str, Any]) -> Any:
+    import deepspeed
+
+    blocks = len(moe_routers(model))
+    section = {"enabled": True, "autoep_size": ep_size, "preset_model": autoep_preset(family)}
+    engine = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                  config={**config, "expert_parallel": section})[0]
+    converted = sum(type(m).__name__ == "AutoEPMoELayer" for m in engine.module.modules())
+    if converted != blocks:
+        raise NotImplementedError(f"AutoEP converted {converted} of the {blocks} MoE blocks of {family}")
+    return engine
+
+
+def _build(variant: str, settings: HFBenchSettings, router: str, ep_size: int, placement: Placement | None) -> _Variant:
+    import deepspeed
+
+    model = bench_model(settings.family, ep_size, settings.sizes, router, settings.seed, settings.skew)
+    config = deepspeed_config(settings)
+    if variant == "unconverted":
+        return _Variant(deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)[0])
+    if variant == "autoep":
+        return _Variant(_autoep_engine(model, settings.family, ep_size, config))
+    engine = _large_ep_engine(model, ep_size, config, placement)
+    if placement is None:
+        return _Variant(engine)
+    return _Variant(engine, after_backward=lambda: reduce_expert_gradients(engine.module.parameters()))
+
+
+def _summed_load(model: nn.Module) -> torch.Tensor | None:
+    """int64 [E] tokens per expert of the latest forward, summed over the model's large-EP layers (global counts);
+    None for a model without any."""
+    stats = load_stats(model)
+    return sum(s.tokens_per_expert_E for s in stats.values()) if stats else None
+
+
+def _first_steps(build: Callable[[], _Variant], ids_BS: torch.Tensor,
+                 steps: int) -> tuple[_Variant, float | None, float, torch.Tensor | None]:
+    """Build a variant and take its first ``steps`` steps: every variant takes the same steps, so they train alike.
+
+    Returns the variant, its peak memory growth (MiB) from before the build through the first step, the first
+    step's loss, and (large-EP) the load summed over the steps and layers."""
+    base = resident_kib()
+    variant = build()
+    losses: list[torch.Tensor] = []
+    peak = peak_growth_mib(lambda: losses.append(_step(variant, ids_BS)), since_kib=base)
+    load_E = _summed_load(variant.engine.module)
+    for _ in range(steps - 1):
+        _step(variant, ids_BS)
+        if load_E is not None:
+            load_E = load_E + _summed_load(variant.engine.module)
+    return variant, peak, float(losses[0]), load_E
+
+
+def _routing_facts(load_E: torch.Tensor, placement: Placement, model: nn.Module) -> dict[str, Any]:
+    """What the recorded load says: the load, each layer's imbalance in the last step, the replicas' placement,
+    and the planned max / mean load per rank of each variant."""
+    one_each = Placement.identity(load_E.numel()).figures(load_E).gpu_imbalance
+    return {"load": load_E.tolist(), "layer_imbalance": [s.imbalance for s in load_stats(model).values()],
+            "replicas": [list(h) for h in placement.rank_to_experts], "copies": placement.num_replicas,
+            "rank_imbalance": {"unconverted": 1.0, "autoep": one_each, "large_ep": one_each,
+                               "large_ep_replicas": placement.figures(load_E).gpu_imbalance}}
+
+
+def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, variants: list[str]) -> dict[str, Any]:
+    """Build every variant (measuring its memory), record ``large_ep``'s load and plan the replicas from it, then
+    time the variants interleaved. Returns this rank's seconds, memory, losses and the routing facts."""
+    import deepspeed
+
+    from largeep_plugin.integrations.deepspeed.engine import init_deepspeed_comm
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    init_deepspeed_comm()
+    ids_BS = rank_tokens(settings.sizes, rank, settings.seed)
+    extra = settings.replica_slots if settings.replica_slots is not None else world
+    progress = ProgressBar(len(variants) + settings.warmup + settings.iters, label=f"  EP {world} {router:<7}") \
+        if rank == 0 else None
+    # One throwaway step of a minimal model first: the lazy one-time costs (DeepSpeed's and torch's first use)
+    # would otherwise land in the first variant's memory.
+    minimal = dataclasses.replace(settings.sizes, hidden_size=4 * settings.sizes.num_heads, ffn_hidden_size=4)
+    _step(_build("unconverted", dataclasses.replace(settings, sizes=minimal), router, world, None), ids_BS)
+    built: dict[str, _Variant] = {}
+    out: dict[str, Any] = {"peak_mib": {}, "first_loss": {}, "last_loss": {}, "cpu_seconds": {}}
+    placement = None
+    for i, v in enumerate(variants):
+        built[v], out["peak_mib"][v], out["first_loss"][v], load_E = _first_steps(
+            lambda: _build(v, settings, router, world, placement if v == "large_ep_replicas" else None), ids_BS,
+            settings.record_steps)
+        if v == "large_ep":
+            placement = replica_placement(load_E, world, extra)
+            out.update(_routing_facts(load_E, placement, built[v].engine.module))
+        if progress is not None:
+            progress.update(i + 1, built=v)
+
+    def step(v: str) -> None:
+        out["last_loss"][v] = float(_step(built[v], ids_BS))
+
+    out["seconds"] = interleaved_seconds(
+        {v: (lambda v=v: step(v)) for v in variants}, warmup=settings.warmup, iters=settings.iters,
+        cpu_seconds=out["cpu_seconds"],
+        on_iteration=None if progress is None else lambda i: progress.update(len(variants) + i, iteration=i))
+    if progress is not None:
+        progress.close()
+    return out
+
+
+def _warm_imports(family: str, variants: list[str]) -> None:
+    """Import in the parent what every rank would import itself (the ranks are forked)."""
+    import importlib
+
+    from largeep_plugin.integrations.deepspeed.engine import load_deepspeed_ops_before_fork
+
+    importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    if "autoep" in variants:
+        importlib.import_module("deepspeed.module_inject.auto_ep")
+    load_deepspeed_ops_before_fork()
+
+
+def run_hf_bench(settings: HFBenchSettings, ep_sizes: list[int], routers: list[str], variants: list[str], *,
+                 timeout: float = 1800.0, on_world: Callable[[dict[str, Any]], None] | None = None
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run one world per (EP size, router), every variant in it. Returns (rows: one per (EP, router, variant), the
+    median step's tokens/s per rank and the ratios to ``autoep`` and ``unconverted``; worlds: the routing facts of
+    each world, which ``on_world`` sees as they come)."""
+    check_variants(variants)
+    variants = [v for v in VARIANTS if v in variants]   # large_ep records the load before the replicas are built
+    for r in routers:
+        if r not in ROUTERS:
+            raise ValueError(f"router {r!r} is not one of {', '.join(ROUTERS)}")
+    for ep in ep_sizes:
+        if ep < 2 or ep < settings.sizes.top_k:
+            raise ValueError(f"EP size {ep} must be >= 2 and >= top_k={settings.sizes.top_k} (E = EP experts)")
+    _warm_imports(settings.family, variants)
+    rows: list[dict[str, Any]] = []
+    worlds: list[dict[str, Any]] = []
+    for ep in ep_sizes:
+        for router in routers:
+            per_rank = run_world(bench_rank, ep, args=(settings, router, variants), timeout=timeout)
+            first = per_rank[0]
+            world = {"ep": ep, "router": router, **{k: first.get(k) for k in ("load", "layer_imbalance", "replicas",
+                                                                             "copies")}}
+            load = first.get("load")
+            world["imbalance"] = max(load) / (sum(load) / len(load)) if load else None
+            worlds.append(world)
+            group = []
+            for v in variants:
+                peaks = [r["peak_mib"][v] for r in per_rank]
+                group.append({
+                    "ep": ep, "router": router, "variant": v,
+                    # Every rank timed the same barrier-to-barrier span; rank 0's list is the world's.
+                    "tokens_per_s_per_rank": settings.sizes.tokens_per_rank / statistics.median(first["seconds"][v]),
+                    "step_seconds": first["seconds"][v],
+                    # The busiest rank's CPU time per step: the step if every rank had a core of its own.
+                    "busiest_cpu_ms": 1e3 * statistics.median(max(per_iter) for per_iter in
+                                                              zip(*(r["cpu_seconds"][v] for r in per_rank))),
+                    "peak_mib": max(peaks) if all(p is not None for p in peaks) else None,
+                    "imbalance": world["imbalance"],
+                    "rank_imbalance": first.get("rank_imbalance", {}).get(v),
+                    "first_loss": statistics.fmean(r["first_loss"][v] for r in per_rank),
+                    "last_loss": statistics.fmean(r["last_loss"][v] for r in per_rank),
+                })
+            by = {r["variant"]: r["tokens_per_s_per_rank"] for r in group}
+            for r in group:
+                for base in ("autoep", "unconverted"):
+                    r[f"vs_{base}"] = r["tokens_per_s_per_rank"] / by[base] if base in by else None
+            rows.extend(group)
+            if on_world is not None:
+                on_world(world)
+    return rows, worlds
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a text table."""
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    lines = [f"{'EP':>3}  {'router':<8}{'variant':<19}{'tokens/s/rank':>14}{'vs autoep':>10}{'vs unconv':>10}"
+             f"{'busiest CPU ms':>15}{'peak MiB':>10}{'imbalance':>10}{'rank load':>10}"]
+    for r in rows:
+        lines.append(f"{r['ep']:>3}  {r['router']:<8}{r['variant']:<19}{r['tokens_per_s_per_rank']:>14,.0f}"
+                     f"{num(r['vs_autoep'], '.2f') + 'x' if r['vs_autoep'] else '-':>10}"
+                     f"{num(r['vs_unconverted'], '.2f') + 'x' if r['vs_unconverted'] else '-':>10}"
+                     f"{r['busiest_cpu_ms']:>15.1f}{num(r['peak_mib'], '.1f'):>10}{num(r['imbalance'], '.2f'):>10}"
+                     f"{num(r['rank_imbalance'], '.2f'):>10}")
+    return "\n".join(lines)
+
+
+def result_json(settings: HFBenchSettings, rows: list[dict[str, Any]], worlds: list[dict[str, Any]],
+                autoep_skipped: str | None) -> dict[str, Any]:
+    return {"settings": dataclasses.asdict(settings), "deepspeed_config": deepspeed_config(settings),
+            "autoep_skipped": autoep_skipped, "worlds": worlds, "rows": rows}

@@ -1,0 +1,112 @@
+"""``largeep bench hf`` at 2 ranks with a tiny Mixtral: every variant trains the same model the same way (equal
+losses at the first and the last step, replicas included: their gradients are summed over their group), the skewed
+router is measurably skewed and the replicas go to the hot expert; the replica planner on its own; bad flags are
+clear errors before any rank starts. Speeds are not asserted: the benchmark measures them."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("deepspeed")
+
+from largeep_plugin.cli import main  # noqa: E402
+from largeep_plugin.integrations.hf.bench import VARIANTS, autoep_unavailable, replica_placement  # noqa: E402
+from largeep_plugin.integrations.hf.bench_models import ModelSizes, bench_model, hot_experts  # noqa: E402
+
+TINY = ["--hidden-size", "32", "--ffn-hidden-size", "64", "--num-layers", "1", "--batch-size", "4", "--seq-len", "16",
+        "--iters", "2", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench_hf")
+    # E = 2 experts: top-1 leaves room for imbalance; one extra slot gives the hot expert a second copy. A learning
+    # rate large enough that the 4 steps move the losses apart where a variant trains differently.
+    assert main(["bench", "hf", "--family", "mixtral", "--ep", "2", "--top-k", "1", "--replica-slots", "1", *TINY,
+                 "--lr", "2e-3", "--out", str(out)]) == 0
+    data = json.loads((out / "hf_bench.json").read_text())
+    data["png"] = (out / "hf_bench.png").read_bytes()[:8]
+    return data
+
+
+def test_every_variant_on_the_same_model(result: dict) -> None:
+    skipped = autoep_unavailable("mixtral")
+    want = [v for v in VARIANTS if v != "autoep" or skipped is None]
+    assert result["autoep_skipped"] == skipped
+    assert [(r["router"], r["variant"]) for r in result["rows"]] == [(router, v) for router in ("uniform", "skewed")
+                                                                     for v in want]
+    for router in ("uniform", "skewed"):
+        rows = [r for r in result["rows"] if r["router"] == router]
+        # Same weights, same tokens: the first step's loss is the same for every variant, and so is the last one's
+        # (each variant took the same steps): the model trains the same way.
+        for key in ("first_loss", "last_loss"):
+            losses = [r[key] for r in rows]
+            assert max(losses) - min(losses) < 1e-3, (key, losses)
+        assert rows[0]["last_loss"] < rows[0]["first_loss"] - 0.1
+        for r in rows:
+            assert r["tokens_per_s_per_rank"] > 0 and len(r["step_seconds"]) == 2 and r["busiest_cpu_ms"] > 0
+            assert r["peak_mib"] is None or r["peak_mib"] > 0
+            assert r["vs_unconverted"] == pytest.approx(r["tokens_per_s_per_rank"] / rows[0]["tokens_per_s_per_rank"])
+    assert result["png"] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_skewed_router_and_replicas(result: dict) -> None:
+    uniform, skewed = result["worlds"]
+    assert skewed["router"] == "skewed" and skewed["imbalance"] >= 1.5 > uniform["imbalance"]
+    assert hot_experts(2) == [1] and skewed["load"][1] == max(skewed["load"])
+    # The planner gave the extra slot to the hot expert, which lowers the planned largest rank load.
+    assert skewed["copies"] == [1, 2] and sorted(map(tuple, skewed["replicas"])) == [(0, 1), (1,)]
+    replicas = next(r for r in result["rows"] if r["router"] == "skewed" and r["variant"] == "large_ep_replicas")
+    assert replicas["rank_imbalance"] < skewed["imbalance"]
+
+
+def test_replica_placement_follows_the_load() -> None:
+    load_E = torch.tensor([20.0, 40.0, 60.0, 80.0, 100.0, 100.0, 700.0, 900.0])
+    placement = replica_placement(load_E, 8, 8)
+    copies = placement.num_replicas
+    assert sum(copies) == 16 and copies[7] >= copies[6] > max(copies[:6])
+    assert all(len(held) == 2 for held in placement.rank_to_experts)          # a second slot on every rank
+    assert placement.figures(load_E).gpu_imbalance < float(load_E.max() / load_E.mean())
+    # Uniform load: two copies of every expert, perfectly balanced.
+    even = replica_placement(torch.ones(4), 4, 4)
+    assert even.num_replicas == [2, 2, 2, 2] and even.figures(torch.ones(4)).gpu_imbalance == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="experts"):
+        replica_placement(torch.ones(4), 8, 2)
+
+
+def test_routers_are_a_pure_function_of_the_seed() -> None:
+    sizes = ModelSizes(hidden_size=16, ffn_hidden_size=16, num_layers=1, num_heads=2, vocab_size=32, seq_len=8,
+                       batch_size=2, top_k=1)
+    a, b = (bench_model("qwen3_moe", 4, sizes, "skewed", seed=5) for _ in range(2))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    uniform = bench_model("qwen3_moe", 4, sizes, "uniform", seed=5)
+    assert not torch.equal(uniform.model.layers[0].mlp.gate.weight, a.model.layers[0].mlp.gate.weight)
+
+
+def test_bad_family_and_flags_are_clear_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "hf", "--family", "llama", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "family='llama'" in err and "mixtral" in err and "gpt_oss" in err
+    assert main(["bench", "hf", "--variants", "large_ep,fastest", "--out", "unused"]) == 2
+    assert "fastest" in capsys.readouterr().err
+    assert main(["bench", "hf", "--variants", "large_ep_replicas", "--out", "unused"]) == 2
+    assert "list large_ep too" in capsys.readouterr().err
+    assert main(["bench", "hf", "--ep", "2", "--top-k", "3", "--out", "unused"]) == 2
+    assert "--top-k 3" in capsys.readouterr().err
+    assert main(["bench", "hf", "--hidden-size", "30", "--out", "unused"]) == 2
+    assert "hidden_size=30" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse: before any rank starts
+        main(["bench", "hf", "--router", "zipf", "--out", "unused"])
+    assert exc.value.code == 2 and "argument --router: invalid choice: 'zipf'" in capsys.readouterr().err
+
+
+def test_autoep_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    assert "no preset for gpt_oss" in autoep_unavailable("gpt_oss") and "olmoe" in autoep_unavailable("olmoe")
+    monkeypatch.setattr(transformers, "__version__", "5.23.0")
+    reason = autoep_unavailable("mixtral")
+    assert reason is not None and "transformers 5.23.0" in reason and "5.22.2" in reason
