@@ -8,7 +8,9 @@ balancing-bias rate is 0 for the parity runs so that routing cannot drift. Check
       the per-step mean loss equals the reference's to 1e-4; for three steps: gpt-oss (router and expert biases)
       and Qwen2-MoE (gated shared expert) under ZeRO 2, Mixtral under ZeRO 0 and 1 (EP 4) and ZeRO 3 (EP 2 x 2
       data-parallel copies: each expert partitioned over its two holders), 8 experts colocated two per rank
-      (``allow_colocate``) under ZeRO 2;
+      (``allow_colocate``) under ZeRO 2; a placement passed to ``initialize`` with replicas (2 experts on 4 ranks,
+      one rank holding both) under ZeRO 0 and 1 with unmanaged gradient accumulation (the replicas' gradients
+      summed before the engine's step);
     * the bias (rate > 0, two gradient-accumulation micro-steps per step, EP 2 x 2 copies) stays put after a
       micro-step, moves after the real step, identically on every rank (counts summed over the copies); the
       monitor's JSONL file gets one record per step and layer;
@@ -20,8 +22,8 @@ balancing-bias rate is 0 for the parity runs so that routing cannot drift. Check
     * optimizer groups built on the unconverted model follow the conversion (router and experts where the Hugging
       Face tensors they are read from were, experts split into DeepSpeed's MoE group; a tensor read from two
       groups is an error);
-    * errors: a model-defining key in the section, more ranks than experts, colocation without the opt-in (in the
-      world); a misspelt section name and ``"expert_parallel"`` with ``"large_ep"`` (before any rank starts).
+    * errors: a model-defining key in the section, more ranks than experts, colocation without the opt-in,
+      replicas with managed gradient accumulation, a placement and the section's placement files (in the world); a misspelt section name and ``"expert_parallel"`` with ``"large_ep"`` (before any rank starts).
 """
 from __future__ import annotations
 
@@ -41,26 +43,37 @@ from largeep_plugin.tools.launch import run_world  # noqa: E402
 WORLD, BATCH, SEQ = 4, 2, 8
 
 
-def _config(stage: int, large_ep: dict | None = None, gas: int = 1) -> dict:
+def _config(stage: int, large_ep: dict | None = None, gas: int = 1, unmanaged: bool = False) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": gas,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
         "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
     }
+    if unmanaged:
+        cfg["managed_gradient_accumulation"] = False
     if large_ep is not None:
         cfg["large_ep"] = large_ep
     return cfg
 
 
-def _engine(family: str, experts: int, stage: int, large_ep: dict | None, seed: int = 0, gas: int = 1):
+def _engine(family: str, experts: int, stage: int, large_ep: dict | None, seed: int = 0, gas: int = 1,
+            placement=None, unmanaged: bool = False):
     from largeep_plugin.integrations.deepspeed.engine import initialize
 
     model = tiny_model(family, experts, seed=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the colocation warning
         engine, *_ = initialize(model=model, model_parameters=list(model.parameters()),
-                                config=_config(stage, large_ep, gas))
+                                config=_config(stage, large_ep, gas, unmanaged), placement=placement)
     return engine
+
+
+def _replicated_placement():
+    """2 experts on 4 ranks: expert 0 three times (rank 3 holds it beside expert 1), expert 1 twice."""
+    from largeep_plugin.placement.plan import Placement
+    from largeep_plugin.placement.topology import Topology
+
+    return Placement(topology=Topology.uniform(1, WORLD), num_experts=2, rank_to_experts=((0,), (0,), (1,), (0, 1)))
 
 
 def _losses(engine, rank: int, steps: int, start: int = 0) -> list[float]:
@@ -82,9 +95,12 @@ def _losses(engine, rank: int, steps: int, start: int = 0) -> list[float]:
     return out
 
 
-def _parity(family: str, experts: int, stage: int, steps: int, section: dict) -> dict:
-    reference = _losses(_engine(family, experts, stage, None), torch.distributed.get_rank(), steps)
-    engine = _engine(family, experts, stage, dict(section, load_balance={"bias_update_rate": 0.0}))
+def _parity(family: str, experts: int, stage: int, steps: int, section: dict, placement=None,
+            unmanaged: bool = False) -> dict:
+    reference = _losses(_engine(family, experts, stage, None, unmanaged=unmanaged), torch.distributed.get_rank(),
+                        steps)
+    engine = _engine(family, experts, stage, dict(section, load_balance={"bias_update_rate": 0.0}),
+                     placement=placement, unmanaged=unmanaged)
     converted = _losses(engine, torch.distributed.get_rank(), steps)
     return {"reference": reference, "converted": converted, "moe_module": engine.has_moe_layers,
             "blocks": sorted({type(m).__name__ for m in engine.module.modules() if hasattr(m, "family")})}
@@ -168,7 +184,7 @@ def _param_groups() -> dict:
         split = [n for n, _ in named if ".mlp." in n and not n.endswith("shared_experts.up_proj.weight")]
         groups = [{"params": [p for n, p in named if n in split], "lr": 0.5},
                   {"params": [p for n, p in named if n not in split]}]
-        mapping = convert_hf_blocks(model, section, {}, ensure_expert_groups(WORLD), None, 2)
+        mapping, _ = convert_hf_blocks(model, section, {}, ensure_expert_groups(WORLD), None, 2)
         try:
             result = _moe_param_groups(groups, mapping, model)
         except ValueError as e:
@@ -194,6 +210,16 @@ def _errors() -> dict[str, str]:
             out[name] = "no error"
         except (ValueError, NotImplementedError) as e:
             out[name] = f"{type(e).__name__}: {e}"
+    placed = {"managed_replicas": ({"enabled": True, "ep_size": WORLD}, False),
+              "zero2_replicas": ({"enabled": True, "ep_size": WORLD}, True),
+              "placement_and_files": ({"enabled": True, "ep_size": WORLD, "placement": {"load_file": "load.json"}},
+                                      True)}
+    for name, (section, unmanaged) in placed.items():
+        try:
+            _engine("mixtral", 2, 2, section, placement=_replicated_placement(), unmanaged=unmanaged)
+            out[name] = "no error"
+        except (ValueError, NotImplementedError) as e:
+            out[name] = f"{type(e).__name__}: {e}"
     return out
 
 
@@ -211,6 +237,8 @@ def _world(rank: int, world: int, tmp: str, files: dict) -> dict:
         "mixtral_z1": _parity("mixtral", WORLD, 1, 3, auto),
         "mixtral_z3_copies": _parity("mixtral", 2, 3, 3, auto),  # EP 2, two data-parallel copies
         "colocated_z2": _parity("mixtral", 8, 2, 3, dict(auto, ep_size=WORLD, allow_colocate=True)),
+        "replicas_z1": _parity("mixtral", 2, 1, 3, dict(auto, ep_size=WORLD), _replicated_placement(), True),
+        "replicas_z0": _parity("mixtral", 2, 0, 3, dict(auto, ep_size=WORLD), _replicated_placement(), True),
     }
     out["placed"] = _placed(rank, os.path.join(tmp, "ckpt_placed"), files)
     out["errors"] = _errors()
@@ -246,7 +274,7 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["mixtral_z2", "deepseek_z2", "gpt_oss_z2", "qwen2_moe_z2", "mixtral_z0",
-                                  "mixtral_z1", "mixtral_z3_copies", "colocated_z2"])
+                                  "mixtral_z1", "mixtral_z3_copies", "colocated_z2", "replicas_z0", "replicas_z1"])
 def test_losses_equal_the_unconverted_model(results, case):
     r = results[0][case]
     ref, conv = r["reference"], r["converted"]
@@ -320,6 +348,11 @@ def test_errors_in_the_world(results):
                                             "defines top_k"), errors
     assert errors["replicas"].startswith("NotImplementedError: 2 experts per block on large_ep.ep_size=4"), errors
     assert "allow_colocate" in errors["no_opt_in"] and errors["no_opt_in"].startswith("ValueError"), errors
+    assert errors["managed_replicas"].startswith("NotImplementedError: a placement with replicas under DeepSpeed "
+                                                 "needs \"managed_gradient_accumulation\": false"), errors
+    assert "the config has stage 2, managed_gradient_accumulation false" in errors["zero2_replicas"], errors
+    assert errors["placement_and_files"].startswith("ValueError: initialize got a placement and large_ep.placement "
+                                                    "{'load_file': 'load.json'}"), errors
 
 
 @pytest.mark.parametrize("key", ["large-ep", "largeep", "large_EP", "larg_ep"])

@@ -38,6 +38,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
 
+from largeep_plugin.layer.grads import reduce_expert_gradients
 from largeep_plugin.layer.load_balance import LoadMonitor
 from largeep_plugin.layer.moe_layer import LargeEPMoE, moe_layers, update_layer_biases
 from largeep_plugin.placement.plan import Placement
@@ -45,7 +46,7 @@ from largeep_plugin.integrations.hf.families import supported_names
 from largeep_plugin.integrations.section.config import (AUTO, SECTION, LargeEPSection, check_top_level_keys,
                                                         load_ds_config, parse_large_ep_section, resolve_ep_size)
 from .convert import ExpertConverter, LargeEPDeepSpeedMoE, convert_moe_layers
-from .hf_blocks import convert_hf_blocks, hf_moe_blocks, hf_routing
+from .hf_blocks import REPLICA_GROUP_ATTR, convert_hf_blocks, hf_moe_blocks, hf_routing
 from .placement import (deepspeed_expert_groups, hook_checkpoint_names, plan_section_placement,
                                   resolve_ranks_per_node)
 
@@ -84,6 +85,7 @@ def initialize(
     *,
     config: Any = None,
     expert_converter: ExpertConverter | None = None,
+    placement: Placement | None = None,
     **kwargs: Any,
 ) -> tuple[Any, ...]:
     """``deepspeed.initialize`` with the large-EP conversion when the config's ``"large_ep"`` section enables it.
@@ -94,6 +96,11 @@ def initialize(
     Args:
         args, model, optimizer, model_parameters, config, **kwargs: as for ``deepspeed.initialize``.
         expert_converter: reads stock experts the default converter cannot (see ``convert.ExpertConverter``).
+        placement: which EP rank holds which experts, instead of the section's placement files (e.g. planned by
+            ``plan_placement`` from a recorded load). For Hugging Face models any layout (several experts per rank,
+            replicas of hot experts: these need ``"managed_gradient_accumulation": false`` and ZeRO 0 or 1, and
+            their gradients are summed over their replicas before each engine step); for stock layers one expert
+            per rank.
     Returns:
         what ``deepspeed.initialize`` returns: (engine, optimizer, training_dataloader, lr_scheduler).
     """
@@ -109,15 +116,26 @@ def initialize(
     num_experts, top_k = _routing(model, hf)
     section = _resolve_section(section, num_experts)
     # Planned before any group or collective, identically on every rank (pure function of the files).
-    placement = _section_placement(section, num_experts, top_k)
+    given = placement is not None
+    files = {k: v for k, v in (("topology_file", section.placement.topology_file),
+                               ("load_file", section.placement.load_file)) if v is not None}
+    if given and files:
+        raise ValueError(f"initialize got a placement and {SECTION}.placement {files}: give one or the other")
+    if not given:
+        placement = _section_placement(section, num_experts, top_k)
     ranks_per_node = resolve_ranks_per_node(section, placement)
     ep_group = ensure_expert_groups(section.ep_size, bool(raw.get("use_data_before_expert_parallel_", False)))
     if hf:
-        mapping = convert_hf_blocks(model, section, raw.get(SECTION), ep_group, placement, _zero_stage(raw),
-                                    ranks_per_node=ranks_per_node)
+        mapping, replicated = convert_hf_blocks(
+            model, section, raw.get(SECTION), ep_group, placement, _zero_stage(raw), ranks_per_node=ranks_per_node,
+            placement_given=given, managed_accumulation=bool(raw.get("managed_gradient_accumulation", True)))
         # Under ZeRO 3 the engine sees no MoE module and would not split the expert groups off itself.
         model_parameters = list(model.parameters()) if model_parameters is None else model_parameters
     else:
+        replicated = False
+        if placement is not None and any(len(held) != 1 for held in placement.rank_to_experts):
+            raise NotImplementedError("a placement for deepspeed.moe.layer.MoE layers holds one expert per rank; "
+                                      "replicas and several experts per rank need a Hugging Face model")
         expert_groups = None if placement is None else deepspeed_expert_groups(placement, ep_group,
                                                                                 section.group_name)
         mapping = convert_moe_layers(model, section, ep_group, expert_converter=expert_converter,
@@ -128,8 +146,8 @@ def initialize(
     outputs = deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                                    config=config, **kwargs)
     engine = outputs[0]
-    _hook_bias_updates(engine, section)
-    if placement is not None:
+    _hook_bias_updates(engine, section, replicated)
+    if placement is not None and not any(len(held) != 1 for held in placement.rank_to_experts):
         expert_id = placement.rank_to_expert[groups._get_expert_parallel_rank(section.group_name)]
         hook_checkpoint_names(engine, section.group_name, expert_id)
     engine.large_ep_placement = placement
@@ -308,8 +326,10 @@ def update_large_ep_biases(model: nn.Module) -> int:
                for name, layers in by_group.items())
 
 
-def _hook_bias_updates(engine: Any, section: LargeEPSection) -> None:
-    """Run the bias update (and the monitor) after each optimizer step the engine really takes.
+def _hook_bias_updates(engine: Any, section: LargeEPSection, replicated: bool = False) -> None:
+    """Run the bias update (and the monitor) after each optimizer step the engine really takes; with replicated
+    experts, sum their gradients over their replicas first (``hf_blocks.REPLICA_GROUP_ATTR``), before the engine's
+    step reduces them (unmanaged gradient accumulation: the engine reduces in ``step()``).
 
     ``engine.step`` is wrapped on this engine instance: the engine is built inside ``deepspeed.initialize``, so it
     cannot be subclassed, and an optimizer step hook would fire once per parameter group under ZeRO.
@@ -325,6 +345,8 @@ def _hook_bias_updates(engine: Any, section: LargeEPSection) -> None:
 
     def step(*args: Any, **kwargs: Any) -> Any:
         before = engine.global_steps
+        if replicated:
+            reduce_expert_gradients(engine.module.parameters(), group_attr=REPLICA_GROUP_ATTR)
         out = engine_step(*args, **kwargs)
         if engine.global_steps == before or not engine.was_step_applied():
             return out  # a gradient-accumulation micro-step, or a step skipped on overflow

@@ -37,7 +37,8 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 
 from largeep_plugin.layer.comm import ProcessGroup, group_size
-from largeep_plugin.layer.moe_layer import LargeEPMoE
+from largeep_plugin.layer.moe_layer import LargeEPMoE, moe_layers
+from largeep_plugin.layer.process_groups import build_replica_groups, ep_partition, ep_ranks_of
 from largeep_plugin.placement.plan import Placement
 from largeep_plugin.integrations.hf.block import LargeEPHFBlock
 from largeep_plugin.integrations.hf.convert import MODEL_FIELDS, convert_model, placement_for
@@ -126,17 +127,29 @@ def _overrides(section: LargeEPSection, written: Mapping[str, Any] | None, famil
     return {k: v for k, v in layer_fields(section).items() if k not in MODEL_FIELDS}
 
 
-def _layout(num_experts: int, section: LargeEPSection, ep_group: ProcessGroup,
-            placement: Placement | None) -> Placement | None:
-    """Which EP rank holds which experts: the section's placement, expert e on rank e (None), or
-    (``allow_colocate``) contiguous blocks of L experts. Replicas (E < R) are refused, as for the stock layers
-    (``section/placement.py``: DeepSpeed reduces expert gradients over its expert-data-parallel group only)."""
+REPLICA_GROUP_ATTR = "large_ep_replica_group"
+"""Attribute of a replicated expert's parameters: the ranks of its own EP group holding the same expert, over which
+its gradient is summed before the engine's step reduces it (``initialize``'s step wrapper)."""
+
+
+def _layout(num_experts: int, section: LargeEPSection, ep_group: ProcessGroup, placement: Placement | None,
+            given: bool, replicas_ok: str | None) -> Placement | None:
+    """Which EP rank holds which experts: a placement passed to ``initialize`` (any layout: colocated, replicated),
+    the section's placement (one expert per rank), expert e on rank e (None), or (``allow_colocate``) contiguous
+    blocks of L experts. ``replicas_ok`` is None when the config allows replicas, else why not."""
     ep = group_size(ep_group)
     where = f"{SECTION}.ep_size={ep}"
+    if given and placement is not None:
+        if placement.num_experts != num_experts or placement.world_size != ep:
+            raise ValueError(f"placement has {placement.num_experts} experts on {placement.world_size} ranks, but the "
+                             f"model's blocks have {num_experts} experts on {where}")
+        if max(placement.num_replicas) > 1 and replicas_ok is not None:
+            raise NotImplementedError(f"a placement with replicas under DeepSpeed needs {replicas_ok}")
+        return placement
     if num_experts < ep:
-        raise NotImplementedError(f"{num_experts} experts per block on {where} would replicate experts: not "
-                                  f"supported under DeepSpeed; give ep_size={num_experts} (or a divisor of it with "
-                                  f"{SECTION}.allow_colocate)")
+        raise NotImplementedError(f"{num_experts} experts per block on {where} would replicate experts: give "
+                                  f"ep_size={num_experts} (or a divisor of it with {SECTION}.allow_colocate), or "
+                                  "pass initialize a placement with replicas")
     if num_experts > ep:
         if placement is not None:
             raise NotImplementedError(f"{SECTION}.placement with {num_experts} experts on {where}: a placement "
@@ -147,9 +160,23 @@ def _layout(num_experts: int, section: LargeEPSection, ep_group: ProcessGroup,
     return placement_for(num_experts, ep_group, placement, section.allow_colocate)
 
 
+def _tag_replica_groups(model: nn.Module, layout: Placement, ep_group: ProcessGroup) -> bool:
+    """Tag every replicated expert parameter with its replica group (``REPLICA_GROUP_ATTR``; collective: builds
+    the groups, once for every block). Returns whether the layout has replicas."""
+    if max(layout.num_replicas) == 1:
+        return False
+    by_expert = build_replica_groups(layout.rank_to_experts, ep_partition(ep_ranks_of(ep_group)))
+    for _, layer in moe_layers(model):
+        for expert_id, module in layer.local_experts():
+            for p in module.parameters():
+                setattr(p, REPLICA_GROUP_ATTR, by_expert.get(expert_id))
+    return True
+
+
 def convert_hf_blocks(model: nn.Module, section: LargeEPSection, written: Mapping[str, Any] | None,
                       ep_group: ProcessGroup, placement: Placement | None, zero_stage: int,
-                      ranks_per_node: int | None = None) -> dict[int, list[nn.Parameter]]:
+                      ranks_per_node: int | None = None, placement_given: bool = False,
+                      managed_accumulation: bool = True) -> tuple[dict[int, list[nn.Parameter]], bool]:
     """Convert every Hugging Face MoE block of ``model`` in place for the engine (module docstring).
 
     Args:
@@ -158,13 +185,23 @@ def convert_hf_blocks(model: nn.Module, section: LargeEPSection, written: Mappin
         ep_group: DeepSpeed's group ``ep_size_<R>`` of this rank; placement: the section's, or None.
         zero_stage: the config's ZeRO stage (3: the stage-3 tags instead of the ``MoE`` class).
         ranks_per_node: ranks of one node for ``overlap.dispatch = "hierarchical"`` (``resolve_ranks_per_node``).
+        placement_given: ``placement`` was passed to ``initialize`` (any layout, replicas included), not planned
+            from the section's files (one expert per rank).
+        managed_accumulation: the config's ``managed_gradient_accumulation`` (replicas need it false).
     Returns:
-        ``{id(Hugging Face parameter): [the converted parameters read from it]}``, for the optimizer groups.
+        ``{id(Hugging Face parameter): [the converted parameters read from it]}``, for the optimizer groups, and
+        whether experts have replicas (their gradients to be summed before each engine step: ``REPLICA_GROUP_ATTR``).
     """
     blocks = hf_moe_blocks(model)
     num_experts, _ = hf_routing(model)  # type: ignore[misc]
     overrides = _overrides(section, written, blocks[0][2])
-    layout = _layout(num_experts, section, ep_group, placement)
+    replicas_ok = None
+    if zero_stage > 1 or managed_accumulation:
+        # ZeRO 2 moves each gradient into its own buffers during backward, even unmanaged: the sum would miss them.
+        replicas_ok = ('"managed_gradient_accumulation": false and ZeRO stage 0 or 1 (the engine then reduces '
+                       'gradients in step(), after the replicas have summed theirs); the config has stage '
+                       f'{zero_stage}, managed_gradient_accumulation {str(managed_accumulation).lower()}')
+    layout = _layout(num_experts, section, ep_group, placement, placement_given, replicas_ok)
     group_name = section.group_name
     old = {name: dict(block.named_parameters()) for name, block, _ in blocks}
     expert_groups = deepspeed_expert_groups(layout or Placement.identity(num_experts), ep_group, group_name)
@@ -183,4 +220,5 @@ def convert_hf_blocks(model: nn.Module, section: LargeEPSection, written: Mappin
             tag_for_zero3(block.moe, group_name)
         else:
             as_deepspeed_moe(block, group_name)
-    return mapping
+    replicated = layout is not None and _tag_replica_groups(model, layout, ep_group)
+    return mapping, replicated

@@ -7,16 +7,17 @@ Every variant trains the same tiny random-init model (``bench_models.py``: same 
 under the same DeepSpeed config (ZeRO stage 1, AdamW); one step is forward + backward + optimizer step:
     unconverted         the model under plain ``deepspeed.initialize``: every rank holds every expert (data parallel)
     autoep              DeepSpeed's own AutoEP (``"expert_parallel": {"autoep_size": N}``): expert e on rank e
-    large_ep            the model converted by the plugin (``convert_model``): expert e on rank e
+    large_ep            the model converted by the plugin: ``largeep_plugin.deepspeed.initialize`` with the
+                        ``"large_ep"`` section (bias rate 0, as the others have no balancing bias): expert e on rank e
     large_ep_replicas   the same with E + X expert slots (X = N by default: a second slot on every rank); the extra
                         copies go to the hot experts, planned by ``plan_placement`` from the per-expert load that
                         ``large_ep`` recorded (its layers' ``last_stats``) over its first steps. Its extra memory
                         shows in the peak-memory column.
 
-A rank with two slots runs them one after the other (colocated experts). Replicas of an expert sum their
-gradients over their replica group between backward and the optimizer step (``layer/grads.py``), which DeepSpeed's
-engine does not do itself: so every variant runs with ``"managed_gradient_accumulation": false`` (the engine
-reduces gradients in ``step()``, not at the end of ``backward()``), the same config for all.
+A rank with two slots runs them one after the other (colocated experts); the placement goes to ``initialize``,
+which sums the replicas' gradients over their replica group in the engine's step, before the engine reduces them.
+That needs ``"managed_gradient_accumulation": false`` (the engine reduces gradients in ``step()``, not at the end of
+``backward()``): every variant runs with it, the same config for all.
 
 Timing: the variants are interleaved in one world (``tools/side_by_side.py``), after ``warmup`` untimed steps;
 the median of ``iters`` timed steps counts; also the busiest rank's CPU time per step, the step if every rank had
@@ -38,7 +39,6 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from largeep_plugin.layer.grads import reduce_expert_gradients
 from largeep_plugin.layer.moe_layer import load_stats, moe_layers
 from largeep_plugin.placement.plan import Placement, plan_placement
 from largeep_plugin.placement.topology import Topology
@@ -169,43 +169,25 @@ def replica_placement(load_E: torch.Tensor, num_ranks: int, extra_slots: int) ->
                      rank_to_experts=tuple(tuple(sorted(h)) for h in held))
 
 
-@dataclass
-class _Variant:
-    engine: Any
-    after_backward: Callable[[], None] = lambda: None
-
-
-def _step(variant: _Variant, ids_BS: torch.Tensor) -> torch.Tensor:
+def _step(engine: Any, ids_BS: torch.Tensor) -> torch.Tensor:
     """One training step; returns the loss."""
-    engine = variant.engine
     loss = engine(input_ids=ids_BS, labels=ids_BS).loss
     engine.backward(loss)
-    variant.after_backward()
     engine.step()
     return loss.detach()
 
 
 def _large_ep_engine(model: nn.Module, ep_size: int, config: dict[str, Any], placement: Placement | None) -> Any:
-    """The model converted by the plugin under ``deepspeed.initialize``.
+    """The model converted by the plugin's ``initialize`` through its ``"large_ep"`` section (``placement``: the
+    replicas' layout; their gradients are summed over the replicas in the engine's step)."""
+    from largeep_plugin.integrations.deepspeed.engine import initialize
 
-    To be replaced by ``largeep_plugin.integrations.deepspeed.engine.initialize`` with a ``"large_ep"`` section once
-    it converts Hugging Face models (branch hf-ds): the one call ``initialize(model=model, model_parameters=
-    model.parameters(), config={**config, "large_ep": {"enabled": True, "ep_size": ep_size}})``."""
-    import deepspeed
-
-    from largeep_plugin.integrations.deepspeed.convert import LargeEPDeepSpeedMoE
-    from largeep_plugin.integrations.deepspeed.engine import _moe_param_groups, ensure_expert_groups
-
-    group = ensure_expert_groups(ep_size)
+    # Bias rate 0: every variant trains the same model the same way (AutoEP has no balancing bias).
+    section = {"enabled": True, "ep_size": ep_size, "allow_colocate": True, "load_balance": {"bias_update_rate": 0.0}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the colocation warning of the replicas' second slot
-        convert_model(model, group, placement=placement)
-    # The engine treats only deepspeed.moe.layer.MoE modules as MoE (expert groups under ZeRO, no broadcast of
-    # experts): one view per block sharing its layer, which also tags the expert parameters (allreduce=False,
-    # group_name="ep_size_N").
-    model.large_ep_views = nn.ModuleList(LargeEPDeepSpeedMoE(layer) for _, layer in moe_layers(model))
-    params = _moe_param_groups(list(model.parameters()), {}, model)
-    return deepspeed.initialize(model=model, model_parameters=params, config=config)[0]
+        return initialize(model=model, model_parameters=model.parameters(), config={**config, "large_ep": section},
+                          placement=placement)[0]
 
 
 def _autoep_engine(model: nn.Module, family: str, ep_size: int, config: dict[str, Any]) -> Any:
@@ -221,19 +203,16 @@ def _autoep_engine(model: nn.Module, family: str, ep_size: int, config: dict[str
     return engine
 
 
-def _build(variant: str, settings: HFBenchSettings, router: str, ep_size: int, placement: Placement | None) -> _Variant:
+def _build(variant: str, settings: HFBenchSettings, router: str, ep_size: int, placement: Placement | None) -> Any:
     import deepspeed
 
     model = bench_model(settings.family, ep_size, settings.sizes, router, settings.seed, settings.skew)
     config = deepspeed_config(settings)
     if variant == "unconverted":
-        return _Variant(deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)[0])
+        return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)[0]
     if variant == "autoep":
-        return _Variant(_autoep_engine(model, settings.family, ep_size, config))
-    engine = _large_ep_engine(model, ep_size, config, placement)
-    if placement is None:
-        return _Variant(engine)
-    return _Variant(engine, after_backward=lambda: reduce_expert_gradients(engine.module.parameters()))
+        return _autoep_engine(model, settings.family, ep_size, config)
+    return _large_ep_engine(model, ep_size, config, placement)
 
 
 def _summed_load(model: nn.Module) -> torch.Tensor | None:
@@ -243,21 +222,21 @@ def _summed_load(model: nn.Module) -> torch.Tensor | None:
     return sum(s.tokens_per_expert_E for s in stats.values()) if stats else None
 
 
-def _first_steps(build: Callable[[], _Variant], ids_BS: torch.Tensor,
-                 steps: int) -> tuple[_Variant, float | None, float, torch.Tensor | None]:
+def _first_steps(build: Callable[[], Any], ids_BS: torch.Tensor,
+                 steps: int) -> tuple[Any, float | None, float, torch.Tensor | None]:
     """Build a variant and take its first ``steps`` steps: every variant takes the same steps, so they train alike.
 
-    Returns the variant, its peak memory growth (MiB) from before the build through the first step, the first
+    Returns the variant's engine, its peak memory growth (MiB) from before the build through the first step, the first
     step's loss, and (large-EP) the load summed over the steps and layers."""
     base = resident_kib()
     variant = build()
     losses: list[torch.Tensor] = []
     peak = peak_growth_mib(lambda: losses.append(_step(variant, ids_BS)), since_kib=base)
-    load_E = _summed_load(variant.engine.module)
+    load_E = _summed_load(variant.module)
     for _ in range(steps - 1):
         _step(variant, ids_BS)
         if load_E is not None:
-            load_E = load_E + _summed_load(variant.engine.module)
+            load_E = load_E + _summed_load(variant.module)
     return variant, peak, float(losses[0]), load_E
 
 
@@ -288,7 +267,7 @@ def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, va
     # would otherwise land in the first variant's memory.
     minimal = dataclasses.replace(settings.sizes, hidden_size=4 * settings.sizes.num_heads, ffn_hidden_size=4)
     _step(_build("unconverted", dataclasses.replace(settings, sizes=minimal), router, world, None), ids_BS)
-    built: dict[str, _Variant] = {}
+    built: dict[str, Any] = {}
     out: dict[str, Any] = {"peak_mib": {}, "first_loss": {}, "last_loss": {}, "cpu_seconds": {}}
     placement = None
     for i, v in enumerate(variants):
@@ -297,7 +276,7 @@ def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, va
             settings.record_steps)
         if v == "large_ep":
             placement = replica_placement(load_E, world, extra)
-            out.update(_routing_facts(load_E, placement, built[v].engine.module))
+            out.update(_routing_facts(load_E, placement, built[v].module))
         if progress is not None:
             progress.update(i + 1, built=v)
 
