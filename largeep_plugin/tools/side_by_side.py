@@ -129,7 +129,9 @@ def plot_throughput(rows: list[dict[str, Any]], path: str, title: str, *, group_
     ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(groups))], groups)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
+    ax.margins(y=0.05)
+    # Below the axes, one row: inside them the legend would cover the bars.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(4, len(variants)), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
