@@ -8,6 +8,7 @@ from setuptools import find_packages, setup
 MEGATRON = ["megatron-core>=0.16,<0.17"]
 DEEPSPEED = ["deepspeed>=0.19,<0.20"]
 HF = ["transformers>=5.0", "safetensors>=0.4"]
+MONITOR = ["tensorboard>=2.10"]  # the "monitor.tensorboard_dir" of the large_ep section, Megatron's writer
 TEST = ["pytest>=7", "pytest-timeout>=2"]
 
 setup(
@@ -28,8 +29,9 @@ setup(
         "megatron": MEGATRON,
         "deepspeed": DEEPSPEED,
         "hf": HF,
+        "monitor": MONITOR,
         "test": TEST,
-        "all": MEGATRON + DEEPSPEED + HF + TEST,
+        "all": MEGATRON + DEEPSPEED + HF + MONITOR + TEST,
     },
     entry_points={"console_scripts": ["largeep=largeep_plugin.cli:main"]},
 )

@@ -13,7 +13,7 @@ balancing-bias rate is 0 for the parity runs so that routing cannot drift. Check
       summed before the engine's step);
     * the bias (rate > 0, two gradient-accumulation micro-steps per step, EP 2 x 2 copies) stays put after a
       micro-step, moves after the real step, identically on every rank (counts summed over the copies); the
-      monitor's JSONL file gets one record per step and layer;
+      monitor's JSONL file gets one record per step and layer, and TensorBoard the same imbalance per step;
     * checkpoint: two steps, ``engine.save_checkpoint``, a fresh engine built from other weights
       ``load_checkpoint``s it: every parameter and the bias equal, the next step's loss equal, one file per layer
       and expert (every rank's experts); the same with colocated experts, and under ZeRO 3 (EP 2 x 2 copies);
@@ -134,13 +134,14 @@ def _checkpoint(rank: int, ckpt_dir: str, experts: int, section: dict, stage: in
     }
 
 
-def _bias_steps(rank: int, world: int, jsonl: str) -> dict:
+def _bias_steps(rank: int, world: int, jsonl: str, tensorboard_dir: str) -> dict:
     """Bias rate > 0, two micro-steps per optimizer step, EP 2 x 2 data-parallel copies (the counts must be summed
     over the copies for the bias to stay the same everywhere; 4 experts, two per rank): the bias after each
     micro-step."""
     from largeep_plugin.layer.moe_layer import moe_layers
 
-    section = {"enabled": True, "ep_size": 2, "allow_colocate": True, "monitor": {"jsonl_path": jsonl},
+    section = {"enabled": True, "ep_size": 2, "allow_colocate": True,
+               "monitor": {"jsonl_path": jsonl, "tensorboard_dir": tensorboard_dir},
                "load_balance": {"bias_update_rate": 0.01}}
     engine = _engine("mixtral", 4, 2, section, gas=2)
     biases = []
@@ -243,7 +244,7 @@ def _world(rank: int, world: int, tmp: str, files: dict) -> dict:
     out["placed"] = _placed(rank, os.path.join(tmp, "ckpt_placed"), files)
     out["errors"] = _errors()
     out["param_groups"] = _param_groups()
-    out["bias"] = _bias_steps(rank, world, os.path.join(tmp, "load.jsonl"))
+    out["bias"] = _bias_steps(rank, world, os.path.join(tmp, "load.jsonl"), os.path.join(tmp, "tb"))
     rate = {"load_balance": {"bias_update_rate": 0.01}}
     out["ckpt"] = _checkpoint(rank, os.path.join(tmp, "ckpt"), WORLD, dict(auto, **rate))
     out["ckpt_colocated"] = _checkpoint(rank, os.path.join(tmp, "ckpt8"), 8,
@@ -310,6 +311,15 @@ def test_bias_moves_after_real_steps_only_and_the_same_everywhere(results):
                                                           for i in (0, 1)]
     # The tokens of the step's last micro-batch on rank 0's EP group (2 ranks), top 2 each.
     assert all(sum(r["counts"]) == 2 * BATCH * SEQ * 2 for r in records)
+    # TensorBoard (rank 0 writes): each layer's imbalance and drops at each real step, as in the JSONL records.
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = event_accumulator.EventAccumulator(os.path.join(results[0]["tmp"], "tb"))
+    events.Reload()
+    for r in records:
+        tag = f"large_ep/{r['layer']}/imbalance"
+        got = {e.step: e.value for e in events.Scalars(tag)}
+        assert got[r["step"]] == pytest.approx(r["imbalance"], rel=1e-6), (tag, got, r)
+        assert {e.step for e in events.Scalars(f"large_ep/{r['layer']}/drops")} == {1, 2}
 
 
 @pytest.mark.parametrize("case,experts", [("ckpt", WORLD), ("ckpt_colocated", 8), ("ckpt_z3", WORLD)])

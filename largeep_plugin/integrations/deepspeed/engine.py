@@ -358,6 +358,7 @@ def _hook_bias_updates(engine: Any, section: LargeEPSection, replicated: bool = 
                 if layer.last_stats is not None:
                     writer.add_scalar(f"large_ep/{name}/imbalance", layer.last_stats.imbalance, engine.global_steps)
                     writer.add_scalar(f"large_ep/{name}/drops", int(layer.last_stats.dropped), engine.global_steps)
+            writer.flush()  # one small write per step; nothing is lost when a run ends without closing it
         update_large_ep_biases(engine.module)
         return out
 
