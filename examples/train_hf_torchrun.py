@@ -27,17 +27,17 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 import largeep_plugin as lep
 import largeep_plugin.hf as lhf
+from largeep_plugin.integrations.hf.tiny_models import BENCH_FAMILIES, ModelSizes, tiny_config
 from largeep_plugin.models.synthetic import MarkovChainData
 from largeep_plugin.tools.docs_quick import shorten
 
-FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "olmoe", "gpt_oss")
+FAMILIES = tuple(BENCH_FAMILIES)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden-size", type=int, default=64, help="model width H")
     p.add_argument("--ffn-hidden-size", type=int, default=128, help="each expert's hidden width F")
     p.add_argument("--layers", type=int, default=2, help="decoder layers (each with an MoE block)")
-    p.add_argument("--heads", type=int, default=4, help="attention heads (key-value heads: half of them)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--vocab-size", type=int, default=128, help="tokens of the synthetic Markov chain")
     p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per rank per step")
@@ -76,39 +76,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "seq_len", "layers", "heads", "hidden_size", "ffn_hidden_size", "top_k"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
-    if args.hidden_size % args.heads or args.heads % 2:
-        p.error(f"--hidden-size {args.hidden_size} must be a multiple of --heads {args.heads}, and --heads even")
+    try:
+        sizes_of(args)
+    except ValueError as e:
+        p.error(str(e))
     return shorten(args, steps=2)  # LARGEEP_DOCS_QUICK=1: the docs check's short run
 
 
-def tiny_config(family: str, num_experts: int, args: argparse.Namespace) -> Any:
-    """A small transformers config of ``family`` from the command line's sizes."""
-    import transformers as tf
-
-    head_dim = args.hidden_size // args.heads
-    common = dict(hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                  num_key_value_heads=args.heads // 2, vocab_size=args.vocab_size, num_experts_per_tok=args.top_k)
-    ffn, dense_ffn = args.ffn_hidden_size, 2 * args.ffn_hidden_size
-    if family == "mixtral":
-        return tf.MixtralConfig(intermediate_size=ffn, num_local_experts=num_experts, **common)
-    if family == "qwen3_moe":
-        return tf.Qwen3MoeConfig(intermediate_size=dense_ffn, moe_intermediate_size=ffn, num_experts=num_experts,
-                                 norm_topk_prob=True, head_dim=head_dim, **common)
-    if family == "qwen2_moe":
-        return tf.Qwen2MoeConfig(intermediate_size=dense_ffn, moe_intermediate_size=ffn, num_experts=num_experts,
-                                 shared_expert_intermediate_size=ffn, **common)
-    if family == "deepseek_v3":
-        # Two routing groups, the token's best one first, when each group still holds top_k experts.
-        groups = 2 if num_experts % 2 == 0 and num_experts // 2 >= args.top_k else 1
-        return tf.DeepseekV3Config(intermediate_size=dense_ffn, moe_intermediate_size=ffn,
-                                   n_routed_experts=num_experts, n_group=groups, topk_group=1, n_shared_experts=1,
-                                   first_k_dense_replace=0, kv_lora_rank=2 * head_dim, q_lora_rank=None,
-                                   qk_rope_head_dim=head_dim, qk_nope_head_dim=head_dim, v_head_dim=head_dim,
-                                   **dict(common, num_key_value_heads=args.heads))
-    if family == "olmoe":
-        return tf.OlmoeConfig(intermediate_size=ffn, num_experts=num_experts, bos_token_id=None, eos_token_id=None,
-                              pad_token_id=None, **common)
-    return tf.GptOssConfig(intermediate_size=ffn, num_local_experts=num_experts, head_dim=head_dim, **common)
+def sizes_of(args: argparse.Namespace) -> ModelSizes:
+    """The model sizes of the command line (``ModelSizes`` checks them)."""
+    return ModelSizes(hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size, num_layers=args.layers,
+                      num_heads=args.heads, vocab_size=args.vocab_size, seq_len=args.seq_len,
+                      batch_size=args.batch_size, top_k=args.top_k)
 
 
 def init_distributed(device: str) -> torch.device:
@@ -136,7 +115,7 @@ def build_model(args: argparse.Namespace, groups: lhf.ParallelGroups, device: to
     if num_experts < args.top_k:
         raise ValueError(f"--num-experts {num_experts} must be >= --top-k {args.top_k}")
     torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(args.family, num_experts, args)).float()
+    model = AutoModelForCausalLM.from_config(tiny_config(args.family, num_experts, sizes_of(args))).float()
     lhf.convert_model(model, groups.ep_group, allow_colocate=args.allow_colocate,
                       bias_update_rate=args.bias_update_rate)
     return model.to(device).train()

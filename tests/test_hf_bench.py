@@ -14,7 +14,7 @@ pytest.importorskip("deepspeed")
 
 from largeep_plugin.cli import main  # noqa: E402
 from largeep_plugin.integrations.hf.bench import VARIANTS, autoep_unavailable, replica_placement  # noqa: E402
-from largeep_plugin.integrations.hf.bench_models import ModelSizes, bench_model, hot_experts  # noqa: E402
+from largeep_plugin.integrations.hf.tiny_models import ModelSizes, bench_model, hot_experts  # noqa: E402
 
 TINY = ["--hidden-size", "32", "--ffn-hidden-size", "64", "--num-layers", "1", "--batch-size", "4", "--seq-len", "16",
         "--iters", "2", "--warmup", "1"]

@@ -40,9 +40,9 @@ ROUTER_CHOICES = ("uniform", "skewed", "both")
 
 def _families() -> str:
     try:
-        from largeep_plugin.integrations.hf.bench_models import BENCH_FAMILIES
+        from largeep_plugin.integrations.hf.tiny_models import BENCH_FAMILIES
     except ImportError:  # transformers (hf extra) missing: the command says so when run
-        return "see largeep_plugin/integrations/hf/bench_models.py"
+        return "see largeep_plugin/integrations/hf/tiny_models.py"
     return ", ".join(BENCH_FAMILIES)
 
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         shorten(args, iters=1, warmup=1, record_steps=1, seq_len=16)
         from largeep_plugin.integrations.hf.bench import (HFBenchSettings, autoep_unavailable, check_variants,
                                                           format_table, result_json, run_hf_bench)
-        from largeep_plugin.integrations.hf.bench_models import ModelSizes
+        from largeep_plugin.integrations.hf.tiny_models import ModelSizes
 
         sizes = ModelSizes(hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
                            num_layers=args.num_layers, num_heads=args.num_heads, vocab_size=args.vocab_size,

@@ -7,7 +7,8 @@
 
 Files: families.py (the registry of supported blocks), block.py (the replacement block and its router-logits tap),
 weights.py (the weight mapping), convert.py, checkpoint.py, training.py (plain PyTorch: groups, DDP); bench.py and
-bench_models.py serve ``largeep bench hf`` (they import DeepSpeed too, and nothing here imports them).
+tiny_models.py serve ``largeep bench hf`` and the examples (bench.py imports DeepSpeed too; nothing here imports
+them).
 """
 from .checkpoint import from_pretrained, save_pretrained
 from .convert import convert_model

@@ -3,7 +3,7 @@
 Shape legend:
     N  ranks (= EP size)   E  experts (= N)   T  tokens per rank   X  extra expert slots of the replicas variant
 
-Every variant trains the same tiny random-init model (``bench_models.py``: same weights, same tokens per rank)
+Every variant trains the same tiny random-init model (``tiny_models.py``: same weights, same tokens per rank)
 under the same DeepSpeed config (ZeRO stage 1, AdamW); one step is forward + backward + optimizer step:
     unconverted         the model under plain ``deepspeed.initialize``: every rank holds every expert (data parallel)
     autoep              DeepSpeed's own AutoEP (``"expert_parallel": {"autoep_size": N}``): expert e on rank e
@@ -46,7 +46,7 @@ from largeep_plugin.tools.launch import run_world
 from largeep_plugin.tools.progress import ProgressBar
 from largeep_plugin.tools.side_by_side import interleaved_seconds, peak_growth_mib, resident_kib
 
-from .bench_models import ROUTERS, ModelSizes, bench_model, check_family, moe_routers, rank_tokens
+from .tiny_models import ROUTERS, ModelSizes, bench_model, check_family, moe_routers, rank_tokens
 from .convert import convert_model
 
 VARIANTS = ("unconverted", "autoep", "large_ep", "large_ep_replicas")
@@ -58,7 +58,7 @@ class HFBenchSettings:
     """One benchmark run.
 
     Fields:
-        family: the model's ``model_type`` (``bench_models.BENCH_FAMILIES``).
+        family: the model's ``model_type`` (``tiny_models.BENCH_FAMILIES``).
         sizes: the model's sizes and the tokens per rank.
         skew: how far the skewed router lifts the hot experts' logits (standard deviations).
         replica_slots: X, the extra expert slots of ``large_ep_replicas`` (None: one per rank, X = N).

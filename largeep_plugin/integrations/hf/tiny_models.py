@@ -1,5 +1,6 @@
-"""The models and tokens of ``largeep bench hf``: tiny random-init Hugging Face MoE models, built from a config (no
-download), identical in every process and for every variant, with a router that is fresh (near-uniform) or skewed.
+"""Tiny random-init Hugging Face MoE models, built from a config (no download), identical in every process: the
+models and tokens of ``largeep bench hf`` (every variant) and of the examples (``examples/train_hf_*.py``), with a
+router that is fresh (near-uniform) or skewed.
 
 Shape legend:
     B  sequences per rank   S  tokens per sequence   V  vocabulary   H  hidden size   E  experts
@@ -110,7 +111,7 @@ def check_family(family: str) -> None:
         raise ValueError(f"family={family!r} is not one of {', '.join(BENCH_FAMILIES)}")
 
 
-def bench_config(family: str, num_experts: int, sizes: ModelSizes) -> Any:
+def tiny_config(family: str, num_experts: int, sizes: ModelSizes) -> Any:
     """The transformers config of the tiny ``family`` model with ``num_experts`` experts."""
     import transformers
 
@@ -181,7 +182,7 @@ def bench_model(family: str, num_experts: int, sizes: ModelSizes, router: str, s
 
     if router not in ROUTERS:
         raise ValueError(f"router={router!r} is not one of {', '.join(ROUTERS)}")
-    config = bench_config(family, num_experts, sizes)
+    config = tiny_config(family, num_experts, sizes)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).float()
     set_router(model, sizes, skew if router == "skewed" else 0.0, seed)
