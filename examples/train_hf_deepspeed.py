@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from largeep_plugin.integrations.deepspeed.engine import init_deepspeed_comm, initialize, large_ep_section
+from largeep_plugin.integrations.hf.tiny_models import ModelSizes, tiny_config
 from largeep_plugin.layer.moe_layer import load_stats
 from largeep_plugin.models.synthetic import MarkovChainData
 from largeep_plugin.tools.docs_quick import shorten
@@ -50,15 +51,13 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace, num_experts: int) -> torch.nn.Module:
-    """A random-init Mixtral; the same weights on every rank (seeded)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+    """A random-init Mixtral (``largeep_plugin.integrations.hf.tiny_models``); the same weights on every rank."""
+    from transformers import MixtralForCausalLM
 
-    config = MixtralConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-                           intermediate_size=args.ffn_hidden_size, num_hidden_layers=args.num_layers,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=num_experts,
-                           num_experts_per_tok=args.top_k, max_position_embeddings=args.seq_len)
+    sizes = ModelSizes(hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+                       num_layers=args.num_layers, vocab_size=args.vocab_size, seq_len=args.seq_len, top_k=args.top_k)
     torch.manual_seed(args.seed)
-    return MixtralForCausalLM(config).float()
+    return MixtralForCausalLM(tiny_config("mixtral", num_experts, sizes)).float()
 
 
 def main() -> None:

@@ -115,14 +115,15 @@ def initialize(
     hf = bool(hf_moe_blocks(model))
     num_experts, top_k = _routing(model, hf)
     section = _resolve_section(section, num_experts)
-    # Planned before any group or collective, identically on every rank (pure function of the files).
     given = placement is not None
     files = {k: v for k, v in (("topology_file", section.placement.topology_file),
                                ("load_file", section.placement.load_file)) if v is not None}
     if given and files:
         raise ValueError(f"initialize got a placement and {SECTION}.placement {files}: give one or the other")
     if not given:
+        # Planned before any group or collective, identically on every rank (pure function of the files).
         placement = _section_placement(section, num_experts, top_k)
+    one_per_rank = placement is not None and all(len(held) == 1 for held in placement.rank_to_experts)
     ranks_per_node = resolve_ranks_per_node(section, placement)
     ep_group = ensure_expert_groups(section.ep_size, bool(raw.get("use_data_before_expert_parallel_", False)))
     if hf:
@@ -133,7 +134,7 @@ def initialize(
         model_parameters = list(model.parameters()) if model_parameters is None else model_parameters
     else:
         replicated = False
-        if placement is not None and any(len(held) != 1 for held in placement.rank_to_experts):
+        if placement is not None and not one_per_rank:
             raise NotImplementedError("a placement for deepspeed.moe.layer.MoE layers holds one expert per rank; "
                                       "replicas and several experts per rank need a Hugging Face model")
         expert_groups = None if placement is None else deepspeed_expert_groups(placement, ep_group,
@@ -147,7 +148,7 @@ def initialize(
                                    config=config, **kwargs)
     engine = outputs[0]
     _hook_bias_updates(engine, section, replicated)
-    if placement is not None and not any(len(held) != 1 for held in placement.rank_to_experts):
+    if one_per_rank:  # per-expert checkpoint files named by expert id; other layouts keep the engine's slot names
         expert_id = placement.rank_to_expert[groups._get_expert_parallel_rank(section.group_name)]
         hook_checkpoint_names(engine, section.group_name, expert_id)
     engine.large_ep_placement = placement
