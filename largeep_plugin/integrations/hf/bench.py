@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from largeep_plugin.layer.moe_layer import load_stats, moe_layers
+from largeep_plugin.layer.moe_layer import load_stats
 from largeep_plugin.placement.plan import Placement, plan_placement
 from largeep_plugin.placement.topology import Topology
 from largeep_plugin.tools.launch import run_world
@@ -47,7 +47,6 @@ from largeep_plugin.tools.progress import ProgressBar
 from largeep_plugin.tools.side_by_side import interleaved_seconds, peak_growth_mib, resident_kib
 
 from .tiny_models import ROUTERS, ModelSizes, bench_model, check_family, moe_routers, rank_tokens
-from .convert import convert_model
 
 VARIANTS = ("unconverted", "autoep", "large_ep", "large_ep_replicas")
 AUTOEP_NEWEST_TRANSFORMERS = "5.22.2"

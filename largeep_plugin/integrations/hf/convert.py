@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from largeep_plugin.layer.comm import ProcessGroup, group_size
