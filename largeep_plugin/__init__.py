@@ -19,7 +19,7 @@ the frameworks come in through ``largeep_plugin.megatron`` and ``largeep_plugin.
 from largeep_plugin.layer.config import LargeEPConfig
 from largeep_plugin.layer.grads import allreduce_gradients
 from largeep_plugin.layer.load_balance import LoadMonitor
-from largeep_plugin.layer.moe_layer import LargeEPMoE, load_stats, update_expert_biases
+from largeep_plugin.layer.moe_layer import LargeEPMoE, load_stats, rebalance, refresh_clones, update_expert_biases
 from largeep_plugin.placement.plan import Placement, plan_placement
 from largeep_plugin.placement.topology import Topology, load_topology
 
@@ -35,5 +35,7 @@ __all__ = [
     "load_stats",
     "load_topology",
     "plan_placement",
+    "rebalance",
+    "refresh_clones",
     "update_expert_biases",
 ]

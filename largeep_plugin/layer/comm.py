@@ -8,6 +8,7 @@ Everything else in the layer is local computation; the overlap scheduler relies 
 ``all_to_all_single`` with explicit split sizes is used throughout: it accepts uneven splits on NCCL and gloo
 (the list form rejects uneven sizes on gloo).
 
+    exchange_rows                        rows that are not tokens: clone weights and their gradients (clones.py)
     all_to_all / all_to_all_lanes        differentiable, blocking (the plain dispatchers); ``during=fn`` runs
                                          local work (the shared expert) while the rows are in flight
     start_all_to_all / ..._lanes         no autograd, returns at once; ``.wait()`` later (the overlap pipeline):
@@ -24,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 ProcessGroup = dist.ProcessGroup
+# ``on_shared(flags_R, sums_X, host_sums)``: what rode along in a count exchange (``exchange_count_rows``).
+OnShared = Callable[[list[int], torch.Tensor, "list[int] | None"], None]
 
 
 def group_size(group: ProcessGroup | None) -> int:
@@ -64,6 +67,13 @@ def _all_to_all_raw(
         return out
     dist.all_to_all_single(out, x_NH.contiguous(), list(output_splits), list(input_splits), group=group)
     return out
+
+
+def exchange_rows(x_NP: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int],
+                  group: ProcessGroup | None) -> torch.Tensor:
+    """A non-differentiable all-to-all of rows with uneven splits, for what is not tokens: the weights of clones
+    after an optimizer step and their gradients in backward (``clones.py``)."""
+    return _all_to_all_raw(x_NP, output_splits, input_splits, group)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -181,7 +191,7 @@ def exchange_chunk_counts(
     device: torch.device | None = None,
     *,
     shared_X: torch.Tensor | None = None,
-    on_shared: Callable[[list[int], torch.Tensor], None] | None = None,
+    on_shared: OnShared | None = None,
 ) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
     """One collective that carries every count a chunked dispatch needs, plus each rank's token count.
 
@@ -219,17 +229,19 @@ def exchange_count_rows(
     *,
     device: torch.device | None = None,
     shared_X: torch.Tensor | None = None,
-    on_shared: Callable[[list[int], torch.Tensor], None] | None = None,
+    on_shared: OnShared | None = None,
 ) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
     """The one count collective of a dispatch: rank s tells rank d row d of its ``send_RP`` (P counts).
 
     ``shared_X`` (int64 [X], X >= 1, optional) rides along, the same X numbers to every rank, so a layer's
     per-expert load, drops and input check need no collective of their own. Its first X - 1 numbers are summed
-    over the group *on the device* (the global load: never read by the host); its last is a flag that every rank
-    reads back, per rank, with the counts (the input check: a bad input anywhere is an error everywhere).
-    ``on_shared(flags_R, sums)`` gets them right after the host sync, before any token moves: a callback that
-    raises does so on every rank at the same point. One ``all_to_all_single`` of R*(P+X) int64 and one host sync
-    (``read_back``) of 2*R*P + R numbers: O(R * P) host work, whatever X is.
+    over the group on the device (the global load), and the sums come to the host in the same read-back (the
+    planner of dynamic replicas reads them there: no sync of its own); its last is a flag that every rank reads
+    back, per rank, with the counts (the input check: a bad input anywhere is an error everywhere).
+    ``on_shared(flags_R, sums, host_sums)`` gets them right after the host sync, before any token moves (``sums``
+    on the device, ``host_sums`` the same as ints; None when X = 1): a callback that raises does so on every rank at
+    the same point. One ``all_to_all_single`` of R*(P+X) int64 and one host sync (``read_back``) of
+    2*R*P + R + X - 1 numbers: O(R * P + X) host work.
 
     Args:
         device: where the collective runs (the tokens' device: NCCL needs GPU tensors); default: send_RP's.
@@ -247,13 +259,17 @@ def exchange_count_rows(
         payload = torch.cat([payload, shared_X.to(payload.device).expand(r, -1)], dim=1)
     recv = exchange_counts(payload, group)
     parts = [payload[:, :p].reshape(-1), recv[:, :p].reshape(-1)]
+    sums = None
     if shared_X is not None:
         parts.append(recv[:, -1])
+        sums = recv[:, p:-1].sum(dim=0)
+        parts.append(sums)
     host = read_back(torch.cat(parts))  # the one host sync
     sent = [host[i * p:(i + 1) * p] for i in range(r)]
     got = [host[(r + i) * p:(r + i + 1) * p] for i in range(r)]
     if on_shared is not None and shared_X is not None:
-        on_shared(host[2 * r * p:], recv[:, p:-1].sum(dim=0))
+        host_sums = host[2 * r * p + r:]
+        on_shared(host[2 * r * p:2 * r * p + r], sums, host_sums if host_sums else None)
     return sent, got, recv[:, :p]
 
 

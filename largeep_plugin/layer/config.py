@@ -125,6 +125,16 @@ class LargeEPConfig:
         check_inputs: check every forward, collectively over the EP group, that inputs are finite, shaped right
             and of one dtype the experts take (their parameters' or autocast's), so that a bad input on one rank
             is an error on all ranks instead of a hang or a crash.
+        dynamic_replicas: S spare expert slots per rank for clones of hot experts, re-planned from the load while
+            training (0 = off; docs/balancing.md). Clones are buffers, refreshed from their home experts by
+            ``largeep_plugin.rebalance(model)`` after every optimizer step; their gradients return to the homes
+            inside the layer's backward. Not with expert tensor parallelism.
+        rebalance_every: re-plan the clones every N calls of ``rebalance`` (>= 1; every call refreshes them).
+        rebalance_decay: the load the planner sees is an exponential moving average over steps,
+            ema = decay * ema + (1 - decay) * this step's load (0 <= decay < 1; 0: the last step only).
+        rebalance_margin: hysteresis: a new plan replaces the current one only when it lowers the busiest rank's
+            rows by more than this fraction of the mean (or, within it, the busiest inter-node link by this
+            fraction); otherwise only the shares follow the load (>= 0).
     """
 
     hidden_size: int
@@ -157,6 +167,10 @@ class LargeEPConfig:
     init_std: float = 0.02
     init_seed: int = 1234
     check_inputs: bool = True
+    dynamic_replicas: int = 0
+    rebalance_every: int = 1
+    rebalance_decay: float = 0.5
+    rebalance_margin: float = 0.02
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -185,6 +199,14 @@ class LargeEPConfig:
         _one_of("router_dtype", self.router_dtype, ROUTER_DTYPES)
         _positive("overlap_chunks", self.overlap_chunks)
         self._check_groups()
+        if self.dynamic_replicas < 0:
+            raise ValueError(f"dynamic_replicas={self.dynamic_replicas!r} must be >= 0 (spare expert slots per rank; "
+                             "0 = off)")
+        _positive("rebalance_every", self.rebalance_every)
+        if not (math.isfinite(self.rebalance_decay) and 0 <= self.rebalance_decay < 1):
+            raise ValueError(f"rebalance_decay={self.rebalance_decay!r} must be a number in [0, 1)")
+        if not (math.isfinite(self.rebalance_margin) and self.rebalance_margin >= 0):
+            raise ValueError(f"rebalance_margin={self.rebalance_margin!r} must be a finite number >= 0")
         if self.shared_ffn_hidden_size is not None:
             _positive("shared_ffn_hidden_size", self.shared_ffn_hidden_size)
         elif self.shared_expert_gate:
@@ -317,6 +339,10 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "init_std": (float, int),
     "init_seed": (int,),
     "check_inputs": (bool,),
+    "dynamic_replicas": (int,),
+    "rebalance_every": (int,),
+    "rebalance_decay": (float, int),
+    "rebalance_margin": (float, int),
 }
 
 

@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from .comm import ProcessGroup, all_to_all, exchange_count_rows, group_size
+from .comm import OnShared, ProcessGroup, all_to_all, exchange_count_rows, group_size
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ class AllToAllDispatcher:
         local_slot_TK: torch.Tensor | None = None,
         num_slots: int = 1,
         shared_X: torch.Tensor | None = None,
-        on_shared: Callable[[list[int], torch.Tensor], None] | None = None,
+        on_shared: OnShared | None = None,
         during: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, DispatchHandle]:
         """Send each kept (token, k) row to ``dest_rank_TK``.
@@ -228,7 +228,7 @@ class AllToAllDispatcher:
         topk_weights_TK: torch.Tensor | None,
         num_slots: int | None = None,
         shared_X: torch.Tensor | None = None,
-        on_shared: Callable[[list[int], torch.Tensor], None] | None = None,
+        on_shared: OnShared | None = None,
     ) -> DispatchHandle:
         """Communication: exchange the counts of ``route`` and freeze what ``send``/``combine`` need.
 

@@ -34,7 +34,7 @@ seeded init of its global expert id, so slot l equals the dense reference's expe
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -60,6 +60,25 @@ def activate(h_NX: torch.Tensor, config: ExpertConfig) -> torch.Tensor:
     gate = gate.clamp(max=config.swiglu_limit)
     up = up.clamp(min=-config.swiglu_limit, max=config.swiglu_limit)
     return (up + 1) * gate * torch.sigmoid(config.swiglu_alpha * gate)
+
+
+class MLPWeights(NamedTuple):
+    """The four tensors of one expert (a module's parameters, or a clone's views of its slot buffer): fc1 [F or 2F,
+    H], its bias [F or 2F] or None, fc2 [H, F], its bias [H] or None."""
+
+    fc1_weight: torch.Tensor
+    fc1_bias: torch.Tensor | None
+    fc2_weight: torch.Tensor
+    fc2_bias: torch.Tensor | None
+
+
+def weights_of(expert: "ExpertMLP") -> MLPWeights:
+    return MLPWeights(expert.fc1.weight, expert.fc1.bias, expert.fc2.weight, expert.fc2.bias)
+
+
+def mlp(rows_NH: torch.Tensor, w: MLPWeights, config: ExpertConfig) -> torch.Tensor:
+    """``ExpertMLP.forward`` on explicit weights (the same ``F.linear`` calls, so the same numbers)."""
+    return F.linear(activate(F.linear(rows_NH, w.fc1_weight, w.fc1_bias), config), w.fc2_weight, w.fc2_bias)
 
 
 def is_gated(activation: str) -> bool:
@@ -123,6 +142,77 @@ class ExpertMLP(nn.Module):
         return self.fc2(activate(self.fc1(rows_NH), self.config))
 
 
+class SlotExperts:
+    """The experts of one rank for one forward, slot by slot: ``slots[l]`` runs slot l (an ``ExpertMLP``, a clone's
+    ``MLPWeights``, or None: an empty slot, which must receive no rows). Called like ``LocalExperts``.
+
+    ``parameters()`` are the tensors it is differentiable in, what the overlap pipeline differentiates: the
+    modules' parameters, then ``tensors`` (the clones' weights, of which their ``MLPWeights`` are views).
+    ``outer_of``: {id(stand-in): the tensor it stands for}, for a tensor the experts compute with as a detached
+    leaf (``overlap._PipelineRun``)."""
+
+    def __init__(self, slots: Sequence[nn.Module | MLPWeights | None], config: ExpertConfig,
+                 tensors: Sequence[torch.Tensor] = (), outer_of: dict[int, torch.Tensor] | None = None):
+        self.weights = list(slots)
+        self.config = config
+        self.tensors = list(tensors)
+        self.outer_of = outer_of or {}
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        for w in self.weights:
+            if isinstance(w, nn.Module):
+                yield from w.parameters()
+        yield from self.tensors
+
+    def __call__(self, rows_MH: torch.Tensor, recv_counts_RL: Sequence[Sequence[int]],
+                 recv_counts_dev_RL: torch.Tensor | None = None) -> torch.Tensor:
+        return run_slots(rows_MH, recv_counts_RL, recv_counts_dev_RL, self.weights, self.config)
+
+
+def run_slots(rows_MH: torch.Tensor, recv_counts_RL: Sequence[Sequence[int]], recv_counts_dev_RL: torch.Tensor | None,
+              weights: Sequence[nn.Module | MLPWeights | None], config: ExpertConfig) -> torch.Tensor:
+    """Each slot's expert on its rows, rows as the dispatch delivers them: grouped by source rank, and inside each
+    source's block by slot (``recv_counts_RL[r][l]`` rows of source r for slot l; the same on the device in
+    ``recv_counts_dev_RL``, or None to copy them there). Slots past ``len(weights)`` and empty slots (None) must
+    receive no rows. Returns the outputs in arrival order.
+
+    It gathers each slot's rows into one contiguous buffer (a local permutation), runs that expert on them, and
+    puts the results back in arrival order: a loop over the slots, or with ``grouped_gemm`` two grouped GEMMs over
+    all of them (grouped_gemm.py)."""
+    num_local = len(weights)
+    width = len(recv_counts_RL[0]) if len(recv_counts_RL) else num_local
+    counts = [int(c) for per_source in recv_counts_RL for c in per_source]
+    per_slot = [sum(int(c[l]) for c in recv_counts_RL) for l in range(min(width, num_local))]
+    empty_used = any(w is None and n for w, n in zip(weights, per_slot))
+    if (width < num_local or empty_used or any(len(per_source) != width or any(per_source[num_local:])
+                                               for per_source in recv_counts_RL) or sum(counts) != rows_MH.shape[0]):
+        raise ValueError(
+            f"recv_counts_RL={[list(c) for c in recv_counts_RL]} must give at least {num_local} counts per "
+            f"source rank (0 past them and for empty slots), summing to the {rows_MH.shape[0]} rows received"
+        )
+    dev = rows_MH.device
+    if recv_counts_dev_RL is None:
+        recv_counts_dev_RL = torch.tensor(counts, dtype=torch.long).to(dev)
+    # The slot of every received row; output_size from the host counts, so the device never reports a size.
+    slot_M = torch.repeat_interleave(torch.arange(width, device=dev).repeat(len(recv_counts_RL)),
+                                     recv_counts_dev_RL.reshape(-1), output_size=rows_MH.shape[0])
+    # Stable: inside one slot, rows stay in (source rank, token) order, as a lone expert would see them.
+    order_M = torch.sort(slot_M, stable=True).indices
+    sorted_MH = rows_MH.index_select(0, order_M)
+    if config.grouped_gemm:
+        tensors = [weights_of(w) if isinstance(w, nn.Module) else w for w in weights]  # type: ignore[arg-type]
+        present = next(w for w in tensors if w is not None)
+        per_slot_dev = recv_counts_dev_RL.reshape(len(recv_counts_RL), width).sum(dim=0)[:num_local]
+        out_MH = grouped_mlp([w if w is not None else present for w in tensors], sorted_MH, per_slot, config,
+                             per_slot_dev)
+    else:
+        parts = sorted_MH.split(per_slot)
+        out_MH = torch.cat([part if w is None else w(part) if isinstance(w, nn.Module) else mlp(part, w, config)
+                            for w, part in zip(weights, parts)])
+    # Back to arrival order, so the combine all-to-all returns each row to its source unchanged.
+    return _unsort(out_MH, order_M)
+
+
 class LocalExperts(nn.ModuleList):
     """The experts of one rank that holds several (colocated experts); slot l holds expert ``expert_ids[l]``.
 
@@ -146,33 +236,8 @@ class LocalExperts(nn.ModuleList):
                 recv_counts_dev_RL: torch.Tensor | None = None) -> torch.Tensor:
         """``recv_counts_RL``: host [R][L] rows per (source, slot), for the split sizes; ``recv_counts_dev_RL``: the
         same counts on the rows' device (the dispatch's count exchange has them there), so that grouping the rows
-        by slot needs no host-to-device copy. None: built from the host counts (a copy)."""
-        num_local = len(self)
-        width = len(recv_counts_RL[0]) if len(recv_counts_RL) else num_local
-        counts = [int(c) for per_source in recv_counts_RL for c in per_source]
-        if (width < num_local or any(len(per_source) != width or any(per_source[num_local:])
-                                     for per_source in recv_counts_RL) or sum(counts) != rows_MH.shape[0]):
-            raise ValueError(
-                f"recv_counts_RL={[list(c) for c in recv_counts_RL]} must give at least {num_local} counts per "
-                f"source rank (0 past them), summing to the {rows_MH.shape[0]} rows received"
-            )
-        dev = rows_MH.device
-        if recv_counts_dev_RL is None:
-            recv_counts_dev_RL = torch.tensor(counts, dtype=torch.long).to(dev)
-        # The slot of every received row; output_size from the host counts, so the device never reports a size.
-        slot_M = torch.repeat_interleave(torch.arange(width, device=dev).repeat(len(recv_counts_RL)),
-                                         recv_counts_dev_RL.reshape(-1), output_size=rows_MH.shape[0])
-        # Stable: inside one slot, rows stay in (source rank, token) order, as a lone expert would see them.
-        order_M = torch.sort(slot_M, stable=True).indices
-        per_slot = [sum(int(c[l]) for c in recv_counts_RL) for l in range(num_local)]
-        sorted_MH = rows_MH.index_select(0, order_M)
-        if self[0].config.grouped_gemm:
-            per_slot_dev = recv_counts_dev_RL.reshape(len(recv_counts_RL), width).sum(dim=0)[:num_local]
-            out_MH = grouped_mlp(list(self), sorted_MH, per_slot, self[0].config, per_slot_dev)
-        else:
-            out_MH = torch.cat([expert(part) for expert, part in zip(self, sorted_MH.split(per_slot))])
-        # Back to arrival order, so the combine all-to-all returns each row to its source unchanged.
-        return _unsort(out_MH, order_M)
+        by slot needs no host-to-device copy. None: built from the host counts (a copy). See ``run_slots``."""
+        return run_slots(rows_MH, recv_counts_RL, recv_counts_dev_RL, list(self), self[0].config)
 
 
 def _unsort(sorted_MH: torch.Tensor, order_M: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from .comm import ProcessGroup, all_to_all, all_to_all_lanes, exchange_chunk_counts, group_rank, group_size
+from .comm import OnShared, ProcessGroup, all_to_all, all_to_all_lanes, exchange_chunk_counts, group_rank, group_size
 from .dispatcher import slot_key, sum_over_k
 from .process_groups import NodeGroups
 
@@ -367,7 +367,7 @@ class HierarchicalDispatcher:
         local_slot_TK: torch.Tensor | None = None,
         num_slots: int = 1,
         shared_X: torch.Tensor | None = None,
-        on_shared: Callable[[list[int], torch.Tensor], None] | None = None,
+        on_shared: OnShared | None = None,
         during: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, HierarchicalHandle]:
         """Send each token once to every node that holds one of its kept experts, then to those experts.

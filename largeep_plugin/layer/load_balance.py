@@ -32,26 +32,38 @@ class LoadStats:
         dropped: int64 0-d, assignments dropped by capacity over the EP group.
         aux_loss: float32 0-d, this rank's switch loss (already multiplied by its coefficient; 0 when off).
         z_loss: float32 0-d, this rank's z-loss (already multiplied by its coefficient; 0 when off).
+        rows_per_rank_R: int64 [R] rows each rank of the EP group computed (kept assignments received, replicas
+            and clones included), or None where the layer does not count them.
     """
 
     tokens_per_expert_E: torch.Tensor
     dropped: torch.Tensor
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
+    rows_per_rank_R: torch.Tensor | None = None
 
     @property
     def imbalance(self) -> float:
         """max / mean of the tokens per expert (1.0 = perfectly balanced)."""
         return imbalance(self.tokens_per_expert_E)
 
+    @property
+    def rank_imbalance(self) -> float | None:
+        """max / mean of the rows per rank: what the step waits for (None when not counted)."""
+        return None if self.rows_per_rank_R is None else imbalance(self.rows_per_rank_R)
+
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "counts": [int(c) for c in self.tokens_per_expert_E.tolist()],
             "imbalance": self.imbalance,
             "drops": int(self.dropped),
             "aux_loss": float(self.aux_loss),
             "z_loss": float(self.z_loss),
         }
+        if self.rows_per_rank_R is not None:
+            out["rows_per_rank"] = [int(c) for c in self.rows_per_rank_R.tolist()]
+            out["rank_imbalance"] = self.rank_imbalance
+        return out
 
 
 def imbalance(tokens_per_expert_E: torch.Tensor) -> float:

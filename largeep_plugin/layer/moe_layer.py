@@ -31,10 +31,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .clones import CloneSlots, counting_forward, rebalance_layers, refresh_clones as refresh_clone_slots
 from .comm import LoadRide, ProcessGroup, group_rank, group_size
 from .config import LargeEPConfig
 from .token_exchange import TokenExchange
 from largeep_plugin.placement.plan import Placement
+from largeep_plugin.placement.topology import Topology
 from .process_groups import ExpertProcessGroups, NodeGroups, ep_ranks_of, layer_expert_groups
 from .expert_slots import rank_to_experts_of, slot_table
 from .experts import ExpertMLP, LocalExperts
@@ -47,6 +49,7 @@ from .router import Router, RoutingResult
 _BAD_HIDDEN = 1
 _NON_FINITE = 2
 _BAD_DTYPE = 4
+_STALE_CLONES = 8
 # Input dtypes travel in step 2 as 1 + their index here: the same list on every rank, as torch is the same.
 _DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
 
@@ -106,7 +109,11 @@ class LargeEPMoE(nn.Module):
         experts: colocated placements only: ``LocalExperts``, slot l holding ``expert_ids[l]`` (state-dict keys
             ``experts.<slot>.fc1.weight``, ...), on every rank of the layer, even one holding a single expert.
             Otherwise the single expert is the submodule ``expert`` (keys ``expert.fc1.weight``, ...).
-        last_stats: ``LoadStats`` of the latest forward (global counts, imbalance, drops, losses).
+        last_stats: ``LoadStats`` of the latest forward (global counts, imbalance, rows per rank, drops, losses).
+        clones: with ``dynamic_replicas`` S > 0, the ``CloneSlots`` of this rank (S spare slots for clones of hot
+            experts, the plan of the EP group: clones.py); None otherwise. Every rank then runs L + S expert slots
+            (L: its home experts' slots), whatever the placement; ``largeep_plugin.rebalance(model)`` after each
+            optimizer step refreshes the clones and re-plans them.
 
     ``forward(x)`` takes ``[..., H]`` and returns the same shape. The auxiliary losses (when their
     coefficients are > 0) are attached to the backward pass; ``forward(x, return_aux=True)`` instead returns
@@ -137,6 +144,7 @@ class LargeEPMoE(nn.Module):
         # L: the slot dimension of the count exchange, the same on every rank (the collectives must match).
         self.num_slots = max(len(held) for held in rank_to_experts)
         self.colocated = self.num_slots > 1
+        clones = config.dynamic_replicas > 0
         # Expert tensor parallelism: t consecutive ranks hold one copy of an expert, shard j on the j-th of them.
         self.tp_size = int(getattr(placement, "expert_tp_degree", 1))
         self.tp_rank = 0
@@ -149,8 +157,12 @@ class LargeEPMoE(nn.Module):
             ranks_per_node = _uniform_ranks_per_node(placement)
         # Steps 3-5 (token_exchange.py): flat or node-batched, pipelined over chunks when overlap_chunks > 1.
         # Built first: an unsupported setting with colocated experts is an error before anything else happens.
-        self.token_exchange = TokenExchange(config.dispatch_config, ep_group, ranks_per_node, colocated=self.colocated,
-                                            node_groups=node_groups)
+        if clones and self.tp_size > 1:
+            raise ValueError(f"dynamic_replicas={config.dynamic_replicas} with expert tensor parallelism (the "
+                             f"placement's expert_tp_degree={self.tp_size}) is not supported: a clone is a whole "
+                             "expert; set dynamic_replicas=0 or use a placement with expert_tp_degree=1")
+        self.token_exchange = TokenExchange(config.dispatch_config, ep_group, ranks_per_node,
+                                            colocated=self.colocated or clones, node_groups=node_groups)
         self.router = Router(config.router_config, config.hidden_size, init_std=config.init_std, init_seed=config.init_seed)
         if self.colocated:
             self._warn_colocated(rank_to_experts)
@@ -161,6 +173,12 @@ class LargeEPMoE(nn.Module):
             self.expert = ExpertMLP(config.expert_config, expert_id=self.expert_ids[0], init_seed=config.init_seed,
                                     tp_rank=self.tp_rank, tp_size=self.tp_size)
         self._join_replica_group(placement, expert_groups)
+        self.clones: CloneSlots | None = None
+        if clones:
+            topology = _ep_topology(placement, ranks_per_node, self.ep_size)
+            self.clones = CloneSlots(config, ep_group=ep_group, ep_rank=self.ep_rank, home=rank_to_experts,
+                                     topology=topology, template=self.local_experts()[0][1])
+            self.num_slots = self.clones.num_slots
         self.shared_expert, self.shared_expert_gate = build_shared_expert(config)
         self.dispatcher = self.token_exchange.dispatcher
         # Global assignments per expert since the last bias update (summed over forwards and micro-batches).
@@ -241,35 +259,24 @@ class LargeEPMoE(nn.Module):
         if bad and not cfg.check_inputs:
             raise ValueError(self._describe_problems({self.ep_rank: bad}, x))
         x_TH = x.reshape(-1, cfg.hidden_size) if not bad else x.new_zeros((0, cfg.hidden_size))
+        homes = [module for _, module in self.local_experts()]
+        slot_experts = None
+        if self.clones is not None:
+            bad |= _STALE_CLONES if self.clones.stale(homes) else 0
+            if bad & _STALE_CLONES and not cfg.check_inputs:
+                raise ValueError(self._describe_problems({self.ep_rank: bad}, x))
+            # The clones' weights, tied to x: their gradients go home once x's gradient is complete (clones.py).
+            x_TH, slot_experts = self.clones.bind(x_TH, homes, cfg.expert_config, stand_in=cfg.overlap_chunks > 1)
 
-        # Step 1: route locally.
+        # Step 1: route locally, and pick the rank (and slot) of every assignment.
         routing = self.router(x_TH)
-
-        # Step 2: every rank's input check (a flag) rides in the dispatch's one count exchange and is read back with
-        # the counts, so a bad input on any rank is an error on every rank before a token moves. The per-expert load
-        # and drops are summed over the group on the device, never read by the host: in the same exchange for small
-        # groups (no collective of their own), or, when R copies of them would be too many numbers, in an
-        # asynchronous all_reduce that runs while the tokens travel (comm.load_rides_in_count_exchange).
-        e = cfg.num_experts
-        load_X = torch.zeros(e + 1, dtype=torch.int64, device=x_TH.device)
-        load_X[:e] = routing.tokens_per_expert_E
-        load_X[e] = routing.num_dropped
-        flag = torch.zeros(1, dtype=torch.int64, device=x_TH.device)
-        if cfg.check_inputs:
-            # One number per rank: the problem bits, and above them the input dtype (ranks that feed different
-            # dtypes would post all-to-alls of different byte sizes: a crash, not an error).
-            flag[0] = bad + _NON_FINITE * (~torch.isfinite(x_TH).all()).long() + ((1 + _DTYPES.index(x.dtype)) << 8)
-        ride = LoadRide(load_X, flag, self.ep_group, self.ep_size)
-
-        def on_shared(flags_R: list[int], sums_X: torch.Tensor) -> None:
-            problems = {r: f & 0xFF for r, f in enumerate(flags_R) if f & 0xFF}
-            dtypes = {r: _DTYPES[(f >> 8) - 1] for r, f in enumerate(flags_R) if f >> 8}
-            if problems or len(set(dtypes.values())) > 1:
-                raise ValueError(self._describe_problems(problems, x, dtypes))
-            ride.take(sums_X)
-
-        # Steps 3-5: dispatch, expert, combine.
-        dest_rank_TK = self._destination_ranks(routing.topk_ids_TK)
+        local_slot_TK = None
+        if self.clones is not None:
+            dest_rank_TK, local_slot_TK = self.clones.destinations(routing.topk_ids_TK, routing.tokens_per_expert_E)
+        else:
+            dest_rank_TK = self._destination_ranks(routing.topk_ids_TK)
+            if self.colocated:
+                local_slot_TK = self.local_slot_RE[dest_rank_TK, routing.topk_ids_TK]
         keep_TK, weights_TK = routing.keep_TK, routing.topk_weights_TK
         if self.tp_size > 1:
             # Each (token, k) goes to all t shards of its replica, with the same weight: the combine's weighted
@@ -277,10 +284,44 @@ class LargeEPMoE(nn.Module):
             t = self.tp_size
             dest_rank_TK = (dest_rank_TK.unsqueeze(-1) + torch.arange(t, device=dest_rank_TK.device)).flatten(1)
             keep_TK, weights_TK = keep_TK.repeat_interleave(t, dim=1), weights_TK.repeat_interleave(t, dim=1)
+
+        # Step 2: every rank's input check (a flag) rides in the dispatch's one count exchange and is read back with
+        # the counts, so a bad input on any rank is an error on every rank before a token moves. The per-expert load
+        # and drops are summed over the group on the device, never read by the host: in the same exchange for small
+        # groups (no collective of their own), or, when R copies of them would be too many numbers, in an
+        # asynchronous all_reduce that runs while the tokens travel (comm.load_rides_in_count_exchange).
+        e, r = cfg.num_experts, self.ep_size
+        load_X = torch.zeros(e + 1 + r, dtype=torch.int64, device=x_TH.device)
+        load_X[:e] = routing.tokens_per_expert_E
+        load_X[e] = routing.num_dropped
+        # Rows each rank will compute: the kept assignments by destination (scatter-add, no sync).
+        to_R = torch.where(keep_TK, dest_rank_TK, r).reshape(-1)
+        load_X[e + 1:] = torch.zeros(r + 1, dtype=torch.int64, device=x_TH.device).scatter_add_(
+            0, to_R, torch.ones_like(to_R))[:r]
+        flag = torch.zeros(1, dtype=torch.int64, device=x_TH.device)
+        if cfg.check_inputs:
+            # One number per rank: the problem bits, and above them the input dtype (ranks that feed different
+            # dtypes would post all-to-alls of different byte sizes: a crash, not an error).
+            flag[0] = bad + _NON_FINITE * (~torch.isfinite(x_TH).all()).long() + ((1 + _DTYPES.index(x.dtype)) << 8)
+        ride = LoadRide(load_X, flag, self.ep_group, self.ep_size)
+        counting = self.clones is not None and counting_forward(self)
+
+        def on_shared(flags_R: list[int], sums_X: torch.Tensor, host_sums: list[int] | None) -> None:
+            problems = {r: f & 0xFF for r, f in enumerate(flags_R) if f & 0xFF}
+            dtypes = {r: _DTYPES[(f >> 8) - 1] for r, f in enumerate(flags_R) if f >> 8}
+            if problems or len(set(dtypes.values())) > 1:
+                raise ValueError(self._describe_problems(problems, x, dtypes))
+            ride.take(sums_X)
+            if counting and ride.fold:
+                self.clones.observe(host_sums, None)  # type: ignore[union-attr]
+
+        # Steps 3-5: dispatch, expert, combine.
         shared = dict(shared_X=ride.shared_X, on_shared=on_shared,
                       side=self._shared_expert_job(x_TH))
-        if self.colocated:
-            local_slot_TK = self.local_slot_RE[dest_rank_TK, routing.topk_ids_TK]
+        if slot_experts is not None:
+            y_TH = self.token_exchange(x_TH, dest_rank_TK, keep_TK, weights_TK, slot_experts,  # type: ignore[arg-type]
+                                       local_slot_TK=local_slot_TK, num_slots=self.num_slots, **shared)
+        elif self.colocated:
             y_TH = self.token_exchange(x_TH, dest_rank_TK, keep_TK, weights_TK, self.experts,
                                        local_slot_TK=local_slot_TK, num_slots=self.num_slots, **shared)
         else:
@@ -288,7 +329,10 @@ class LargeEPMoE(nn.Module):
         if shared["side"] is not None:
             y_TH = y_TH + shared["side"].output
         load = ride.total()
-        global_counts_E, dropped = load[:e], load[e]  # on the device: the stats stay there until someone reads them
+        if counting and not ride.fold:
+            self.clones.observe(None, load)  # type: ignore[union-attr]
+        # On the device: the stats stay there until someone reads them.
+        global_counts_E, dropped, rows_R = load[:e], load[e], load[e + 1:]
 
         aux = self._aux_losses(routing.scores_TE, routing.logits_TE, global_counts_E)
         aux = (aux[0] + self._sequence_and_global_losses(routing, global_counts_E, x), aux[1])
@@ -301,6 +345,7 @@ class LargeEPMoE(nn.Module):
             dropped=dropped,
             aux_loss=aux[0].detach(),
             z_loss=aux[1].detach(),
+            rows_per_rank_R=rows_R,
         )
         y = y_TH.view(x.shape)
         total_aux = aux[0] + aux[1]
@@ -399,6 +444,11 @@ class LargeEPMoE(nn.Module):
                          f"(this rank takes {' or '.join(mine)})")
         if len(set(dtypes.values())) > 1:
             parts.append(f"input dtype differs between EP ranks: {_by_dtype(dtypes)}; every rank must feed the same")
+        stale = [r for r, f in problems.items() if f & _STALE_CLONES]
+        if stale:
+            parts.append(f"the home experts of EP rank(s) {stale} changed since their clones were refreshed: call "
+                         "largeep_plugin.rebalance(model) after every optimizer step, and "
+                         "largeep_plugin.refresh_clones(model) after loading weights (dynamic_replicas)")
         return "LargeEPMoE: " + "; ".join(parts)
 
     # ---- load balancing ----------------------------------------------------------------------------------------
@@ -431,6 +481,17 @@ def _by_dtype(dtypes: dict[int, torch.dtype]) -> str:
     return ", ".join(f"{d} on rank(s) {rs}" for d, rs in ranks.items())
 
 
+def _ep_topology(placement: Placement | None, ranks_per_node: int | None, ep_size: int) -> Topology:
+    """The EP group's ranks as nodes, for the clone planner: the placement's topology, else nodes of
+    ``ranks_per_node`` consecutive ranks, else one node."""
+    topology = getattr(placement, "topology", None)
+    if topology is not None:
+        return topology
+    if ranks_per_node and ep_size % ranks_per_node == 0 and ranks_per_node < ep_size:
+        return Topology.uniform(ep_size // ranks_per_node, ranks_per_node)
+    return Topology.uniform(1, ep_size)
+
+
 def _uniform_ranks_per_node(placement: Placement) -> int | None:
     """Ranks per node of the placement's topology when every node has the same number, else None."""
     topology = getattr(placement, "topology", None)
@@ -461,6 +522,23 @@ def update_layer_biases(layers: list[LargeEPMoE], dp_group: ProcessGroup | None 
     for layer in layers:
         layer.reset_global_load()  # a new global batch begins with the next step
     return n
+
+
+def rebalance(model: nn.Module) -> list[dict[str, Any]]:
+    """After every optimizer step, beside ``update_expert_biases``: each layer with ``dynamic_replicas`` folds the
+    step's load into its average, re-plans its clones every ``rebalance_every`` calls, and every clone gets its
+    home's new weights (one all-to-all per EP group for all layers). Collective: every rank calls it. Returns the
+    re-plans' records (``{"layer", "step", "changed", "clones", "moved", ...}``, see ``CloneSlots.end_step``);
+    ``[]`` for a model without dynamic replicas."""
+    return rebalance_layers([(name, layer.clones, [m for _, m in layer.local_experts()])
+                             for name, layer in moe_layers(model) if layer.clones is not None])
+
+
+def refresh_clones(model: nn.Module) -> int:
+    """Copy every home expert's weights into its clones without re-planning: after loading a checkpoint or changing
+    the experts' weights by hand. Collective; returns the bytes this rank sent."""
+    return refresh_clone_slots([(layer.clones, [m for _, m in layer.local_experts()])
+                                for _, layer in moe_layers(model) if layer.clones is not None])
 
 
 def load_stats(model: nn.Module) -> dict[str, Any]:

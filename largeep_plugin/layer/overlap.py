@@ -207,6 +207,12 @@ class _PipelineRun:
         self.input_names = input_names
         self.expert = expert
         self.params = [p for p in expert.parameters() if p.requires_grad]
+        # The node's inputs for them: the tensors themselves, or, for a stand-in (a detached leaf the expert computes
+        # with, ``expert.outer_of``), the tensor outside it stands for. A chunk's backward differentiates the
+        # stand-in; the sum over chunks then reaches the outer tensor's own autograd node once (the clones' weights,
+        # clones.py), never from inside a chunk.
+        outer_of = getattr(expert, "outer_of", {})
+        self.param_inputs = [outer_of.get(id(p), p) for p in self.params]
         self.side = side
         self.side_params = [p for p in side.params if p.requires_grad] if side is not None else []
         self.side_tape: tuple[torch.Tensor, torch.Tensor] | None = None  # (input leaf, output) of the side job
@@ -423,7 +429,7 @@ def run_pipeline(programs: list[ChunkProgram], inputs: dict[str, torch.Tensor], 
         if side is not None:
             side.output = run.side_out
         return rows
-    out = _PipelineFunction.apply(run, len(tensors), *tensors, *run.params, *side_tensors)
+    out = _PipelineFunction.apply(run, len(tensors), *tensors, *run.param_inputs, *side_tensors)
     if side is None:
         return out
     rows, side.output = out

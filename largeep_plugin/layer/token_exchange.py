@@ -9,12 +9,11 @@ Shape legend:
 from __future__ import annotations
 
 import functools
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from .comm import ProcessGroup, exchange_chunk_counts, group_rank, group_size
+from .comm import OnShared, ProcessGroup, exchange_chunk_counts, group_rank, group_size
 from .config import DispatchConfig
 from .dispatcher import AllToAllDispatcher, permute_by_destination, slot_key, sum_over_k
 from .hierarchical import (
@@ -47,7 +46,7 @@ def pipelined_exchange(
     local_slot_TK: torch.Tensor | None = None,
     num_slots: int = 1,
     shared_X: torch.Tensor | None = None,
-    on_shared: Callable[[list[int], torch.Tensor], None] | None = None,
+    on_shared: OnShared | None = None,
     side: SideJob | None = None,
 ) -> torch.Tensor:
     """Dispatch, expert and combine of a whole batch, pipelined over ``num_chunks`` chunks.
@@ -158,7 +157,7 @@ class TokenExchange:
     def __call__(self, x_TH: torch.Tensor, dest_rank_TK: torch.Tensor, keep_TK: torch.Tensor,
                  topk_weights_TK: torch.Tensor, expert: nn.Module, *, local_slot_TK: torch.Tensor | None = None,
                  num_slots: int = 1, shared_X: torch.Tensor | None = None,
-                 on_shared: Callable[[list[int], torch.Tensor], None] | None = None,
+                 on_shared: OnShared | None = None,
                  side: SideJob | None = None) -> torch.Tensor:
         """y_TH of the batch. Colocated (``local_slot_TK`` given, see ``AllToAllDispatcher.dispatch``): ``expert``
         is called as ``expert(rows_MH, recv_slot_counts, recv_slot_counts_dev)`` (``experts.LocalExperts``).

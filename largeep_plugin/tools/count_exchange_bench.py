@@ -64,7 +64,7 @@ def time_count_exchange(ranks: int, experts: int, slots: int = 1, repeats: int =
     fold = load_rides_in_count_exchange(ranks, experts + 1)
     sent_X = shared_X if fold else shared_X[-1:]  # the input flag always rides along
 
-    def on_shared(flags_R: list[int], sums_X: torch.Tensor) -> None:
+    def on_shared(flags_R: list[int], sums_X: torch.Tensor, _host_sums: list[int] | None) -> None:
         if any(flags_R):
             raise ValueError("bad input")
 

@@ -34,7 +34,7 @@ unbiased scores for its losses instead.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,7 +46,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from largeep_plugin.layer.comm import LoadRide
+from largeep_plugin.layer.comm import LoadRide, OnShared
 from largeep_plugin.layer.config import LargeEPConfig
 from largeep_plugin.layer.load_balance import LoadStats, sequence_aux_loss, switch_aux_loss, z_loss
 from largeep_plugin.layer.router import Router, RoutingResult
@@ -168,7 +168,7 @@ class LargeEPRouter(Router):
             )
         return probs_TE, routing_map_TE
 
-    def take_shared_counts(self) -> tuple[torch.Tensor, Callable[[list[int], torch.Tensor], None]] | None:
+    def take_shared_counts(self) -> tuple[torch.Tensor, OnShared] | None:
         """For the dispatcher: what to send along in its count exchange, this forward's [E counts | drops | input flag]
         (or the flag alone when the load has its own all_reduce, see ``comm.load_rides_in_count_exchange``), and the
         callback that checks every rank's flag and (when the router did not all_reduce the counts in its forward)
@@ -182,7 +182,7 @@ class LargeEPRouter(Router):
         # when the counts arrive); otherwise only the flag does.
         ride = LoadRide(local_X[: e + 1], local_X[e + 1:], self.ep_group, self.ep_size) if deferred else None
 
-        def on_shared(flags_R: list[int], sums_X: torch.Tensor) -> None:
+        def on_shared(flags_R: list[int], sums_X: torch.Tensor, _host_sums: list[int] | None) -> None:
             self._raise_on_bad_input(flags_R)
             if ride is not None:
                 ride.take(sums_X)
