@@ -35,6 +35,14 @@ PATHS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                {"colocated": True, "ranks_per_node": 2}),
     "replicated": ({"num_experts": 2, "capacity_factor": 1.0}, {"replicated": True}),
     "expert_tp": ({"num_experts": 2}, {"expert_tp": True}),
+    # Dynamic replicas, with clones planned from a skewed warm-up (the load reaches the host in the one read-back;
+    # apart, in its own all_reduce, it is read at the re-plan, after the step).
+    "dynamic replicas": ({"dynamic_replicas": 1}, {"dynamic": True}),
+    "dynamic replicas, load apart": ({"dynamic_replicas": 1}, {"dynamic": True, "load_apart": True}),
+    "dynamic replicas+chunked": ({"dynamic_replicas": 2, "overlap_chunks": 2}, {"dynamic": True}),
+    "dynamic replicas+hierarchical": ({"dynamic_replicas": 1, "dispatch": "hierarchical"},
+                                      {"dynamic": True, "ranks_per_node": 2}),
+    "dynamic replicas+colocated": ({"num_experts": 8, "dynamic_replicas": 1}, {"dynamic": True, "colocated": True}),
 }
 
 
@@ -73,7 +81,15 @@ def _paths_rank(rank: int, world_size: int) -> dict[str, Any]:
         comm.LOAD_IN_EXCHANGE_LIMIT = 0 if setup.get("load_apart") else limit
         layer = _layer(rank, overrides, setup)
         x = torch.randn(6 + rank, 8, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+        if setup.get("dynamic"):
+            layer.router.expert_bias[0] = 5.0  # expert 0 in every token's top 2: the plan clones it
         layer(x).sum().backward()  # warm-up: first-call work is not the steady state
+        if setup.get("dynamic"):
+            from largeep_plugin import rebalance
+
+            rebalance(layer)
+            assert layer.clones.plan.num_clones > 0, name
+            layer(x).sum().backward()  # the first forward and backward with clones
         result: dict[str, Any] = {}
         y = None
 

@@ -75,6 +75,7 @@ class _Routes:
     take_splits: tuple[int, ...]
 
 
+@functools.lru_cache(maxsize=256)
 def _routes(plan: ClonePlan, rank: int) -> _Routes:
     transfers = plan.transfers()  # (feeder, home slot, clone rank, spare slot), by clone rank then slot
     feed = tuple((r, l, s) for f, l, r, s in transfers if f == rank)
@@ -280,13 +281,13 @@ class CloneSlots(nn.Module):
         if grad_SP is None:  # no clone of this rank computed anything: it still takes part, with zeros
             grad_SP = torch.zeros(self.weights_SP.shape, dtype=dtype, device=dev)
         # Each clone slot's gradient to its feeder; the feeder receives by source rank, then slot.
-        slots = [s for _, s in routes.take]
-        send_NP = grad_SP.index_select(0, torch.tensor(slots, dtype=torch.long).to(dev))
+        take_index, feed_index = _route_indices(plan, self.ep_rank, dev)
+        send_NP = grad_SP.index_select(0, take_index)
         got_NP = exchange_rows(send_NP, routes.feed_splits, routes.take_splits, self.ep_group)
         num_homes = num_params // len(self.shapes)
         sum_LP = got_NP.new_zeros((num_homes, self.numel))
         if routes.feed:  # received in feed order (by clone rank, then slot): each row to the home it clones
-            sum_LP.index_add_(0, torch.tensor([l for _, l, _ in routes.feed], dtype=torch.long).to(dev), got_NP)
+            sum_LP.index_add_(0, feed_index, got_NP)
         fed = {l for _, l, _ in routes.feed}
         out: list[torch.Tensor | None] = []
         for l in range(num_homes):
@@ -321,6 +322,15 @@ def _unflatten(flat_P: torch.Tensor, shapes: Sequence[tuple[str, tuple[int, ...]
 
 def _versions_of(homes: Sequence[nn.Module]) -> tuple[int, ...]:
     return tuple(p._version for m in homes for p in m.parameters())
+
+
+@functools.lru_cache(maxsize=256)
+def _route_indices(plan: ClonePlan, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """On ``device``, once per plan: the spare slots this rank sends gradients from (``take`` order) and the home
+    slot of each gradient it receives (``feed`` order)."""
+    routes = _routes(plan, rank)
+    return (torch.tensor([s for _, s in routes.take], dtype=torch.long).to(device),
+            torch.tensor([l for _, l, _ in routes.feed], dtype=torch.long).to(device))
 
 
 @functools.lru_cache(maxsize=64)
