@@ -4,6 +4,7 @@ How to run (CPU, gloo; from the repository root):
 
     torchrun --nproc_per_node 4 examples/train_hf_torchrun.py --steps 20
     torchrun --nproc_per_node 4 examples/train_hf_torchrun.py --ep-size 2 --ddp --top-k 1 --family qwen2_moe --save runs/hf_tiny
+    torchrun --nproc_per_node 4 examples/train_hf_torchrun.py --dynamic-replicas 1 --steps 20
     torchrun --nproc_per_node 8 examples/train_hf_torchrun.py --steps 200 --hidden-size 1024   # needs: 8 GPUs (NCCL)
 
 A tiny random-init model of the chosen family is built from its transformers config on every rank (same seed, so
@@ -17,9 +18,10 @@ keeps its experts only), and trained with AdamW on next-token prediction of a sy
     with --ddp:    lep.allreduce_gradients(lhf.expert_parameters(model))   # DDP averaged the dense ones
     optimizer.step(); optimizer.zero_grad()
     lep.update_expert_biases(model, groups.dp_group)           # aux-loss-free balancing, one bias for all copies
+    lep.rebalance(model)                                        # --dynamic-replicas: refresh (and re-plan) clones
 
 Rank 0 prints the mean loss over the world and the load imbalance (max / mean tokens per expert, the worst layer)
-every step. On GPUs (``torch.cuda.is_available()``, or ``--device cuda``) each rank takes the GPU ``LOCAL_RANK``
+every step, and with ``--dynamic-replicas`` the rank imbalance (max / mean rows the ranks computed). On GPUs (``torch.cuda.is_available()``, or ``--device cuda``) each rank takes the GPU ``LOCAL_RANK``
 and the ranks talk over NCCL; otherwise the CPU and gloo.
 """
 from __future__ import annotations
@@ -61,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--bias-update-rate", type=float, default=1e-3,
                    help="step of the aux-loss-free balancing bias after each optimizer step (0: off)")
+    p.add_argument("--dynamic-replicas", type=int, default=0, metavar="S",
+                   help="spare expert slots per rank for clones of hot experts, re-planned from the load after "
+                        "every --rebalance-every steps (0: off; docs/balancing.md)")
+    p.add_argument("--rebalance-every", type=int, default=1, metavar="N", help="re-plan the clones every N steps")
     p.add_argument("--ddp", action="store_true",
                    help="hold the dense parameters in torch DistributedDataParallel (experts ignored by it) "
                         "instead of all-reducing every gradient with allreduce_gradients")
@@ -73,7 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: the GPU LOCAL_RANK with NCCL when CUDA is available, else the CPU with gloo")
     p.add_argument("--seed", type=int, default=0, help="seed of the model's weights and of the data")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "seq_len", "layers", "heads", "hidden_size", "ffn_hidden_size", "top_k"):
+    if args.dynamic_replicas < 0:
+        p.error(f"--dynamic-replicas {args.dynamic_replicas} must be >= 0")
+    for name in ("steps", "batch_size", "seq_len", "layers", "heads", "hidden_size", "ffn_hidden_size", "top_k",
+                 "rebalance_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
     try:
@@ -117,7 +126,8 @@ def build_model(args: argparse.Namespace, groups: lhf.ParallelGroups, device: to
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(tiny_config(args.family, num_experts, sizes_of(args))).float()
     lhf.convert_model(model, groups.ep_group, allow_colocate=args.allow_colocate,
-                      bias_update_rate=args.bias_update_rate)
+                      bias_update_rate=args.bias_update_rate, dynamic_replicas=args.dynamic_replicas,
+                      rebalance_every=args.rebalance_every)
     return model.to(device).train()
 
 
@@ -153,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lep.update_expert_biases(model, groups.dp_group)
+        replans = lep.rebalance(model)  # clones get the new weights (and a new plan every --rebalance-every steps)
         stats = lep.load_stats(model)   # {layer: this step's load, counted over the EP group}
         mean = loss.detach().clone()
         dist.all_reduce(mean)
@@ -160,11 +171,13 @@ def main(argv: list[str] | None = None) -> None:
         if monitor is not None:
             for name, layer_stats in stats.items():
                 monitor.log(step, name, layer_stats)
+            monitor.log_replans(step, replans)
         if rank == 0:
             worst = max(s.imbalance for s in stats.values())
+            ranks = max(s.rank_imbalance for s in stats.values())
             rate = (step + 1) * world * args.batch_size * args.seq_len / (time.perf_counter() - start)
             print(f"step {step + 1}/{args.steps}  loss {losses[-1]:.4f}  imbalance {worst:.2f}  "
-                  f"{rate:,.0f} tokens/s", flush=True)
+                  f"rank imbalance {ranks:.2f}  {rate:,.0f} tokens/s", flush=True)
     if monitor is not None:
         monitor.close()
     if args.save is not None:

@@ -60,3 +60,31 @@ def tiny_model(family: str, num_experts: int, seed: int = 0) -> nn.Module:
 
 def tokens(batch: int = 2, seq: int = 8, seed: int = 3) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def skew_router(model: nn.Module, hot: tuple[int, ...] = (0, 1), boost: float = 2.0, seed: int = 5) -> nn.Module:
+    """Make ``hot`` experts the favourites of every MoE block, in place, the same in every process: DeepSeek's
+    selection bias goes up by ``boost``; other routers get ``boost`` added to those experts' logits for a typical
+    token. For that, every token embedding gets one shared direction (so the blocks' inputs share it too), and the
+    hot experts' router rows move along the mean input of their block, measured on a sample batch."""
+    blocks = [m for m in model.modules() if hasattr(m, "experts") and (hasattr(m, "gate") or hasattr(m, "router"))]
+    sample = tokens(4, 16, seed=seed)
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        shared = torch.randn(embed.weight.shape[1], generator=torch.Generator().manual_seed(seed))
+        embed.weight += shared / shared.norm() * 4 * embed.weight.norm(dim=1).mean()
+    for block in blocks:
+        gate = getattr(block, "gate", None) or getattr(block, "router")
+        if hasattr(gate, "e_score_correction_bias"):
+            with torch.no_grad():
+                gate.e_score_correction_bias[list(hot)] += boost
+            continue
+        seen: list[torch.Tensor] = []
+        handle = block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+        with torch.no_grad():
+            model(input_ids=sample)
+        handle.remove()
+        mean = seen[0].reshape(-1, seen[0].shape[-1]).mean(0)
+        with torch.no_grad():
+            gate.weight[list(hot)] += boost * mean / mean.square().sum()
+    return model

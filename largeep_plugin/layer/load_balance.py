@@ -180,7 +180,10 @@ def apply_bias_updates(
 
 class LoadMonitor:
     """Appends one JSON line per step and layer to ``path``:
-    ``{"step", "layer", "counts", "imbalance", "drops", "aux_loss", "z_loss"}``.
+    ``{"step", "layer", "counts", "imbalance", "drops", "aux_loss", "z_loss", "rows_per_rank", "rank_imbalance"}``
+    (the last two where the layer counts them), and one per re-plan of dynamic replicas (``log_replans``):
+    ``{"step", "layer", "replan": {"changed", "clones", "moved", "refresh_bytes_per_step",
+    "predicted_rank_imbalance", ...}}``; the measured rank imbalance of the steps after it is in the records above.
 
     Write from one rank only (counts are global already). Use as a context manager or call ``close()``.
     """
@@ -201,6 +204,17 @@ class LoadMonitor:
     def log_model(self, step: int, layers: Iterable[tuple[str, Any]]) -> list[dict[str, Any]]:
         """Log every (name, layer) that has ``last_stats``; returns the records written."""
         return [self.log(step, name, layer.last_stats) for name, layer in layers if layer.last_stats is not None]
+
+    def log_replans(self, step: int, records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Log the re-plans ``largeep_plugin.rebalance`` returned (each has its ``"layer"``)."""
+        out = []
+        for record in records:
+            line = {"step": int(step), "layer": str(record["layer"]),
+                    "replan": {k: v for k, v in record.items() if k != "layer"}}
+            self._file.write(json.dumps(line) + "\n")
+            out.append(line)
+        self._file.flush()
+        return out
 
     def close(self) -> None:
         self._file.close()

@@ -100,6 +100,8 @@ class LargeEPMoE(nn.Module):
     Attributes:
         router.weight [E, H], router.expert_bias [E]: the router (replicated on every rank).
         expert_ids: the experts this rank holds, ascending (one, unless the placement colocates experts).
+        num_home_slots: L, the most experts one rank of the layer holds; num_slots: the expert slots per rank the
+            dispatch counts (L, or L + S with ``dynamic_replicas``).
         expert: this rank's ``ExpertMLP`` (see experts.py for the parameter names; with expert TP its shard
             ``tp_rank`` of ``tp_size``); NotImplementedError when the rank holds several experts.
         expert_id: the expert this rank holds; NotImplementedError when it holds several.
@@ -141,8 +143,9 @@ class LargeEPMoE(nn.Module):
         rank_to_experts = rank_to_experts_of(config.num_experts, self.ep_size, placement)
         self.expert_ids = rank_to_experts[self.ep_rank]
         self.placement = placement
-        # L: the slot dimension of the count exchange, the same on every rank (the collectives must match).
-        self.num_slots = max(len(held) for held in rank_to_experts)
+        # L: the most home experts one rank holds; the slot dimension of the count exchange (L, or L + S with
+        # dynamic replicas), the same on every rank (the collectives must match).
+        self.num_home_slots = self.num_slots = max(len(held) for held in rank_to_experts)
         self.colocated = self.num_slots > 1
         clones = config.dynamic_replicas > 0
         # Expert tensor parallelism: t consecutive ranks hold one copy of an expert, shard j on the j-th of them.

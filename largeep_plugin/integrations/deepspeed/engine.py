@@ -15,7 +15,10 @@ With ``"large_ep": {"enabled": true, "ep_size": 16, ...}`` in the config (see ``
 3. maps ``model_parameters`` (parameters or parameter groups built on the unconverted model) onto the converted
    parameters and splits them into DeepSpeed's MoE parameter groups (needed by ZeRO stages 1 to 3);
 4. calls ``deepspeed.initialize`` and hooks the optimizer so that every optimizer step is followed by the
-   balancing-bias update of each layer (and a monitor record, when configured).
+   balancing-bias update of each layer, ``largeep_plugin.rebalance`` of the layers with ``"dynamic_replicas"``
+   (their clones refreshed from the new weights, re-planned every ``"rebalance_every"`` steps; under ZeRO 3 with
+   the home experts gathered) and a monitor record, when configured; ``engine.load_checkpoint`` is followed by a
+   refresh of the clones.
 
 Without the section, or with ``"enabled": false``, it calls ``deepspeed.initialize`` with exactly the arguments
 it was given: the model stays stock. The section is parsed strictly either way, and a top-level key that looks
@@ -40,7 +43,7 @@ from deepspeed.utils import groups
 
 from largeep_plugin.layer.grads import reduce_expert_gradients
 from largeep_plugin.layer.load_balance import LoadMonitor
-from largeep_plugin.layer.moe_layer import LargeEPMoE, moe_layers, update_layer_biases
+from largeep_plugin.layer.moe_layer import LargeEPMoE, moe_layers, rebalance, refresh_clones, update_layer_biases
 from largeep_plugin.placement.plan import Placement
 from largeep_plugin.integrations.hf.families import supported_names
 from largeep_plugin.integrations.section.config import (AUTO, SECTION, LargeEPSection, check_top_level_keys,
@@ -147,7 +150,7 @@ def initialize(
     outputs = deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                                    config=config, **kwargs)
     engine = outputs[0]
-    _hook_bias_updates(engine, section, replicated)
+    _hook_bias_updates(engine, section, replicated, _zero_stage(raw))
     if one_per_rank:  # per-expert checkpoint files named by expert id; other layouts keep the engine's slot names
         expert_id = placement.rank_to_expert[groups._get_expert_parallel_rank(section.group_name)]
         hook_checkpoint_names(engine, section.group_name, expert_id)
@@ -327,7 +330,24 @@ def update_large_ep_biases(model: nn.Module) -> int:
                for name, layers in by_group.items())
 
 
-def _hook_bias_updates(engine: Any, section: LargeEPSection, replicated: bool = False) -> None:
+def _with_homes_gathered(model: nn.Module, zero_stage: int, fn: Any) -> Any:
+    """``fn(model)`` with the home experts of the layers with clones gathered under ZeRO 3 (their weights are
+    partitioned between steps; the clones' refresh reads them whole)."""
+    homes = [p for _, layer in moe_layers(model) if layer.clones is not None
+             for _, expert in layer.local_experts() for p in expert.parameters()]
+    if zero_stage < 3 or not homes:
+        return fn(model)
+    with deepspeed.zero.GatheredParameters(homes, modifier_rank=None):
+        return fn(model)
+
+
+def rebalance_large_ep(model: nn.Module, zero_stage: int = 0) -> list[dict[str, Any]]:
+    """``largeep_plugin.rebalance`` of the engine's module (the engine's step calls it): clones refreshed from the
+    new weights, re-planned when due. Returns the re-plans' records."""
+    return _with_homes_gathered(model, zero_stage, rebalance)
+
+
+def _hook_bias_updates(engine: Any, section: LargeEPSection, replicated: bool = False, zero_stage: int = 0) -> None:
     """Run the bias update (and the monitor) after each optimizer step the engine really takes; with replicated
     experts, sum their gradients over their replicas first (``hf_blocks.REPLICA_GROUP_ATTR``), before the engine's
     step reduces them (unmanaged gradient accumulation: the engine reduces in ``step()``).
@@ -352,16 +372,33 @@ def _hook_bias_updates(engine: Any, section: LargeEPSection, replicated: bool = 
         if engine.global_steps == before or not engine.was_step_applied():
             return out  # a gradient-accumulation micro-step, or a step skipped on overflow
         layers = list(moe_layers(engine.module))
+        update_large_ep_biases(engine.module)
+        replans = rebalance_large_ep(engine.module, zero_stage)
         if monitor is not None:
             monitor.log_model(engine.global_steps, layers)
+            monitor.log_replans(engine.global_steps, replans)
         if writer is not None:
             for name, layer in layers:
                 if layer.last_stats is not None:
                     writer.add_scalar(f"large_ep/{name}/imbalance", layer.last_stats.imbalance, engine.global_steps)
+                    writer.add_scalar(f"large_ep/{name}/rank_imbalance", layer.last_stats.rank_imbalance,
+                                      engine.global_steps)
                     writer.add_scalar(f"large_ep/{name}/drops", int(layer.last_stats.dropped), engine.global_steps)
+            for record in replans:
+                name = record["layer"]
+                writer.add_scalar(f"large_ep/{name}/predicted_rank_imbalance", record["predicted_rank_imbalance"],
+                                  engine.global_steps)
+                writer.add_scalar(f"large_ep/{name}/clones_moved", len(record["moved"]), engine.global_steps)
             writer.flush()  # one small write per step; nothing is lost when a run ends without closing it
-        update_large_ep_biases(engine.module)
+        return out
+
+    engine_load = engine.load_checkpoint
+
+    def load_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        out = engine_load(*args, **kwargs)
+        _with_homes_gathered(engine.module, zero_stage, refresh_clones)  # the loaded plan's clones get their weights
         return out
 
     engine.step = step
+    engine.load_checkpoint = load_checkpoint
     engine.large_ep_section = section

@@ -71,7 +71,7 @@ def as_deepspeed_moe(block: LargeEPHFBlock, group_name: str) -> LargeEPDeepSpeed
     block.ep_size = moe.ep_size
     block.expert_group_name = group_name
     block.num_experts = moe.config.num_experts
-    block.num_local_experts = moe.num_slots
+    block.num_local_experts = moe.num_home_slots
     use_stock_names(block, "moe", moe)
     return block  # type: ignore[return-value]
 
@@ -92,6 +92,12 @@ def tag_for_zero3(layer: LargeEPMoE, group_name: str) -> None:
             p.ds_zero_partition_process_group = edp
     for p in layer.router.parameters():
         register_external_parameter(layer, p)
+    if layer.clones is not None:
+        # The clones' gradients return to the home parameters through an autograd node of the layer's forward
+        # (layer/clones.py): ZeRO 3 must have them whole there, as it has the router's.
+        for _, expert in layer.local_experts():
+            for p in expert.parameters():
+                register_external_parameter(layer, p)
 
 
 def hf_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module, Family]]:

@@ -27,7 +27,9 @@ What DDP must not touch, and why (``ddp_ignored_names``):
     * the layers' non-persistent buffers (the token counts since the last bias update, the global-batch counts,
       the slot table): run-time bookkeeping of one EP group. The counts differ between copies, and DDP broadcasts
       rank 0's buffers before every forward that follows a synchronised one: with gradients accumulated without
-      ``no_sync``, or a bias updated every few steps, a copy's counts would be replaced by rank 0's.
+      ``no_sync``, or a bias updated every few steps, a copy's counts would be replaced by rank 0's;
+    * the clone slots of dynamic replicas (``clones.*``): the clones' weights differ per rank, and the load history
+      and plan (saved, kept on the host) belong to one EP group: each copy plans from its own load.
 The balancing bias ``router.expert_bias`` (persistent) stays in DDP's broadcast: every rank updates it identically
 from the same global counts, so the broadcast changes nothing.
 """
@@ -104,7 +106,7 @@ def ddp_ignored_names(model: nn.Module) -> list[str]:
     for prefix, layer in moe_layers(model):
         persistent = set(layer.state_dict())
         names += [f"{prefix}.{name}" if prefix else name for name, _ in layer.named_buffers()
-                  if name not in persistent]
+                  if name not in persistent or name.startswith("clones.")]
     return names
 
 

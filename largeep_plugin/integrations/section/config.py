@@ -11,6 +11,10 @@ section (never ``"expert_parallel"``: that key switches on DeepSpeed's own AutoE
         "score_function": "softmax",      # "softmax" (the stock gate's) or "sigmoid"
         "capacity_factor": null,          # null: dropless
         "allow_colocate": false,          # Hugging Face models: more experts than ep_size, several per rank
+        "dynamic_replicas": 0,            # spare expert slots per rank for clones of hot experts (0 = off)
+        "rebalance_every": 1,             # re-plan the clones every N optimizer steps (refreshed every step)
+        "rebalance_decay": 0.5,           # the planner's load: EMA over steps
+        "rebalance_margin": 0.02,         # hysteresis: keep a plan unless a new one is better by this much
         "placement": {"topology_file": null, "load_file": null},
         "overlap": {"chunks": 1, "dispatch": "flat", "ranks_per_node": null},
         "load_balance": {"bias_update_rate": 0.001, "aux_loss_coeff": 0.0, "z_loss_coeff": 0.0},
@@ -87,6 +91,10 @@ class LargeEPSection:
     score_function: str = "softmax"
     capacity_factor: float | None = None
     allow_colocate: bool = False
+    dynamic_replicas: int = 0
+    rebalance_every: int = 1
+    rebalance_decay: float = 0.5
+    rebalance_margin: float = 0.02
     placement: PlacementSection = field(default_factory=PlacementSection)
     overlap: OverlapSection = field(default_factory=OverlapSection)
     load_balance: LoadBalanceSection = field(default_factory=LoadBalanceSection)
@@ -110,7 +118,8 @@ _SUBSECTIONS: dict[str, type] = {
 # Accepted JSON types per key path; None is accepted where the default is None.
 _TYPES: dict[str, tuple[type, ...]] = {
     "enabled": _BOOL, "ep_size": _INT, "data_parallel_copies": _INT, "top_k": _INT, "score_function": _STR,
-    "capacity_factor": _FLOAT, "allow_colocate": _BOOL,
+    "capacity_factor": _FLOAT, "allow_colocate": _BOOL, "dynamic_replicas": _INT, "rebalance_every": _INT,
+    "rebalance_decay": _FLOAT, "rebalance_margin": _FLOAT,
     "placement.topology_file": _STR, "placement.load_file": _STR,
     "overlap.chunks": _INT, "overlap.dispatch": _STR, "overlap.ranks_per_node": _INT,
     "load_balance.bias_update_rate": _FLOAT, "load_balance.aux_loss_coeff": _FLOAT,
@@ -161,7 +170,9 @@ LAYER_FIELDS: tuple[tuple[str, str], ...] = (
     ("top_k", "top_k"), ("score_function", "score_function"), ("capacity_factor", "capacity_factor"),
     ("load_balance.bias_update_rate", "bias_update_rate"), ("load_balance.aux_loss_coeff", "aux_loss_coeff"),
     ("load_balance.z_loss_coeff", "z_loss_coeff"), ("overlap.chunks", "overlap_chunks"),
-    ("overlap.dispatch", "dispatch"),
+    ("overlap.dispatch", "dispatch"), ("dynamic_replicas", "dynamic_replicas"),
+    ("rebalance_every", "rebalance_every"), ("rebalance_decay", "rebalance_decay"),
+    ("rebalance_margin", "rebalance_margin"),
 )
 
 
@@ -282,6 +293,15 @@ def _check_values(s: LargeEPSection) -> None:
         raise ValueError(f"{SECTION}.overlap.ranks_per_node={s.overlap.ranks_per_node} must be >= 1, or null")
     if s.overlap.dispatch not in DISPATCH_KINDS:
         raise ValueError(f"{SECTION}.overlap.dispatch={s.overlap.dispatch!r} is not one of {list(DISPATCH_KINDS)}")
+    if s.dynamic_replicas < 0:
+        raise ValueError(f"{SECTION}.dynamic_replicas={s.dynamic_replicas} must be >= 0 (spare expert slots per "
+                         "rank; 0 = off)")
+    if s.rebalance_every < 1:
+        raise ValueError(f"{SECTION}.rebalance_every={s.rebalance_every} must be >= 1")
+    if not (math.isfinite(s.rebalance_decay) and 0 <= s.rebalance_decay < 1):
+        raise ValueError(f"{SECTION}.rebalance_decay={s.rebalance_decay!r} must be a number in [0, 1)")
+    if not (math.isfinite(s.rebalance_margin) and s.rebalance_margin >= 0):
+        raise ValueError(f"{SECTION}.rebalance_margin={s.rebalance_margin!r} must be a finite number >= 0")
     for name in ("bias_update_rate", "aux_loss_coeff", "z_loss_coeff"):
         v = getattr(s.load_balance, name)
         if not (math.isfinite(v) and v >= 0):
