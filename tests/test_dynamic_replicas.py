@@ -291,19 +291,14 @@ def _refresh_rank(rank: int, world_size: int) -> dict[str, Any]:
     lep.refresh_clones(layer)
 
     # A checkpoint holds the homes, the load history and the plan; a new layer that loads it routes the same way
-    # once refreshed (before that, a forward is an error), and gives the same output bit for bit.
+    # (its first forward refreshes the clones) and gives the same output bit for bit.
     state = layer.state_dict()
     out["keys"] = sorted(k for k in state if k.startswith("clones."))
     fresh = lep.LargeEPMoE(cfg)
     fresh.load_state_dict(state)
     out["same_plan"] = fresh.clones.plan.to_dict() == layer.clones.plan.to_dict()
-    try:
-        fresh(x_GH[own])
-        out["loaded_stale"] = "no error"
-    except ValueError as err:
-        out["loaded_stale"] = str(err)
-    lep.refresh_clones(fresh)
     out["bitwise"] = torch.equal(fresh(x_GH[own]), layer(x_GH[own]))
+    out["ema"] = torch.equal(fresh.clones.load_ema_E, layer.clones.load_ema_E)
     return out
 
 
@@ -328,10 +323,9 @@ def test_stale_clones_are_an_error_and_checkpoints_round_trip() -> None:
     results = world(_refresh_rank, 4)
     for r, res in enumerate(results):
         assert "rebalance(model) after every optimizer step" in res["stale"], (r, res["stale"])
-        assert "refresh_clones(model) after loading" in res["loaded_stale"], (r, res["loaded_stale"])
         assert res["after_refresh"] <= TOL, (r, res["after_refresh"])
         assert res["keys"] == ["clones.load_ema_E", "clones.plan_clones_RS", "clones.plan_load_E"], res["keys"]
-        assert res["same_plan"] and res["bitwise"], (r, res)
+        assert res["same_plan"] and res["bitwise"] and res["ema"], (r, res)
     # Some rank routes tokens to a clone of the changed expert, so the missed refresh shows in its output.
     assert max(res["missed_refresh"] for res in results) > 1e-3, [res["missed_refresh"] for res in results]
 

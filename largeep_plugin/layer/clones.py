@@ -28,9 +28,10 @@ The load comes to the host in the count exchange's one read-back (``comm.exchang
 own. For an EP group whose load is too large to ride in that exchange (``comm.load_rides_in_count_exchange``) it
 is summed on the device and read once per re-plan, after the optimizer step, outside the forward.
 
-A home parameter changed since the clones were refreshed (an optimizer step without ``rebalance``, a checkpoint
-loaded without ``refresh_clones``) is an error on every rank at the next forward (a flag in the count exchange),
-never a clone computing with old weights. ``torch.Tensor._version`` tells it: every in-place update of the
+A home parameter changed since the clones were refreshed (an optimizer step without ``rebalance``, weights set by
+hand without ``refresh_clones``) is an error on every rank at the next forward (a flag in the count exchange),
+never a clone computing with old weights. A loaded checkpoint restores the plan, and the first forward after it
+refreshes the clones (every rank of an EP group loads the checkpoint, so every rank does that collective). ``torch.Tensor._version`` tells it: every in-place update of the
 parameter moves it (torch optimizers, ``load_state_dict``); a route whose optimizer writes through ``.data`` is
 covered by its integration calling ``rebalance`` after each step.
 """
@@ -105,7 +106,7 @@ class CloneSlots(nn.Module):
             home experts' dtype and device.
         load_ema_E float64 [E], plan_clones_RS int64 [R, S], plan_load_E float64 [E] (saved): the load history and
             the plan (its clones and the load its shares were fitted to), so a resumed run routes exactly as the
-            run that saved it. Loading them resets the plan to those clones and asks for ``refresh_clones``.
+            run that saved it. Loading them restores that plan; the next forward refreshes its clones.
     Attributes:
         plan: the current ``ClonePlan``.
         last_replan: a record of the latest re-plan (``rebalance_layers``), for the monitor; None before any.
@@ -132,6 +133,7 @@ class CloneSlots(nn.Module):
         self._host_load = torch.zeros(e, dtype=torch.float64)   # since the last rebalance, from read-backs
         self._device_load: torch.Tensor | None = None            # the same, for a load that did not ride along
         self._versions: tuple[int, ...] | None = ()               # home parameters' versions at the last refresh
+        self._refresh_pending = False                             # a plan was loaded: refresh before routing
         self.register_load_state_dict_post_hook(lambda module, incompatible: module._after_load(incompatible))
 
     # The saved host state: it stays on the host in its own dtype whatever the model is moved or cast to (the
@@ -147,14 +149,22 @@ class CloneSlots(nn.Module):
         return self
 
     def _after_load(self, _incompatible: Any) -> None:
-        """A loaded plan: the clones of ``plan_clones_RS`` with shares fitted to ``plan_load_E``; their weights are
-        stale until ``refresh_clones`` (a forward before it is an error)."""
+        """A loaded plan: the clones of ``plan_clones_RS`` with shares fitted to ``plan_load_E``; the next forward
+        refreshes their weights (``prepare``)."""
         clones = self.plan_clones_RS.tolist()
         load = self.plan_load_E if float(self.plan_load_E.sum()) > 0 else None
         self.plan = plan_from_clones(self.config.num_experts, self.home, clones, self.topology, load)
         self._versions = None
+        self._refresh_pending = True
         self._host_load.zero_()
         self._device_load = None
+
+    def prepare(self, homes: Sequence[nn.Module]) -> None:
+        """At the start of a forward: after a checkpoint was loaded, refresh the clones of its plan (collective over
+        the EP group, once)."""
+        if self._refresh_pending:
+            self._refresh_pending = False
+            refresh_clones([(self, homes)])
 
     # ---- forward -----------------------------------------------------------------------------------------------
     @property
@@ -167,7 +177,7 @@ class CloneSlots(nn.Module):
             return False
         return self._versions is None or self._versions != _versions_of(homes)
 
-    def destinations(self, topk_ids_TK: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def destinations(self, topk_ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(dest_rank_TK, local_slot_TK), int64 [T, K]: the copy each assignment goes to.
 
         The a-th assignment (token order) of expert e out of this rank's n_e takes u = (a + phase) / n_e with
@@ -178,6 +188,8 @@ class CloneSlots(nn.Module):
         if cum.shape[-1] == 1:
             return rank[:, 0][topk_ids_TK], slot[:, 0][topk_ids_TK]
         ids_A = topk_ids_TK.reshape(-1)
+        tokens_per_expert_E = torch.zeros(self.config.num_experts, dtype=torch.long, device=ids_A.device).scatter_add_(
+            0, ids_A, torch.ones_like(ids_A))
         order_A = torch.sort(ids_A, stable=True).indices
         start_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
         pos_sorted = torch.arange(ids_A.numel(), device=ids_A.device) - start_E[ids_A[order_A]]
@@ -192,12 +204,14 @@ class CloneSlots(nn.Module):
     def _device_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _tables_on(self.plan, self.topology.node_of(self.ep_rank), device)
 
-    def bind(self, x_TH: torch.Tensor, homes: Sequence[nn.Module], config: Any, *, stand_in: bool = False
-             ) -> tuple[torch.Tensor, SlotExperts]:
-        """(x_TH, the ``SlotExperts`` of this forward): the home experts (modules), None for a home slot this rank
-        does not have, and each spare slot's clone (None when empty). With gradients on, x and the clones' weights
-        come out of one autograd node (``_CloneLink``): its backward returns the clones' gradients to their homes
-        once the layer's backward is done (module docstring).
+    def bind(self, anchors: Sequence[torch.Tensor], homes: Sequence[nn.Module], config: Any, *,
+             stand_in: bool = False) -> tuple[tuple[torch.Tensor, ...], SlotExperts]:
+        """(the anchors, the ``SlotExperts`` of this forward): the home experts (modules), None for a home slot this
+        rank does not have, and each spare slot's clone (None when empty). With gradients on, the anchors and the
+        clones' weights come out of one autograd node (``_CloneLink``): its backward returns the clones'
+        gradients to their homes once every anchor's gradient is complete. The core layer anchors its input x
+        (so the return follows every token collective of its backward); Megatron's experts anchor their input
+        rows and combine weights (it follows the combine's, and the dispatch's wait for it).
 
         ``stand_in`` (the overlap pipeline): the clones compute with a detached leaf of their weights that the
         pipeline differentiates chunk by chunk, handing the sum to the node's output once
@@ -206,8 +220,10 @@ class CloneSlots(nn.Module):
         plan, me = self.plan, self.ep_rank
         params = [p for m in homes for p in m.parameters()]
         weights_SP, outer_of, tensors = self.weights_SP, {}, []
+        anchors = tuple(anchors)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            x_TH, weights_SP = _CloneLink.apply(self, x_TH, *params)
+            *linked, weights_SP = _CloneLink.apply(self, len(anchors), *anchors, *params)
+            anchors = tuple(linked)
             if stand_in:
                 leaf = weights_SP.detach().requires_grad_(True)
                 outer_of, weights_SP = {id(leaf): weights_SP}, leaf
@@ -215,7 +231,7 @@ class CloneSlots(nn.Module):
         slots: list[nn.Module | MLPWeights | None] = list(homes)
         slots += [None] * (plan.num_home_slots - len(homes))
         slots += [self._views(weights_SP[s]) if x != -1 else None for s, x in enumerate(plan.clones[me])]
-        return x_TH, SlotExperts(slots, config, tensors, outer_of)
+        return anchors, SlotExperts(slots, config, tensors, outer_of)
 
     def _views(self, flat_P: torch.Tensor) -> MLPWeights:
         parts = dict(zip((n for n, _ in self.shapes), _unflatten(flat_P, self.shapes)))
@@ -296,19 +312,22 @@ class CloneSlots(nn.Module):
 
 
 class _CloneLink(torch.autograd.Function):
-    """forward(slots, x, *home params) -> (x, the clones' weights [S, P]): both unchanged (views). backward: x's
-    gradient passes through; the clones' gradients go to their homes (``CloneSlots.return_gradients``)."""
+    """forward(slots, n, *anchors (n of them), *home params) -> (*anchors, the clones' weights [S, P]), all
+    unchanged (views). backward: the anchors' gradients pass through; the clones' gradients go to their homes
+    (``CloneSlots.return_gradients``)."""
 
     @staticmethod
-    def forward(ctx, slots: CloneSlots, x, *params):  # type: ignore[override]
-        ctx.slots, ctx.plan, ctx.num_params = slots, slots.plan, len(params)
-        return x.view_as(x), slots.weights_SP.detach()
+    def forward(ctx, slots: CloneSlots, num_anchors: int, *tensors):  # type: ignore[override]
+        ctx.slots, ctx.plan = slots, slots.plan
+        ctx.num_anchors, ctx.num_params = num_anchors, len(tensors) - num_anchors
+        return (*(t.view_as(t) for t in tensors[:num_anchors]), slots.weights_SP.detach())
 
     @staticmethod
-    def backward(ctx, grad_x, grad_SP):  # type: ignore[override]
+    def backward(ctx, *grads):  # type: ignore[override]
         slots, plan = ctx.slots, ctx.plan
         ctx.slots = ctx.plan = None
-        return (None, grad_x, *slots.return_gradients(plan, grad_SP, ctx.num_params))
+        *grad_anchors, grad_SP = grads
+        return (None, None, *grad_anchors, *slots.return_gradients(plan, grad_SP, ctx.num_params))
 
 
 def _unflatten(flat_P: torch.Tensor, shapes: Sequence[tuple[str, tuple[int, ...]]]) -> list[torch.Tensor]:
@@ -394,3 +413,17 @@ def rebalance_layers(layers: Sequence[tuple[str, CloneSlots, Sequence[nn.Module]
             records.append({"layer": name, **record})
     refresh_clones([(slots, homes) for _, slots, homes in layers])
     return records
+
+
+def clone_layers(model: Any) -> list[tuple[str, CloneSlots, list[nn.Module]]]:
+    """(name, ``CloneSlots``, home experts) of every layer of ``model`` (a module, or a list of model chunks) with
+    dynamic replicas: the modules whose ``large_ep_clones()`` returns its slots and homes (the core layer,
+    Megatron's), in model order."""
+    out = []
+    for chunk in model if isinstance(model, (list, tuple)) else [model]:
+        for name, module in chunk.named_modules():
+            get = getattr(module, "large_ep_clones", None)
+            found = get() if callable(get) else None
+            if found is not None:
+                out.append((name, *found))
+    return out

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .clones import CloneSlots, counting_forward, rebalance_layers, refresh_clones as refresh_clone_slots
+from .clones import CloneSlots, clone_layers, counting_forward, rebalance_layers, refresh_clones as refresh_clone_slots
 from .comm import LoadRide, ProcessGroup, group_rank, group_size
 from .config import LargeEPConfig
 from .token_exchange import TokenExchange
@@ -230,6 +230,12 @@ class LargeEPMoE(nn.Module):
         modules = list(self.experts) if self.colocated else [self.expert]
         return list(zip(self.expert_ids, modules))
 
+    def large_ep_clones(self) -> tuple[CloneSlots, list[nn.Module]] | None:
+        """(the clone slots, the home experts in slot order) with dynamic replicas, else None (``rebalance``)."""
+        if self.clones is None:
+            return None
+        return self.clones, [m for _, m in self.local_experts()]
+
     def _join_replica_group(self, placement: Placement | None, expert_groups: ExpertProcessGroups | None) -> None:
         """Tag each local expert's parameters with the group its gradients are summed over (``grads.py``): every
         rank, in every data-parallel copy of the EP group, that holds the same expert.
@@ -265,17 +271,19 @@ class LargeEPMoE(nn.Module):
         homes = [module for _, module in self.local_experts()]
         slot_experts = None
         if self.clones is not None:
+            self.clones.prepare(homes)
             bad |= _STALE_CLONES if self.clones.stale(homes) else 0
             if bad & _STALE_CLONES and not cfg.check_inputs:
                 raise ValueError(self._describe_problems({self.ep_rank: bad}, x))
             # The clones' weights, tied to x: their gradients go home once x's gradient is complete (clones.py).
-            x_TH, slot_experts = self.clones.bind(x_TH, homes, cfg.expert_config, stand_in=cfg.overlap_chunks > 1)
+            (x_TH,), slot_experts = self.clones.bind((x_TH,), homes, cfg.expert_config,
+                                                     stand_in=cfg.overlap_chunks > 1)
 
         # Step 1: route locally, and pick the rank (and slot) of every assignment.
         routing = self.router(x_TH)
         local_slot_TK = None
         if self.clones is not None:
-            dest_rank_TK, local_slot_TK = self.clones.destinations(routing.topk_ids_TK, routing.tokens_per_expert_E)
+            dest_rank_TK, local_slot_TK = self.clones.destinations(routing.topk_ids_TK)
         else:
             dest_rank_TK = self._destination_ranks(routing.topk_ids_TK)
             if self.colocated:
@@ -451,7 +459,7 @@ class LargeEPMoE(nn.Module):
         if stale:
             parts.append(f"the home experts of EP rank(s) {stale} changed since their clones were refreshed: call "
                          "largeep_plugin.rebalance(model) after every optimizer step, and "
-                         "largeep_plugin.refresh_clones(model) after loading weights (dynamic_replicas)")
+                         "largeep_plugin.refresh_clones(model) after setting expert weights by hand (dynamic_replicas)")
         return "LargeEPMoE: " + "; ".join(parts)
 
     # ---- load balancing ----------------------------------------------------------------------------------------
@@ -527,21 +535,20 @@ def update_layer_biases(layers: list[LargeEPMoE], dp_group: ProcessGroup | None 
     return n
 
 
-def rebalance(model: nn.Module) -> list[dict[str, Any]]:
-    """After every optimizer step, beside ``update_expert_biases``: each layer with ``dynamic_replicas`` folds the
+def rebalance(model: nn.Module | list[nn.Module]) -> list[dict[str, Any]]:
+    """After every optimizer step, beside ``update_expert_biases``: each layer with ``dynamic_replicas`` (the core
+    layer, Megatron's ``LargeEPMoELayer``; ``model`` may be a list of model chunks) folds the
     step's load into its average, re-plans its clones every ``rebalance_every`` calls, and every clone gets its
     home's new weights (one all-to-all per EP group for all layers). Collective: every rank calls it. Returns the
     re-plans' records (``{"layer", "step", "changed", "clones", "moved", ...}``, see ``CloneSlots.end_step``);
     ``[]`` for a model without dynamic replicas."""
-    return rebalance_layers([(name, layer.clones, [m for _, m in layer.local_experts()])
-                             for name, layer in moe_layers(model) if layer.clones is not None])
+    return rebalance_layers(clone_layers(model))
 
 
-def refresh_clones(model: nn.Module) -> int:
+def refresh_clones(model: nn.Module | list[nn.Module]) -> int:
     """Copy every home expert's weights into its clones without re-planning: after loading a checkpoint or changing
     the experts' weights by hand. Collective; returns the bytes this rank sent."""
-    return refresh_clone_slots([(layer.clones, [m for _, m in layer.local_experts()])
-                                for _, layer in moe_layers(model) if layer.clones is not None])
+    return refresh_clone_slots([(slots, homes) for _, slots, homes in clone_layers(model)])
 
 
 def load_stats(model: nn.Module) -> dict[str, Any]:

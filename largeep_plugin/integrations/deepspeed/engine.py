@@ -17,8 +17,8 @@ With ``"large_ep": {"enabled": true, "ep_size": 16, ...}`` in the config (see ``
 4. calls ``deepspeed.initialize`` and hooks the optimizer so that every optimizer step is followed by the
    balancing-bias update of each layer, ``largeep_plugin.rebalance`` of the layers with ``"dynamic_replicas"``
    (their clones refreshed from the new weights, re-planned every ``"rebalance_every"`` steps; under ZeRO 3 with
-   the home experts gathered) and a monitor record, when configured; ``engine.load_checkpoint`` is followed by a
-   refresh of the clones.
+   the home experts gathered) and a monitor record, when configured (a loaded checkpoint's plan gets its clones
+   refreshed by the first forward after it).
 
 Without the section, or with ``"enabled": false``, it calls ``deepspeed.initialize`` with exactly the arguments
 it was given: the model stays stock. The section is parsed strictly either way, and a top-level key that looks
@@ -43,7 +43,7 @@ from deepspeed.utils import groups
 
 from largeep_plugin.layer.grads import reduce_expert_gradients
 from largeep_plugin.layer.load_balance import LoadMonitor
-from largeep_plugin.layer.moe_layer import LargeEPMoE, moe_layers, rebalance, refresh_clones, update_layer_biases
+from largeep_plugin.layer.moe_layer import LargeEPMoE, moe_layers, rebalance, update_layer_biases
 from largeep_plugin.placement.plan import Placement
 from largeep_plugin.integrations.hf.families import supported_names
 from largeep_plugin.integrations.section.config import (AUTO, SECTION, LargeEPSection, check_top_level_keys,
@@ -392,13 +392,5 @@ def _hook_bias_updates(engine: Any, section: LargeEPSection, replicated: bool = 
             writer.flush()  # one small write per step; nothing is lost when a run ends without closing it
         return out
 
-    engine_load = engine.load_checkpoint
-
-    def load_checkpoint(*args: Any, **kwargs: Any) -> Any:
-        out = engine_load(*args, **kwargs)
-        _with_homes_gathered(engine.module, zero_stage, refresh_clones)  # the loaded plan's clones get their weights
-        return out
-
     engine.step = step
-    engine.load_checkpoint = load_checkpoint
     engine.large_ep_section = section

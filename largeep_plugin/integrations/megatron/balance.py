@@ -8,6 +8,10 @@ Bias update (aux-loss-free balancing), after each optimizer step:
       (``bias += rate * sign(mean - count)``, ``rate = LargeEPConfig.bias_update_rate``; 0 switches it off).
       ``install_bias_update_hook`` runs it after every optimizer step.
 
+Dynamic replicas (``large_ep={"dynamic_replicas": S}``): after every optimizer step the clones get their homes'
+new weights and, every ``rebalance_every`` steps, a new plan: ``largeep_plugin.rebalance(model)``, which
+``install_bias_update_hook`` also runs after the bias update (collective over each EP group).
+
 Per-expert load (Megatron logs none): ``log_expert_load`` writes each layer's ``LoadStats`` to a ``LoadMonitor``
 (JSON lines) and, when given one, to a TensorBoard ``SummaryWriter``.
 """
@@ -19,6 +23,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from largeep_plugin.layer.load_balance import LoadMonitor, apply_bias_updates
+from largeep_plugin.layer.moe_layer import rebalance
 from .layer import large_ep_moe_layers
 from .router import LargeEPRouter
 
@@ -56,7 +61,8 @@ def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 def install_bias_update_hook(
     model: Any, optimizer: Any = None, after: Callable[[], None] | None = None
 ) -> Any:
-    """Run ``update_large_ep_biases(model)`` (then ``after()``) after every optimizer step.
+    """Run ``update_large_ep_biases(model)`` and ``largeep_plugin.rebalance(model)`` (then ``after()``) after every
+    optimizer step.
 
     Args:
         model: the model or its list of chunks.
@@ -77,6 +83,7 @@ def install_bias_update_hook(
         if opt is not first[0]:
             return
         update_large_ep_biases(model)
+        rebalance(model)  # layers with dynamic replicas: clones refreshed, re-planned when due
         if after is not None:
             after()
 

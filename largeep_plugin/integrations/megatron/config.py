@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from largeep_plugin.layer.config import LargeEPConfig
 
 # LargeEPConfig fields that only the plugin knows about: free to set through overrides.
-PLUGIN_FIELDS = ("bias_update_rate", "init_seed", "check_inputs", "overlap_chunks", "dispatch", "grouped_gemm")
+PLUGIN_FIELDS = ("bias_update_rate", "init_seed", "check_inputs", "overlap_chunks", "dispatch", "grouped_gemm",
+                 "dynamic_replicas", "rebalance_every", "rebalance_decay", "rebalance_margin")
 
 # LargeEPConfig fields that come from the Megatron config, with the Megatron field to change instead.
 MEGATRON_SOURCES = {

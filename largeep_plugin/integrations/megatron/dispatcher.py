@@ -125,12 +125,20 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
             self.num_slots = max(len(held) for held in rank_to_experts)
             self.local_slot_RE = slot_table(rank_to_experts, config.num_moe_experts)
         self.count_source: Any = None
+        self.clones: Any = None
         # Per-call state between stages (see the module docstring); each is taken by the next stage.
         self._routed: _Routed | None = None
         self._in_flight: tuple[DispatchHandle, torch.Size] | None = None
         self._combined_shape: torch.Size | None = None
         self._shared_input: torch.Tensor | None = None
         self._shared_output: torch.Tensor | None = None
+
+    def use_clones(self, clones: Any, rank_to_experts: Any) -> None:
+        """Dynamic replicas: route by ``clones`` (a ``CloneSlots``: each assignment to a copy of its expert, as
+        (rank, slot)) and count per (rank, slot) over the plan's L + S slots, as with colocated experts."""
+        self.clones = clones
+        self.local_slot_RE = slot_table(rank_to_experts, self.config.num_moe_experts)
+        self.num_slots = clones.num_slots
 
     def dispatch_preprocess(
         self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor
@@ -144,7 +152,10 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
         """
         x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
         topk_ids_TK, keep_TK, weights_TK = topk_from_routing_map(routing_map, probs, self.top_k)
-        if self.placement is None:
+        local_slot_TK = None
+        if self.clones is not None:
+            dest_rank_TK, local_slot_TK = self.clones.destinations(topk_ids_TK)
+        elif self.placement is None:
             dest_rank_TK = topk_ids_TK  # expert e lives on EP rank e
         else:
             dest_rank_TK = self.placement.destination_ranks(topk_ids_TK, self.ep_rank)
@@ -155,8 +166,7 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
             dest_rank_TK = (dest_rank_TK.unsqueeze(-1) * t + torch.arange(t, device=dest_rank_TK.device)).flatten(1)
             keep_TK, weights_TK = keep_TK.repeat_interleave(t, dim=1), weights_TK.repeat_interleave(t, dim=1)
             copies = self.top_k * t
-        local_slot_TK = None
-        if self.local_slot_RE is not None:
+        if self.local_slot_RE is not None and self.clones is None:
             if self.local_slot_RE.device != topk_ids_TK.device:
                 self.local_slot_RE = self.local_slot_RE.to(topk_ids_TK.device)
             local_slot_TK = self.local_slot_RE[dest_rank_TK, topk_ids_TK]

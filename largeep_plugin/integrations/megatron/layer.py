@@ -38,10 +38,12 @@ from megatron.core.transformer.moe.moe_utils import MoECudaGraphTensorStore, get
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from largeep_plugin.layer.clones import CloneSlots
 from largeep_plugin.layer.config import LargeEPConfig
 from largeep_plugin.layer.expert_slots import rank_to_experts_of
 from largeep_plugin.layer.experts import ExpertMLP, LocalExperts
 from largeep_plugin.layer.load_balance import LoadStats
+from largeep_plugin.placement.topology import Topology
 from .checkpoint import expert_sharded_state_dict, replica_index
 from .config import large_ep_config_from_megatron
 from .dispatcher import LargeEPTokenDispatcher
@@ -97,6 +99,9 @@ class LargeEPExperts(nn.Module):
         self.expt_dp_group = expt_dp_group
         # Set by LargeEPMoELayer to its dispatcher: colocated experts read the device copy of the slot counts there.
         self.count_source: Any = None
+        # Set by LargeEPMoELayer with dynamic replicas: its CloneSlots (a submodule of the layer, not of this one).
+        self.clones: CloneSlots | None = None
+        self.large_ep_config = config
 
     @property
     def expert_id(self) -> int:
@@ -117,6 +122,8 @@ class LargeEPExperts(nn.Module):
         """``expert(rows_MH) * permuted_probs`` (the product in float32, returned in the rows' dtype): the
         dispatcher sends each row's combine weight with it and sums the returned rows. ``permuted_probs=None``:
         the unweighted expert output."""
+        if self.clones is not None:
+            return self._forward_with_clones(rows_MH, tokens_per_expert, permuted_probs)
         if self.colocated:
             if tokens_per_expert is None or tokens_per_expert.dim() != 2:
                 raise ValueError("colocated experts need tokens_per_expert as the dispatcher's [R, L] counts, got "
@@ -131,6 +138,23 @@ class LargeEPExperts(nn.Module):
             raise ValueError(f"permuted_probs of shape {tuple(permuted_probs.shape)} for {out_MH.shape[0]} rows: "
                              "one combine weight per received row")
         return (out_MH.float() * permuted_probs.float().unsqueeze(-1)).to(out_MH.dtype), None
+
+    def _forward_with_clones(self, rows_MH: torch.Tensor, tokens_per_expert: torch.Tensor | None,
+                             permuted_probs: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+        """The home experts and the clones, slot by slot (``tokens_per_expert``: the dispatcher's [R, L + S]
+        counts). The rows and their weights are the anchors of the clones' gradient return (``CloneSlots.bind``):
+        it runs after this backward, before the dispatch's."""
+        if tokens_per_expert is None or tokens_per_expert.dim() != 2:
+            raise ValueError("dynamic replicas need tokens_per_expert as the dispatcher's [R, L + S] counts")
+        anchors = (rows_MH,) if permuted_probs is None else (rows_MH, permuted_probs)
+        homes = [m for _, m in self.experts_by_id()]
+        self.clones.prepare(homes)
+        anchors, slots = self.clones.bind(anchors, homes, self.large_ep_config.expert_config)
+        counts_dev = self.count_source.recv_slot_counts_dev() if self.count_source is not None else None
+        out_MH = slots(anchors[0], tokens_per_expert.tolist(), counts_dev)  # host counts: no sync
+        if permuted_probs is None:
+            return out_MH, None
+        return (out_MH.float() * anchors[1].float().unsqueeze(-1)).to(out_MH.dtype), None
 
     def backward_dw(self) -> None:
         """Nothing to do: weight gradients are computed in the ordinary backward."""
@@ -260,6 +284,9 @@ class LargeEPMoELayer(MoELayer):
             expt_dp_group=pg_collection.expt_dp, colocated=colocated, tp_rank=expt_tp_rank, tp_size=expt_tp,
         )
         self.experts.count_source = self.token_dispatcher
+        self.clones: CloneSlots | None = None
+        if lep.dynamic_replicas > 0:
+            self._add_clones(lep, rank_to_experts, ep_rank, ep_size, placement, expt_tp)
         self.shared_experts = None
         if self.use_shared_expert:
             self.shared_experts = build_shared_experts(submodules, config, pg_collection)
@@ -282,6 +309,33 @@ class LargeEPMoELayer(MoELayer):
         self.replica_grads_summed = False
         # {expert id: group of its replicas in the EP group}, set by replicas.attach_replica_groups.
         self.replica_groups: dict[int, Any] | None = None
+
+    def _add_clones(self, lep: LargeEPConfig, rank_to_experts: Any, ep_rank: int, ep_size: int, placement: Any,
+                    expt_tp: int) -> None:
+        """Spare slots for clones of hot experts (``dynamic_replicas``): the dispatcher routes by the plan, the
+        experts run the clones beside the homes, ``largeep_plugin.rebalance(model)`` (the optimizer hook of
+        ``install_bias_update_hook``) refreshes and re-plans them."""
+        if expt_tp != 1:
+            raise ValueError(f"dynamic_replicas={lep.dynamic_replicas} with expert_tensor_parallel_size={expt_tp} is "
+                             "not supported: a clone is a whole expert")
+        if self.config.overlap_moe_expert_parallel_comm:
+            raise NotImplementedError(
+                f"dynamic_replicas={lep.dynamic_replicas} with overlap_moe_expert_parallel_comm=True: Megatron's "
+                "fine-grained EP overlap backpropagates the experts' node on its own, before the clones' gradients "
+                "can return to their homes; turn one of them off")
+        topology = getattr(placement, "topology", None) or Topology.uniform(1, ep_size)
+        self.clones = CloneSlots(lep, ep_group=self.ep_group, ep_rank=ep_rank, home=rank_to_experts,
+                                 topology=topology, template=self.experts.experts_by_id()[0][1])
+        # Plain references, not submodules: the slots belong to this layer's state dict once.
+        object.__setattr__(self.experts, "clones", self.clones)
+        object.__setattr__(self.router, "load_observer", self.clones)
+        self.token_dispatcher.use_clones(self.clones, rank_to_experts)
+
+    def large_ep_clones(self) -> tuple[CloneSlots, list[nn.Module]] | None:
+        """(the clone slots, the home experts in slot order) with dynamic replicas, else None (``rebalance``)."""
+        if self.clones is None:
+            return None
+        return self.clones, [m for _, m in self.experts.experts_by_id()]
 
     @property
     def expert_id(self) -> int:

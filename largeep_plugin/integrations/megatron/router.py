@@ -46,6 +46,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from largeep_plugin.layer.clones import counting_forward
 from largeep_plugin.layer.comm import LoadRide, OnShared
 from largeep_plugin.layer.config import LargeEPConfig
 from largeep_plugin.layer.load_balance import LoadStats, sequence_aux_loss, switch_aux_loss, z_loss
@@ -105,6 +106,8 @@ class LargeEPRouter(Router):
         )
         self.last_stats: LoadStats | None = None
         self.counts_in_dispatch = False
+        # Dynamic replicas: the layer's CloneSlots, told each training forward's global load (``observe``).
+        self.load_observer: Any = None
         self._pending_shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None = None
 
     def set_layer_number(self, layer_number: int) -> None:
@@ -142,6 +145,8 @@ class LargeEPRouter(Router):
         global_counts_E = dropped = None
         if not deferred:
             global_counts_E, dropped = self._global_counts(local_X, check_flags=not self.counts_in_dispatch)
+            if self.load_observer is not None and counting_forward(self):
+                self.load_observer.observe(None, global_counts_E)
 
         e = cfg.num_experts
         probs_TE = routing.topk_weights_TK.new_zeros((x_TH.shape[0], e)).scatter(
@@ -178,16 +183,19 @@ class LargeEPRouter(Router):
             return None
         local_X, aux, zl, deferred = pending
         e = self.large_ep_config.num_experts
+        observer = self.load_observer if counting_forward(self) else None
         # Deferred, the load rides along (or, for a large group, in an all_reduce of its own, waited on the device
         # when the counts arrive); otherwise only the flag does.
         ride = LoadRide(local_X[: e + 1], local_X[e + 1:], self.ep_group, self.ep_size) if deferred else None
 
-        def on_shared(flags_R: list[int], sums_X: torch.Tensor, _host_sums: list[int] | None) -> None:
+        def on_shared(flags_R: list[int], sums_X: torch.Tensor, host_sums: list[int] | None) -> None:
             self._raise_on_bad_input(flags_R)
             if ride is not None:
                 ride.take(sums_X)
                 total = ride.total()
                 self.last_stats = LoadStats(tokens_per_expert_E=total[:e], dropped=total[e], aux_loss=aux, z_loss=zl)
+                if observer is not None:  # the load rode along: on the host already, or summed apart
+                    observer.observe(host_sums if ride.fold else None, None if ride.fold else total)
 
         return (local_X[e + 1:] if ride is None else ride.shared_X), on_shared
 
