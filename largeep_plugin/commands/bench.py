@@ -4,6 +4,7 @@
     largeep bench layer            # one MoE layer: stock DeepSpeed MoE vs large-EP vs ideal, on CPU ranks
     largeep bench count-exchange   # host time per forward of the count exchange at EP 256 and 1024
     largeep bench hf               # a Hugging Face MoE model: unconverted, AutoEP, large-EP, large-EP + replicas
+    largeep bench balance          # skewed router: one expert per rank vs dynamic replicas, step by step
 
 A benchmark module exposes ``add_parser(subparsers) -> ArgumentParser`` and ``run(args) -> int``, like a
 subcommand; add its name to ``_BENCHES`` (one line) to register it.
@@ -22,6 +23,7 @@ _BENCHES = (
     "layer",
     "count_exchange",
     "hf",
+    "balance",
 )
 
 

@@ -14,7 +14,13 @@ backward, the same weights and the same tokens for every variant, at EP 4, 8 and
 rank): stock DeepSpeed MoE dropless and with capacity factor 1.0, large-EP, and an "ideal" row (the expert MLP
 alone on perfectly balanced rows). It prints tokens/s and peak memory growth per rank with the ratios.
 
-Files in the output directory: summary.json (both parts), comparison.json and comparison.png.
+Part 3, balance (largeep_plugin/tools/balance_bench.py, the same as `largeep bench balance`): one MoE layer at EP
+--world-size under a skewed router, one expert per rank against dynamic replicas (one spare slot per rank,
+re-planned after every step): the rank imbalance per step of both, and the busiest rank's expert time with the
+ranks timed in turn (what one GPU per rank would wait for).
+
+Files in the output directory: summary.json (all parts), comparison.json and comparison.png, balance.json and
+balance.png.
 """
 from __future__ import annotations
 
@@ -66,6 +72,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--compare-iters", type=pos, default=5, help="timed iterations per variant (default 5)")
     p.add_argument("--compare-skew", type=nonneg, default=0.0,
                    help="routing skew of the comparison (see largeep bench layer --help; default 0)")
+    p.add_argument("--no-balance", action="store_true", help="skip part 3, dynamic replicas under a skewed router")
+    p.add_argument("--balance-skew", type=nonneg, default=1.0,
+                   help="routing skew of part 3: expert e's logit moves by -skew*ln(e+1) (default 1.0)")
+    p.add_argument("--balance-steps", type=pos, default=5, help="training steps of part 3 (default 5)")
+    p.add_argument("--balance-tokens", type=pos, default=512, help="tokens per rank in part 3 (default 512)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -150,9 +161,28 @@ def comparison_report(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def run_balance_part(args: argparse.Namespace) -> dict[str, Any]:
+    """Part 3: ``bench balance`` at EP --world-size, one spare slot per rank; its report and files."""
+    from largeep_plugin.tools.balance_bench import (BalanceBenchSettings, format_report, plot, result_json,
+                                                    run_balance_bench)
+    from largeep_plugin.tools.side_by_side import write_json
+
+    settings = BalanceBenchSettings(tokens_per_rank=args.balance_tokens, top_k=args.top_k, skew=args.balance_skew,
+                                    steps=args.balance_steps, spare_slots=1, repeats=3, seed=args.seed)
+    print(f"\nlargeep demo, part 3 (balance): EP {args.world_size}, skewed router (skew {settings.skew}), one expert "
+          f"per rank vs dynamic replicas (1 spare slot per rank), {settings.steps} steps", file=sys.stderr)
+    results = run_balance_bench(settings, [args.world_size], timeout=args.timeout)
+    print(format_report(settings, results))
+    payload = result_json(settings, results)
+    write_json(os.path.join(args.output_dir, "balance.json"), payload)
+    plot(results, os.path.join(args.output_dir, "balance.png"))
+    return payload
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        shorten(args, steps=2, compare_iters=1, compare_tokens=128, compare_hidden_size=64, compare_ffn_hidden_size=128)
+        shorten(args, steps=2, compare_iters=1, compare_tokens=128, compare_hidden_size=64, compare_ffn_hidden_size=128,
+                balance_steps=3, balance_tokens=64)
         settings = settings_from_args(args)
         bench = None
         if not args.no_compare:
@@ -196,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
         result["comparison"] = write_outputs(args.output_dir, bench, rows, "largeep demo: MoE layer fwd+bwd on CPU",
                                            stem="comparison")
         result["comparison_rows"] = rows
+    if not args.no_balance:
+        result["balance"] = run_balance_part(args)
     path = os.path.join(args.output_dir, "summary.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)

@@ -363,8 +363,16 @@ class _State:
         self.load = load_E
         self.amount_RE = torch.zeros(self.r, num_experts, dtype=torch.float64)
         self.holds_RE = torch.zeros(self.r, num_experts, dtype=torch.bool)
+        self.rows_R = torch.zeros(self.r, dtype=torch.float64)  # amount_RE summed over the experts, kept up to date
         self.clones = [[-1] * spare_slots for _ in range(self.r)]
         self.feeders = [[-1] * spare_slots for _ in range(self.r)]
+        # Token rows per inter-node link of each expert, [N, N, E], kept up to date for the experts re-split since
+        # (``token_links``): the planner asks for them once per clone it places.
+        self._links_NNE: torch.Tensor | None = None
+        self._links_NN: torch.Tensor | None = None  # their sum over the experts
+        self._dirty: set[int] = set(range(num_experts))
+        # (feeder node, clone node) of every cross-node clone: its refresh and gradient cross those links.
+        self.crossings: list[tuple[int, int]] = []
 
     @classmethod
     def start(cls, num_experts: int, home: tuple[tuple[int, ...], ...], spare_slots: int,
@@ -375,25 +383,43 @@ class _State:
             state.holds_RE[r, list(held)] = True
         per_copy = load_E / state.holds_RE.sum(0).clamp(min=1)
         state.amount_RE = state.holds_RE.double() * per_copy
+        state.rows_R = state.amount_RE.sum(1)
         return state
-
-    @property
-    def rows_R(self) -> torch.Tensor:
-        return self.amount_RE.sum(1)
 
     def free_R(self) -> torch.Tensor:
         return torch.tensor([row.count(-1) for row in self.clones])
 
-    def add_clone(self, expert: int, rank: int, slot: int, feeder: int) -> None:
+    def add_clone(self, expert: int, rank: int, slot: int, feeder: int, node_R: Sequence[int] | None = None) -> None:
+        """A clone of ``expert`` in spare ``slot`` of ``rank``, fed by ``feeder``; ``node_R``: the node of every
+        rank, to count a cross-node clone's link (None when no link figure is asked for)."""
         self.clones[rank][slot], self.feeders[rank][slot] = expert, feeder
         self.holds_RE[rank, expert] = True
+        if node_R is not None and node_R[feeder] != node_R[rank]:
+            self.crossings.append((node_R[feeder], node_R[rank]))
         self.waterfill(expert)
 
     def waterfill(self, expert: int) -> None:
         """Re-split ``expert``'s load over the ranks that hold it: each takes max(0, level - its other rows)."""
         ranks = torch.nonzero(self.holds_RE[:, expert]).flatten()
         other = self.rows_R[ranks] - self.amount_RE[ranks, expert]
-        self.amount_RE[ranks, expert] = _waterfill(other, float(self.load[expert]))
+        new = _waterfill(other, float(self.load[expert]))
+        self.amount_RE[ranks, expert] = new
+        self.rows_R[ranks] = other + new
+        self._dirty.add(expert)
+
+    def token_links(self, topology: Topology, source_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float64 ([N, N, E], [N, N]): rows of each expert crossing each link (``_link_rows`` per expert) and their
+        sum, recomputed only for the experts re-split since the last call."""
+        if self._links_NNE is None:
+            self._links_NNE = _link_rows_per_expert(self.amount_RE, topology, source_N)
+            self._links_NN = self._links_NNE.sum(-1)
+        elif self._dirty:
+            cols = sorted(self._dirty)
+            new = _link_rows_per_expert(self.amount_RE[:, cols], topology, source_N)
+            self._links_NN = self._links_NN + new.sum(-1) - self._links_NNE[:, :, cols].sum(-1)
+            self._links_NNE[:, :, cols] = new
+        self._dirty.clear()
+        return self._links_NNE, self._links_NN  # type: ignore[return-value]
 
     def refine(self) -> None:
         """Step 3: re-split every expert with several copies, a few rounds."""
@@ -409,7 +435,9 @@ class _State:
             for s, x in enumerate(self.clones[r]):
                 if x != -1 and float(self.amount_RE[r, x]) < min_rows:
                     self.clones[r][s] = self.feeders[r][s] = -1
+                    self.crossings = []  # only the planner's search reads them, and it is over
                     self.holds_RE[r, x] = False
+                    self.rows_R[r] -= self.amount_RE[r, x]
                     self.amount_RE[r, x] = 0.0
                     dropped.add(x)
         if dropped:
@@ -451,7 +479,7 @@ def _clone_one(state: _State, busiest: int, topology: Topology, source_N: torch.
     rows = state.rows_R
     free = state.free_R() > 0
     top = float(rows[busiest])
-    order = sorted(range(state.e), key=lambda x: (-float(state.amount_RE[busiest, x]), x))
+    order = torch.sort(-state.amount_RE[busiest], stable=True).indices.tolist()  # most rows first, ties by id
     for x in order:
         if float(state.amount_RE[busiest, x]) <= 0:
             break
@@ -467,7 +495,7 @@ def _clone_one(state: _State, busiest: int, topology: Topology, source_N: torch.
             continue  # spreading this expert further does not lower the busiest rank
         target = _best_target(state, x, tied, topology, source_N, row_bytes, expert_bytes)
         feeder = _feeder(state.home, x, topology.node_of(target), topology)
-        state.add_clone(x, target, state.clones[target].index(-1), feeder)
+        state.add_clone(x, target, state.clones[target].index(-1), feeder, topology.node_of_rank())
         return True
     return False
 
@@ -489,9 +517,9 @@ def _best_target(state: _State, expert: int, tied: list[int], topology: Topology
         feeder = _feeder(state.home, expert, node, topology)
         holders = torch.nonzero(state.holds_RE[:, expert]).flatten().tolist() + [r]
         other = state.rows_R[holders] - state.amount_RE[holders, expert]
-        column_RE = torch.zeros(state.r, state.e, dtype=torch.float64)
-        column_RE[holders, expert] = _waterfill(other, float(state.load[expert]))
-        links = base + _link_rows(column_RE, topology, source_N) * (2.0 * row_bytes)
+        column_R1 = torch.zeros(state.r, 1, dtype=torch.float64)
+        column_R1[holders, 0] = _waterfill(other, float(state.load[expert]))
+        links = base + _link_rows(column_R1, topology, source_N) * (2.0 * row_bytes)
         if topology.node_of(feeder) != node:
             links[topology.node_of(feeder), node] += expert_bytes
             links[node, topology.node_of(feeder)] += expert_bytes
@@ -504,40 +532,48 @@ def _best_target(state: _State, expert: int, tied: list[int], topology: Topology
 def _links_without(state: _State, expert: int, topology: Topology, source_N: torch.Tensor, row_bytes: float,
                    expert_bytes: float) -> torch.Tensor:
     """Link bytes of the state's other experts and of every clone of the state (``expert``'s rows left out)."""
-    amount_RE = state.amount_RE.clone()
-    amount_RE[:, expert] = 0.0
-    links = _link_rows(amount_RE, topology, source_N) * (2.0 * row_bytes)
-    node_R = topology.node_of_rank()
-    for r in range(state.r):
-        for s, x in enumerate(state.clones[r]):
-            if x != -1 and node_R[state.feeders[r][s]] != node_R[r]:
-                links[node_R[state.feeders[r][s]], node_R[r]] += expert_bytes
-                links[node_R[r], node_R[state.feeders[r][s]]] += expert_bytes
+    per_expert, total = state.token_links(topology, source_N)
+    links = (total - per_expert[:, :, expert]) * (2.0 * row_bytes)
+    for a, b in state.crossings:
+        links[a, b] += expert_bytes
+        links[b, a] += expert_bytes
     return links
 
 
 def _link_rows(amount_RE: torch.Tensor, topology: Topology, source_N: torch.Tensor) -> torch.Tensor:
     """float64 [N, N]: rows crossing from node a to node b and back (dispatch a->b plus combine b->a) when rank r
     computes ``amount_RE[r, e]`` rows of expert e, each expert routed same node first (``figures.route_flows``)."""
+    return _link_rows_per_expert(amount_RE, topology, source_N).sum(-1)
+
+
+def _link_rows_per_expert(amount_RE: torch.Tensor, topology: Topology, source_N: torch.Tensor) -> torch.Tensor:
+    """float64 [N, N, E]: ``_link_rows`` of each expert on its own."""
     n = topology.num_nodes
-    onehot_RN = torch.zeros(amount_RE.shape[0], n, dtype=torch.float64)
-    onehot_RN[torch.arange(amount_RE.shape[0]), torch.tensor(topology.node_of_rank())] = 1.0
-    amount_NE = onehot_RN.T @ amount_RE
+    amount_NE = amount_RE.new_zeros((n, amount_RE.shape[1])).index_add_(0, _node_index(topology), amount_RE)
     total_E = amount_NE.sum(0)
     share_NE = torch.where(total_E > 0, amount_NE / total_E.clamp_min(1e-300), torch.zeros_like(amount_NE))
-    flow_NN = torch.einsum("abe,e->ab", route_flows(share_NE[None], source_N)[0], total_E)
-    flow_NN = flow_NN - torch.diag(torch.diagonal(flow_NN))
-    return flow_NN + flow_NN.T
+    flow_NNE = route_flows(share_NE[None], source_N)[0] * total_E
+    flow_NNE = flow_NNE * (1.0 - torch.eye(n, dtype=torch.float64)).unsqueeze(-1)
+    return flow_NNE + flow_NNE.transpose(0, 1)
+
+
+@functools.lru_cache(maxsize=32)
+def _node_index(topology: Topology) -> torch.Tensor:
+    """int64 [R]: the node of every rank."""
+    return torch.tensor(topology.node_of_rank(), dtype=torch.long)
 
 
 def _max_link_seconds(links_NN: torch.Tensor, topology: Topology) -> float:
+    """The busiest inter-node link's bytes over its bandwidth (0 on one node)."""
+    return float((links_NN * _inverse_bandwidth(topology)).max()) if topology.num_nodes > 1 else 0.0
+
+
+@functools.lru_cache(maxsize=32)
+def _inverse_bandwidth(topology: Topology) -> torch.Tensor:
+    """float64 [N, N]: seconds per byte of each inter-node link, 0 on the diagonal."""
     n = topology.num_nodes
-    best = 0.0
-    for a in range(n):
-        for b in range(n):
-            if a != b and float(links_NN[a, b]) > 0:
-                best = max(best, float(links_NN[a, b]) / (topology.link(a, b).bandwidth_gbytes_per_s * 1e9))
-    return best
+    return torch.tensor([[0.0 if a == b else 1.0 / (topology.link(a, b).bandwidth_gbytes_per_s * 1e9)
+                          for b in range(n)] for a in range(n)], dtype=torch.float64)
 
 
 def _feeder(home: tuple[tuple[int, ...], ...], expert: int, node: int, topology: Topology) -> int:

@@ -137,14 +137,19 @@ def plot_throughput(rows: list[dict[str, Any]], path: str, title: str, *, group_
     plt.close(fig)
 
 
+def write_json(path: str, payload: Mapping[str, Any]) -> str:
+    """``payload`` as indented JSON at ``path`` (its folder made); returns the path."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1)
+    return path
+
+
 def write_json_and_chart(directory: str, stem: str, payload: Mapping[str, Any], rows: list[dict[str, Any]],
                          title: str, *, group_of: Callable[[dict[str, Any]], str]) -> list[str]:
     """``<stem>.json`` (``payload``) and ``<stem>.png`` (``plot_throughput`` of ``rows``) in ``directory``; returns
     their paths."""
-    os.makedirs(directory, exist_ok=True)
-    json_path = os.path.join(directory, f"{stem}.json")
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
+    json_path = write_json(os.path.join(directory, f"{stem}.json"), payload)
     png_path = os.path.join(directory, f"{stem}.png")
     plot_throughput(rows, png_path, title, group_of=group_of)
     return [json_path, png_path]
