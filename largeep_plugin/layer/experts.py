@@ -11,6 +11,8 @@ Parameter names (stable: checkpoints and the adapters rely on them):
     SwiGLU-OAI (``"swiglu_oai"``, gpt-oss): the same layout; with g = min(gate(x), limit) and
             u = clamp(up(x), -limit, limit):                 expert(x) = fc2((u + 1) * g * sigmoid(alpha * g))
     With ``linear_bias`` the linears also have ``fc1.bias`` and ``fc2.bias``.
+With ``expert_compute_dtype="bfloat16"`` both GEMMs (and the activation between them) run on bfloat16 casts of the
+rows and weights and the result returns in the rows' dtype: torchtitan's ``GroupedExperts`` numerics.
 
 gpt-oss in Hugging Face Transformers stores expert e as ``gate_up_proj[e]`` [H, 2F] with the gate and up columns
 *interleaved* (gate = columns 0, 2, 4, ..., up = columns 1, 3, 5, ...), ``gate_up_proj_bias[e]`` [2F] likewise,
@@ -60,6 +62,32 @@ def activate(h_NX: torch.Tensor, config: ExpertConfig) -> torch.Tensor:
     gate = gate.clamp(max=config.swiglu_limit)
     up = up.clamp(min=-config.swiglu_limit, max=config.swiglu_limit)
     return (up + 1) * gate * torch.sigmoid(config.swiglu_alpha * gate)
+
+
+def compute_dtype(config: ExpertConfig) -> torch.dtype | None:
+    """The dtype the expert GEMMs cast their operands to (``expert_compute_dtype``), None for the parameters' own."""
+    return None if config.compute_dtype is None else getattr(torch, config.compute_dtype)
+
+
+def mlp(rows_NH: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, config: ExpertConfig) -> torch.Tensor:
+    """fc2(activation(fc1(rows))), in ``compute_dtype(config)`` when set: the result then in the rows' dtype, and
+    for the GLUs the gate and up projections as two GEMMs on two casts of the rows, as torchtitan computes them, so
+    that their input gradients are rounded to bfloat16 apart and summed in the rows' dtype (as torchtitan's are)."""
+    dtype = compute_dtype(config)
+    if dtype is None:
+        return fc2(activate(fc1(rows_NH), config))
+
+    def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(rows_NH.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+    if is_gated(config.activation):
+        w_gate, w_up = fc1.weight.chunk(2)
+        b_gate, b_up = (None, None) if fc1.bias is None else fc1.bias.chunk(2)
+        h_NX = torch.cat([linear(w_gate, b_gate), linear(w_up, b_up)], dim=-1)
+    else:
+        h_NX = linear(fc1.weight, fc1.bias)
+    out_NH = F.linear(activate(h_NX, config), fc2.weight.to(dtype), None if fc2.bias is None else fc2.bias.to(dtype))
+    return out_NH.to(rows_NH.dtype)
 
 
 def is_gated(activation: str) -> bool:
@@ -120,7 +148,7 @@ class ExpertMLP(nn.Module):
         return torch.cat([part, part + f]) if is_gated(self.config.activation) else part
 
     def forward(self, rows_NH: torch.Tensor) -> torch.Tensor:
-        return self.fc2(activate(self.fc1(rows_NH), self.config))
+        return mlp(rows_NH, self.fc1, self.fc2, self.config)
 
 
 class LocalExperts(nn.ModuleList):
