@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from torchtitan.models.common.moe import MoE
 from torchtitan.protocols.module import Module
@@ -40,7 +41,7 @@ from largeep_plugin.layer.process_groups import ExpertProcessGroups
 from largeep_plugin.placement.plan import Placement
 
 from .mapping import WHO, largeep_config
-from .state_dict import from_titan, to_titan
+from .state_dict import from_titan, like, to_titan
 
 
 class _ExpertParameters:
@@ -161,22 +162,19 @@ class LargeEPTitanMoE(Module):
         if self.layer is None:
             return
         src, layer = self._titan_config, self.layer
-        with torch.no_grad():
-            _init(src.router.gate.param_init, "weight", layer.router.weight)
-            if layer.router.bias is not None:
-                _init(src.router.gate.param_init, "bias", layer.router.bias)
-            inner_init = src.routed_experts.inner_experts.param_init
-            for _, expert in layer.local_experts():
-                gate, up = expert.fc1.weight.chunk(2)
-                _init(inner_init, "w1_EFD", gate)
-                _init(inner_init, "w3_EFD", up)
-                _init(inner_init, "w2_EDF", expert.fc2.weight)
-            if layer.shared_expert is not None:
-                shared = src.shared_experts
-                gate, up = layer.shared_expert.fc1.weight.chunk(2)
-                _init(shared.w1.param_init, "weight", gate)
-                _init(shared.w3.param_init, "weight", up)
-                _init(shared.w2.param_init, "weight", layer.shared_expert.fc2.weight)
+        gate_init = src.router.gate.param_init
+        _init_rows(layer.router.weight, [(gate_init, "weight")])
+        if layer.router.bias is not None:
+            _init_rows(layer.router.bias, [(gate_init, "bias")])
+        inner_init = src.routed_experts.inner_experts.param_init
+        for _, expert in layer.local_experts():
+            _init_rows(expert.fc1.weight, [(inner_init, "w1_EFD"), (inner_init, "w3_EFD")])
+            _init_rows(expert.fc2.weight, [(inner_init, "w2_EDF")])
+        if layer.shared_expert is not None:
+            shared = src.shared_experts
+            _init_rows(layer.shared_expert.fc1.weight, [(shared.w1.param_init, "weight"),
+                                                        (shared.w3.param_init, "weight")])
+            _init_rows(layer.shared_expert.fc2.weight, [(shared.w2.param_init, "weight")])
 
     def _init_self_buffers(self, *, buffer_device: torch.device | None = None) -> None:
         with torch.no_grad():
@@ -200,12 +198,19 @@ def _from_titan(moe: LargeEPTitanMoE, state: dict[str, Any], prefix: str, *_rest
         from_titan(moe.layer, moe.ep_mesh, moe.load_balance_coeff is not None, state, prefix)
 
 
-def _init(param_init: dict | None, name: str, tensor: torch.Tensor) -> None:
-    """torchtitan's initializer ``param_init[name]`` on ``tensor`` (in place)."""
-    if not param_init or name not in param_init:
-        raise ValueError(f"{WHO}: no param_init for {name!r} in torchtitan's config; set one (torchtitan's own "
-                         "models do), or load the weights from a checkpoint")
-    param_init[name](tensor)
+@torch.no_grad()
+def _init_rows(param: torch.Tensor, parts: list[tuple[dict | None, str]]) -> None:
+    """Initialise ``param`` whole, its rows cut in ``len(parts)`` equal blocks, block i by torchtitan's initializer
+    ``param_init[name]`` of ``parts[i]``; drawn on a plain tensor (the same on every rank, seeded alike, as
+    torchtitan's trainer seeds them) and copied in as ``param`` is laid out (an FSDP shard included)."""
+    local = param.to_local() if isinstance(param, DTensor) else param
+    whole = torch.empty(param.shape, dtype=param.dtype, device=local.device)
+    for (param_init, name), block in zip(parts, whole.chunk(len(parts))):
+        if not param_init or name not in param_init:
+            raise ValueError(f"{WHO}: no param_init for {name!r} in torchtitan's config; set one (torchtitan's own "
+                             "models do), or load the weights from a checkpoint")
+        param_init[name](block)
+    param.copy_(like(param, whole))
 
 
 def _expert_groups(num_experts: int, ep_mesh: DeviceMesh, expert_dp_mesh: DeviceMesh | None,
