@@ -110,12 +110,15 @@ def _checkpoint_switch(rank: int, world_size: int, folder: str) -> dict[str, flo
         theirs_cfg, ours_cfg = _model_config(flavour)
 
         def build(cfg, seed):
-            """torchtitan's parallelize order: EP (model.parallelize), FSDP (its decoder wrapping), then init."""
-            model = cfg.build()
+            """torchtitan's trainer order: built on the meta device, EP (model.parallelize), FSDP (its decoder
+            wrapping), to_empty, then init_weights."""
+            with torch.device("meta"):
+                model = cfg.build()
             model.parallelize(dims)
             apply_fsdp_to_decoder(model, dims.get_mesh("fsdp"), param_dtype=torch.float32,
                                   reduce_dtype=torch.float32, pp_enabled=False, ep_degree=EP,
                                   edp_mesh=dims.get_optional_mesh("efsdp"))
+            model.to_empty(device="cpu")
             torch.manual_seed(seed)
             model.init_weights()
             for layer in model.layers.values():  # a trained-looking selection bias, so it travels too

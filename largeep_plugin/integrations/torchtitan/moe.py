@@ -36,6 +36,7 @@ from torchtitan.protocols.module import Module
 
 from largeep_plugin.integrations.hf.convert import placement_for
 from largeep_plugin.layer.config import LargeEPConfig
+from largeep_plugin.layer.expert_slots import rank_to_experts_of, slot_table
 from largeep_plugin.layer.moe_layer import LargeEPMoE
 from largeep_plugin.layer.process_groups import ExpertProcessGroups
 from largeep_plugin.placement.plan import Placement
@@ -177,10 +178,20 @@ class LargeEPTitanMoE(Module):
             _init_rows(layer.shared_expert.fc2.weight, [(shared.w2.param_init, "weight")])
 
     def _init_self_buffers(self, *, buffer_device: torch.device | None = None) -> None:
+        """After the trainer's ``to_empty`` every buffer holds garbage: the counters restart at zero, the selection
+        bias too (as torchtitan's), and the layer's slot table is rebuilt from its placement."""
         with torch.no_grad():
             self.tokens_per_expert_E.zero_()
-            if self.layer is not None:
-                self.layer.router.expert_bias.zero_()
+            layer = self.layer
+            if layer is None:
+                return
+            layer.router.expert_bias.zero_()
+            layer.tokens_per_expert_since_update.zero_()
+            layer.global_batch_tokens_E.zero_()
+            if layer.colocated:
+                table = slot_table(rank_to_experts_of(layer.config.num_experts, layer.ep_size, layer.placement),
+                                   layer.config.num_experts)
+                layer.local_slot_RE.copy_(table)
 
     def extra_repr(self) -> str:
         return f"large-EP: {self.layer.extra_repr() if self.layer is not None else 'not built (no EP mesh yet)'}"
