@@ -5,7 +5,7 @@ How to run (from the repository root):
 
     torchrun --nproc_per_node 4 examples/train_torchtitan.py --steps 5
     torchrun --nproc_per_node 4 examples/train_torchtitan.py --flavour deepseek_v3 --steps 5
-    torchrun --nproc_per_node 8 -m torchtitan.train --module qwen3 --config qwen3_moe_debug --parallelism.expert_parallel_degree 8 --override.imports largeep_plugin.integrations.torchtitan.override.large_ep   # needs: 8 GPUs (torchtitan's trainer)
+    torchrun --nproc_per_node 8 -m torchtitan.train --module qwen3 --config qwen3_moe_debug --parallelism.expert_parallel_degree 8 --override.imports largeep_plugin.integrations.torchtitan.override.large_ep   # needs: GPU (8 of them: torchtitan's trainer)
 
 The last line is torchtitan's own trainer with the one flag. The CPU run does what that trainer does, step by step,
 with torchtitan's own pieces: the model config from its registry builders (integrations/torchtitan/tiny.py, causal
