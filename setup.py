@@ -8,6 +8,11 @@ from setuptools import find_packages, setup
 MEGATRON = ["megatron-core>=0.16,<0.17"]
 DEEPSPEED = ["deepspeed>=0.19,<0.20"]
 HF = ["transformers>=5.0", "safetensors>=0.4"]
+# torchtitan 0.3.0 itself is installed by scripts/setup.sh with --no-deps: its datasets<4.8 pin needs
+# huggingface-hub<2, which transformers>=5.23 refuses (our code imports no torchtitan dataset module). These are the
+# dependencies torchtitan's model, distributed and config code imports; none asks for a torch other than >=2.11.
+TORCHTITAN = ["torch_checkpointing>=0.1", "spmd_types==0.2.3", "tyro>=0.9", "torchdata>=0.8", "triton>=3",
+              "safetensors>=0.4"]
 MONITOR = ["tensorboard>=2.10"]  # the "monitor.tensorboard_dir" of the large_ep section, Megatron's writer
 TEST = ["pytest>=7", "pytest-timeout>=2"]
 
@@ -29,9 +34,10 @@ setup(
         "megatron": MEGATRON,
         "deepspeed": DEEPSPEED,
         "hf": HF,
+        "torchtitan": TORCHTITAN,
         "monitor": MONITOR,
         "test": TEST,
-        "all": MEGATRON + DEEPSPEED + HF + MONITOR + TEST,
+        "all": MEGATRON + DEEPSPEED + HF + TORCHTITAN + MONITOR + TEST,
     },
     entry_points={"console_scripts": ["largeep=largeep_plugin.cli:main"]},
 )

@@ -6,4 +6,5 @@
     megatron/   ``LargeEPMoELayer`` and its router, dispatcher, specs, checkpoint layout, balancing and the
                 Megatron-LM route; CPU stand-ins for Megatron's DDP and fused attention
     hf/         Hugging Face Transformers MoE blocks: ``convert_model``, ``from_pretrained``, ``save_pretrained``
+    torchtitan/ torchtitan's MoE layers through its ``--override.imports`` mechanism (``override.large_ep``)
 """

@@ -50,7 +50,7 @@ from largeep_plugin.placement.topology import Topology
 
 from .comm import ProcessGroup, exchange_rows
 from .config import LargeEPConfig
-from .experts import MLPWeights, SlotExperts
+from .experts import LinearWeights, MLPWeights, SlotExperts
 
 
 def counting_forward(module: nn.Module) -> bool:
@@ -159,6 +159,19 @@ class CloneSlots(nn.Module):
         self._host_load.zero_()
         self._device_load = None
 
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Forget the load history and the plan (no clones): after a trainer allocated the buffers without values
+        (torchtitan's ``to_empty``)."""
+        self.load_ema_E.zero_()
+        self.plan_load_E.zero_()
+        self.plan_clones_RS.fill_(-1)
+        self.weights_SP.zero_()
+        self.plan = no_clones(self.config.num_experts, self.home, self.config.dynamic_replicas, self.topology)
+        self.last_replan, self.steps = None, 0
+        self._host_load.zero_()
+        self._device_load, self._versions, self._refresh_pending = None, (), False
+
     def prepare(self, homes: Sequence[nn.Module]) -> None:
         """At the start of a forward: after a checkpoint was loaded, refresh the clones of its plan (collective over
         the EP group, once)."""
@@ -235,7 +248,8 @@ class CloneSlots(nn.Module):
 
     def _views(self, flat_P: torch.Tensor) -> MLPWeights:
         parts = dict(zip((n for n, _ in self.shapes), _unflatten(flat_P, self.shapes)))
-        return MLPWeights(parts["fc1.weight"], parts.get("fc1.bias"), parts["fc2.weight"], parts.get("fc2.bias"))
+        return MLPWeights(LinearWeights(parts["fc1.weight"], parts.get("fc1.bias")),
+                          LinearWeights(parts["fc2.weight"], parts.get("fc2.bias")))
 
     def observe(self, host_sums: list[int] | None, device_total: torch.Tensor | None) -> None:
         """Count one training forward's global load: ``host_sums`` (the count exchange's read-back, first E are the

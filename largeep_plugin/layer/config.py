@@ -21,6 +21,7 @@ ACTIVATIONS = ("gelu", "swiglu", "swiglu_oai")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DISPATCH_KINDS = ("flat", "hierarchical")
 ROUTER_DTYPES = ("float32", "float64")
+EXPERT_COMPUTE_DTYPES = ("bfloat16",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +57,7 @@ class ExpertConfig:
     swiglu_limit: float
     swiglu_alpha: float
     grouped_gemm: bool
+    compute_dtype: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,6 +116,10 @@ class LargeEPConfig:
         grouped_gemm: run a rank's colocated experts as two grouped GEMMs (``torch._grouped_mm``) instead of a loop
             over them: CPU float32/bfloat16, or bfloat16 on GPUs of compute capability >= 9.0; hidden and ffn rows
             must be multiples of 16 bytes (grouped_gemm.py).
+        expert_compute_dtype: None (the experts compute in their parameters' dtype), or ``"bfloat16"``: the routed
+            experts' GEMMs take bfloat16 operands (rows and weights cast) and their output returns in the rows' dtype,
+            whatever the parameters' dtype, as torchtitan's ``GroupedExperts`` computes (so a torchtitan model gives
+            the same numbers with this layer). The shared expert keeps its parameters' dtype.
         shared_ffn_hidden_size: the hidden size of the shared expert, an MLP (same activation and layout as the
             routed experts) that every token goes through on its own rank (DeepSeek, Qwen2-MoE). Several shared
             experts are one MLP of their summed size. None: no shared expert.
@@ -162,6 +168,7 @@ class LargeEPConfig:
     dispatch: str = "flat"
     linear_bias: bool = False
     grouped_gemm: bool = False
+    expert_compute_dtype: str | None = None
     shared_ffn_hidden_size: int | None = None
     shared_expert_gate: bool = False
     init_std: float = 0.02
@@ -197,6 +204,8 @@ class LargeEPConfig:
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value!r} must be a finite number > 0")
         _one_of("router_dtype", self.router_dtype, ROUTER_DTYPES)
+        if self.expert_compute_dtype is not None:
+            _one_of("expert_compute_dtype", self.expert_compute_dtype, EXPERT_COMPUTE_DTYPES)
         _positive("overlap_chunks", self.overlap_chunks)
         self._check_groups()
         if self.dynamic_replicas < 0:
@@ -267,6 +276,7 @@ class LargeEPConfig:
             swiglu_limit=float(self.swiglu_limit),
             swiglu_alpha=float(self.swiglu_alpha),
             grouped_gemm=self.grouped_gemm,
+            compute_dtype=self.expert_compute_dtype,
         )
 
     @property
@@ -274,7 +284,7 @@ class LargeEPConfig:
         """The shared expert's MLP: the routed experts' settings with ``shared_ffn_hidden_size``; None without."""
         if self.shared_ffn_hidden_size is None:
             return None
-        return dataclasses.replace(self.expert_config, ffn_hidden_size=self.shared_ffn_hidden_size)
+        return dataclasses.replace(self.expert_config, ffn_hidden_size=self.shared_ffn_hidden_size, compute_dtype=None)
 
     @property
     def dispatch_config(self) -> DispatchConfig:
@@ -334,6 +344,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "dispatch": (str,),
     "linear_bias": (bool,),
     "grouped_gemm": (bool,),
+    "expert_compute_dtype": (str, type(None)),
     "shared_ffn_hidden_size": (int, type(None)),
     "shared_expert_gate": (bool,),
     "init_std": (float, int),

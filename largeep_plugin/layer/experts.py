@@ -11,6 +11,8 @@ Parameter names (stable: checkpoints and the adapters rely on them):
     SwiGLU-OAI (``"swiglu_oai"``, gpt-oss): the same layout; with g = min(gate(x), limit) and
             u = clamp(up(x), -limit, limit):                 expert(x) = fc2((u + 1) * g * sigmoid(alpha * g))
     With ``linear_bias`` the linears also have ``fc1.bias`` and ``fc2.bias``.
+With ``expert_compute_dtype="bfloat16"`` both GEMMs (and the activation between them) run on bfloat16 casts of the
+rows and weights and the result returns in the rows' dtype: torchtitan's ``GroupedExperts`` numerics.
 
 gpt-oss in Hugging Face Transformers stores expert e as ``gate_up_proj[e]`` [H, 2F] with the gate and up columns
 *interleaved* (gate = columns 0, 2, 4, ..., up = columns 1, 3, 5, ...), ``gate_up_proj_bias[e]`` [2F] likewise,
@@ -62,23 +64,52 @@ def activate(h_NX: torch.Tensor, config: ExpertConfig) -> torch.Tensor:
     return (up + 1) * gate * torch.sigmoid(config.swiglu_alpha * gate)
 
 
+class LinearWeights(NamedTuple):
+    """A linear's ``weight`` and ``bias`` (None: none) held apart from a module (a clone's views of its slot
+    buffer); called like ``nn.Linear`` (the same ``F.linear``, so the same numbers)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 class MLPWeights(NamedTuple):
-    """The four tensors of one expert (a module's parameters, or a clone's views of its slot buffer): fc1 [F or 2F,
-    H], its bias [F or 2F] or None, fc2 [H, F], its bias [H] or None."""
+    """The two linears of one expert outside a module: ``fc1`` [F or 2F, H] and ``fc2`` [H, F] (what ``mlp``,
+    ``run_slots`` and ``grouped_gemm.grouped_mlp`` read, as they read an ``ExpertMLP``)."""
 
-    fc1_weight: torch.Tensor
-    fc1_bias: torch.Tensor | None
-    fc2_weight: torch.Tensor
-    fc2_bias: torch.Tensor | None
+    fc1: LinearWeights
+    fc2: LinearWeights
 
 
-def weights_of(expert: "ExpertMLP") -> MLPWeights:
-    return MLPWeights(expert.fc1.weight, expert.fc1.bias, expert.fc2.weight, expert.fc2.bias)
+def compute_dtype(config: ExpertConfig) -> torch.dtype | None:
+    """The dtype the expert GEMMs cast their operands to (``expert_compute_dtype``), None for the parameters' own."""
+    return None if config.compute_dtype is None else getattr(torch, config.compute_dtype)
 
 
-def mlp(rows_NH: torch.Tensor, w: MLPWeights, config: ExpertConfig) -> torch.Tensor:
-    """``ExpertMLP.forward`` on explicit weights (the same ``F.linear`` calls, so the same numbers)."""
-    return F.linear(activate(F.linear(rows_NH, w.fc1_weight, w.fc1_bias), config), w.fc2_weight, w.fc2_bias)
+def mlp(rows_NH: torch.Tensor, fc1: nn.Linear | LinearWeights, fc2: nn.Linear | LinearWeights,
+        config: ExpertConfig) -> torch.Tensor:
+    """fc2(activation(fc1(rows))), in ``compute_dtype(config)`` when set: the result then in the rows' dtype, and
+    for the GLUs the gate and up projections as two GEMMs on two casts of the rows, as torchtitan computes them, so
+    that their input gradients are rounded to bfloat16 apart and summed in the rows' dtype (as torchtitan's are)."""
+    dtype = compute_dtype(config)
+    if dtype is None:
+        return fc2(activate(fc1(rows_NH), config))
+
+    def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(rows_NH.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+    if is_gated(config.activation):
+        w_gate, w_up = fc1.weight.chunk(2)
+        b_gate, b_up = (None, None) if fc1.bias is None else fc1.bias.chunk(2)
+        h_NX = torch.cat([linear(w_gate, b_gate), linear(w_up, b_up)], dim=-1)
+    else:
+        h_NX = linear(fc1.weight, fc1.bias)
+    out_NH = F.linear(activate(h_NX, config), fc2.weight.to(dtype), None if fc2.bias is None else fc2.bias.to(dtype))
+    return out_NH.to(rows_NH.dtype)
+
+
 
 
 def is_gated(activation: str) -> bool:
@@ -139,7 +170,7 @@ class ExpertMLP(nn.Module):
         return torch.cat([part, part + f]) if is_gated(self.config.activation) else part
 
     def forward(self, rows_NH: torch.Tensor) -> torch.Tensor:
-        return self.fc2(activate(self.fc1(rows_NH), self.config))
+        return mlp(rows_NH, self.fc1, self.fc2, self.config)
 
 
 class SlotExperts:
@@ -200,15 +231,14 @@ def run_slots(rows_MH: torch.Tensor, recv_counts_RL: Sequence[Sequence[int]], re
     order_M = torch.sort(slot_M, stable=True).indices
     sorted_MH = rows_MH.index_select(0, order_M)
     if config.grouped_gemm:
-        tensors = [weights_of(w) if isinstance(w, nn.Module) else w for w in weights]  # type: ignore[arg-type]
-        present = next(w for w in tensors if w is not None)
+        present = next(w for w in weights if w is not None)  # an empty slot's group is empty: any weights do
         per_slot_dev = recv_counts_dev_RL.reshape(len(recv_counts_RL), width).sum(dim=0)[:num_local]
-        out_MH = grouped_mlp([w if w is not None else present for w in tensors], sorted_MH, per_slot, config,
+        out_MH = grouped_mlp([w if w is not None else present for w in weights], sorted_MH, per_slot, config,
                              per_slot_dev)
     else:
         parts = sorted_MH.split(per_slot)
-        out_MH = torch.cat([part if w is None else w(part) if isinstance(w, nn.Module) else mlp(part, w, config)
-                            for w, part in zip(weights, parts)])
+        out_MH = torch.cat([part if w is None else w(part) if isinstance(w, nn.Module) else
+                            mlp(part, w.fc1, w.fc2, config) for w, part in zip(weights, parts)])
     # Back to arrival order, so the combine all-to-all returns each row to its source unchanged.
     return _unsort(out_MH, order_M)
 

@@ -40,7 +40,8 @@ def grouped_mlp(experts: Sequence[Any], rows_MH: torch.Tensor, per_slot: Sequenc
     """All local experts on their rows in two grouped GEMMs.
 
     Args:
-        experts: the ``experts.MLPWeights`` of each slot (the same shapes).
+        experts: what computes each slot: an ``ExpertMLP`` or a clone's ``experts.MLPWeights`` (``fc1``, ``fc2``
+            with ``weight`` and ``bias``; the same config).
         rows_MH: rows sorted by slot: ``per_slot[l]`` rows of slot l, slot after slot.
         per_slot: rows per slot (host ints).
         per_slot_dev: the same counts on the rows' device (int64 [L]), from the count exchange: the group offsets
@@ -48,23 +49,26 @@ def grouped_mlp(experts: Sequence[Any], rows_MH: torch.Tensor, per_slot: Sequenc
     Returns:
         out_MH: each row through its slot's expert, in the same order.
     """
-    from .experts import activate  # experts.py imports this module: a late import, no circle at load time
+    from .experts import activate, compute_dtype  # experts.py imports this module: a late import, no circle
 
-    check_grouped_gemm(config, rows_MH.dtype)
+    out_dtype = rows_MH.dtype
+    dtype = compute_dtype(config) or out_dtype  # expert_compute_dtype: operands cast, the result back in out_dtype
+    rows_MH = rows_MH.to(dtype)
+    check_grouped_gemm(config, dtype)
     dev = rows_MH.device
     if per_slot_dev is None:
         per_slot_dev = torch.tensor(per_slot, dtype=torch.int64).to(dev)
     offs = per_slot_dev.cumsum(0).to(torch.int32)
-    w1_LHX = torch.stack([e.fc1_weight for e in experts]).transpose(1, 2)
-    w2_LFH = torch.stack([e.fc2_weight for e in experts]).transpose(1, 2)
+    w1_LHX = torch.stack([e.fc1.weight for e in experts]).to(dtype).transpose(1, 2)
+    w2_LFH = torch.stack([e.fc2.weight for e in experts]).to(dtype).transpose(1, 2)
     h_MX = torch._grouped_mm(rows_MH, w1_LHX, offs=offs)
     slot_M = None
-    if experts[0].fc1_bias is not None or experts[0].fc2_bias is not None:
+    if experts[0].fc1.bias is not None or experts[0].fc2.bias is not None:
         slot_M = torch.repeat_interleave(torch.arange(len(per_slot), device=dev), per_slot_dev,
                                          output_size=rows_MH.shape[0])
-    if experts[0].fc1_bias is not None:
-        h_MX = h_MX + torch.stack([e.fc1_bias for e in experts]).index_select(0, slot_M)
+    if experts[0].fc1.bias is not None:
+        h_MX = h_MX + torch.stack([e.fc1.bias for e in experts]).to(dtype).index_select(0, slot_M)
     out_MH = torch._grouped_mm(activate(h_MX, config).contiguous(), w2_LFH, offs=offs)
-    if experts[0].fc2_bias is not None:
-        out_MH = out_MH + torch.stack([e.fc2_bias for e in experts]).index_select(0, slot_M)
-    return out_MH
+    if experts[0].fc2.bias is not None:
+        out_MH = out_MH + torch.stack([e.fc2.bias for e in experts]).to(dtype).index_select(0, slot_M)
+    return out_MH.to(out_dtype)

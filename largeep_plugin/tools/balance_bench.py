@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from largeep_plugin.layer.config import LargeEPConfig
-from largeep_plugin.layer.experts import MLPWeights, SlotExperts, weights_of
+from largeep_plugin.layer.experts import LinearWeights, MLPWeights, SlotExperts
 from largeep_plugin.layer.moe_layer import LargeEPMoE, rebalance
 from largeep_plugin.layer.router import Router
 from .critical_path import exclusive_seconds
@@ -112,8 +112,8 @@ def _slot_weights(layer: LargeEPMoE) -> list[MLPWeights | None]:
         if w is None:
             out.append(None)
             continue
-        w = weights_of(w) if isinstance(w, torch.nn.Module) else w
-        out.append(MLPWeights(*(t.detach().clone().requires_grad_(True) if t is not None else None for t in w)))
+        out.append(MLPWeights(*(LinearWeights(*(t.detach().clone().requires_grad_(True) if t is not None else None
+                                                for t in (lin.weight, lin.bias))) for lin in (w.fc1, w.fc2))))
     return out
 
 

@@ -35,15 +35,16 @@ MODEL_FIELDS = frozenset({
 })
 
 
-def check_overrides(overrides: dict[str, Any]) -> None:
-    """ValueError naming an override that is not a plugin-only ``LargeEPConfig`` field."""
+def check_overrides(overrides: dict[str, Any], who: str = "convert_model") -> None:
+    """ValueError naming an override that is not a plugin-only ``LargeEPConfig`` field (``who``: the caller, as the
+    message names it)."""
     known = {f.name for f in dataclasses.fields(LargeEPConfig)}
     for name, value in overrides.items():
         if name not in known:
-            raise ValueError(f"convert_model: unknown override {name}={value!r}; plugin-only LargeEPConfig fields: "
+            raise ValueError(f"{who}: unknown override {name}={value!r}; plugin-only LargeEPConfig fields: "
                              f"{sorted(known - MODEL_FIELDS)}")
         if name in MODEL_FIELDS:
-            raise ValueError(f"convert_model: {name}={value!r} is defined by the model, not an override; "
+            raise ValueError(f"{who}: {name}={value!r} is defined by the model, not an override; "
                              f"plugin-only fields: {sorted(known - MODEL_FIELDS)}")
 
 
