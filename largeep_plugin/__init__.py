@@ -20,6 +20,8 @@ from largeep_plugin.layer.config import LargeEPConfig
 from largeep_plugin.layer.grads import allreduce_gradients
 from largeep_plugin.layer.load_balance import LoadMonitor
 from largeep_plugin.layer.moe_layer import LargeEPMoE, load_stats, rebalance, refresh_clones, update_expert_biases
+from largeep_plugin.layer.moves import move_experts
+from largeep_plugin.layer.training_state import load_training_state, save_training_state
 from largeep_plugin.placement.plan import Placement, plan_placement
 from largeep_plugin.placement.topology import Topology, load_topology
 
@@ -34,8 +36,11 @@ __all__ = [
     "allreduce_gradients",
     "load_stats",
     "load_topology",
+    "load_training_state",
+    "move_experts",
     "plan_placement",
     "rebalance",
     "refresh_clones",
+    "save_training_state",
     "update_expert_biases",
 ]
