@@ -73,8 +73,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--compare-skew", type=nonneg, default=0.0,
                    help="routing skew of the comparison (see largeep bench layer --help; default 0)")
     p.add_argument("--no-balance", action="store_true", help="skip part 3, dynamic replicas under a skewed router")
-    p.add_argument("--balance-skew", type=nonneg, default=1.0,
-                   help="routing skew of part 3: expert e's logit moves by -skew*ln(e+1) (default 1.0)")
+    p.add_argument("--balance-skew", type=nonneg, default=0.15,
+                   help="routing skew of part 3: expert e's logit moves by -skew*ln(e+1) (default 0.15)")
     p.add_argument("--balance-steps", type=pos, default=5, help="training steps of part 3 (default 5)")
     p.add_argument("--balance-tokens", type=pos, default=512, help="tokens per rank in part 3 (default 512)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -174,9 +174,10 @@ def run_balance_part(args: argparse.Namespace) -> dict[str, Any]:
     results = run_balance_bench(settings, [args.world_size], timeout=args.timeout)
     print(format_report(settings, results))
     payload = result_json(settings, results)
-    write_json(os.path.join(args.output_dir, "balance.json"), payload)
-    plot(results, os.path.join(args.output_dir, "balance.png"))
-    return payload
+    files = [write_json(os.path.join(args.output_dir, "balance.json"), payload),
+             os.path.join(args.output_dir, "balance.png")]
+    plot(results, files[1])
+    return {**payload, "files": files}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -231,5 +232,6 @@ def run(args: argparse.Namespace) -> int:
     path = os.path.join(args.output_dir, "summary.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
-    print(f"written {path}" + (f", {', '.join(result['comparison'])}" if "comparison" in result else ""))
+    written = [path] + result.get("comparison", []) + result.get("balance", {}).get("files", [])
+    print(f"written {', '.join(written)}")
     return 0

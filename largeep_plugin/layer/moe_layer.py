@@ -297,10 +297,11 @@ class LargeEPMoE(nn.Module):
             keep_TK, weights_TK = keep_TK.repeat_interleave(t, dim=1), weights_TK.repeat_interleave(t, dim=1)
 
         # Step 2: every rank's input check (a flag) rides in the dispatch's one count exchange and is read back with
-        # the counts, so a bad input on any rank is an error on every rank before a token moves. The per-expert load
-        # and drops are summed over the group on the device, never read by the host: in the same exchange for small
-        # groups (no collective of their own), or, when R copies of them would be too many numbers, in an
-        # asynchronous all_reduce that runs while the tokens travel (comm.load_rides_in_count_exchange).
+        # the counts, so a bad input on any rank is an error on every rank before a token moves. The per-expert load,
+        # drops and rows per rank are summed over the group on the device: in the same exchange for small groups (no
+        # collective of their own; the sums also reach the host in its read-back, for the clone planner), or, when
+        # R copies of them would be too many numbers, in an asynchronous all_reduce that runs while the tokens
+        # travel (comm.load_rides_in_count_exchange).
         e, r = cfg.num_experts, self.ep_size
         load_X = torch.zeros(e + 1 + r, dtype=torch.int64, device=x_TH.device)
         load_X[:e] = routing.tokens_per_expert_E
