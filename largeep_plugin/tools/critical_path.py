@@ -6,17 +6,18 @@ wall clock hides the imbalance a cluster (one GPU per rank) would pay for. Two t
 * ``exclusive_seconds(fn)``: run one piece of local work on the ranks one at a time, in rank order, a barrier
   between turns; each rank's time is its own (the others wait in the barrier, a blocking wait, not a spin).
 * ``TurnTaking``: the same for a whole training step, whatever runs it (the plugin's layer, DeepSpeed's AutoEP,
-  a plain data-parallel model). While it is on, every collective of ``torch.distributed`` ends this rank's
-  compute *segment* (the local work since the previous collective) and the next segment starts only when the
-  previous rank has finished its own: rank 0 computes, passes a token to rank 1 over a group of its own, and so
-  on; the last rank's arrival starts the collective. So no two ranks ever compute at once, and the segment times
+  a plain data-parallel model). While it is on, every collective (every collective method of torch's
+  ``ProcessGroup``, however it is called) ends this rank's compute *segment* (the local work since the previous
+  collective) and the next segment starts only when the previous rank has finished its own: rank 0 computes,
+  passes a token to rank 1 over a group of its own, and so on round the ranks; the last rank's arrival starts a
+  world collective. So no two ranks ever compute at once, and the segment times
   are what each device would take. A step's **critical path** is then the sum over segments of the slowest
   rank's time, plus the communication: each collective's time on the rank that arrived last (the others were
   already waiting in it), i.e. what the network took (here: gloo over loopback, unless the world runs on the
   emulated cluster, ``largeep cluster``). ``balanced``: the same sum with every rank at the mean of the ranks (the
-  work of the step spread perfectly: the force-balanced figure). Collectives started with ``async_op=True`` are
-  waited for at once in this mode (their overlap is not measured). Bytes: every ``all_to_all_single`` records
-  what it sends to each rank, so a layout of the ranks on nodes gives the inter-node bytes of the step.
+  work of the step spread perfectly: the force-balanced figure). Collectives are waited for at once in this mode,
+  asynchronous ones included (their overlap with compute is not measured). Bytes: every world-wide all-to-all
+  records what it sends to each rank, so a layout of the ranks on nodes gives the inter-node bytes of the step.
 """
 from __future__ import annotations
 
@@ -27,11 +28,15 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-# The collectives of torch.distributed a training step may call (module attributes, looked up at call time by
-# torch's own code, DeepSpeed's comm backend and the plugin's comm.py alike).
-COLLECTIVES = ("all_to_all_single", "all_to_all", "all_reduce", "all_gather", "all_gather_into_tensor",
-               "reduce_scatter_tensor", "reduce_scatter", "broadcast", "barrier", "reduce", "all_gather_object",
-               "broadcast_object_list", "gather", "scatter")
+# The collective methods of torch.distributed's ProcessGroup: every collective, whoever calls it (torch's own
+# functions, DeepSpeed's comm backend, which keeps references to them, the plugin's comm.py), ends up in one.
+# Point-to-point (send, recv) is not among them: the turn-taking's token travels that way.
+COLLECTIVES = ("allreduce", "allreduce_coalesced", "allgather", "allgather_coalesced", "allgather_into_tensor_coalesced",
+               "_allgather_base", "all_gather_single", "all_gather_single_coalesced", "alltoall", "alltoall_base",
+               "all_to_all_single", "broadcast", "barrier", "monitored_barrier", "reduce", "reduce_scatter",
+               "_reduce_scatter_base", "reduce_scatter_single", "reduce_scatter_single_coalesced",
+               "reduce_scatter_tensor_coalesced", "gather", "scatter")
+_BYTE_COUNTED = ("alltoall_base", "all_to_all_single")
 
 
 def exclusive_seconds(fn: Callable[[], Any], group: Any = None, *, repeats: int = 1) -> list[float]:
@@ -104,16 +109,18 @@ class StepTimes:
 
 
 class TurnTaking:
-    """``with TurnTaking() as clock: step()`` then ``clock.gathered()`` (collective) for the ``StepTimes`` of the
-    step. Build it on every rank of the world at the same point (it creates a group for its token).
+    """``with clock: step()`` then ``clock.gathered()`` (collective) for the ``StepTimes`` of the step. Build it on
+    every rank of the world at the same point (it creates a group for its token); use it for one step at a time.
 
-    Only collectives over the whole world may run inside (every rank then sees the same sequence of them; a
-    collective over a subgroup is a ValueError at the end, from the mismatch)."""
+    The token goes round: rank r starts a segment when rank r - 1 has finished its own, rank 0 when the last rank
+    has (after the first), so no two ranks compute at once even around a collective of a subgroup. The step must
+    run the same collectives on every rank (the segment counts are compared at the end)."""
 
     def __init__(self) -> None:
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self._token_group = dist.new_group(backend="gloo")
         self._token = torch.zeros(1)
+        self._sends: list[Any] = []
         self._segments: list[float] = []
         self._comm: list[float] = []
         self._names: list[str] = []
@@ -123,74 +130,78 @@ class TurnTaking:
         self._start = 0.0
 
     # ---- the segment chain ---------------------------------------------------------------------------------------
-    def _begin(self) -> None:
-        if self.rank > 0:
-            dist.recv(self._token, self.rank - 1, group=self._token_group)
+    def _begin(self, first: bool = False) -> None:
+        if self.rank > 0 or (not first and self.size > 1):
+            source = (self.rank - 1) % self.size
+            dist.recv(self._token, source, group=self._token_group)
         self._start = time.perf_counter()
 
-    def _end(self) -> None:
+    def _end(self, last: bool = False) -> None:
         self._segments.append(time.perf_counter() - self._start)
-        if self.rank < self.size - 1:
-            dist.send(self._token, self.rank + 1, group=self._token_group)
+        if self.size > 1 and not (last and self.rank == self.size - 1):
+            # Sent without waiting: the receiver may be inside a collective still (rank 0, for the last rank's token).
+            self._sends.append(dist.isend(self._token, (self.rank + 1) % self.size, group=self._token_group))
 
     def _wrap(self, name: str, real: Callable[..., Any]) -> Callable[..., Any]:
-        def collective(*args: Any, **kwargs: Any) -> Any:
-            if self._busy:  # a collective inside a collective (torch's own helpers): part of the outer one
-                return real(*args, **kwargs)
+        def collective(pg: Any, *args: Any, **kwargs: Any) -> Any:
+            if self._busy or pg is self._token_group:
+                return real(pg, *args, **kwargs)
             self._busy = True
             try:
                 self._end()
-                if name == "all_to_all_single":
-                    self._count_bytes(*args, **kwargs)
+                if name in _BYTE_COUNTED and pg.size() == self.size:
+                    self._count_bytes(*args)
                 start = time.perf_counter()
-                out = real(*args, **kwargs)
-                if kwargs.get("async_op") and out is not None:
-                    out.wait()
+                work = real(pg, *args, **kwargs)
+                if work is not None:
+                    work.wait()
                 self._comm.append(time.perf_counter() - start)
                 self._names.append(name)
                 self._begin()
-                return out
+                return work
             finally:
                 self._busy = False
         return collective
 
     def _count_bytes(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: Any = None,
-                     input_split_sizes: Any = None, group: Any = None, **_: Any) -> None:
-        if group is not None and dist.get_world_size(group) != self.size:
-            return  # counted only for world-wide collectives (the others fail at gathered())
-        rows = input.shape[0]
+                     input_split_sizes: Any = None, *_: Any) -> None:
+        rows = input.shape[0] if input.dim() else 0
         per_row = input.element_size() * (input.numel() // max(rows, 1))
         splits = list(input_split_sizes) if input_split_sizes else [rows // self.size] * self.size
         for dest, n in enumerate(splits):
             self._sent[dest] += int(n) * per_row
 
     def __enter__(self) -> "TurnTaking":
+        group_type = torch._C._distributed_c10d.ProcessGroup
         for name in COLLECTIVES:
-            real = getattr(dist, name, None)
-            if real is not None:
-                self._real[name] = real
-                setattr(dist, name, self._wrap(name, real))
+            raw = group_type.__dict__.get(name)  # the descriptor itself, put back as it was on exit
+            if raw is not None:
+                self._real[name] = raw
+                setattr(group_type, name, self._wrap(name, getattr(group_type, name)))
         self._busy = False
-        self._begin()
+        self._begin(first=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._end()
+        self._end(last=True)
+        group_type = torch._C._distributed_c10d.ProcessGroup
         for name, real in self._real.items():
-            setattr(dist, name, real)
+            setattr(group_type, name, real)
         self._real.clear()
+        for work in self._sends:
+            work.wait()
+        self._sends.clear()
 
     # ---- results ---------------------------------------------------------------------------------------------------
     def gathered(self) -> StepTimes:
         """Every rank's segments and bytes (a collective; call on every rank after the ``with``), and the
-        communication times of the rank that arrived last at each collective (the last rank: the chain's end)."""
+        communication times of the last rank (the one that arrives last at each collective: the chain's end)."""
         mine = (tuple(self._segments), tuple(self._comm), tuple(self._names), tuple(self._sent))
         every: list[Any] = [None] * self.size
         dist.all_gather_object(every, mine)
-        counts = {len(e[0]) for e in every}
-        if len(counts) != 1 or len({e[2] for e in every}) != 1:
-            raise ValueError("the ranks ran different collectives in the step (a collective over a subgroup?): "
-                             f"segments per rank {[len(e[0]) for e in every]}; the critical path is not defined")
+        if len({len(e[0]) for e in every}) != 1 or len({e[2] for e in every}) != 1:
+            raise ValueError("the ranks ran different collectives in the step: segments per rank "
+                             f"{[len(e[0]) for e in every]}; the critical path is not defined")
         self._segments, self._comm, self._names, self._sent = [], [], [], [0] * self.size
         last = every[-1]
         return StepTimes(segments_RS=tuple(e[0] for e in every), comm_S1=last[1], names=last[2],
