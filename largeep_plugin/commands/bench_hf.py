@@ -63,7 +63,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     pos, nonneg = int_at_least(1), int_at_least(0)
     p.add_argument("--family", default="mixtral", help=f"the model family: {_families()} (default mixtral)")
-    p.add_argument("--ep", type=int_list(2), default="4", help="EP sizes = ranks = experts, comma-separated (default 4)")
+    p.add_argument("--ep", type=int_list(1), default="4",
+                   help="EP sizes = ranks (= experts unless --num-experts), comma-separated (default 4)")
     p.add_argument("--router", default="uniform,learned",
                    help=f"routers to run, comma-separated, of {', '.join(ROUTER_CHOICES)} (default uniform,learned)")
     p.add_argument("--variants", default="unconverted,autoep,large_ep,large_ep_dynamic",
@@ -72,6 +73,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--learn-steps", type=pos, default=300,
                    help="training steps of the learned router, once, before the ranks start (default 300)")
     p.add_argument("--no-critical-path", action="store_true", help="wall clock only (no turn-taking steps)")
+    p.add_argument("--num-experts", type=pos, default=None,
+                   help="experts per block (default: the EP size, one per rank; more colocates them, e.g. --ep 1)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (gloo ranks) or cuda (rank r on GPU r, NCCL) (default cpu)")
     add_model_flags(p, batch_size=8, seq_len=32, hidden_size=128, ffn_hidden_size=256, num_layers=2, num_heads=4,
                     top_k=2)
     p.add_argument("--vocab-size", type=pos, default=256, help="vocabulary (default 256)")
@@ -130,16 +135,19 @@ def run(args: argparse.Namespace) -> int:
         settings = HFBenchSettings(family=args.family, sizes=sizes, skew=args.skew, replica_slots=args.replica_slots,
                                    record_steps=args.record_steps, warmup=args.warmup, iters=args.iters,
                                    seed=args.seed, lr=args.lr, learn_steps=args.learn_steps,
-                                   critical_path=not args.no_critical_path)
+                                   critical_path=not args.no_critical_path, num_experts=args.num_experts,
+                                   device=args.device)
         variants = parse_list("--variants", args.variants, str)
         routers = parse_list("--router", args.router, str)
         bad = [r for r in routers if r not in ROUTER_CHOICES]
         if bad:
             raise ValueError(f"--router {','.join(bad)}: choose from {', '.join(ROUTER_CHOICES)}")
         check_variants(variants)
-        too_small = [ep for ep in args.ep if ep < args.top_k]
-        if too_small:
-            raise ValueError(f"--ep {too_small} < --top-k {args.top_k}: E = EP experts must hold top-k of them")
+        experts = {ep: settings.experts(ep) for ep in args.ep}
+        bad_ep = [ep for ep, e in experts.items() if e < args.top_k or e < ep]
+        if bad_ep:
+            raise ValueError(f"--ep {bad_ep} with {[experts[ep] for ep in bad_ep]} experts: need EP <= experts "
+                             f"and experts >= --top-k {args.top_k}")
         skipped = autoep_unavailable(args.family) if "autoep" in variants else None
         python = autoep_python()
         if skipped is not None and skipped.startswith("transformers ") and python is not None:

@@ -284,7 +284,8 @@ class CloneSlots(nn.Module):
         old = self.plan
         new, changed = replan(old, ema, self.home, cfg.dynamic_replicas, self.topology, margin=cfg.rebalance_margin,
                               **sizes)
-        before, after = old.figures(ema, **sizes), new.figures(ema, **sizes)
+        after = new.figures(ema, **sizes)
+        before = after if new is old or (not changed and new.clones == old.clones) else old.figures(ema, **sizes)
         self.plan = new
         self.plan_clones_RS.copy_(torch.tensor(new.clones, dtype=torch.int64).view(self.plan_clones_RS.shape))
         self.plan_load_E.copy_(ema)

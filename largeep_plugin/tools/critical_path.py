@@ -114,9 +114,13 @@ class TurnTaking:
 
     The token goes round: rank r starts a segment when rank r - 1 has finished its own, rank 0 when the last rank
     has (after the first), so no two ranks compute at once even around a collective of a subgroup. The step must
-    run the same collectives on every rank (the segment counts are compared at the end)."""
+    run the same collectives on every rank: they are compared at the end (ValueError); with different numbers of
+    them the token cannot go round, and the step ends in the token group's timeout."""
 
-    def __init__(self) -> None:
+    def __init__(self, synchronize: Callable[[], None] | None = None) -> None:
+        """``synchronize``: on an accelerator, the call that waits for its queued work (``torch.accelerator.synchronize``),
+        run at the end of every segment and after every collective, so that the times are the device's."""
+        self.synchronize = synchronize
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self._token_group = dist.new_group(backend="gloo")
         self._token = torch.zeros(1)
@@ -137,6 +141,8 @@ class TurnTaking:
         self._start = time.perf_counter()
 
     def _end(self, last: bool = False) -> None:
+        if self.synchronize is not None:
+            self.synchronize()
         self._segments.append(time.perf_counter() - self._start)
         if self.size > 1 and not (last and self.rank == self.size - 1):
             # Sent without waiting: the receiver may be inside a collective still (rank 0, for the last rank's token).
@@ -155,6 +161,8 @@ class TurnTaking:
                 work = real(pg, *args, **kwargs)
                 if work is not None:
                     work.wait()
+                if self.synchronize is not None:
+                    self.synchronize()
                 self._comm.append(time.perf_counter() - start)
                 self._names.append(name)
                 self._begin()

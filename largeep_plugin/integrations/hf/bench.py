@@ -77,6 +77,9 @@ class HFBenchSettings:
         lr: AdamW's learning rate (small: the routing stays as built).
         learn_steps: the training steps of the ``"learned"`` router (``tiny_models.learned_state``).
         critical_path: also time every variant with the ranks taking turns (module docstring).
+        num_experts: E, None: the EP size (one expert per rank); more than the EP size colocates them (``EP 1``: every
+            expert on the one rank, ``largeep gpu-check``'s side by side).
+        device: ``"cpu"`` (gloo) or ``"cuda"`` (rank r on GPU r, NCCL).
     """
 
     family: str
@@ -90,6 +93,12 @@ class HFBenchSettings:
     lr: float = 1e-5
     learn_steps: int = 300
     critical_path: bool = True
+    num_experts: int | None = None
+    device: str = "cpu"
+
+    def experts(self, ep_size: int) -> int:
+        """E of a world of ``ep_size`` ranks."""
+        return ep_size if self.num_experts is None else self.num_experts
 
     def __post_init__(self) -> None:
         check_family(self.family)
@@ -103,6 +112,10 @@ class HFBenchSettings:
             raise ValueError(f"skew={self.skew!r} must be a finite number >= 0")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr={self.lr!r} must be a finite number > 0")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r} must be 'cpu' or 'cuda'")
+        if self.num_experts is not None and (not isinstance(self.num_experts, int) or self.num_experts < 1):
+            raise ValueError(f"num_experts={self.num_experts!r} must be an integer >= 1 (or None: the EP size)")
 
 
 def check_variants(variants: list[str]) -> None:
@@ -183,6 +196,7 @@ def replica_placement(load_E: torch.Tensor, num_ranks: int, extra_slots: int) ->
 
 def _step(engine: Any, ids_BS: torch.Tensor) -> torch.Tensor:
     """One training step; returns the loss."""
+    ids_BS = ids_BS.to(engine.device)
     loss = engine(input_ids=ids_BS, labels=ids_BS).loss
     engine.backward(loss)
     engine.step()
@@ -221,8 +235,8 @@ def _autoep_engine(model: nn.Module, family: str, ep_size: int, config: dict[str
 def _build(variant: str, settings: HFBenchSettings, router: str, ep_size: int, placement: Placement | None) -> Any:
     import deepspeed
 
-    model = bench_model(settings.family, ep_size, settings.sizes, router, settings.seed, settings.skew,
-                        settings.learn_steps)
+    model = bench_model(settings.family, settings.experts(ep_size), settings.sizes, router, settings.seed,
+                        settings.skew, settings.learn_steps)
     config = deepspeed_config(settings)
     if variant == "unconverted":
         return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)[0]
@@ -256,14 +270,17 @@ def _first_steps(build: Callable[[], Any], ids_BS: torch.Tensor,
     return variant, peak, float(losses[0]), load_E
 
 
-def _routing_facts(load_E: torch.Tensor, placement: Placement, model: nn.Module) -> dict[str, Any]:
-    """What the recorded load says: the load, each layer's imbalance in the last step, the replicas' placement,
-    and the planned max / mean load per rank of each variant."""
+def _routing_facts(load_E: torch.Tensor, placement: Placement | None, model: nn.Module) -> dict[str, Any]:
+    """What the recorded load says: the load, each layer's imbalance in the last step, the replicas' placement (when
+    planned), and the planned max / mean load per rank of the one-expert-per-rank variants."""
     one_each = Placement.identity(load_E.numel()).figures(load_E).gpu_imbalance
-    return {"load": load_E.tolist(), "layer_imbalance": [s.imbalance for s in load_stats(model).values()],
-            "replicas": [list(h) for h in placement.rank_to_experts], "copies": placement.num_replicas,
-            "rank_imbalance": {"unconverted": 1.0, "autoep": one_each, "large_ep": one_each,
-                               "large_ep_replicas": placement.figures(load_E).gpu_imbalance}}
+    out = {"load": load_E.tolist(), "layer_imbalance": [s.imbalance for s in load_stats(model).values()],
+           "replicas": None, "copies": None,
+           "rank_imbalance": {"unconverted": 1.0, "autoep": one_each, "large_ep": one_each}}
+    if placement is not None:
+        out.update(replicas=[list(h) for h in placement.rank_to_experts], copies=placement.num_replicas)
+        out["rank_imbalance"]["large_ep_replicas"] = placement.figures(load_E).gpu_imbalance
+    return out
 
 
 def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, variants: list[str]) -> dict[str, Any]:
@@ -274,6 +291,8 @@ def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, va
     from largeep_plugin.integrations.deepspeed.engine import init_deepspeed_comm
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
+    if settings.device == "cuda":  # rank r on GPU r (a world on one machine), before NCCL starts
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     init_deepspeed_comm()
     ids_BS = rank_tokens(settings.sizes, rank, settings.seed, router)
     extra = settings.replica_slots if settings.replica_slots is not None else world
@@ -291,7 +310,7 @@ def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, va
             lambda: _build(v, settings, router, world, placement if v == "large_ep_replicas" else None), ids_BS,
             settings.record_steps)
         if v == "large_ep":
-            placement = replica_placement(load_E, world, extra)
+            placement = replica_placement(load_E, world, extra) if "large_ep_replicas" in variants else None
             out.update(_routing_facts(load_E, placement, built[v].module))
         if progress is not None:
             progress.update(i + 1, built=v)
@@ -304,7 +323,7 @@ def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, va
         cpu_seconds=out["cpu_seconds"],
         on_iteration=None if progress is None else lambda i: progress.update(len(variants) + i, iteration=i))
     if settings.critical_path:
-        out["critical"] = _critical_paths(built, variants, ids_BS, settings.iters, world)
+        out["critical"] = _critical_paths(built, variants, ids_BS, settings.iters, world, settings.device)
     out["rank_imbalance_measured"] = {v: _rank_imbalance(built[v].module) for v in variants}
     if progress is not None:
         progress.close()
@@ -312,10 +331,10 @@ def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, va
 
 
 def _critical_paths(built: dict[str, Any], variants: list[str], ids_BS: torch.Tensor, iters: int,
-                    world: int) -> dict[str, dict[str, float]]:
+                    world: int, device: str = "cpu") -> dict[str, dict[str, float]]:
     """``iters`` steps of each variant with the ranks taking turns (``TurnTaking``): the medians of the critical
     path, its compute, the balanced compute, the communication, and the all-to-all bytes across two nodes."""
-    clock = TurnTaking()
+    clock = TurnTaking(synchronize=None if device == "cpu" else torch.accelerator.synchronize)
     out = {}
     for v in variants:
         steps = []
@@ -351,7 +370,7 @@ def _warm_imports(family: str, variants: list[str], settings: HFBenchSettings | 
         from .tiny_models import learned_state
 
         for ep in ep_sizes:
-            learned_state(settings.family, ep, settings.sizes, settings.seed, settings.learn_steps)
+            learned_state(settings.family, settings.experts(ep), settings.sizes, settings.seed, settings.learn_steps)
 
 
 def run_hf_bench(settings: HFBenchSettings, ep_sizes: list[int], routers: list[str], variants: list[str], *,
@@ -366,14 +385,16 @@ def run_hf_bench(settings: HFBenchSettings, ep_sizes: list[int], routers: list[s
         if r not in ROUTERS:
             raise ValueError(f"router {r!r} is not one of {', '.join(ROUTERS)}")
     for ep in ep_sizes:
-        if ep < 2 or ep < settings.sizes.top_k:
-            raise ValueError(f"EP size {ep} must be >= 2 and >= top_k={settings.sizes.top_k} (E = EP experts)")
+        if ep < 1 or settings.experts(ep) < settings.sizes.top_k or settings.experts(ep) < ep:
+            raise ValueError(f"EP size {ep} with {settings.experts(ep)} experts: need 1 <= EP <= E and "
+                             f"E >= top_k={settings.sizes.top_k}")
     _warm_imports(settings.family, variants, settings, routers, ep_sizes)
     rows: list[dict[str, Any]] = []
     worlds: list[dict[str, Any]] = []
     for ep in ep_sizes:
         for router in routers:
-            per_rank = run_world(bench_rank, ep, args=(settings, router, variants), timeout=timeout)
+            per_rank = run_world(bench_rank, ep, args=(settings, router, variants), timeout=timeout,
+                                 backend="gloo" if settings.device == "cpu" else "nccl")
             first = per_rank[0]
             world = {"ep": ep, "router": router, **{k: first.get(k) for k in ("load", "layer_imbalance", "replicas",
                                                                              "copies")}}
