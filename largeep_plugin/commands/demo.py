@@ -149,7 +149,7 @@ def compare_settings(args: argparse.Namespace) -> LayerBenchSettings:
     )
 
 
-def comparison_report(rows: list[dict[str, Any]]) -> str:
+def comparison_report(rows: list[dict[str, Any]], tokens: int | None = None) -> str:
     """The table, then large-EP's ratios against the issue's targets, stated as measured."""
     lines = [format_table(rows)]
     labels = (("large_ep_over_stock_dropless", "stock dropless"), ("large_ep_over_stock_cf1", "stock cf1.0"),
@@ -158,6 +158,16 @@ def comparison_report(rows: list[dict[str, Any]]) -> str:
         lines.append(f"EP {r['ep']:>2}: large-EP = " + ", ".join(f"{r[k]:.2f}x {name}" for k, name in labels if k in r))
     lines.append("targets (GPU-scale design goals; measured here on CPU ranks sharing the cores): large-EP >= 1.5x "
                  "stock dropless at EP 16 with 2048 tokens/rank, and >= 0.75x ideal; see docs/deepspeed.md")
+    at16 = next((r for r in ratios(rows) if r["ep"] == 16), None)
+    if at16 is None:
+        lines.append("  not measured by this run (no EP 16)")
+    else:
+        for key, name, aim in (("large_ep_over_stock_dropless", "stock dropless", 1.5), ("large_ep_over_ideal",
+                                                                                           "ideal", 0.75)):
+            if key in at16:
+                verdict = "met" if at16[key] >= aim else "NOT met"
+                lines.append(f"  EP 16: {at16[key]:.2f}x {name} (aim {aim}x): {verdict} by this run"
+                             + ("" if tokens in (None, 2048) else f" (at {tokens} tokens/rank, not 2048)"))
     return "\n".join(lines)
 
 
@@ -223,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
 
         rows = run_layer_bench(bench, compare_eps, list(VARIANTS), build_stock, timeout=args.timeout, on_row=on_row)
         progress.close()
-        print(comparison_report(rows))
+        print(comparison_report(rows, bench.tokens_per_rank))
         result["comparison"] = write_outputs(args.output_dir, bench, rows, "largeep demo: MoE layer fwd+bwd on CPU",
                                            stem="comparison")
         result["comparison_rows"] = rows
