@@ -101,7 +101,9 @@ def test_unsupported_block_names_its_class() -> None:
             self.experts = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), FancyMoeBlock())
-    with pytest.raises(NotImplementedError, match=r"1: MoE block of class FancyMoeBlock.*Mixtral.*DeepSeek-V3"):
+    with pytest.raises(NotImplementedError, match=r"1: FancyMoeBlock looks like an MoE block \(an 'experts' "
+                                                  r"submodule\) but its class is not supported; supported: "
+                                                  r".*Mixtral.*DeepSeek-V3"):
         convert_model(model)
 
 

@@ -35,6 +35,9 @@ from .comm import ProcessGroup, group_size
 
 # ``group_attr`` default: the attribute ``LargeEPMoE`` sets on its experts' parameters.
 EXPERT_GROUP_ATTR = "expert_dp_group"
+# The attribute routes set on a replicated expert's parameters: the ranks of its own EP group holding the same
+# expert, for trainers whose data-parallel reduction already spans the copies (DeepSpeed, Megatron).
+REPLICA_GROUP_ATTR = "large_ep_replica_group"
 
 
 def is_expert_param(p: torch.nn.Parameter) -> bool:

@@ -24,12 +24,10 @@ from typing import Any, Callable
 
 from megatron.core.distributed import finalize_model_grads
 
-from largeep_plugin.layer.grads import reduce_expert_gradients
+from largeep_plugin.layer.grads import REPLICA_GROUP_ATTR, reduce_expert_gradients
 from largeep_plugin.layer.process_groups import build_replica_groups, ep_partition, ep_ranks_of
 from .layer import large_ep_moe_layers
 
-# The attribute that holds, on a replicated expert's parameters, the group of its replicas in the EP group.
-REPLICA_GROUP_ATTR = "large_ep_replica_group"
 
 
 def attach_replica_groups(model: Any) -> int:
