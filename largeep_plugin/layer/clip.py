@@ -8,11 +8,8 @@ norm wanted is the unconverted model's:
     ||g||_p^p = sum over the dense parameters    (the same on every rank once reduced: taken from this rank)
               + sum over the logical experts     (each taken on one of its holders, summed over the ranks)
 
-An expert parameter's holders are its groups: ``param.expert_dp_group`` (grads.py: every rank, in every
-data-parallel copy, that holds the same shard of that expert; ``expert_group`` replaces it for a route whose
-expert-DP group spans the copies, as Megatron's) and, where a route tags one, ``param.large_ep_replica_group``
-(``grads.REPLICA_GROUP_ATTR``: the replicas of the expert inside one EP group). A rank counts the parameter when it
-is the lowest global rank of each of them; without groups the rank holds it alone and counts it. Dynamic clones
+An expert parameter is counted by one of its holders (``grads.counted_here``: the lowest global rank of each of
+its holder groups, ``param.expert_dp_group`` or ``expert_group``, and a route's replica group). Dynamic clones
 (buffers, not parameters) never enter.
 
 One all_reduce of one number per call (SUM of the experts' share of ||g||_p^p; MAX for the inf-norm) over
@@ -30,24 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .comm import ProcessGroup, group_size
-from .grads import EXPERT_GROUP_ATTR, REPLICA_GROUP_ATTR, is_expert_param
-
-# Attributes whose group lists the holders of an expert parameter (module docstring).
-_HOLDER_ATTRS = (EXPERT_GROUP_ATTR, REPLICA_GROUP_ATTR)
-
-
-def _counted_here(p: nn.Parameter, rank: int, expert_group: ProcessGroup | None,
-                  lowest: dict[int, int]) -> bool:
-    """Whether this rank counts expert parameter ``p``: the lowest global rank of each of its holder groups."""
-    for attr in _HOLDER_ATTRS:
-        g = expert_group if (attr == EXPERT_GROUP_ATTR and expert_group is not None) else getattr(p, attr, None)
-        if g is None or group_size(g) == 1:
-            continue
-        if id(g) not in lowest:
-            lowest[id(g)] = min(dist.get_process_group_ranks(g))
-        if lowest[id(g)] != rank:
-            return False
-    return True
+from .grads import counted_here, is_expert_param
 
 
 def _norm(tensors: list[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
@@ -79,7 +59,7 @@ def grad_norm(params: Iterable[nn.Parameter] | nn.Module, norm_type: float = 2.0
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     lowest: dict[int, int] = {}
     dense = [p.grad for p in grads if not is_expert_param(p)]
-    experts = [p.grad for p in grads if is_expert_param(p) and _counted_here(p, rank, expert_group, lowest)]
+    experts = [p.grad for p in grads if is_expert_param(p) and counted_here(p, rank, expert_group, lowest)]
     dense_norm = _norm(dense, norm_type, device)
     expert_norm = _norm(experts, norm_type, device)
     distributed = group_size(group) > 1
