@@ -213,10 +213,12 @@ def _aux_run(rank: int, ep_size: int, steps: int, scale: bool, checkpointing: st
         total = torch.zeros(())
         for m in range(MICRO):
             ids = _batch(step, rank, m)
-            with warnings.catch_warnings():
+            # Non-reentrant checkpoints stop a recompute once the backward has what it needs, often before the
+            # layer's counting: without that early stop the recompute runs the whole forward, counting included.
+            with warnings.catch_warnings(), torch.utils.checkpoint.set_checkpoint_early_stop(False):
                 warnings.simplefilter("ignore")  # use_cache=True is incompatible with gradient checkpointing
                 loss = model(input_ids=ids, labels=ids).loss / MICRO
-            loss.backward()
+                loss.backward()
             total += loss.detach()
         lep.allreduce_gradients(model)
         optimizer.step()
