@@ -40,7 +40,7 @@ import torch
 pytest.importorskip("transformers")
 
 from conftest import world  # noqa: E402
-from hf_models import tiny_model, tokens  # noqa: E402
+from hf_models import dense_and_experts, param_errors, reference_aux, tiny_model, tokens  # noqa: E402
 
 WORLD, BATCH, SEQ = 4, 2, 8
 CLIP, CLIP_STEPS, CLIP_LR = 0.05, 4, 1.0
@@ -63,19 +63,6 @@ def _converted(family: str, experts: int, ep_size: int, **overrides):  # type: i
         warnings.simplefilter("ignore")  # colocation
         convert_model(model, groups.ep_group, allow_colocate=True, **overrides)
     return model.train(), groups
-
-
-def _dense_and_experts(model) -> dict:  # type: ignore[no-untyped-def]
-    """This rank's dense parameters by name and its experts by (block, expert id)."""
-    from largeep_plugin.layer.grads import is_expert_param
-
-    experts = {}
-    for name, block in model.named_modules():
-        if type(block).__name__ == "LargeEPHFBlock":
-            for expert_id, module in block.moe.local_experts():
-                experts[(name, expert_id)] = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    dense = {n: p.detach().clone() for n, p in model.named_parameters() if not is_expert_param(p)}
-    return {"dense": dense, "experts": experts}
 
 
 def _biases_and_counts(model) -> tuple[dict, dict]:  # type: ignore[no-untyped-def]
@@ -105,7 +92,7 @@ def _clip_run(rank: int, ep_size: int, experts: int, ddp: bool, norm_type: float
         norms.append(float((clip or lhf.clip_grad_norm_)(model.parameters(), CLIP, norm_type)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return dict(_dense_and_experts(model), norms=norms, torch_norms=torch_norms)
+    return dict(dense_and_experts(model), norms=norms, torch_norms=torch_norms)
 
 
 def _clip_reference(experts: int, norm_type: float) -> tuple[torch.nn.Module, list[float]]:
@@ -121,46 +108,7 @@ def _clip_reference(experts: int, norm_type: float) -> tuple[torch.nn.Module, li
     return ref, norms
 
 
-def _param_errors(ref: torch.nn.Module, got: dict, family: str = "mixtral") -> dict[str, float]:
-    """Largest |converted - reference| over the dense parameters (routers included) and this rank's experts."""
-    from largeep_plugin.hf import FAMILIES
-    from largeep_plugin.integrations.hf.families import family_of
-    from largeep_plugin.integrations.hf.weights import dense_sources, expert_from_hf
-
-    ref_params = dict(ref.named_parameters())
-    fam = next(f for f in FAMILIES if f.name == family_of(next(m for m in ref.modules() if family_of(m))).name)
-    dense = 0.0
-    for name, value in got["dense"].items():
-        if ".moe." in name:
-            block, ours = name.split(".moe.")
-            theirs = dense_sources(fam)[ours]
-            want = torch.cat([ref_params[f"{block}.{t}"].detach() for t in theirs])
-        else:
-            want = ref_params[name].detach()
-        dense = max(dense, float((value - want).abs().max()))
-    expert = 0.0
-    for (block, expert_id), state in got["experts"].items():
-        hf = ref.get_submodule(block)
-        want = expert_from_hf(fam, lambda n, e: hf.get_parameter(n).detach()[e], expert_id)
-        expert = max(expert, max(float((state[k] - w).abs().max()) for k, w in want.items()))
-    return {"dense": dense, "experts": expert}
-
-
 # ---- the plugin's aux loss under accumulation; activation checkpointing --------------------------------------------
-def _reference_aux(router_logits: tuple[torch.Tensor, ...], copies: int) -> torch.Tensor:
-    """The plugin's switch loss written from its formula, summed over the layers: per data-parallel copy, AUX * E *
-    sum_e f_e P_e with f the copy's fraction of top-k assignments to e and P the mean softmax score of e over the
-    copy's tokens (the mean of its ranks' losses, each rank holding as many tokens); averaged over the copies."""
-    total = torch.zeros(())
-    for logits in router_logits:
-        for part in logits.float().chunk(copies):
-            scores = part.softmax(-1)
-            counts = torch.nn.functional.one_hot(scores.topk(2, dim=-1).indices, scores.shape[-1]).sum((0, 1))
-            f = counts.float() / counts.sum()
-            total = total + AUX * scores.shape[-1] * (f * scores.mean(0)).sum() / copies
-    return total
-
-
 def _aux_reference(steps: int, ep_size: int) -> dict:
     """The unconverted Mixtral with the reference aux loss, MICRO micro-batches per step, SGD; the bias it implies
     (the counts of a step's micro-batches over the whole world) and the counts per copy."""
@@ -176,7 +124,7 @@ def _aux_reference(steps: int, ep_size: int) -> dict:
         for m in range(MICRO):
             ids = torch.cat([_batch(step, r, m) for r in range(WORLD)])
             out = ref(input_ids=ids, labels=ids, output_router_logits=True)
-            ((out.loss + _reference_aux(out.router_logits, copies)) / MICRO).backward()
+            ((out.loss + reference_aux(out.router_logits, AUX, copies)) / MICRO).backward()
             loss_sum += float(out.loss.detach()) / MICRO   # the model's loss, as the converted run reports it
             for layer, logits in enumerate(out.router_logits):
                 picks = torch.nn.functional.one_hot(logits.softmax(-1).topk(2, dim=-1).indices, WORLD).sum(1)
@@ -228,7 +176,7 @@ def _aux_run(rank: int, ep_size: int, steps: int, scale: bool, checkpointing: st
         torch.distributed.all_reduce(total)
         losses.append(float(total) / WORLD)
     biases, _ = _biases_and_counts(model)
-    return dict(_dense_and_experts(model), losses=losses, counts=counts, biases=biases)
+    return dict(dense_and_experts(model), losses=losses, counts=counts, biases=biases)
 
 
 # ---- bf16 autocast ------------------------------------------------------------------------------------------------
@@ -271,7 +219,7 @@ def _decay_run(rank: int, rule: str) -> dict:
         lep.allreduce_gradients(model)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return dict(_dense_and_experts(model), decayed=sum(p.numel() for p in groups[0]["params"]))
+    return dict(dense_and_experts(model), decayed=sum(p.numel() for p in groups[0]["params"]))
 
 
 def _decay_reference() -> torch.nn.Module:
@@ -353,7 +301,7 @@ def test_clip_grad_norm_is_the_unconverted_models(per_rank) -> None:  # type: ig
         norms = [res[name]["norms"] for res in per_rank]
         assert all(n == norms[0] for n in norms), (name, norms)   # one coefficient on every rank
         norm_err = max(abs(a - b) / b for a, b in zip(norms[0], ref_norms))
-        errs = [_param_errors(ref, res[name]) for res in per_rank]
+        errs = [param_errors(ref, res[name]) for res in per_rank]
         params = max(max(e.values()) for e in errs)
         spread = max(abs(a - b) for res in per_rank for a, b in zip(res[name]["torch_norms"], ref_norms))
         report[name] = dict(norm_rel=norm_err, params=params, torch_norm_off=spread)
@@ -367,7 +315,7 @@ def test_clip_grad_norm_is_the_unconverted_models(per_rank) -> None:  # type: ig
     torch_clip = [res["ep4_torch_clip"] for res in per_rank]
     report["torch clip_grad_norm_ at EP 4"] = dict(
         norms=[n["norms"][0] for n in torch_clip],
-        params=max(max(_param_errors(ref, n).values()) for n in torch_clip),
+        params=max(max(param_errors(ref, n).values()) for n in torch_clip),
         rank_spread=max(float((n["dense"][k] - torch_clip[0]["dense"][k]).abs().max())
                         for n in torch_clip for k in n["dense"]))
     assert report["ep4"]["torch_norm_off"] > 1e-4 and report["torch clip_grad_norm_ at EP 4"]["rank_spread"] > 0, report
@@ -378,7 +326,7 @@ def test_accumulated_aux_loss_follows_the_trainers_scale(per_rank) -> None:  # t
     ref = _aux_reference(1, WORLD)
     report = {}
     for name in ("aux_scaled", "aux_unscaled"):
-        errs = [_param_errors(ref["model"], res[name]) for res in per_rank]
+        errs = [param_errors(ref["model"], res[name]) for res in per_rank]
         report[name] = max(max(e.values()) for e in errs)
     print("\naux under accumulation:", report, "loss", per_rank[0]["aux_scaled"]["losses"], ref["losses"])
     assert report["aux_scaled"] < 1e-6, report
@@ -394,7 +342,7 @@ def test_accumulated_aux_loss_follows_the_trainers_scale(per_rank) -> None:  # t
 @pytest.mark.parametrize("case, ep_size", [("ckpt_before", WORLD), ("ckpt_after", 2), ("plain_ep2", 2)])
 def test_activation_checkpointing_counts_once(per_rank, case, ep_size) -> None:  # type: ignore[no-untyped-def]
     ref = _aux_reference(1, ep_size)
-    errs = [_param_errors(ref["model"], res[case]) for res in per_rank]
+    errs = [param_errors(ref["model"], res[case]) for res in per_rank]
     loss = max(abs(a - b) for a, b in zip(per_rank[0][case]["losses"], ref["losses"]))
     print(f"\n{case}: params {max(max(e.values()) for e in errs):.2e}, loss {loss:.2e}")
     assert max(max(e.values()) for e in errs) < 1e-6 and loss < 1e-6, (errs, loss)
@@ -438,8 +386,8 @@ def test_bf16_autocast_differs_no_more_than_the_unconverted_model_itself(per_ran
 
 def test_weight_decay_groups_follow_the_unconverted_tensors(per_rank) -> None:  # type: ignore[no-untyped-def]
     ref = _decay_reference()
-    helper = max(max(_param_errors(ref, res["decay_helper"]).values()) for res in per_rank)
-    ndim = max(max(_param_errors(ref, res["decay_ndim"]).values()) for res in per_rank)
+    helper = max(max(param_errors(ref, res["decay_helper"]).values()) for res in per_rank)
+    ndim = max(max(param_errors(ref, res["decay_ndim"]).values()) for res in per_rank)
     decayed = {k: per_rank[0][k]["decayed"] for k in ("decay_helper", "decay_ndim")}
     print(f"\nweight decay: helper {helper:.2e}, p.ndim rule on the converted model {ndim:.2e}, decayed {decayed}")
     assert helper < 1e-6 and ndim > 1e-4, (helper, ndim)
