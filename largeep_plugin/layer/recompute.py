@@ -33,6 +33,9 @@ class LoadCounting:
         # (or no_grad forwards of a model left in training mode, which never count).
         self._without_grad = 0
 
+    # Run eagerly under torch.compile: the answer depends on whether a backward is running when the forward runs,
+    # which a compiled graph would not check again (a graph break in the layer, beside the count read-back's).
+    @torch.compiler.disable
     def counts(self, training: bool) -> bool:
         if not training:
             return False
