@@ -20,7 +20,7 @@ every rank runs ``LocalExperts`` (experts.py), the source sorts each destination
 expert there (``dispatcher.py``: counts exchanged per (rank, slot), no expert ids sent), and the receiver runs
 each local expert on its own rows. Every dispatch path runs it: flat or node-batched (the gateway forwards copies
 sorted by (local rank, slot)), chunked or not (the one count exchange carries counts per (chunk, rank, slot)); a
-warning says so once per placement.
+warning says so once per placement and world (rank 0, notices.py).
 """
 from __future__ import annotations
 
