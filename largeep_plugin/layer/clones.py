@@ -53,12 +53,6 @@ from .config import LargeEPConfig
 from .experts import LinearWeights, MLPWeights, SlotExperts
 
 
-def counting_forward(module: nn.Module) -> bool:
-    """Whether a forward of ``module`` counts as training load: training mode, gradients on, and not the recompute
-    of activation checkpointing (which runs inside a backward: autograd's current graph task is set then)."""
-    return module.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
-
-
 @dataclass(frozen=True)
 class _Routes:
     """The clone traffic of one plan seen from one rank (host ints, from the plan: no sync).
