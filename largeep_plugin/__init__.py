@@ -16,10 +16,12 @@ The package, floor by floor (nothing imports upwards):
 Importing this package imports torch and the standard library only (no Megatron, DeepSpeed, yaml or matplotlib):
 the frameworks come in through ``largeep_plugin.megatron`` and ``largeep_plugin.deepspeed`` on first use.
 """
+from largeep_plugin.layer.clip import clip_grad_norm_, grad_norm
 from largeep_plugin.layer.config import LargeEPConfig
 from largeep_plugin.layer.grads import allreduce_gradients
 from largeep_plugin.layer.load_balance import LoadMonitor
-from largeep_plugin.layer.moe_layer import LargeEPMoE, load_stats, rebalance, refresh_clones, update_expert_biases
+from largeep_plugin.layer.moe_layer import (LargeEPMoE, load_stats, rebalance, refresh_clones, set_aux_loss_scale,
+                                            update_expert_biases)
 from largeep_plugin.layer.moves import move_experts
 from largeep_plugin.layer.training_state import load_training_state, save_training_state
 from largeep_plugin.placement.plan import Placement, plan_placement
@@ -34,6 +36,8 @@ __all__ = [
     "Placement",
     "Topology",
     "allreduce_gradients",
+    "clip_grad_norm_",
+    "grad_norm",
     "load_stats",
     "load_topology",
     "load_training_state",
@@ -42,5 +46,6 @@ __all__ = [
     "rebalance",
     "refresh_clones",
     "save_training_state",
+    "set_aux_loss_scale",
     "update_expert_biases",
 ]

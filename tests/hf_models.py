@@ -88,3 +88,64 @@ def skew_router(model: nn.Module, hot: tuple[int, ...] = (0, 1), boost: float = 
         with torch.no_grad():
             gate.weight[list(hot)] += boost * mean / mean.square().sum()
     return model
+
+
+def dense_and_experts(model: nn.Module) -> dict:
+    """A converted model's parameters on this rank: ``{"dense": {name: tensor}, "experts": {(block name, expert id):
+    ExpertMLP state}}`` (what ``param_errors`` compares)."""
+    from largeep_plugin.integrations.hf.block import LargeEPHFBlock
+    from largeep_plugin.layer.grads import is_expert_param
+
+    experts = {}
+    for name, block in model.named_modules():
+        if isinstance(block, LargeEPHFBlock):
+            for expert_id, module in block.moe.local_experts():
+                experts[(name, expert_id)] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    dense = {n: p.detach().clone() for n, p in model.named_parameters() if not is_expert_param(p)}
+    return {"dense": dense, "experts": experts}
+
+
+def param_errors(ref: nn.Module, got: dict) -> dict[str, float]:
+    """Largest |converted - unconverted| over the dense parameters (routers included, read back into the Hugging
+    Face names) and the experts of ``got`` (``dense_and_experts``)."""
+    from largeep_plugin.integrations.hf.families import family_of
+    from largeep_plugin.integrations.hf.weights import dense_sources, expert_from_hf
+
+    ref_params = dict(ref.named_parameters())
+    family = next(family_of(m) for m in ref.modules() if family_of(m) is not None)
+    dense = 0.0
+    for name, value in got["dense"].items():
+        if ".moe." in name:
+            block, ours = name.split(".moe.")
+            want = torch.cat([ref_params[f"{block}.{t}"].detach() for t in dense_sources(family)[ours]])
+        else:
+            want = ref_params[name].detach()
+        dense = max(dense, float((value - want).abs().max()))
+    expert = 0.0
+    for (block, expert_id), state in got["experts"].items():
+        hf = ref.get_submodule(block)
+        want = expert_from_hf(family, lambda n, e: hf.get_parameter(n).detach()[e], expert_id)
+        expert = max(expert, max(float((state[k] - w).abs().max()) for k, w in want.items()))
+    return {"dense": dense, "experts": expert}
+
+
+def reference_aux(router_logits: tuple[torch.Tensor, ...], coeff: float, copies: int = 1,
+                  reduce=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """The plugin's switch loss (``aux_loss_coeff``) written from its formula for a softmax top-2 router, summed over
+    the layers: coeff * E * sum_e f_e P_e, with f the fraction of the top-2 assignments that went to e over the EP
+    group's tokens and P the mean softmax score of e over the tokens at hand.
+
+    Two ways to use it: on one process holding every rank's tokens (``copies`` data-parallel copies of the EP group,
+    rank-major rows: the mean of the ranks' losses, each rank holding as many tokens, is the mean over the copies of
+    the loss of each copy's tokens); or on each rank of a data-parallel run of the unconverted model, ``reduce``
+    summing the counts over the ranks (``torch.distributed.all_reduce``)."""
+    total = torch.zeros(())
+    for logits in router_logits:
+        for part in logits.float().chunk(copies):
+            scores = part.softmax(-1)
+            counts = torch.nn.functional.one_hot(scores.topk(2, dim=-1).indices, scores.shape[-1]).sum((0, 1))
+            if reduce is not None:
+                reduce(counts)
+            f = counts.float() / counts.sum()
+            total = total + coeff * scores.shape[-1] * (f * scores.mean(0)).sum() / copies
+    return total

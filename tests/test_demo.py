@@ -26,10 +26,15 @@ def demo_run(tmp_path_factory):
         "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--hidden-size", "32", "--ffn-hidden-size", "64",
         "--output-dir", str(out / "run"), "--record-load", str(out / "load"), "--no-progress", "--timeout", "300",
         "--no-compare",  # the side-by-side part is tested in test_deepspeed_bench.py
+        "--balance-steps", "3", "--balance-tokens", "64",  # part 3's arithmetic: test_balance_bench.py
     ]
     assert main(argv) == 0
     with open(out / "run" / "summary.json") as f:
-        return out, json.load(f)["training"]
+        summary = json.load(f)
+    balance = summary["balance"]
+    assert [r["ep"] for r in balance["results"]] == [WORLD] and len(balance["results"][0]["steps"]) == 3
+    assert all((out / "run" / name).is_file() for name in ("balance.json", "balance.png"))
+    return out, summary["training"]
 
 
 def test_loss_goes_down(demo_run):

@@ -342,9 +342,11 @@ def test_bad_settings_name_the_field() -> None:
     def rank_fn(rank: int, world_size: int) -> str:
         try:
             lep.LargeEPMoE(make_config(1, top_k=1, dynamic_replicas=1), placement=tp)
+            out = "no error"
         except ValueError as err:
-            return str(err)
-        return "no error"
+            out = str(err)
+        dist.barrier()  # no rank leaves before every rank has joined the world
+        return out
 
     for msg in world(rank_fn, 2):
         assert "dynamic_replicas=1 with expert tensor parallelism" in msg, msg

@@ -101,8 +101,72 @@ def test_unsupported_block_names_its_class() -> None:
             self.experts = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), FancyMoeBlock())
-    with pytest.raises(NotImplementedError, match=r"1: MoE block of class FancyMoeBlock.*Mixtral.*DeepSeek-V3"):
+    with pytest.raises(NotImplementedError, match=r"1: FancyMoeBlock looks like an MoE block \(an 'experts' "
+                                                  r"submodule\) but its class is not supported; supported: "
+                                                  r".*Mixtral.*DeepSeek-V3"):
         convert_model(model)
+
+
+def test_nothing_is_silent_in_conversion() -> None:
+    """Every structure transformers uses for MoE blocks, unregistered, is an error naming the class; a model with
+    nothing converted is an error unless the caller says that is fine."""
+    import transformers as tf
+
+    from largeep_plugin.hf import convert_model
+
+    jetmoe = tf.AutoModelForCausalLM.from_config(tf.JetMoeConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, kv_channels=8, intermediate_size=32,
+        num_local_experts=4, num_experts_per_tok=2, vocab_size=64))
+    with pytest.raises(NotImplementedError, match=r"^model.layers.0.mlp: JetMoeMoE looks like an MoE block "
+                                                  r"\('input_linear' and 'output_linear' experts\)"):
+        convert_model(jetmoe)
+
+    class StackedGateMoE(torch.nn.Module):   # a gate and experts as one [E, F, H] parameter
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = torch.nn.Linear(4, 3)
+            self.w1 = torch.nn.Parameter(torch.zeros(3, 8, 4))
+
+    class RouterMoE(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.router = torch.nn.Linear(4, 3)
+            self.mlp = torch.nn.Linear(4, 4)
+
+    for block, parts in ((StackedGateMoE(), r"a 'gate' beside expert weights \['w1'\]"),
+                         (RouterMoE(), r"a 'router' submodule")):
+        with pytest.raises(NotImplementedError, match=rf"^0\.1: {type(block).__name__} looks like an MoE block "
+                                                      rf"\({parts}\)"):
+            convert_model(torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 4), block)))
+
+    dense = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(hidden_size=32, num_hidden_layers=1,
+                                                               num_attention_heads=4, intermediate_size=32,
+                                                               vocab_size=64))
+    with pytest.raises(ValueError, match=r"^convert_model: LlamaForCausalLM has no MoE block to convert .*"
+                                         r"pass allow_no_moe=True"):
+        convert_model(dense)
+    assert convert_model(dense, allow_no_moe=True) is dense
+    # A dense MLP with a gate projection (and Qwen2-MoE's shared-expert gate, every registered family) is no MoE.
+    assert convert_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), allow_no_moe=True) is not None
+
+
+def _colocation_warnings(rank: int, world_size: int) -> list[str]:
+    """The warnings two conversions of a colocated model (EP 2, 4 experts) show on this rank, as printed."""
+    from largeep_plugin.hf import convert_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            convert_model(tiny_model("mixtral", 4), allow_colocate=True)
+    return [warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught]
+
+
+def test_colocation_warns_once_per_world_without_a_source_line() -> None:
+    per_rank = world(_colocation_warnings, 2)
+    assert per_rank[1] == [], per_rank
+    (shown,) = per_rank[0]
+    assert shown.startswith("largeep:0: UserWarning: LargeEPMoE: 4 experts on 2 ranks, up to 2 per rank") and \
+        shown.count("\n") == 1, shown
 
 
 @pytest.mark.parametrize("override, match", [

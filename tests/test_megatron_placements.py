@@ -74,6 +74,30 @@ def _main_grad_ddp(config: Any, module: torch.nn.Module) -> Any:
     return ddp
 
 
+def _megatron_grad_norm(model: Any) -> float:
+    """The norm Megatron's ``clip_grad`` takes, with its own parameter filter: ``get_megatron_optimizer`` gives dense
+    parameters one optimizer (norm summed over TP x PP) and expert parameters (``allreduce=False``) another (over
+    TP x EP x PP), and ``ChainedOptimizer`` adds the two squares. Its optimizers allocate on CUDA when built, so the
+    filter (``MegatronOptimizer.get_main_grads_for_grad_norm``: shared parameters and TP duplicates left out) runs on
+    an optimizer object that was not; the two sums are what ``get_grad_norm_fp32`` does (on CUDA)."""
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
+    total = 0.0
+    for expert, group in ((False, parallel_state.get_model_parallel_group()),
+                          (True, parallel_state.get_expert_tensor_model_pipeline_parallel_group())):
+        megatron = FP32Optimizer.__new__(FP32Optimizer)
+        megatron.optimizer = torch.optim.SGD([p for p in model.parameters()
+                                              if (getattr(p, "allreduce", True) is False) == expert], lr=0.0)
+        megatron.config = OptimizerConfig()
+        square = torch.tensor(sum(float(g.double().norm()) ** 2 for g in megatron.get_main_grads_for_grad_norm()),
+                              dtype=torch.float64)
+        dist.all_reduce(square, group=group)
+        total += float(square)
+    return total ** 0.5
+
+
 def _train(rank: int, cfg: Any, model: Any, ddp_kind: str = "gloo") -> dict[str, Any]:
     from megatron.core.distributed import finalize_model_grads
 
@@ -88,7 +112,7 @@ def _train(rank: int, cfg: Any, model: Any, ddp_kind: str = "gloo") -> dict[str,
         enable_replica_gradient_sum(ddp, cfg)  # idempotent: the sum must not run twice
         finalize = cfg.finalize_model_grads_func
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    first_grads, weights, losses = None, [], []
+    first_grads, weights, losses, norms = None, [], [], {}
     for step in range(STEPS):
         optimizer.zero_grad(set_to_none=True)
         ids, pos = tokens(2, SEQ, VOCAB, seed=100 * step + rank)
@@ -99,11 +123,17 @@ def _train(rank: int, cfg: Any, model: Any, ddp_kind: str = "gloo") -> dict[str,
             for p in model.parameters():
                 p.grad = p.main_grad
         if first_grads is None:
+            from megatron.core import parallel_state
+
+            import largeep_plugin as lep
+
             first_grads = _experts(model, grads=True)
+            norms = {"megatron": _megatron_grad_norm(model),
+                     "plugin": float(lep.grad_norm(model, expert_group=parallel_state.get_expert_data_parallel_group()))}
         optimizer.step()
         weights.append(_experts(model, grads=False))
         losses.append(float(loss))
-    return {"grads": first_grads, "weights": weights, "losses": losses}
+    return {"grads": first_grads, "weights": weights, "losses": losses, "norms": norms}
 
 
 def _record_replica_sum(rank: int, model: Any) -> dict[str, Any]:
@@ -225,3 +255,17 @@ def test_replicas_refuse_training_without_the_replica_sum(results: list[dict[str
     for r in results:
         for words in ("enable_replica_gradient_sum", "GlooDataParallel", "replicas"):
             assert words in r["refusal"], r["refusal"]
+
+
+@pytest.mark.parametrize("case", ["colocated", "replicated"])
+def test_gradient_norm_counts_each_expert_once(results: list[dict[str, Any]], case: str) -> None:
+    """Megatron's clip_grad norm, and the plugin's ``grad_norm`` with Megatron's expert-DP group, are the same under
+    every layout: one expert per rank, colocated, replicated (each replica but the first marked ``shared``)."""
+    sides = ("a", "b") if case == "colocated" else ("a", "b", "c")
+    norms = {(side, kind): [r[case][side]["norms"][kind] for r in results] for side in sides
+             for kind in ("megatron", "plugin")}
+    want = norms[("a", "megatron")][0]
+    print(f"\n{case}: {norms}")
+    assert want > 0
+    for key, values in norms.items():
+        assert all(abs(v - want) <= 1e-6 * want for v in values), (key, values, want)

@@ -1,9 +1,9 @@
 """The host-sync budget of the layer on every dispatch path, counted on CPU (``sync_counter.py``).
 
 One forward may read the device back once: the count exchange's ``comm.read_back``, which carries the split sizes,
-the input checks and nothing else (the global load is summed on the device and stays there). No other operator
-that would make the host wait on a GPU runs in the forward, and nothing at all in the backward. The same for the
-Megatron layer, whose read-back sits in the compute-side ``dispatch_preprocess``.
+the input checks and, in the same read, the global load summed on the device (for the clone planner of dynamic
+replicas). No other operator that would make the host wait on a GPU runs in the forward, and nothing at all in the
+backward. The same for the Megatron layer, whose read-back sits in the compute-side ``dispatch_preprocess``.
 """
 from __future__ import annotations
 

@@ -73,8 +73,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--compare-skew", type=nonneg, default=0.0,
                    help="routing skew of the comparison (see largeep bench layer --help; default 0)")
     p.add_argument("--no-balance", action="store_true", help="skip part 3, dynamic replicas under a skewed router")
-    p.add_argument("--balance-skew", type=nonneg, default=1.0,
-                   help="routing skew of part 3: expert e's logit moves by -skew*ln(e+1) (default 1.0)")
+    p.add_argument("--balance-skew", type=nonneg, default=0.15,
+                   help="routing skew of part 3: expert e's logit moves by -skew*ln(e+1) (default 0.15)")
     p.add_argument("--balance-steps", type=pos, default=5, help="training steps of part 3 (default 5)")
     p.add_argument("--balance-tokens", type=pos, default=512, help="tokens per rank in part 3 (default 512)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -149,7 +149,7 @@ def compare_settings(args: argparse.Namespace) -> LayerBenchSettings:
     )
 
 
-def comparison_report(rows: list[dict[str, Any]]) -> str:
+def comparison_report(rows: list[dict[str, Any]], tokens: int | None = None) -> str:
     """The table, then large-EP's ratios against the issue's targets, stated as measured."""
     lines = [format_table(rows)]
     labels = (("large_ep_over_stock_dropless", "stock dropless"), ("large_ep_over_stock_cf1", "stock cf1.0"),
@@ -158,6 +158,16 @@ def comparison_report(rows: list[dict[str, Any]]) -> str:
         lines.append(f"EP {r['ep']:>2}: large-EP = " + ", ".join(f"{r[k]:.2f}x {name}" for k, name in labels if k in r))
     lines.append("targets (GPU-scale design goals; measured here on CPU ranks sharing the cores): large-EP >= 1.5x "
                  "stock dropless at EP 16 with 2048 tokens/rank, and >= 0.75x ideal; see docs/deepspeed.md")
+    at16 = next((r for r in ratios(rows) if r["ep"] == 16), None)
+    if at16 is None:
+        lines.append("  not measured by this run (no EP 16)")
+    else:
+        for key, name, aim in (("large_ep_over_stock_dropless", "stock dropless", 1.5), ("large_ep_over_ideal",
+                                                                                           "ideal", 0.75)):
+            if key in at16:
+                verdict = "met" if at16[key] >= aim else "NOT met"
+                lines.append(f"  EP 16: {at16[key]:.2f}x {name} (aim {aim}x): {verdict} by this run"
+                             + ("" if tokens in (None, 2048) else f" (at {tokens} tokens/rank, not 2048)"))
     return "\n".join(lines)
 
 
@@ -174,9 +184,10 @@ def run_balance_part(args: argparse.Namespace) -> dict[str, Any]:
     results = run_balance_bench(settings, [args.world_size], timeout=args.timeout)
     print(format_report(settings, results))
     payload = result_json(settings, results)
-    write_json(os.path.join(args.output_dir, "balance.json"), payload)
-    plot(results, os.path.join(args.output_dir, "balance.png"))
-    return payload
+    files = [write_json(os.path.join(args.output_dir, "balance.json"), payload),
+             os.path.join(args.output_dir, "balance.png")]
+    plot(results, files[1])
+    return {**payload, "files": files}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -222,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
 
         rows = run_layer_bench(bench, compare_eps, list(VARIANTS), build_stock, timeout=args.timeout, on_row=on_row)
         progress.close()
-        print(comparison_report(rows))
+        print(comparison_report(rows, bench.tokens_per_rank))
         result["comparison"] = write_outputs(args.output_dir, bench, rows, "largeep demo: MoE layer fwd+bwd on CPU",
                                            stem="comparison")
         result["comparison_rows"] = rows
@@ -231,5 +242,6 @@ def run(args: argparse.Namespace) -> int:
     path = os.path.join(args.output_dir, "summary.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
-    print(f"written {path}" + (f", {', '.join(result['comparison'])}" if "comparison" in result else ""))
+    written = [path] + result.get("comparison", []) + result.get("balance", {}).get("files", [])
+    print(f"written {', '.join(written)}")
     return 0

@@ -14,6 +14,9 @@ Sections (each guarded: a failure is reported, the others still run):
     overlap     a profiler trace of the chunked pipeline: time the side stream's copies overlap the expert GEMMs
     megatron    Megatron's stock MoELayer (all-to-all dispatcher, SequentialMLP) against LargeEPMoELayer at EP 1 on
                 the same config: tokens/s of forward + backward
+    hf          ``largeep bench hf`` on the GPU at EP 1, eight experts colocated on it: the Hugging Face model
+                unconverted, under DeepSpeed's AutoEP, large-EP and large-EP with dynamic replicas, uniform and
+                learned routers, wall clock and critical path (a subprocess; its JSON beside the report)
 
 Without CUDA only ``parity`` and ``sync`` run, on the CPU with gloo (the sync budget then counted by operator, as
 ``tests/test_sync_budget.py`` does), and the report says which sections were skipped and why.
@@ -185,6 +188,25 @@ def check_megatron(device: torch.device) -> dict[str, Any]:
     return {**stock_vs_large_ep(device, _all_on_one), "ok": True}
 
 
+def check_hf(out_dir: str, timeout: float = 240.0) -> dict[str, Any]:
+    """``largeep bench hf`` at EP 1 with 8 experts on the GPU (a process of its own: it starts its own world)."""
+    import subprocess
+    import sys
+
+    folder = os.path.join(out_dir, "bench_hf")
+    cmd = [sys.executable, "-m", "largeep_plugin.cli", "bench", "hf", "--ep", "1", "--num-experts", "8", "--device",
+           "cuda", "--hidden-size", "1024", "--ffn-hidden-size", "2048", "--batch-size", "8", "--seq-len", "512",
+           "--learn-steps", "100", "--iters", "3", "--warmup", "1", "--out", folder]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        return {"ok": False, "error": f"bench hf exited {proc.returncode}", "output": proc.stdout[-4000:] +
+                proc.stderr[-4000:]}
+    with open(os.path.join(folder, "hf_bench.json"), encoding="utf-8") as f:
+        rows = json.load(f)["rows"]
+    keep = ("router", "variant", "tokens_per_s_per_rank", "critical_tokens_per_s", "vs_autoep_critical", "peak_mib")
+    return {"ok": True, "rows": [{k: r.get(k) for k in keep} for r in rows], "table": proc.stdout[-4000:]}
+
+
 def _all_on_one(num_experts: int) -> Any:
     from largeep_plugin import Placement, Topology
 
@@ -241,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
         "gemm": _run("gemm", lambda: check_gemm(device)) if cuda else no_gpu,
         "overlap": _run("overlap", lambda: check_overlap(device, args.out)) if cuda else no_gpu,
         "megatron": _run("megatron", lambda: check_megatron(device)) if cuda else no_gpu,
+        "hf": _run("hf", lambda: check_hf(args.out)) if cuda else no_gpu,
     }
     report = {"device": torch.cuda.get_device_name(device) if cuda else "CPU (no CUDA device)",
               "torch": torch.__version__, "sections": sections}

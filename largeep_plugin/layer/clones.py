@@ -53,12 +53,6 @@ from .config import LargeEPConfig
 from .experts import LinearWeights, MLPWeights, SlotExperts
 
 
-def counting_forward(module: nn.Module) -> bool:
-    """Whether a forward of ``module`` counts as training load: training mode, gradients on, and not the recompute
-    of activation checkpointing (which runs inside a backward: autograd's current graph task is set then)."""
-    return module.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
-
-
 @dataclass(frozen=True)
 class _Routes:
     """The clone traffic of one plan seen from one rank (host ints, from the plan: no sync).
@@ -308,7 +302,8 @@ class CloneSlots(nn.Module):
         old = self.plan
         new, changed = replan(old, ema, self.home, cfg.dynamic_replicas, self.topology, margin=cfg.rebalance_margin,
                               **sizes)
-        before, after = old.figures(ema, **sizes), new.figures(ema, **sizes)
+        after = new.figures(ema, **sizes)
+        before = after if new is old or (not changed and new.clones == old.clones) else old.figures(ema, **sizes)
         self.plan = new
         self.plan_clones_RS.copy_(torch.tensor(new.clones, dtype=torch.int64).view(self.plan_clones_RS.shape))
         self.plan_load_E.copy_(ema)

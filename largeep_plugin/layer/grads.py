@@ -35,11 +35,36 @@ from .comm import ProcessGroup, group_size
 
 # ``group_attr`` default: the attribute ``LargeEPMoE`` sets on its experts' parameters.
 EXPERT_GROUP_ATTR = "expert_dp_group"
+# The attribute routes set on a replicated expert's parameters: the ranks of its own EP group holding the same
+# expert, for trainers whose data-parallel reduction already spans the copies (DeepSpeed, Megatron).
+REPLICA_GROUP_ATTR = "large_ep_replica_group"
 
 
 def is_expert_param(p: torch.nn.Parameter) -> bool:
     """True for parameters that must not be all-reduced over the data-parallel group."""
     return getattr(p, "allreduce", True) is False
+
+
+def counted_here(p: nn.Parameter, rank: int, expert_group: ProcessGroup | None = None,
+                 lowest: dict[int, int] | None = None) -> bool:
+    """Whether global rank ``rank`` is the one holder of expert parameter ``p`` that counts it once for the whole
+    model (the global gradient norm, a checkpoint that holds each logical expert once).
+
+    ``p``'s holders are its groups: ``p.expert_dp_group`` (every rank, in every data-parallel copy, holding the
+    same shard of that expert; ``expert_group`` instead, when given: a route's expert-DP group that spans the
+    copies, as Megatron's) and, where a route tags one, ``p.large_ep_replica_group`` (its replicas inside one EP
+    group). The counting rank is the lowest global rank of each of them; a parameter without groups is held by
+    this rank alone. ``lowest`` caches each group's lowest rank between calls (keyed by ``id(group)``)."""
+    lowest = {} if lowest is None else lowest
+    for attr in (EXPERT_GROUP_ATTR, REPLICA_GROUP_ATTR):
+        g = expert_group if (attr == EXPERT_GROUP_ATTR and expert_group is not None) else getattr(p, attr, None)
+        if g is None or group_size(g) == 1:
+            continue
+        if id(g) not in lowest:
+            lowest[id(g)] = min(dist.get_process_group_ranks(g))
+        if lowest[id(g)] != rank:
+            return False
+    return True
 
 
 def gradient_of(p: torch.nn.Parameter, *, main_grad: bool = False) -> torch.Tensor:

@@ -20,18 +20,17 @@ every rank runs ``LocalExperts`` (experts.py), the source sorts each destination
 expert there (``dispatcher.py``: counts exchanged per (rank, slot), no expert ids sent), and the receiver runs
 each local expert on its own rows. Every dispatch path runs it: flat or node-batched (the gateway forwards copies
 sorted by (local rank, slot)), chunked or not (the one count exchange carries counts per (chunk, rank, slot)); a
-warning says so once per placement.
+warning says so once per placement and world (rank 0, notices.py).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .clones import CloneSlots, clone_layers, counting_forward, rebalance_layers, refresh_clones as refresh_clone_slots
+from .clones import CloneSlots, clone_layers, rebalance_layers, refresh_clones as refresh_clone_slots
 from .comm import LoadRide, ProcessGroup, group_rank, group_size
 from .config import LargeEPConfig
 from .token_exchange import TokenExchange
@@ -44,6 +43,8 @@ from .overlap import SideJob
 from .shared_experts import build_shared_expert, shared_expert_output
 from .load_balance import LoadStats, apply_bias_updates, sequence_aux_loss, switch_aux_loss, z_loss
 from .moves import HomeMoves, move_layers, replace_layers
+from .notices import warn_once
+from .recompute import LoadCounting
 from .router import Router, RoutingResult
 
 # Bits of the per-rank input check exchanged in step 2.
@@ -54,22 +55,21 @@ _STALE_CLONES = 8
 # Input dtypes travel in step 2 as 1 + their index here: the same list on every rank, as torch is the same.
 _DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
 
-# Colocated placements already warned about in this process, so a model of many layers warns once.
-_WARNED_COLOCATED: set[tuple[tuple[int, ...], ...]] = set()
-
 
 class _AttachAuxLoss(torch.autograd.Function):
-    """Identity on ``y`` whose backward also sends a gradient of 1 into ``loss``: the auxiliary losses join the
-    backward pass without the trainer having to add them to its loss."""
+    """Identity on ``y`` whose backward also sends a gradient into ``loss``: the auxiliary losses join the
+    backward pass without the trainer having to add them to its loss. The gradient is the layer's
+    ``aux_loss_scale`` read when the backward runs (a trainer may set it between forward and backward)."""
 
     @staticmethod
-    def forward(ctx, y, loss, scale):  # type: ignore[override]
-        ctx.loss_shape, ctx.scale = loss.shape, scale
+    def forward(ctx, y, loss, layer):  # type: ignore[override]
+        ctx.loss_shape, ctx.layer = loss.shape, layer
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        return grad_y, torch.full(ctx.loss_shape, ctx.scale, dtype=torch.float32, device=grad_y.device), None
+        scale = torch.as_tensor(ctx.layer.aux_loss_scale, dtype=torch.float32, device=grad_y.device)
+        return grad_y, scale.expand(ctx.loss_shape).clone(), None
 
 
 class LargeEPMoE(nn.Module):
@@ -203,21 +203,19 @@ class LargeEPMoE(nn.Module):
         self.register_buffer("global_batch_tokens_E", torch.zeros(config.num_experts, dtype=torch.int64),
                              persistent=False)
         self.last_stats: LoadStats | None = None
-        # Gradient the attached auxiliary losses receive: set it to whatever the trainer multiplies its loss by
-        # before backward (a dynamic fp16 loss scale, 1 / gradient-accumulation steps), as Megatron's
-        # MoEAuxLossAutoScaler.set_loss_scale does.
-        self.aux_loss_scale = 1.0
+        # Gradient the attached auxiliary losses receive (a float or a 0-d tensor, read at backward): set it to
+        # whatever the trainer multiplies its loss by (a dynamic fp16 loss scale, 1 / gradient-accumulation
+        # steps), as Megatron's MoEAuxLossAutoScaler.set_loss_scale does: ``set_aux_loss_scale(model, s)``; the
+        # DeepSpeed integration sets it from the engine.
+        self.aux_loss_scale: float | torch.Tensor = 1.0
+        # Whether a forward's load counts: once per real training forward, also under activation checkpointing.
+        self.load_counting = LoadCounting()
 
     def _warn_colocated(self, rank_to_experts: tuple[tuple[int, ...], ...]) -> None:
-        key = rank_to_experts
-        if key in _WARNED_COLOCATED:
-            return
-        _WARNED_COLOCATED.add(key)
-        warnings.warn(
-            f"LargeEPMoE: {self.config.num_experts} experts on {self.ep_size} ranks, up to {self.num_slots} per rank "
-            "(colocated experts: each rank runs its experts one after another)",
-            stacklevel=3,
-        )
+        # Once per placement and world (rank 0), so a model of many layers on many ranks warns once.
+        warn_once(f"LargeEPMoE: {self.config.num_experts} experts on {self.ep_size} ranks, up to {self.num_slots} "
+                  "per rank (colocated experts: each rank runs its experts one after another)",
+                  key=("colocated", rank_to_experts))
 
     @property
     def expert(self) -> nn.Module:
@@ -330,10 +328,11 @@ class LargeEPMoE(nn.Module):
             keep_TK, weights_TK = keep_TK.repeat_interleave(t, dim=1), weights_TK.repeat_interleave(t, dim=1)
 
         # Step 2: every rank's input check (a flag) rides in the dispatch's one count exchange and is read back with
-        # the counts, so a bad input on any rank is an error on every rank before a token moves. The per-expert load
-        # and drops are summed over the group on the device, never read by the host: in the same exchange for small
-        # groups (no collective of their own), or, when R copies of them would be too many numbers, in an
-        # asynchronous all_reduce that runs while the tokens travel (comm.load_rides_in_count_exchange).
+        # the counts, so a bad input on any rank is an error on every rank before a token moves. The per-expert load,
+        # drops and rows per rank are summed over the group on the device: in the same exchange for small groups (no
+        # collective of their own; the sums also reach the host in its read-back, for the clone planner), or, when
+        # R copies of them would be too many numbers, in an asynchronous all_reduce that runs while the tokens
+        # travel (comm.load_rides_in_count_exchange).
         e, r = cfg.num_experts, self.ep_size
         load_X = torch.zeros(e + 1 + r, dtype=torch.int64, device=x_TH.device)
         load_X[:e] = routing.tokens_per_expert_E
@@ -348,7 +347,10 @@ class LargeEPMoE(nn.Module):
             # dtypes would post all-to-alls of different byte sizes: a crash, not an error).
             flag[0] = bad + _NON_FINITE * (~torch.isfinite(x_TH).all()).long() + ((1 + _DTYPES.index(x.dtype)) << 8)
         ride = LoadRide(load_X, flag, self.ep_group, self.ep_size)
-        counting = self.clones is not None and counting_forward(self)
+        # Only training forwards count the load (the bias update's, the global-batch loss's, the clone planner's),
+        # each once: an activation-checkpoint recompute does not count again (recompute.py).
+        counts = self.load_counting.counts(self.training)
+        counting = self.clones is not None and counts
 
         def on_shared(flags_R: list[int], sums_X: torch.Tensor, host_sums: list[int] | None) -> None:
             problems = {r: f & 0xFF for r, f in enumerate(flags_R) if f & 0xFF}
@@ -379,9 +381,8 @@ class LargeEPMoE(nn.Module):
         global_counts_E, dropped, rows_R = load[:e], load[e], load[e + 1:]
 
         aux = self._aux_losses(routing.scores_TE, routing.logits_TE, global_counts_E)
-        aux = (aux[0] + self._sequence_and_global_losses(routing, global_counts_E, x), aux[1])
-        if self.training and torch.is_grad_enabled():
-            # Only training forwards move the bias: evaluation and no-grad inference must not.
+        aux = (aux[0] + self._sequence_and_global_losses(routing, global_counts_E, x, counts), aux[1])
+        if counts:
             with torch.no_grad():
                 self.tokens_per_expert_since_update += global_counts_E
         self.last_stats = LoadStats(
@@ -396,7 +397,7 @@ class LargeEPMoE(nn.Module):
         if return_aux:
             return y, total_aux
         if total_aux.requires_grad:
-            y = _AttachAuxLoss.apply(y, total_aux, self.aux_loss_scale)
+            y = _AttachAuxLoss.apply(y, total_aux, self)
         return y
 
     def _shared_expert_job(self, x_TH: torch.Tensor) -> SideJob | None:
@@ -424,12 +425,12 @@ class LargeEPMoE(nn.Module):
         return aux, zl
 
     def _sequence_and_global_losses(self, routing: RoutingResult, global_counts_E: torch.Tensor,
-                                    x: torch.Tensor) -> torch.Tensor:
+                                    x: torch.Tensor, counts: bool) -> torch.Tensor:
         """The sequence-wise and global-batch balancing losses, coefficients applied (0 when both are off).
 
         A sequence is ``x[..., s, :]`` of one leading index (``[B, S, H]``: B sequences; ``[T, H]``: one). The
         global batch is the EP group's tokens, summed over ``dp_group`` and over the training forwards since
-        ``reset_global_load``."""
+        ``reset_global_load`` (``counts``: this forward's tokens join them; a recompute reads them as they are)."""
         cfg = self.config
         loss = routing.scores_TE.new_zeros(())
         if cfg.seq_aux_loss_coeff > 0:
@@ -442,9 +443,10 @@ class LargeEPMoE(nn.Module):
             batch_E = global_counts_E.clone()
             if self.dp_group is not None and group_size(self.dp_group) > 1:
                 dist.all_reduce(batch_E, group=self.dp_group)
-            if self.training and torch.is_grad_enabled():
+            if counts:
                 with torch.no_grad():
                     self.global_batch_tokens_E += batch_E
+            if self.training and torch.is_grad_enabled():
                 batch_E = self.global_batch_tokens_E.clone()
             loss = loss + cfg.global_aux_loss_coeff * switch_aux_loss(
                 routing.scores_TE, batch_E, cfg.top_k, cfg.score_function)
@@ -454,6 +456,7 @@ class LargeEPMoE(nn.Module):
     def reset_global_load(self) -> None:
         """Start a new global batch for the global-batch loss (call after the optimizer step)."""
         self.global_batch_tokens_E.zero_()
+        self.load_counting.reset()
 
     def _input_dtypes(self, device: torch.device) -> set[torch.dtype] | None:
         """Input dtypes the local experts can take: their parameters' dtype, and autocast's when it is on (any other
@@ -608,3 +611,13 @@ def refresh_clones(model: nn.Module | list[nn.Module]) -> int:
 def load_stats(model: nn.Module) -> dict[str, Any]:
     """``{layer name: LoadStats}`` of the latest forward of every large-EP layer in ``model``."""
     return {name: layer.last_stats for name, layer in moe_layers(model) if layer.last_stats is not None}
+
+
+def set_aux_loss_scale(model: nn.Module, scale: float | torch.Tensor) -> int:
+    """Set the gradient every large-EP layer of ``model`` sends into its attached auxiliary losses to ``scale``:
+    what the trainer multiplies its loss by before backward (``1 / n`` when it divides each of n accumulated
+    micro-batches' losses by n; times a dynamic loss scale). Read when the backward runs. Returns the layer count."""
+    layers = [layer for _, layer in moe_layers(model)]
+    for layer in layers:
+        layer.aux_loss_scale = scale
+    return len(layers)

@@ -187,39 +187,50 @@ class ClonePlan:
     def rows_per_rank(self, load_E: Any) -> torch.Tensor:
         """float64 [R]: rows each rank computes when ``load_E`` (tokens per expert) is split by the shares."""
         load = _as_load(load_E, self.num_experts)
-        rows = torch.zeros(self.num_ranks, dtype=torch.float64)
-        for x in range(self.num_experts):
-            for (r, _), share in zip(self.copies(x), self.shares[x]):
-                rows[r] += share * float(load[x])
-        return rows
+        rank_EM, _, share_EM, _ = self._padded
+        return torch.zeros(self.num_ranks, dtype=torch.float64).index_add_(
+            0, rank_EM.flatten(), (share_EM * load.view(-1, 1)).flatten())
 
     # ---- routing -----------------------------------------------------------------------------------------------
+    @functools.cached_property
+    def _padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[E, M] of every expert's copies, padded: rank, slot (int64), share (float64, 0 for padding), valid."""
+        e, m = self.num_experts, max(len(c) for c in self._copies)
+        rank = torch.zeros((e, m), dtype=torch.long)
+        slot = torch.zeros((e, m), dtype=torch.long)
+        share = torch.zeros((e, m), dtype=torch.float64)
+        valid = torch.zeros((e, m), dtype=torch.bool)
+        for x, copies in enumerate(self._copies):
+            k = len(copies)
+            rank[x, :k] = torch.tensor([r for r, _ in copies])
+            slot[x, :k] = torch.tensor([l for _, l in copies])
+            share[x, :k] = torch.tensor(self.shares[x], dtype=torch.float64)
+            valid[x, :k] = True
+        return rank, slot, share, valid
+
     @functools.cached_property
     def _tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         topo = self.topology
         n, e = topo.num_nodes, self.num_experts
-        m = max(len(c) for c in self._copies)
-        cum = torch.full((n, e, m), 2.0, dtype=torch.float64)
-        rank = torch.zeros((n, e, m), dtype=torch.long)
-        slot = torch.zeros((n, e, m), dtype=torch.long)
+        rank_EM, slot_EM, share_EM, valid_EM = self._padded
+        node_EM = _node_index(topo)[rank_EM]
+        # Each node's share of every expert, the flows same node first, and each copy's part of its node's flow.
+        cap_NE = torch.zeros(n, e, dtype=torch.float64)
+        cap_NE.index_put_((node_EM.flatten(), torch.arange(e).repeat_interleave(rank_EM.shape[1])),
+                          share_EM.flatten(), accumulate=True)
+        flow_NNE = route_flows(cap_NE[None], source_shares(topo))[0]                 # [a, b, e]
         source_N = source_shares(topo)
-        for x in range(e):
-            copies, shares = self.copies(x), self.shares[x]
-            nodes = [topo.node_of(r) for r, _ in copies]
-            cap_N = torch.zeros(n, dtype=torch.float64)
-            for node, share in zip(nodes, shares):
-                cap_N[node] += share
-            flow_NN = route_flows(cap_N.view(1, n, 1), source_N)[0, :, :, 0]
-            for a in range(n):
-                total = 0.0
-                for j, ((r, l), node, share) in enumerate(zip(copies, nodes, shares)):
-                    if cap_N[node] > 0:
-                        total += float(flow_NN[a, node]) / float(source_N[a]) * share / float(cap_N[node])
-                    cum[a, x, j] = total
-                    rank[a, x, j], slot[a, x, j] = r, l
-                last = max(j for j, share in enumerate(shares) if share > 0) if any(shares) else len(copies) - 1
-                cum[a, x, last:len(copies)] = 1.0  # rounding must never leave u past the last copy with a share
-        return cum, rank, slot
+        to_copy_NEM = flow_NNE.permute(0, 2, 1).gather(2, node_EM[None].expand(n, -1, -1))   # [a, e, m]: flow a -> node
+        cap_EM = cap_NE.t().gather(1, node_EM)
+        part_EM = torch.where(cap_EM > 0, share_EM / cap_EM.clamp_min(1e-300), torch.zeros_like(share_EM))
+        prob_NEM = to_copy_NEM / source_N.view(n, 1, 1) * part_EM[None]
+        cum = torch.where(valid_EM[None], prob_NEM.cumsum(-1), torch.full_like(prob_NEM, 2.0))
+        # Rounding must never leave u past the last copy with a share: from it on, the sum is exactly 1.
+        last_E = torch.where(share_EM > 0, torch.arange(rank_EM.shape[1]).expand_as(share_EM), -1).max(1).values
+        last_E = torch.where(last_E < 0, valid_EM.sum(1) - 1, last_E)
+        tail_EM = (torch.arange(rank_EM.shape[1])[None] >= last_E[:, None]) & valid_EM
+        cum = torch.where(tail_EM[None], torch.ones_like(cum), cum)
+        return cum, rank_EM.expand(n, -1, -1).clone(), slot_EM.expand(n, -1, -1).clone()
 
     def route_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """CPU tensors [N, E, M]: ``cum`` (float64), ``rank``, ``slot`` (int64). A token from node a that chose
@@ -232,15 +243,23 @@ class ClonePlan:
         """Rows per rank and bytes per inter-node link of one training step on ``load_E`` (see ``CloneFigures``);
         ``row_bytes``: one token row on the wire, ``expert_bytes``: one expert's weights (and its gradient)."""
         load = _as_load(load_E, self.num_experts)
+        key = (tuple(load.tolist()), float(row_bytes), float(expert_bytes))
+        cache = self.__dict__.setdefault("_figures", {})
+        if key not in cache:
+            cache.clear()  # the planner asks about one load at a time
+            cache[key] = self._figures_of(load, row_bytes, expert_bytes)
+        return cache[key]
+
+    def _figures_of(self, load: torch.Tensor, row_bytes: float, expert_bytes: float) -> CloneFigures:
         rows = self.rows_per_rank(load)
         topo = self.topology
         n = topo.num_nodes
         links = torch.zeros(n, n, dtype=torch.float64)
         source_N = source_shares(topo)
+        rank_EM, _, share_EM, _ = self._padded
         amount_RE = torch.zeros(self.num_ranks, self.num_experts, dtype=torch.float64)
-        for x in range(self.num_experts):
-            for (r, _), share in zip(self.copies(x), self.shares[x]):
-                amount_RE[r, x] += share * float(load[x])
+        amount_RE.index_put_((rank_EM.flatten(), torch.arange(self.num_experts).repeat_interleave(rank_EM.shape[1])),
+                             (share_EM * load.view(-1, 1)).flatten(), accumulate=True)
         links += _link_rows(amount_RE, topo, source_N) * (2.0 * row_bytes)
         refresh = 0.0
         for f, _, r, _ in self.transfers():
@@ -337,17 +356,22 @@ def replan(current: ClonePlan | None, load_E: Any, home: Sequence[Sequence[int]]
 
     ``plan_clones`` from scratch replaces ``current`` (its clones refitted to ``load_E``) only when its busiest
     rank is lower by more than ``margin`` times the mean rows, or, within that margin, its busiest link is lower by
-    more than ``margin`` of the current one's. None: no current plan (the first plan is always taken)."""
+    more than ``margin`` of the current one's. None: no current plan (the first plan is always taken). A current
+    plan whose busiest rank is within ``margin`` of the mean is kept without planning afresh (the usual step: the
+    host time of a re-plan is then one refit)."""
     if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
         raise ValueError(f"margin={margin!r} must be a finite number >= 0")
-    fresh = plan_clones(load_E, home, spare_slots, topology, row_bytes=row_bytes, expert_bytes=expert_bytes)
     if current is None:
+        fresh = plan_clones(load_E, home, spare_slots, topology, row_bytes=row_bytes, expert_bytes=expert_bytes)
         return fresh, fresh.num_clones > 0
     kept = current.refit(load_E)
+    old = kept.figures(load_E, row_bytes=row_bytes, expert_bytes=expert_bytes)
+    if old.max_rows <= old.mean_rows * (1 + margin):
+        return kept, False  # balanced within the margin already: no fresh plan could beat it by more
+    fresh = plan_clones(load_E, home, spare_slots, topology, row_bytes=row_bytes, expert_bytes=expert_bytes)
     if kept.clones == fresh.clones:
         return kept, False
     new = fresh.figures(load_E, row_bytes=row_bytes, expert_bytes=expert_bytes)
-    old = kept.figures(load_E, row_bytes=row_bytes, expert_bytes=expert_bytes)
     slack = margin * old.mean_rows
     better = new.max_rows < old.max_rows - slack or (
         new.max_rows <= old.max_rows + slack and new.max_link_seconds < old.max_link_seconds * (1 - margin))

@@ -1,19 +1,42 @@
-"""Timing a phase as each rank's own device would take it, on ranks that share a few cores.
+"""Timing work as each rank's own device would take it, on ranks that share a few cores.
 
 On a machine with fewer cores than ranks, a rank waiting for the busiest one hands its core to it, so a step's
-wall clock hides the imbalance a cluster (one GPU per rank) would pay for. ``exclusive_seconds`` runs a phase on
-the ranks *one at a time*, in rank order, a barrier between turns: while rank r computes, the others wait in the
-barrier (a blocking wait, not a spin), so r has a core to itself and its time is its own. The phase's time on a
-cluster is then the slowest rank's (``max``), and a step's critical path the sum over phases of the slowest
-rank's time, plus the communication.
+wall clock hides the imbalance a cluster (one GPU per rank) would pay for. Two tools here:
+
+* ``exclusive_seconds(fn)``: run one piece of local work on the ranks one at a time, in rank order, a barrier
+  between turns; each rank's time is its own (the others wait in the barrier, a blocking wait, not a spin).
+* ``TurnTaking``: the same for a whole training step, whatever runs it (the plugin's layer, DeepSpeed's AutoEP,
+  a plain data-parallel model). While it is on, every collective (every collective method of torch's
+  ``ProcessGroup``, however it is called) ends this rank's compute *segment* (the local work since the previous
+  collective) and the next segment starts only when the previous rank has finished its own: rank 0 computes,
+  passes a token to rank 1 over a group of its own, and so on round the ranks; the last rank's arrival starts a
+  world collective. So no two ranks ever compute at once, and the segment times
+  are what each device would take. A step's **critical path** is then the sum over segments of the slowest
+  rank's time, plus the communication: each collective's time on the rank that arrived last (the others were
+  already waiting in it), i.e. what the network took (here: gloo over loopback, unless the world runs on the
+  emulated cluster, ``largeep cluster``). ``balanced``: the same sum with every rank at the mean of the ranks (the
+  work of the step spread perfectly: the force-balanced figure). Collectives are waited for at once in this mode,
+  asynchronous ones included (their overlap with compute is not measured). Bytes: every world-wide all-to-all
+  records what it sends to each rank, so a layout of the ranks on nodes gives the inter-node bytes of the step.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
+
+# The collective methods of torch.distributed's ProcessGroup: every collective, whoever calls it (torch's own
+# functions, DeepSpeed's comm backend, which keeps references to them, the plugin's comm.py), ends up in one.
+# Point-to-point (send, recv) is not among them: the turn-taking's token travels that way.
+COLLECTIVES = ("allreduce", "allreduce_coalesced", "allgather", "allgather_coalesced", "allgather_into_tensor_coalesced",
+               "_allgather_base", "all_gather_single", "all_gather_single_coalesced", "alltoall", "alltoall_base",
+               "all_to_all_single", "broadcast", "barrier", "monitored_barrier", "reduce", "reduce_scatter",
+               "_reduce_scatter_base", "reduce_scatter_single", "reduce_scatter_single_coalesced",
+               "reduce_scatter_tensor_coalesced", "gather", "scatter")
+_BYTE_COUNTED = ("alltoall_base", "all_to_all_single")
 
 
 def exclusive_seconds(fn: Callable[[], Any], group: Any = None, *, repeats: int = 1) -> list[float]:
@@ -38,3 +61,169 @@ def exclusive_seconds(fn: Callable[[], Any], group: Any = None, *, repeats: int 
     every[rank] = mine
     dist.all_reduce(every, group=group)
     return every.tolist()
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """One step under ``TurnTaking``, every rank's view gathered.
+
+    Attributes:
+        segments_RS: [R][S] seconds of each rank's S compute segments (the same S on every rank).
+        comm_S1: [S - 1] seconds of each collective on the rank that arrived last.
+        names: [S - 1] the collectives, in order.
+        sent_bytes_RR: [R][R] bytes rank a sent rank b by ``all_to_all_single`` in the step.
+    """
+
+    segments_RS: tuple[tuple[float, ...], ...]
+    comm_S1: tuple[float, ...]
+    names: tuple[str, ...]
+    sent_bytes_RR: tuple[tuple[int, ...], ...]
+
+    @property
+    def compute(self) -> float:
+        """Sum over segments of the slowest rank's time."""
+        return sum(max(col) for col in zip(*self.segments_RS))
+
+    @property
+    def balanced_compute(self) -> float:
+        """Sum over segments of the mean rank's time (the step's work spread perfectly)."""
+        return sum(sum(col) / len(col) for col in zip(*self.segments_RS))
+
+    @property
+    def communication(self) -> float:
+        return sum(self.comm_S1)
+
+    @property
+    def critical_path(self) -> float:
+        return self.compute + self.communication
+
+    @property
+    def busiest_rank_compute(self) -> float:
+        """The busiest rank's own compute over the step (a lower bound of ``compute``)."""
+        return max(sum(row) for row in self.segments_RS)
+
+    def internode_bytes(self, ranks_per_node: int) -> int:
+        """Bytes of the step's all-to-alls that crossed nodes, ranks numbered node by node."""
+        return sum(n for a, row in enumerate(self.sent_bytes_RR) for b, n in enumerate(row)
+                   if a // ranks_per_node != b // ranks_per_node)
+
+
+class TurnTaking:
+    """``with clock: step()`` then ``clock.gathered()`` (collective) for the ``StepTimes`` of the step. Build it on
+    every rank of the world at the same point (it creates a group for its token); use it for one step at a time.
+
+    The token goes round: rank r starts a segment when rank r - 1 has finished its own, rank 0 when the last rank
+    has (after the first), so no two ranks compute at once even around a collective of a subgroup. The step must
+    run the same collectives on every rank: they are compared at the end (ValueError); with different numbers of
+    them the token cannot go round, and the step ends in the token group's timeout."""
+
+    def __init__(self, synchronize: Callable[[], None] | None = None) -> None:
+        """``synchronize``: on an accelerator, the call that waits for its queued work (``torch.accelerator.synchronize``),
+        run at the end of every segment and after every collective, so that the times are the device's."""
+        self.synchronize = synchronize
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self._token_group = dist.new_group(backend="gloo")
+        self._token = torch.zeros(1)
+        self._sends: list[Any] = []
+        self._segments: list[float] = []
+        self._comm: list[float] = []
+        self._names: list[str] = []
+        self._sent = [0] * self.size
+        self._real: dict[str, Any] = {}
+        self._busy = False
+        self._start = 0.0
+
+    # ---- the segment chain ---------------------------------------------------------------------------------------
+    def _begin(self, first: bool = False) -> None:
+        if self.rank > 0 or (not first and self.size > 1):
+            source = (self.rank - 1) % self.size
+            dist.recv(self._token, source, group=self._token_group)
+        self._start = time.perf_counter()
+
+    def _end(self, last: bool = False) -> None:
+        if self.synchronize is not None:
+            self.synchronize()
+        self._segments.append(time.perf_counter() - self._start)
+        if self.size > 1 and not (last and self.rank == self.size - 1):
+            # Sent without waiting: the receiver may be inside a collective still (rank 0, for the last rank's token).
+            self._sends.append(dist.isend(self._token, (self.rank + 1) % self.size, group=self._token_group))
+
+    def _wrap(self, name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def collective(pg: Any, *args: Any, **kwargs: Any) -> Any:
+            if self._busy or pg is self._token_group:
+                return real(pg, *args, **kwargs)
+            self._busy = True
+            try:
+                self._end()
+                if name in _BYTE_COUNTED and pg.size() == self.size:
+                    self._count_bytes(*args)
+                start = time.perf_counter()
+                work = real(pg, *args, **kwargs)
+                if work is not None:
+                    work.wait()
+                if self.synchronize is not None:
+                    self.synchronize()
+                self._comm.append(time.perf_counter() - start)
+                self._names.append(name)
+                self._begin()
+                return work
+            finally:
+                self._busy = False
+        return collective
+
+    def _count_bytes(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: Any = None,
+                     input_split_sizes: Any = None, *_: Any) -> None:
+        rows = input.shape[0] if input.dim() else 0
+        per_row = input.element_size() * (input.numel() // max(rows, 1))
+        splits = list(input_split_sizes) if input_split_sizes else [rows // self.size] * self.size
+        for dest, n in enumerate(splits):
+            self._sent[dest] += int(n) * per_row
+
+    def __enter__(self) -> "TurnTaking":
+        group_type = torch._C._distributed_c10d.ProcessGroup
+        for name in COLLECTIVES:
+            raw = group_type.__dict__.get(name)  # the descriptor itself, put back as it was on exit
+            if raw is not None:
+                self._real[name] = raw
+                setattr(group_type, name, self._wrap(name, getattr(group_type, name)))
+        self._busy = False
+        self._begin(first=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._end(last=True)
+        group_type = torch._C._distributed_c10d.ProcessGroup
+        for name, real in self._real.items():
+            setattr(group_type, name, real)
+        self._real.clear()
+        for work in self._sends:
+            work.wait()
+        self._sends.clear()
+
+    # ---- results ---------------------------------------------------------------------------------------------------
+    def gathered(self) -> StepTimes:
+        """Every rank's segments and bytes (a collective; call on every rank after the ``with``), and the
+        communication times of the last rank (the one that arrives last at each collective: the chain's end)."""
+        mine = (tuple(self._segments), tuple(self._comm), tuple(self._names), tuple(self._sent))
+        every: list[Any] = [None] * self.size
+        dist.all_gather_object(every, mine)
+        if len({len(e[0]) for e in every}) != 1 or len({e[2] for e in every}) != 1:
+            raise ValueError("the ranks ran different collectives in the step: segments per rank "
+                             f"{[len(e[0]) for e in every]}; the critical path is not defined")
+        self._segments, self._comm, self._names, self._sent = [], [], [], [0] * self.size
+        last = every[-1]
+        return StepTimes(segments_RS=tuple(e[0] for e in every), comm_S1=last[1], names=last[2],
+                         sent_bytes_RR=tuple(e[3] for e in every))
+
+
+def median_step(steps: Sequence[StepTimes]) -> dict[str, float]:
+    """Medians over steps of the figures a table shows (seconds; bytes where named)."""
+    def med(values: list[float]) -> float:
+        values = sorted(values)
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+
+    return {"critical_path_s": med([s.critical_path for s in steps]), "compute_s": med([s.compute for s in steps]),
+            "balanced_compute_s": med([s.balanced_compute for s in steps]),
+            "communication_s": med([s.communication for s in steps]),
+            "busiest_rank_compute_s": med([s.busiest_rank_compute for s in steps])}

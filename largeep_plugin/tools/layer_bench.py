@@ -93,11 +93,15 @@ class LayerBenchSettings:
 
 
 def router_weight(settings: LayerBenchSettings, num_experts: int) -> torch.Tensor:
-    """The router weight ``[E, H]`` every variant uses: the seeded init, with column 0 carrying the skew (the
-    tokens' feature 0 is shifted by +1, so expert e's logit moves by about ``-skew * ln(e + 1)``)."""
-    cfg = settings.layer_config(num_experts)
+    """The router weight ``[E, H]`` every variant uses (``skewed_router_weight``)."""
+    return skewed_router_weight(settings.layer_config(num_experts), settings.skew)
+
+
+def skewed_router_weight(cfg: LargeEPConfig, skew: float) -> torch.Tensor:
+    """The seeded router weight ``[E, H]`` of ``cfg`` with column 0 carrying ``skew``: with the tokens' feature 0
+    shifted by +1, expert e's logit moves by about ``-skew * ln(e + 1)`` (Zipf-like load, expert 0 hottest)."""
     weight_EH = Router(cfg.router_config, cfg.hidden_size, init_std=cfg.init_std, init_seed=cfg.init_seed).weight.detach().clone()
-    weight_EH[:, 0] = -settings.skew * torch.log1p(torch.arange(num_experts, dtype=torch.float32))
+    weight_EH[:, 0] = -skew * torch.log1p(torch.arange(cfg.num_experts, dtype=torch.float32))
     return weight_EH
 
 

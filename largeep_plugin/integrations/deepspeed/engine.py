@@ -18,7 +18,8 @@ With ``"large_ep": {"enabled": true, "ep_size": 16, ...}`` in the config (see ``
    balancing-bias update of each layer, ``largeep_plugin.rebalance`` of the layers with ``"dynamic_replicas"``
    (their clones refreshed from the new weights, re-planned every ``"rebalance_every"`` steps; under ZeRO 3 with
    the home experts gathered) and a monitor record, when configured (a loaded checkpoint's plan gets its clones
-   refreshed by the first forward after it).
+   refreshed by the first forward after it); clipping at ZeRO 0 and the
+   attached auxiliary losses follow the engine (``knobs.py``).
 
 Without the section, or with ``"enabled": false``, it calls ``deepspeed.initialize`` with exactly the arguments
 it was given: the model stays stock. The section is parsed strictly either way, and a top-level key that looks
@@ -50,6 +51,7 @@ from largeep_plugin.integrations.section.config import (AUTO, SECTION, LargeEPSe
                                                         load_ds_config, parse_large_ep_section, resolve_ep_size)
 from .convert import ExpertConverter, LargeEPDeepSpeedMoE, convert_moe_layers
 from .hf_blocks import REPLICA_GROUP_ATTR, convert_hf_blocks, hf_moe_blocks, hf_routing
+from .knobs import follow_engine
 from .placement import (deepspeed_expert_groups, hook_checkpoint_names, plan_section_placement,
                                   resolve_ranks_per_node)
 
@@ -151,6 +153,7 @@ def initialize(
                                    config=config, **kwargs)
     engine = outputs[0]
     _hook_bias_updates(engine, section, replicated, _zero_stage(raw))
+    follow_engine(engine)  # clipping by the model's norm at ZeRO 0; the aux losses scaled as the engine scales the loss
     if one_per_rank:  # per-expert checkpoint files named by expert id; other layouts keep the engine's slot names
         expert_id = placement.rank_to_expert[groups._get_expert_parallel_rank(section.group_name)]
         hook_checkpoint_names(engine, section.group_name, expert_id)

@@ -37,6 +37,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 
 from largeep_plugin.layer.comm import ProcessGroup, group_size
+from largeep_plugin.layer.grads import REPLICA_GROUP_ATTR
 from largeep_plugin.layer.moe_layer import LargeEPMoE, moe_layers
 from largeep_plugin.layer.process_groups import build_replica_groups, ep_partition, ep_ranks_of
 from largeep_plugin.placement.plan import Placement
@@ -133,9 +134,8 @@ def _overrides(section: LargeEPSection, written: Mapping[str, Any] | None, famil
     return {k: v for k, v in layer_fields(section).items() if k not in MODEL_FIELDS}
 
 
-REPLICA_GROUP_ATTR = "large_ep_replica_group"
-"""Attribute of a replicated expert's parameters: the ranks of its own EP group holding the same expert, over which
-its gradient is summed before the engine's step reduces it (``initialize``'s step wrapper)."""
+# grads.REPLICA_GROUP_ATTR, on a replicated expert's parameters: the ranks of its own EP group holding the same
+# expert, over which its gradient is summed before the engine's step reduces it (``initialize``'s step wrapper).
 
 
 def _layout(num_experts: int, section: LargeEPSection, ep_group: ProcessGroup, placement: Placement | None,

@@ -9,20 +9,27 @@ under the same DeepSpeed config (ZeRO stage 1, AdamW); one step is forward + bac
     autoep              DeepSpeed's own AutoEP (``"expert_parallel": {"autoep_size": N}``): expert e on rank e
     large_ep            the model converted by the plugin: ``largeep_plugin.deepspeed.initialize`` with the
                         ``"large_ep"`` section (bias rate 0, as the others have no balancing bias): expert e on rank e
+    large_ep_dynamic    the same with dynamic replicas (``"dynamic_replicas": 1``): one spare slot per rank, clones
+                        of the hot experts re-planned after every step from the load (docs/balancing.md)
     large_ep_replicas   the same with E + X expert slots (X = N by default: a second slot on every rank); the extra
                         copies go to the hot experts, planned by ``plan_placement`` from the per-expert load that
                         ``large_ep`` recorded (its layers' ``last_stats``) over its first steps. Its extra memory
                         shows in the peak-memory column.
+    force_balanced      not a run: ``large_ep``'s critical path with every rank's compute at the mean of the ranks
+                        (the work of its steps spread perfectly), the figure vendors' force-balanced tables give.
 
 A rank with two slots runs them one after the other (colocated experts); the placement goes to ``initialize``,
 which sums the replicas' gradients over their replica group in the engine's step, before the engine reduces them.
 That needs ``"managed_gradient_accumulation": false`` (the engine reduces gradients in ``step()``, not at the end of
 ``backward()``): every variant runs with it, the same config for all.
 
-Timing: the variants are interleaved in one world (``tools/side_by_side.py``), after ``warmup`` untimed steps;
-the median of ``iters`` timed steps counts; also the busiest rank's CPU time per step, the step if every rank had
-a core of its own (where ranks share cores, a rank that waits gives its core to the others, which hides the
-imbalance a GPU step would show). Memory: the peak growth of a rank's resident set from before the
+Timing, two ways. Wall clock: the variants are interleaved in one world (``tools/side_by_side.py``), after
+``warmup`` untimed steps; the median of ``iters`` timed steps counts; also the busiest rank's CPU time per step.
+Critical path (``tools/critical_path.TurnTaking``): ``iters`` more steps of each variant with the ranks taking turns
+between collectives, so no two ranks compute at once: the step's critical path is the sum over its compute
+segments of the slowest rank's time plus the collectives' time (gloo over loopback here), what a cluster with one
+device per rank would take; with ranks sharing cores, the wall clock hides the imbalance a GPU step would show.
+Bytes: the step's all-to-all bytes that would cross nodes with the ranks on two nodes. Memory: the peak growth of a rank's resident set from before the
 variant's model is built through its first step (weights, gradients, optimizer state, activations), the largest
 over the ranks. A small learning rate keeps the routing as built for the whole run.
 """
@@ -42,13 +49,15 @@ import torch.nn as nn
 from largeep_plugin.layer.moe_layer import load_stats
 from largeep_plugin.placement.plan import Placement, plan_placement
 from largeep_plugin.placement.topology import Topology
+from largeep_plugin.tools.critical_path import TurnTaking, median_step
 from largeep_plugin.tools.launch import run_world
 from largeep_plugin.tools.progress import ProgressBar
 from largeep_plugin.tools.side_by_side import interleaved_seconds, peak_growth_mib, resident_kib
 
 from .tiny_models import ROUTERS, ModelSizes, bench_model, check_family, moe_routers, rank_tokens
 
-VARIANTS = ("unconverted", "autoep", "large_ep", "large_ep_replicas")
+VARIANTS = ("unconverted", "autoep", "large_ep", "large_ep_dynamic", "large_ep_replicas")
+DEFAULT_VARIANTS = ("unconverted", "autoep", "large_ep", "large_ep_dynamic")
 AUTOEP_NEWEST_TRANSFORMERS = "5.22.2"
 
 
@@ -66,6 +75,11 @@ class HFBenchSettings:
         warmup, iters: untimed and timed interleaved steps per variant.
         seed: seed of the weights and the tokens.
         lr: AdamW's learning rate (small: the routing stays as built).
+        learn_steps: the training steps of the ``"learned"`` router (``tiny_models.learned_state``).
+        critical_path: also time every variant with the ranks taking turns (module docstring).
+        num_experts: E, None: the EP size (one expert per rank); more than the EP size colocates them (``EP 1``: every
+            expert on the one rank, ``largeep gpu-check``'s side by side).
+        device: ``"cpu"`` (gloo) or ``"cuda"`` (rank r on GPU r, NCCL).
     """
 
     family: str
@@ -77,10 +91,18 @@ class HFBenchSettings:
     iters: int = 5
     seed: int = 0
     lr: float = 1e-5
+    learn_steps: int = 300
+    critical_path: bool = True
+    num_experts: int | None = None
+    device: str = "cpu"
+
+    def experts(self, ep_size: int) -> int:
+        """E of a world of ``ep_size`` ranks."""
+        return ep_size if self.num_experts is None else self.num_experts
 
     def __post_init__(self) -> None:
         check_family(self.family)
-        for name, low in (("record_steps", 1), ("warmup", 0), ("iters", 1), ("seed", 0)):
+        for name, low in (("record_steps", 1), ("warmup", 0), ("iters", 1), ("seed", 0), ("learn_steps", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
@@ -90,6 +112,10 @@ class HFBenchSettings:
             raise ValueError(f"skew={self.skew!r} must be a finite number >= 0")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr={self.lr!r} must be a finite number > 0")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r} must be 'cpu' or 'cuda'")
+        if self.num_experts is not None and (not isinstance(self.num_experts, int) or self.num_experts < 1):
+            raise ValueError(f"num_experts={self.num_experts!r} must be an integer >= 1 (or None: the EP size)")
 
 
 def check_variants(variants: list[str]) -> None:
@@ -170,19 +196,23 @@ def replica_placement(load_E: torch.Tensor, num_ranks: int, extra_slots: int) ->
 
 def _step(engine: Any, ids_BS: torch.Tensor) -> torch.Tensor:
     """One training step; returns the loss."""
+    ids_BS = ids_BS.to(engine.device)
     loss = engine(input_ids=ids_BS, labels=ids_BS).loss
     engine.backward(loss)
     engine.step()
     return loss.detach()
 
 
-def _large_ep_engine(model: nn.Module, ep_size: int, config: dict[str, Any], placement: Placement | None) -> Any:
+def _large_ep_engine(model: nn.Module, ep_size: int, config: dict[str, Any], placement: Placement | None,
+                     dynamic_replicas: int = 0) -> Any:
     """The model converted by the plugin's ``initialize`` through its ``"large_ep"`` section (``placement``: the
-    replicas' layout; their gradients are summed over the replicas in the engine's step)."""
+    replicas' layout; their gradients are summed over the replicas in the engine's step; ``dynamic_replicas``: spare
+    slots for clones, re-planned after every step)."""
     from largeep_plugin.integrations.deepspeed.engine import initialize
 
     # Bias rate 0: every variant trains the same model the same way (AutoEP has no balancing bias).
-    section = {"enabled": True, "ep_size": ep_size, "allow_colocate": True, "load_balance": {"bias_update_rate": 0.0}}
+    section = {"enabled": True, "ep_size": ep_size, "allow_colocate": True, "load_balance": {"bias_update_rate": 0.0},
+               "dynamic_replicas": dynamic_replicas}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the colocation warning of the replicas' second slot
         return initialize(model=model, model_parameters=model.parameters(), config={**config, "large_ep": section},
@@ -205,13 +235,14 @@ def _autoep_engine(model: nn.Module, family: str, ep_size: int, config: dict[str
 def _build(variant: str, settings: HFBenchSettings, router: str, ep_size: int, placement: Placement | None) -> Any:
     import deepspeed
 
-    model = bench_model(settings.family, ep_size, settings.sizes, router, settings.seed, settings.skew)
+    model = bench_model(settings.family, settings.experts(ep_size), settings.sizes, router, settings.seed,
+                        settings.skew, settings.learn_steps)
     config = deepspeed_config(settings)
     if variant == "unconverted":
         return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)[0]
     if variant == "autoep":
         return _autoep_engine(model, settings.family, ep_size, config)
-    return _large_ep_engine(model, ep_size, config, placement)
+    return _large_ep_engine(model, ep_size, config, placement, dynamic_replicas=int(variant == "large_ep_dynamic"))
 
 
 def _summed_load(model: nn.Module) -> torch.Tensor | None:
@@ -239,14 +270,17 @@ def _first_steps(build: Callable[[], Any], ids_BS: torch.Tensor,
     return variant, peak, float(losses[0]), load_E
 
 
-def _routing_facts(load_E: torch.Tensor, placement: Placement, model: nn.Module) -> dict[str, Any]:
-    """What the recorded load says: the load, each layer's imbalance in the last step, the replicas' placement,
-    and the planned max / mean load per rank of each variant."""
+def _routing_facts(load_E: torch.Tensor, placement: Placement | None, model: nn.Module) -> dict[str, Any]:
+    """What the recorded load says: the load, each layer's imbalance in the last step, the replicas' placement (when
+    planned), and the planned max / mean load per rank of the one-expert-per-rank variants."""
     one_each = Placement.identity(load_E.numel()).figures(load_E).gpu_imbalance
-    return {"load": load_E.tolist(), "layer_imbalance": [s.imbalance for s in load_stats(model).values()],
-            "replicas": [list(h) for h in placement.rank_to_experts], "copies": placement.num_replicas,
-            "rank_imbalance": {"unconverted": 1.0, "autoep": one_each, "large_ep": one_each,
-                               "large_ep_replicas": placement.figures(load_E).gpu_imbalance}}
+    out = {"load": load_E.tolist(), "layer_imbalance": [s.imbalance for s in load_stats(model).values()],
+           "replicas": None, "copies": None,
+           "rank_imbalance": {"unconverted": 1.0, "autoep": one_each, "large_ep": one_each}}
+    if placement is not None:
+        out.update(replicas=[list(h) for h in placement.rank_to_experts], copies=placement.num_replicas)
+        out["rank_imbalance"]["large_ep_replicas"] = placement.figures(load_E).gpu_imbalance
+    return out
 
 
 def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, variants: list[str]) -> dict[str, Any]:
@@ -257,8 +291,10 @@ def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, va
     from largeep_plugin.integrations.deepspeed.engine import init_deepspeed_comm
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
+    if settings.device == "cuda":  # rank r on GPU r (a world on one machine), before NCCL starts
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     init_deepspeed_comm()
-    ids_BS = rank_tokens(settings.sizes, rank, settings.seed)
+    ids_BS = rank_tokens(settings.sizes, rank, settings.seed, router)
     extra = settings.replica_slots if settings.replica_slots is not None else world
     progress = ProgressBar(len(variants) + settings.warmup + settings.iters, label=f"  EP {world} {router:<7}") \
         if rank == 0 else None
@@ -274,7 +310,7 @@ def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, va
             lambda: _build(v, settings, router, world, placement if v == "large_ep_replicas" else None), ids_BS,
             settings.record_steps)
         if v == "large_ep":
-            placement = replica_placement(load_E, world, extra)
+            placement = replica_placement(load_E, world, extra) if "large_ep_replicas" in variants else None
             out.update(_routing_facts(load_E, placement, built[v].module))
         if progress is not None:
             progress.update(i + 1, built=v)
@@ -286,13 +322,42 @@ def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, va
         {v: (lambda v=v: step(v)) for v in variants}, warmup=settings.warmup, iters=settings.iters,
         cpu_seconds=out["cpu_seconds"],
         on_iteration=None if progress is None else lambda i: progress.update(len(variants) + i, iteration=i))
+    if settings.critical_path:
+        out["critical"] = _critical_paths(built, variants, ids_BS, settings.iters, world, settings.device)
+    out["rank_imbalance_measured"] = {v: _rank_imbalance(built[v].module) for v in variants}
     if progress is not None:
         progress.close()
     return out
 
 
-def _warm_imports(family: str, variants: list[str]) -> None:
-    """Import in the parent what every rank would import itself (the ranks are forked)."""
+def _critical_paths(built: dict[str, Any], variants: list[str], ids_BS: torch.Tensor, iters: int,
+                    world: int, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """``iters`` steps of each variant with the ranks taking turns (``TurnTaking``): the medians of the critical
+    path, its compute, the balanced compute, the communication, and the all-to-all bytes across two nodes."""
+    clock = TurnTaking(synchronize=None if device == "cpu" else torch.accelerator.synchronize)
+    out = {}
+    for v in variants:
+        steps = []
+        for _ in range(iters):
+            with clock:
+                _step(built[v], ids_BS)
+            steps.append(clock.gathered())
+        out[v] = {**median_step(steps), "internode_mb": statistics.median(
+            s.internode_bytes(max(1, world // 2)) for s in steps) / 2**20}
+    return out
+
+
+def _rank_imbalance(model: nn.Module) -> float | None:
+    """The worst layer's max / mean rows per rank of the latest forward (large-EP variants), else None."""
+    stats = load_stats(model)
+    values = [s.rank_imbalance for s in stats.values() if s.rank_imbalance is not None]
+    return max(values) if values else None
+
+
+def _warm_imports(family: str, variants: list[str], settings: HFBenchSettings | None = None,
+                  routers: list[str] = (), ep_sizes: list[int] = ()) -> None:
+    """Import in the parent what every rank would import itself (the ranks are forked), and train the learned
+    routers there once (every rank inherits them)."""
     import importlib
 
     from largeep_plugin.integrations.deepspeed.engine import load_deepspeed_ops_before_fork
@@ -301,6 +366,11 @@ def _warm_imports(family: str, variants: list[str]) -> None:
     if "autoep" in variants:
         importlib.import_module("deepspeed.module_inject.auto_ep")
     load_deepspeed_ops_before_fork()
+    if settings is not None and "learned" in routers:
+        from .tiny_models import learned_state
+
+        for ep in ep_sizes:
+            learned_state(settings.family, settings.experts(ep), settings.sizes, settings.seed, settings.learn_steps)
 
 
 def run_hf_bench(settings: HFBenchSettings, ep_sizes: list[int], routers: list[str], variants: list[str], *,
@@ -315,14 +385,16 @@ def run_hf_bench(settings: HFBenchSettings, ep_sizes: list[int], routers: list[s
         if r not in ROUTERS:
             raise ValueError(f"router {r!r} is not one of {', '.join(ROUTERS)}")
     for ep in ep_sizes:
-        if ep < 2 or ep < settings.sizes.top_k:
-            raise ValueError(f"EP size {ep} must be >= 2 and >= top_k={settings.sizes.top_k} (E = EP experts)")
-    _warm_imports(settings.family, variants)
+        if ep < 1 or settings.experts(ep) < settings.sizes.top_k or settings.experts(ep) < ep:
+            raise ValueError(f"EP size {ep} with {settings.experts(ep)} experts: need 1 <= EP <= E and "
+                             f"E >= top_k={settings.sizes.top_k}")
+    _warm_imports(settings.family, variants, settings, routers, ep_sizes)
     rows: list[dict[str, Any]] = []
     worlds: list[dict[str, Any]] = []
     for ep in ep_sizes:
         for router in routers:
-            per_rank = run_world(bench_rank, ep, args=(settings, router, variants), timeout=timeout)
+            per_rank = run_world(bench_rank, ep, args=(settings, router, variants), timeout=timeout,
+                                 backend="gloo" if settings.device == "cpu" else "nccl")
             first = per_rank[0]
             world = {"ep": ep, "router": router, **{k: first.get(k) for k in ("load", "layer_imbalance", "replicas",
                                                                              "copies")}}
@@ -343,32 +415,61 @@ def run_hf_bench(settings: HFBenchSettings, ep_sizes: list[int], routers: list[s
                     "peak_mib": max(peaks) if all(p is not None for p in peaks) else None,
                     "imbalance": world["imbalance"],
                     "rank_imbalance": first.get("rank_imbalance", {}).get(v),
+                    "measured_rank_imbalance": first["rank_imbalance_measured"].get(v),
                     "first_loss": statistics.fmean(r["first_loss"][v] for r in per_rank),
                     "last_loss": statistics.fmean(r["last_loss"][v] for r in per_rank),
+                    **_critical_columns(first.get("critical", {}).get(v), settings),
                 })
-            by = {r["variant"]: r["tokens_per_s_per_rank"] for r in group}
-            for r in group:
-                for base in ("autoep", "unconverted"):
-                    r[f"vs_{base}"] = r["tokens_per_s_per_rank"] / by[base] if base in by else None
+            if "large_ep" in first.get("critical", {}):
+                group.append(_force_balanced_row(first["critical"]["large_ep"], settings, ep, router, world))
+            for key in ("tokens_per_s_per_rank", "critical_tokens_per_s"):
+                by = {r["variant"]: r[key] for r in group if r.get(key)}
+                suffix = "" if key == "tokens_per_s_per_rank" else "_critical"
+                for r in group:
+                    for base in ("autoep", "unconverted"):
+                        r[f"vs_{base}{suffix}"] = r[key] / by[base] if base in by and r.get(key) else None
             rows.extend(group)
             if on_world is not None:
                 on_world(world)
     return rows, worlds
 
 
+def _critical_columns(critical: dict[str, float] | None, settings: HFBenchSettings) -> dict[str, Any]:
+    """A variant's critical-path figures as table columns (None without the critical-path timing)."""
+    if critical is None:
+        return {"critical_tokens_per_s": None, "critical_ms": None, "comm_ms": None, "internode_mb": None}
+    return {"critical_tokens_per_s": settings.sizes.tokens_per_rank / critical["critical_path_s"],
+            "critical_ms": 1e3 * critical["critical_path_s"], "compute_ms": 1e3 * critical["compute_s"],
+            "comm_ms": 1e3 * critical["communication_s"], "internode_mb": critical["internode_mb"]}
+
+
+def _force_balanced_row(critical: dict[str, float], settings: HFBenchSettings, ep: int, router: str,
+                        world: dict[str, Any]) -> dict[str, Any]:
+    """``large_ep``'s step with every rank's compute at the mean of the ranks (``StepTimes.balanced_compute``)."""
+    seconds = critical["balanced_compute_s"] + critical["communication_s"]
+    return {"ep": ep, "router": router, "variant": "force_balanced", "tokens_per_s_per_rank": None,
+            "step_seconds": None, "busiest_cpu_ms": None, "peak_mib": None, "imbalance": world["imbalance"],
+            "rank_imbalance": 1.0, "measured_rank_imbalance": 1.0, "first_loss": None, "last_loss": None,
+            "critical_tokens_per_s": settings.sizes.tokens_per_rank / seconds, "critical_ms": 1e3 * seconds,
+            "compute_ms": 1e3 * critical["balanced_compute_s"], "comm_ms": 1e3 * critical["communication_s"],
+            "internode_mb": critical["internode_mb"]}
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a text table."""
-    def num(value: float | None, fmt: str) -> str:
-        return "-" if value is None else format(value, fmt)
+    def num(value: float | None, fmt: str, unit: str = "") -> str:
+        return "-" if value is None else format(value, fmt) + unit
 
-    lines = [f"{'EP':>3}  {'router':<8}{'variant':<19}{'tokens/s/rank':>14}{'vs autoep':>10}{'vs unconv':>10}"
-             f"{'busiest CPU ms':>15}{'peak MiB':>10}{'imbalance':>10}{'rank load':>10}"]
+    lines = [f"{'EP':>3}  {'router':<8}{'variant':<18}{'wall tok/s':>11}{'vs autoep':>10}{'crit tok/s':>11}"
+             f"{'vs autoep':>10}{'crit ms':>9}{'comm ms':>9}{'x-node MB':>10}{'peak MiB':>9}{'imbal':>7}"
+             f"{'rank load':>10}"]
     for r in rows:
-        lines.append(f"{r['ep']:>3}  {r['router']:<8}{r['variant']:<19}{r['tokens_per_s_per_rank']:>14,.0f}"
-                     f"{num(r['vs_autoep'], '.2f') + 'x' if r['vs_autoep'] else '-':>10}"
-                     f"{num(r['vs_unconverted'], '.2f') + 'x' if r['vs_unconverted'] else '-':>10}"
-                     f"{r['busiest_cpu_ms']:>15.1f}{num(r['peak_mib'], '.1f'):>10}{num(r['imbalance'], '.2f'):>10}"
-                     f"{num(r['rank_imbalance'], '.2f'):>10}")
+        lines.append(f"{r['ep']:>3}  {r['router']:<8}{r['variant']:<18}{num(r['tokens_per_s_per_rank'], ',.0f'):>11}"
+                     f"{num(r.get('vs_autoep'), '.2f', 'x'):>10}{num(r.get('critical_tokens_per_s'), ',.0f'):>11}"
+                     f"{num(r.get('vs_autoep_critical'), '.2f', 'x'):>10}{num(r.get('critical_ms'), '.1f'):>9}"
+                     f"{num(r.get('comm_ms'), '.1f'):>9}{num(r.get('internode_mb'), '.2f'):>10}"
+                     f"{num(r['peak_mib'], '.1f'):>9}{num(r['imbalance'], '.2f'):>7}"
+                     f"{num(r.get('measured_rank_imbalance') or r['rank_imbalance'], '.2f'):>10}")
     return "\n".join(lines)
 
 

@@ -24,7 +24,8 @@ from largeep_plugin.placement.plan import Placement, plan_placement
 from largeep_plugin.placement.topology import Topology
 
 from .block import LargeEPHFBlock
-from .families import Family, family_of, looks_like_moe, supported_names
+from .families import Family, family_of, moe_parts, supported_names
+from .generate import keep_ranks_together_in_generate
 from .weights import Reader, load_block_weights
 
 # LargeEPConfig fields that the checkpoint defines (shapes, routing, shared expert, initialisation): never overridden.
@@ -101,7 +102,7 @@ def build_block(block: nn.Module, family: Family, hidden_act: str, ep_group: Pro
 
 def convert_model(model: nn.Module, ep_group: ProcessGroup | None = None, placement: Placement | None = None,
                   allow_colocate: bool = False, expert_groups: ExpertProcessGroups | None = None,
-                  ranks_per_node: int | None = None, **overrides: Any) -> nn.Module:
+                  ranks_per_node: int | None = None, allow_no_moe: bool = False, **overrides: Any) -> nn.Module:
     """Replace every supported MoE block of ``model`` in place; returns ``model``.
 
     Args:
@@ -114,31 +115,50 @@ def convert_model(model: nn.Module, ep_group: ProcessGroup | None = None, placem
             experts have replicas). The DeepSpeed adapter passes DeepSpeed's expert-data-parallel groups.
         ranks_per_node: ranks of one node, consecutive in the EP group, for ``dispatch="hierarchical"`` (see
             ``LargeEPMoE``).
+        allow_no_moe: a model with no block to convert (none of a registered family, none already converted) is
+            returned unchanged instead of a ValueError.
         overrides: plugin-only ``LargeEPConfig`` fields (``bias_update_rate``, ``capacity_factor``,
             ``overlap_chunks``, ``dispatch``, ``aux_loss_coeff``...). A model-defining or unknown name: ValueError.
     Raises:
-        NotImplementedError: an MoE-looking block of an unregistered class, or a block setting we cannot express.
+        NotImplementedError: a block that looks like MoE (``families.moe_parts``) of an unregistered class, or a
+            block setting we cannot express.
+        ValueError: nothing to convert, without ``allow_no_moe``.
+
+    A converted model keeps every rank in its layers' all-to-alls until all ranks have finished ``generate``
+    (``generate.py``).
     """
     check_overrides(overrides)
     return _convert(model, ep_group, placement, allow_colocate, overrides, load=True, expert_groups=expert_groups,
-                    ranks_per_node=ranks_per_node)
+                    ranks_per_node=ranks_per_node, allow_no_moe=allow_no_moe)
+
+
+def _blocks(module: nn.Module, prefix: str = "") -> list[tuple[nn.Module, str, nn.Module, Family | None]]:
+    """(parent, name, block, family) of every registered block (family set) and every block already converted
+    (family None) under ``module``, top down, not looking inside them; NotImplementedError at the first block
+    that looks like MoE and is neither."""
+    out: list[tuple[nn.Module, str, nn.Module, Family | None]] = []
+    for name, child in module.named_children():
+        where = f"{prefix}.{name}" if prefix else name
+        family = None if isinstance(child, LargeEPHFBlock) else family_of(child)
+        if family is not None or isinstance(child, LargeEPHFBlock):
+            out.append((module, name, child, family))
+            continue
+        parts = moe_parts(child)
+        if parts is not None:
+            raise NotImplementedError(f"{where}: {type(child).__name__} looks like an MoE block ({parts}) but its "
+                                      f"class is not supported; supported: {', '.join(supported_names())}")
+        out += _blocks(child, where)
+    return out
 
 
 def _convert(model: nn.Module, ep_group: ProcessGroup | None, placement: Placement | None, allow_colocate: bool,
              overrides: dict[str, Any], load: bool, expert_groups: ExpertProcessGroups | None = None,
-             ranks_per_node: int | None = None) -> nn.Module:
-    targets: list[tuple[nn.Module, str, nn.Module, Family]] = []
-    for parent_name, parent in model.named_modules():
-        for name, child in parent.named_children():
-            if isinstance(child, LargeEPHFBlock):
-                continue
-            family = family_of(child)
-            if family is not None:
-                targets.append((parent, name, child, family))
-            elif looks_like_moe(child) and not isinstance(parent, LargeEPHFBlock):
-                where = f"{parent_name}.{name}" if parent_name else name
-                raise NotImplementedError(f"{where}: MoE block of class {type(child).__name__} is not supported; "
-                                          f"supported: {', '.join(supported_names())}")
+             ranks_per_node: int | None = None, allow_no_moe: bool = False) -> nn.Module:
+    found = _blocks(model)
+    if not found and not allow_no_moe:
+        raise ValueError(f"convert_model: {type(model).__name__} has no MoE block to convert (supported: "
+                         f"{', '.join(supported_names())}); pass allow_no_moe=True if that is expected")
+    targets = [(parent, name, block, family) for parent, name, block, family in found if family is not None]
     hidden_act = _hidden_act(model)
     # Blocks with the same expert count share one layout: their expert groups are built once, not per block.
     shared: dict[int, ExpertProcessGroups | None] = {}
@@ -154,4 +174,6 @@ def _convert(model: nn.Module, ep_group: ProcessGroup | None, placement: Placeme
         setattr(parent, name, build_block(block, family, hidden_act, ep_group, placement, allow_colocate,
                                           overrides, read, groups, ranks_per_node))
         del block  # the Hugging Face experts go with it (the other ranks' experts are never kept)
+    if found:
+        keep_ranks_together_in_generate(model)
     return model

@@ -142,10 +142,26 @@ def family_of(module: nn.Module) -> Family | None:
     return None
 
 
-def looks_like_moe(module: nn.Module) -> bool:
-    """A block we do not know but that has the parts of one: an unsupported family, not a dense MLP."""
-    return isinstance(getattr(module, "experts", None), nn.Module) and (hasattr(module, "gate") or
-                                                                        hasattr(module, "router"))
+def moe_parts(module: nn.Module) -> str | None:
+    """What makes ``module`` look like an MoE block by any of the structures transformers uses (None: nothing).
+
+    ``experts`` (a submodule: Mixtral, Qwen, DeepSeek, Switch...), ``input_linear`` with ``output_linear``
+    (JetMoE's parallel experts), ``router`` (a submodule: gpt-oss, JetMoE, Switch), or ``gate`` beside several
+    expert weights (stacked ``[E, ...]`` parameters of 3 or more dimensions, or a list of modules). A dense MLP has
+    none of these (its gate is ``gate_proj``; Qwen2-MoE's shared-expert gate is ``shared_expert_gate``)."""
+    children = dict(module.named_children())
+    if isinstance(children.get("experts"), nn.Module):
+        return "an 'experts' submodule"
+    if "input_linear" in children and "output_linear" in children:
+        return "'input_linear' and 'output_linear' experts"
+    if "router" in children:
+        return "a 'router' submodule"
+    if "gate" in children:
+        stacked = [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 3]
+        lists = [n for n, c in children.items() if isinstance(c, (nn.ModuleList, nn.ModuleDict)) and len(c) > 1]
+        if stacked or lists:
+            return f"a 'gate' beside expert weights {sorted(stacked + lists)}"
+    return None
 
 
 def supported_names() -> list[str]:

@@ -16,11 +16,15 @@ router's rows have random shares along it that favour some experts for every tok
 (every router row orthogonal to m): tokens choose by what is their own. ``"skewed"`` first gives every token
 embedding a shared direction (as long as a typical embedding row), then aligns the rows of the hot experts
 (``hot_experts``: the last quarter, at least one) with m so that their logits rise by ``skew`` standard deviations
-for every token, and they get more of the tokens. A pure function of the seed: every variant and every rank builds
-the same weights.
+for every token, and they get more of the tokens. ``"learned"`` is neither forced: the uniform model trained
+``learn_steps`` steps (AdamW, no balancing loss) on the synthetic Markov chain of the demo, whose routing it has
+learned as a real router does, skew included; its tokens come from the same chain (``rank_tokens``). A pure
+function of the seed: every variant and every rank builds the same weights (the learned ones are trained once per
+process, in the parent before the ranks fork when the benchmark asks for them first).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -30,7 +34,9 @@ import torch.nn as nn
 
 from .families import family_of
 
-ROUTERS = ("uniform", "skewed")
+ROUTERS = ("uniform", "skewed", "learned")
+LEARN_STEPS = 300  # "learned": the training steps of the router (and the rest of the model)
+LEARN_LR = 3e-3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,9 +181,9 @@ def set_router(model: nn.Module, sizes: ModelSizes, skew: float, seed: int) -> N
 
 
 def bench_model(family: str, num_experts: int, sizes: ModelSizes, router: str, seed: int,
-                skew: float = 1.5) -> nn.Module:
+                skew: float = 1.5, learn_steps: int = LEARN_STEPS) -> nn.Module:
     """The tiny ``family`` model, float32, random-init from ``seed`` (the same in every process), its router
-    fresh (``"uniform"``) or skewed by ``skew`` (``"skewed"``)."""
+    fresh (``"uniform"``), skewed by ``skew`` (``"skewed"``) or trained ``learn_steps`` steps (``"learned"``)."""
     from transformers import AutoModelForCausalLM
 
     if router not in ROUTERS:
@@ -186,10 +192,41 @@ def bench_model(family: str, num_experts: int, sizes: ModelSizes, router: str, s
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).float()
     set_router(model, sizes, skew if router == "skewed" else 0.0, seed)
+    if router == "learned":
+        model.load_state_dict(learned_state(family, num_experts, sizes, seed, learn_steps))
     return model
 
 
-def rank_tokens(sizes: ModelSizes, rank: int, seed: int) -> torch.Tensor:
-    """int64 [B, S] token ids of ``rank`` (seeded by rank: the same for every variant); they are the labels too."""
+@functools.lru_cache(maxsize=8)
+def learned_state(family: str, num_experts: int, sizes: ModelSizes, seed: int, steps: int) -> dict[str, torch.Tensor]:
+    """The weights of the ``"uniform"`` model after ``steps`` steps of AdamW (lr ``LEARN_LR``, no balancing loss) on
+    the Markov chain of ``seed`` (``rank_tokens(..., "learned")``'s source), one process, one thread: the same in
+    every process. Cached per process (the benchmark computes it before it forks its ranks)."""
+    from largeep_plugin.models.synthetic import MarkovChainData
+
+    model = bench_model(family, num_experts, sizes, "uniform", seed)
+    data = MarkovChainData(sizes.vocab_size, seed=seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARN_LR)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same float results in every process
+    try:
+        for step in range(steps):
+            ids_BS, _ = data.batch(sizes.batch_size, sizes.seq_len, rank=0, step=step)
+            model(input_ids=ids_BS, labels=ids_BS).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        torch.set_num_threads(threads)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def rank_tokens(sizes: ModelSizes, rank: int, seed: int, router: str = "uniform") -> torch.Tensor:
+    """int64 [B, S] token ids of ``rank`` (seeded by rank: the same for every variant); they are the labels too.
+    ``"learned"``: a batch of the Markov chain the model learned (unseen in its training), else uniform ids."""
+    if router == "learned":
+        from largeep_plugin.models.synthetic import MarkovChainData
+
+        data = MarkovChainData(sizes.vocab_size, seed=seed)
+        return data.batch(sizes.batch_size, sizes.seq_len, rank=rank, step=10**6 + rank)[0]
     gen = torch.Generator().manual_seed(seed * 1_000_003 + rank)
     return torch.randint(0, sizes.vocab_size, (sizes.batch_size, sizes.seq_len), generator=gen)

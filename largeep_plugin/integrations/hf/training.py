@@ -129,3 +129,26 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs: object) -> DistributedDataParallel:
                                   "allreduce_gradients(model) without DDP")
     setter(model, ddp_ignored_names(model))
     return DistributedDataParallel(model, **ddp_kwargs)
+
+
+def unconverted_ndim(p: nn.Parameter) -> int:
+    """How many dimensions the Hugging Face tensor ``p`` was read from has: one more than ``p`` for an expert's
+    tensor (a row of the fused ``[E, ...]`` tensors: gpt-oss's expert biases are ``[E, 2F]`` and ``[E, H]`` there,
+    ``[2F]`` and ``[H]`` here), the same for every other parameter."""
+    return p.dim() + 1 if is_expert_param(p) else p.dim()
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The two optimizer parameter groups of the common recipe "no weight decay for tensors of fewer than two
+    dimensions", decided on the unconverted model's tensors (``unconverted_ndim``), so that a converted model
+    decays exactly what the unconverted one would: ``[{"params": decayed, "weight_decay": weight_decay},
+    {"params": the rest, "weight_decay": 0.0}]``, in model order. (``p.ndim < 2`` on the converted model would also
+    leave gpt-oss's expert biases undecayed. Rules by name, such as transformers' "bias" and norm patterns, need
+    nothing: the converted names keep "bias" and "norm" where the Hugging Face ones have them.)"""
+    if not (isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool) and weight_decay >= 0):
+        raise ValueError(f"weight_decay={weight_decay!r}: must be a number >= 0")
+    decayed, rest = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decayed if unconverted_ndim(p) >= 2 else rest).append(p)
+    return [{"params": decayed, "weight_decay": float(weight_decay)}, {"params": rest, "weight_decay": 0.0}]

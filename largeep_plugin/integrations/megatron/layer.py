@@ -26,7 +26,6 @@ distributed checkpoint of the shards.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -43,6 +42,7 @@ from largeep_plugin.layer.config import LargeEPConfig
 from largeep_plugin.layer.expert_slots import rank_to_experts_of
 from largeep_plugin.layer.experts import ExpertMLP, LocalExperts
 from largeep_plugin.layer.load_balance import LoadStats
+from largeep_plugin.layer.notices import warn_once
 from largeep_plugin.placement.topology import Topology
 from .checkpoint import expert_sharded_state_dict, replica_index
 from .config import large_ep_config_from_megatron
@@ -232,9 +232,9 @@ class LargeEPMoELayer(MoELayer):
         colocated = max(len(h) for h in rank_to_experts) > 1
         replicated = sum(len(h) for h in rank_to_experts) > lep.num_experts
         if colocated:
-            warnings.warn(f"LargeEPMoELayer: {lep.num_experts} experts on {ep_size} EP ranks, "
-                          f"rank_to_experts={rank_to_experts} (colocated experts run one after another on a rank)",
-                          stacklevel=2)
+            warn_once(f"LargeEPMoELayer: {lep.num_experts} experts on {ep_size} EP ranks, "
+                      f"rank_to_experts={rank_to_experts} (colocated experts run one after another on a rank)",
+                      key=("megatron colocated", rank_to_experts))
         expt_tp, expt_tp_rank = get_pg_size(pg_collection.expt_tp), get_pg_rank(pg_collection.expt_tp)
         if expt_tp != 1:
             _check_expert_tp(pg_collection, ep_size, ep_rank, expt_tp, expt_tp_rank, colocated, replicated)

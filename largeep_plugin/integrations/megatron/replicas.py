@@ -14,6 +14,11 @@ unless something sums them:
       optimizer every replica holds the same shard of its buffer (replicas sit in one EP group, so they share
       their expert-DP rank).
 
+Megatron's gradient clipping (``OptimizerConfig.clip_grad``) takes the norm of the expert parameters over the
+expert model-parallel group (TP x EP x PP), so a replicated expert would count once per replica: every replica but
+the first is marked ``shared``, which Megatron's norm skips (``param_is_not_shared``), as it does for a tied
+embedding.
+
 Megatron-LM's ``train()`` sets ``config.finalize_model_grads_func`` itself, so the Megatron-LM route refuses
 replicas; a Megatron-Core training loop (``examples/pretrain_gpt_largeep.py``) calls this once after building the
 DDP model.
@@ -22,14 +27,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 
-from largeep_plugin.layer.grads import reduce_expert_gradients
+from largeep_plugin.layer.grads import REPLICA_GROUP_ATTR, counted_here, reduce_expert_gradients
 from largeep_plugin.layer.process_groups import build_replica_groups, ep_partition, ep_ranks_of
 from .layer import large_ep_moe_layers
 
-# The attribute that holds, on a replicated expert's parameters, the group of its replicas in the EP group.
-REPLICA_GROUP_ATTR = "large_ep_replica_group"
 
 
 def attach_replica_groups(model: Any) -> int:
@@ -53,6 +57,11 @@ def attach_replica_groups(model: Any) -> int:
         for expert_id, module in layer.experts.experts_by_id():
             for p in module.parameters():
                 setattr(p, REPLICA_GROUP_ATTR, layer.replica_groups[expert_id])
+                # Megatron's gradient norm (clip_grad) sums each expert parameter over the expert model-parallel
+                # group, EP included: a replica would count once per copy. ``shared`` is how Megatron leaves a
+                # parameter held twice (a tied embedding) out of the norm: all replicas but the first get it.
+                if not counted_here(p, dist.get_rank()):
+                    p.shared = True
     return layers
 
 

@@ -46,10 +46,10 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from largeep_plugin.layer.clones import counting_forward
 from largeep_plugin.layer.comm import LoadRide, OnShared
 from largeep_plugin.layer.config import LargeEPConfig
 from largeep_plugin.layer.load_balance import LoadStats, sequence_aux_loss, switch_aux_loss, z_loss
+from largeep_plugin.layer.recompute import LoadCounting
 from largeep_plugin.layer.router import Router, RoutingResult
 from .config import large_ep_config_from_megatron
 
@@ -108,6 +108,10 @@ class LargeEPRouter(Router):
         self.counts_in_dispatch = False
         # Dynamic replicas: the layer's CloneSlots, told each training forward's global load (``observe``).
         self.load_observer: Any = None
+        # Whether a forward's load reaches the observer: once per real training forward, also under Megatron's
+        # (reentrant) activation recompute, whose first run has no gradients (layer/recompute.py).
+        self.load_counting = LoadCounting()
+        self._observed = False
         self._pending_shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None = None
 
     def set_layer_number(self, layer_number: int) -> None:
@@ -140,12 +144,13 @@ class LargeEPRouter(Router):
         cfg = self.large_ep_config
         x_TH = input.reshape(-1, cfg.hidden_size)
         routing = self.route_tokens(x_TH)
+        self._observed = self.load_counting.counts(self.training) and self.load_observer is not None
         local_X = self._local_counts(routing, x_TH)
         deferred = self.counts_in_dispatch and cfg.aux_loss_coeff == 0
         global_counts_E = dropped = None
         if not deferred:
             global_counts_E, dropped = self._global_counts(local_X, check_flags=not self.counts_in_dispatch)
-            if self.load_observer is not None and counting_forward(self):
+            if self._observed:
                 self.load_observer.observe(None, global_counts_E)
 
         e = cfg.num_experts
@@ -183,7 +188,7 @@ class LargeEPRouter(Router):
             return None
         local_X, aux, zl, deferred = pending
         e = self.large_ep_config.num_experts
-        observer = self.load_observer if counting_forward(self) else None
+        observer = self.load_observer if self._observed else None
         # Deferred, the load rides along (or, for a large group, in an all_reduce of its own, waited on the device
         # when the counts arrive); otherwise only the flag does.
         ride = LoadRide(local_X[: e + 1], local_X[e + 1:], self.ep_group, self.ep_size) if deferred else None

@@ -1,0 +1,117 @@
+"""The critical-path timing (tools/critical_path.py) on work whose times are known: ranks sleep, so the numbers do
+not depend on how busy the machine is.
+
+* ``TurnTaking`` around a step of sleeps and collectives: no two ranks are ever in a segment at once, every
+  collective (however it is called) ends a segment, the critical path is the sum over segments of the slowest
+  rank's sleep (and the balanced figure the sum of the means), and the all-to-all bytes per (source, destination)
+  are what was sent;
+* the same step without turns: its wall clock agrees with the critical path (the mode measures what a machine
+  with a core per rank would show);
+* ranks that run different collectives are an error, not a wrong number (where the counts of collectives differ,
+  the token cannot go round: that ends in the group's timeout).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from conftest import world
+from largeep_plugin.tools.critical_path import StepTimes, TurnTaking, median_step
+
+SLEEP = {0: (0.06, 0.02, 0.03), 1: (0.02, 0.08, 0.03), 2: (0.04, 0.04, 0.09)}  # per rank, per segment
+
+
+def _step(rank: int, world_size: int, spans: list[tuple[float, float]]) -> None:
+    import torch.distributed as dist
+
+    def work(seconds: float) -> None:
+        start = time.monotonic()
+        time.sleep(seconds)
+        spans.append((start, time.monotonic()))
+
+    work(SLEEP[rank][0])
+    dist.all_reduce(torch.ones(4))
+    work(SLEEP[rank][1])
+    send = torch.zeros(sum(range(1, world_size + 1)), 3)   # rank r sends d + 1 rows of 3 floats to rank d
+    out = torch.zeros((rank + 1) * world_size, 3)
+    dist.all_to_all_single(out, send, [rank + 1] * world_size, [d + 1 for d in range(world_size)])
+    work(SLEEP[rank][2])
+
+
+def _rank(rank: int, world_size: int) -> dict:
+    import torch.distributed as dist
+
+    clock = TurnTaking()
+    spans: list[tuple[float, float]] = []
+    with clock:
+        _step(rank, world_size, spans)
+    times = clock.gathered()
+    every: list = [None] * world_size
+    dist.all_gather_object(every, spans)
+    dist.barrier()
+    start = time.perf_counter()
+    _step(rank, world_size, [])     # the same step without turns: the ranks sleep side by side
+    dist.barrier()
+    wall = time.perf_counter() - start
+    bad = "no error"
+    try:
+        with clock:  # one collective each, on a group of its own, but not the same one everywhere
+            if rank == 0:
+                dist.all_reduce(torch.ones(1), group=solo[rank])
+            else:
+                dist.broadcast(torch.ones(1), src=dist.get_rank(), group=solo[rank])
+        clock.gathered()
+    except ValueError as err:
+        bad = str(err)
+    return {"times": times, "spans": every, "wall": wall, "bad": bad}
+
+
+solo: dict[int, object] = {}
+
+
+def _world(rank: int, world_size: int) -> dict:
+    import torch.distributed as dist
+
+    for r in range(world_size):  # every rank creates every group, in one order
+        group = dist.new_group([r])
+        if r == rank:
+            solo[rank] = group
+    return _rank(rank, world_size)
+
+
+@pytest.fixture(scope="module")
+def results() -> list[dict]:
+    return world(_world, 3)
+
+
+def test_ranks_never_compute_at_once(results) -> None:
+    spans = sorted(s for per_rank in results[0]["spans"] for s in per_rank)
+    assert len(spans) == 9
+    assert all(a[1] <= b[0] + 1e-4 for a, b in zip(spans, spans[1:])), "two ranks were in a segment at once"
+
+
+def test_critical_path_is_the_slowest_rank_per_segment(results) -> None:
+    t: StepTimes = results[0]["times"]
+    assert t.names == ("allreduce", "alltoall_base") or t.names == ("allreduce", "all_to_all_single"), t.names
+    assert len(t.segments_RS) == 3 and all(len(row) == 3 for row in t.segments_RS)
+    want = sum(max(SLEEP[r][k] for r in range(3)) for k in range(3))      # 0.06 + 0.08 + 0.09
+    mean = sum(sum(SLEEP[r][k] for r in range(3)) / 3 for k in range(3))
+    assert want <= t.compute < want + 0.05, (t.compute, want)
+    assert mean <= t.balanced_compute < mean + 0.05
+    assert t.critical_path == pytest.approx(t.compute + t.communication)
+    assert max(SLEEP[r][0] + SLEEP[r][1] + SLEEP[r][2] for r in range(3)) <= t.busiest_rank_compute <= t.compute
+    # Bytes: rank a sent d + 1 rows of 3 float32 to rank d.
+    assert t.sent_bytes_RR == tuple(tuple((d + 1) * 12 for d in range(3)) for _ in range(3))
+    assert t.internode_bytes(1) == sum((d + 1) * 12 for a in range(3) for d in range(3) if a != d)
+    assert median_step([t])["critical_path_s"] == t.critical_path
+
+
+def test_it_agrees_with_the_wall_clock_when_nothing_is_shared(results) -> None:
+    t, wall = results[0]["times"], results[0]["wall"]
+    assert abs(t.critical_path - wall) <= 0.1 * wall, (t.critical_path, wall)
+
+
+def test_different_collectives_are_an_error(results) -> None:
+    assert all("ran different collectives" in r["bad"] for r in results), [r["bad"] for r in results]
