@@ -89,9 +89,17 @@ def _steps(net, opt, rank: int, ws: int, ep_size: int, steps: range, dp_group=No
     return out
 
 
-def _logical(net, opt) -> dict[str, tuple[torch.Tensor, ...]]:  # type: ignore[no-untyped-def]
-    """Every tensor by logical name: (value, exp_avg, exp_avg_sq) of experts by id and of dense parameters."""
+def _logical(net, opt, plan: bool = True) -> dict[str, tuple[torch.Tensor, ...]]:  # type: ignore[no-untyped-def]
+    """Every tensor by logical name: (value, exp_avg, exp_avg_sq) of experts by id and of dense parameters; with
+    dynamic replicas the clones' step count and load average, and with ``plan`` their plan (a plan is for one
+    layout: only comparable at the same EP size)."""
     out = {}
+    clones = net.moe.clones
+    if clones is not None:
+        out["clones.steps"] = (torch.tensor([float(clones.steps)]),)
+        out["clones.load_ema_E"] = (clones.load_ema_E.clone(),)
+        if plan:
+            out["clones.plan"] = (clones.plan_clones_RS.double() + 2.0, clones.plan_load_E.clone())
     for e, module in net.moe.local_experts():
         for n, p in module.named_parameters():
             s = opt.state[p]
@@ -144,12 +152,13 @@ def _second_half(rank: int, ws: int, experts: int, fields: dict, path: str, ep_s
     extra = lep.load_training_state(path, net, opt)
     assert extra == {"step": STEPS // 2}, extra
     dp_group = _dp_group(ep_size)
-    return _steps(net, opt, rank, ws, ep_size, range(STEPS // 2, STEPS), dp_group), _logical(net, opt)
+    losses = _steps(net, opt, rank, ws, ep_size, range(STEPS // 2, STEPS), dp_group)
+    return losses, _logical(net, opt, plan=(ep_size, ws) == (net.moe.config.num_experts, net.moe.config.num_experts))
 
 
 def _worst(reference: list, resumed: list) -> dict[str, float]:
-    want = {k: v for _, part in reference for k, v in part.items()}
     got = {k: v for _, part in resumed for k, v in part.items()}
+    want = {k: v for _, part in reference for k, v in part.items() if k in got or k != "clones.plan"}
     assert sorted(want) == sorted(got), sorted(set(want) ^ set(got))
     losses = reference[0][0][STEPS // 2:], resumed[0][0]
     worst = {"loss": max(abs(a - b) / abs(a) for a, b in zip(*losses))}
@@ -165,8 +174,12 @@ SOME = [(4, 4, 2, 2), (8, 8, 6, 6), (4, 4, 4, 4)]
 SAME_AND_ONE = [(4, 4, 2, 2), (4, 4, 4, 4)]
 
 
-@pytest.mark.parametrize("fields,move,resumes", [({}, False, ALL), ({"dynamic_replicas": 1}, False, SOME),
-                                                  ({}, True, SAME_AND_ONE), ({"dynamic_replicas": 1}, True, SAME_AND_ONE)],
+# Clones re-planned every second step: a resume that lost the clones' step count would re-plan at other steps.
+CLONES = {"dynamic_replicas": 1, "rebalance_every": 2}
+
+
+@pytest.mark.parametrize("fields,move,resumes", [({}, False, ALL), (CLONES, False, SOME),
+                                                  ({}, True, SAME_AND_ONE), (CLONES, True, SAME_AND_ONE)],
                          ids=["homes", "clones", "moved", "moved-clones"])
 def test_resume_at_another_ep_size_equals_the_run_that_never_stopped(tmp_path, fields: dict, move: bool,  # type: ignore[no-untyped-def]
                                                                     resumes: list) -> None:
@@ -268,7 +281,7 @@ def test_refusals(tmp_path) -> None:  # type: ignore[no-untyped-def]
     swapped = _Net(4, 1)
     opt2 = torch.optim.Adam([{"params": [p for n, p in swapped.named_parameters() if n != "inp.weight"]},
                              {"params": [swapped.inp.weight]}])
-    with pytest.raises(ValueError, match="inp.weight is in optimizer parameter group 1, but was saved in group 0"):
+    with pytest.raises(ValueError, match="inp.weight is in optimizer group 1, but was saved in group 0"):
         lep.load_training_state(path, swapped, opt2)
     os.remove(os.path.join(path, "experts", "moe.experts.2.pt"))
     with pytest.raises(ValueError, match=r"has no expert 2 of layer 'moe' \(file experts/moe.experts.2.pt\)"):

@@ -97,6 +97,17 @@ class TorchOptimizerState:
                 own[key] = value
 
 
+def access_of(optimizer: Any) -> StateAccess:
+    """The ``StateAccess`` of ``optimizer``: a torch optimizer's (``TorchOptimizerState``; None: parameters and
+    gradients alone), or ``optimizer`` itself when it is a route's ``StateAccess`` (``read``/``write``)."""
+    if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
+        return TorchOptimizerState(optimizer)
+    if callable(getattr(optimizer, "read", None)) and callable(getattr(optimizer, "write", None)):
+        return optimizer
+    raise ValueError(f"optimizer={type(optimizer).__name__}: expected a torch.optim.Optimizer, a StateAccess "
+                     "(read/write per parameter) or None")
+
+
 # ---- packing ------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

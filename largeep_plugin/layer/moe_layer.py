@@ -318,7 +318,11 @@ class LargeEPMoE(nn.Module):
             if self.colocated:
                 local_slot_TK = self.local_slot_RE[dest_rank_TK, routing.topk_ids_TK]
         keep_TK, weights_TK = routing.keep_TK, routing.topk_weights_TK
-        if self.moves is not None and counting_forward(self):
+        # Only training forwards count the load (the bias update's, the global-batch loss's, the clone planner's,
+        # the moves' co-activation), each once: an activation-checkpoint recompute does not count again
+        # (recompute.py).
+        counts = self.load_counting.counts(self.training)
+        if self.moves is not None and counts:
             self.moves.observe(routing.topk_ids_TK, keep_TK, dest_rank_TK)
         if self.tp_size > 1:
             # Each (token, k) goes to all t shards of its replica, with the same weight: the combine's weighted
@@ -347,9 +351,6 @@ class LargeEPMoE(nn.Module):
             # dtypes would post all-to-alls of different byte sizes: a crash, not an error).
             flag[0] = bad + _NON_FINITE * (~torch.isfinite(x_TH).all()).long() + ((1 + _DTYPES.index(x.dtype)) << 8)
         ride = LoadRide(load_X, flag, self.ep_group, self.ep_size)
-        # Only training forwards count the load (the bias update's, the global-batch loss's, the clone planner's),
-        # each once: an activation-checkpoint recompute does not count again (recompute.py).
-        counts = self.load_counting.counts(self.training)
         counting = self.clones is not None and counts
 
         def on_shared(flags_R: list[int], sums_X: torch.Tensor, host_sums: list[int] | None) -> None:

@@ -38,7 +38,7 @@ from largeep_plugin.placement.topology import Topology
 
 from .clones import refresh_clones
 from .comm import ProcessGroup, exchange_rows, group_size
-from .expert_state import Layout, StateAccess, TorchOptimizerState, layout_of, pack, unpack
+from .expert_state import Layout, StateAccess, access_of, layout_of, pack, unpack
 
 
 class HomeMoves(nn.Module):
@@ -126,15 +126,6 @@ def move_layers(model: Any) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _access_of(optimizer: Any) -> StateAccess:
-    if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
-        return TorchOptimizerState(optimizer)
-    if callable(getattr(optimizer, "read", None)) and callable(getattr(optimizer, "write", None)):
-        return optimizer   # a route's StateAccess
-    raise ValueError(f"optimizer={type(optimizer).__name__}: expected a torch.optim.Optimizer, a StateAccess "
-                     "(read/write per parameter) or None")
-
-
 def replace_layers(layers: Sequence[tuple[str, nn.Module]], optimizer: Any,
                    dp_group: ProcessGroup | None = None) -> list[dict[str, Any]]:
     """After an optimizer step: every layer with ``replace_every`` counts the step and, when due, plans from its
@@ -152,7 +143,7 @@ def replace_layers(layers: Sequence[tuple[str, nn.Module]], optimizer: Any,
                              "state: call largeep_plugin.rebalance(model, optimizer) (the optimizer that steps the "
                              "model)")
         _check_copies(name, layer, dp_group)
-        access = access or _access_of(optimizer)
+        access = access or access_of(optimizer)
         records.append({"layer": name, **decide(layer, access, dp_group)})
     return records
 
@@ -238,7 +229,7 @@ def move_experts(layer: nn.Module, home: Sequence[Sequence[int]], access: StateA
     optimizer); relabel the layer and, with ``refresh`` and dynamic replicas, refresh its clones from the moved
     homes (``rebalance`` refreshes them itself right after). Collective over the EP group: every rank calls it
     with the same ``home``. Returns the bytes this rank sent (its own slots included)."""
-    access = _access_of(access) if not hasattr(access, "read") else access
+    access = access_of(access)
     old = layer.home_layout()
     new = check_movable(home, layer.config.num_experts)
     if [len(h) for h in new] != [len(h) for h in old]:

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .expert_state import State, StateAccess, TorchOptimizerState
+from .expert_state import State, StateAccess, access_of
 
 FORMAT = "largeep-training-state"
 VERSION = 1
@@ -66,13 +66,13 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if callable(getattr(m, "local_experts", None)) and callable(getattr(m, "home_layout", None))]
 
 
-def _expert_names(model: nn.Module) -> dict[int, tuple[str, int, str]]:
-    """{id(expert tensor): (layer name, expert id, tensor name)} of every local expert's parameters and buffers."""
+def _expert_names(model: nn.Module) -> dict[int, tuple[str, str]]:
+    """{id(expert tensor): (the expert's key, tensor name)} of every local expert's parameters and buffers."""
     out = {}
     for layer_name, layer in _layers(model):
         for expert_id, module in layer.local_experts():
             for tensor_name, t in list(module.named_parameters()) + list(module.named_buffers()):
-                out[id(t)] = (layer_name, expert_id, tensor_name)
+                out[id(t)] = (_expert_key(layer_name, layer, expert_id), tensor_name)
     return out
 
 
@@ -96,21 +96,17 @@ def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 yield (f"{module_name}.{name}" if module_name else name), t
 
 
-def _expert_key(layer: str, expert: int) -> str:
-    return f"{layer}.experts.{expert}" if layer else f"experts.{expert}"
+def _expert_key(layer_name: str, layer: nn.Module, expert: int) -> str:
+    """The logical name of one expert of a layer (its file's name): ``<layer>.experts.<e>``, and with expert
+    tensor parallelism one per shard, ``<layer>.experts.<e>.shard<j>``."""
+    key = f"{layer_name}.experts.{expert}" if layer_name else f"experts.{expert}"
+    tp_size = int(getattr(layer, "tp_size", 1))
+    return key + (f".shard{layer.tp_rank}" if tp_size > 1 else "")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _access(optimizer: Any) -> StateAccess:
-    if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
-        return TorchOptimizerState(optimizer)
-    if callable(getattr(optimizer, "read", None)) and callable(getattr(optimizer, "write", None)):
-        return optimizer
-    raise ValueError(f"optimizer={type(optimizer).__name__}: expected a torch.optim.Optimizer, a StateAccess or None")
 
 
 def _rank_world() -> tuple[int, int]:
@@ -144,8 +140,8 @@ def _params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     experts = _expert_names(model)
     for name, p in model.named_parameters():
         if id(p) in experts:
-            layer, e, tensor = experts[id(p)]
-            yield f"{_expert_key(layer, e)}.{tensor}", p
+            key, tensor = experts[id(p)]
+            yield f"{key}.{tensor}", p
         else:
             yield name, p
 
@@ -169,7 +165,7 @@ def save_training_state(path: str | os.PathLike[str], model: nn.Module, optimize
     after the optimizer step and the bias update. Returns ``path``."""
     path = os.fspath(path).rstrip("/")
     model = _unwrap(model)
-    access = _access(optimizer)
+    access = access_of(optimizer)
     rank, world = _rank_world()
     partial = path + ".partial"
     if rank == 0:
@@ -177,19 +173,17 @@ def save_training_state(path: str | os.PathLike[str], model: nn.Module, optimize
         for sub in ("experts", "ranks"):
             os.makedirs(os.path.join(partial, sub))
     layers = _layers(model)
-    held = {name: list(layer.expert_ids) for name, layer in layers}
-    everyone = _all_gather(held)
-    writer = {}   # (layer, expert) -> the lowest global rank that holds it
+    expert_of = _expert_names(model)
+    everyone = _all_gather(sorted({key for key, _ in expert_of.values()}))
+    writer = {}   # expert key -> the lowest global rank that holds it
     for r in reversed(range(world)):
-        for name, ids in everyone[r].items():
-            for e in ids:
-                writer[(name, e)] = r
+        for key in everyone[r]:
+            writer[key] = r
     _barrier()   # the directory exists
     experts: dict[str, dict[str, Any]] = {}
     dense: dict[str, Any] = {"tensors": {}, "optimizer": {}, "group_of": {}}
     # Every rank reads every parameter in model order (a route may gather it collectively, ZeRO); each keeps what
     # it writes.
-    expert_of = _expert_names(model)
     for name, p in _params(model):
         state = access.read(p, grad=False)
         where = expert_of.get(id(p))
@@ -197,10 +191,10 @@ def save_training_state(path: str | os.PathLike[str], model: nn.Module, optimize
             if rank == 0:
                 _keep(dense, name, state, _group_index(access, p))
             continue
-        layer, e, tensor = where
-        if writer[(layer, e)] == rank:
-            _keep(experts.setdefault(_expert_key(layer, e), {"tensors": {}, "optimizer": {}, "group_of": {}}),
-                  tensor, state, _group_index(access, p))
+        key, tensor = where
+        if writer[key] == rank:
+            _keep(experts.setdefault(key, {"tensors": {}, "optimizer": {}, "group_of": {}}), tensor, state,
+                  _group_index(access, p))
     for key, content in experts.items():
         torch.save(content, os.path.join(partial, "experts", f"{key}.pt"))
     if rank == 0:
@@ -213,6 +207,7 @@ def save_training_state(path: str | os.PathLike[str], model: nn.Module, optimize
         torch.save(extra, os.path.join(partial, "extra.pt"))
     torch.save(_rank_state(model), os.path.join(partial, "ranks", f"{rank}.pt"))
     layer_meta = {name: {"num_experts": layer.config.num_experts, "ep_size": layer.ep_size,
+                         "expert_tp_degree": int(getattr(layer, "tp_size", 1)),
                          "home": [list(h) for h in layer.home_layout()]} for name, layer in layers}
     groups_of = _all_gather({name: _group_ranks(layer.ep_group) for name, layer in layers})
     for name in layer_meta:
@@ -305,7 +300,7 @@ def load_training_state(path: str | os.PathLike[str], model: nn.Module, optimize
     directory = checkpoint_dir(path)
     meta = read_meta(directory)
     model = _unwrap(model)
-    access = _access(optimizer)
+    access = access_of(optimizer)
     rank, world = _rank_world()
     layers = _layers(model)
     saved_layers = meta["layers"]
@@ -317,6 +312,11 @@ def load_training_state(path: str | os.PathLike[str], model: nn.Module, optimize
         if saved["num_experts"] != layer.config.num_experts:
             raise ValueError(f"load_training_state: layer {name!r} has num_experts={layer.config.num_experts}, the "
                              f"checkpoint {saved['num_experts']}")
+        tp_size = int(getattr(layer, "tp_size", 1))
+        if saved.get("expert_tp_degree", 1) != tp_size:
+            raise NotImplementedError(f"load_training_state: layer {name!r} has expert_tp_degree={tp_size}, the "
+                                      f"checkpoint {saved.get('expert_tp_degree', 1)}: an expert's shards are "
+                                      "stored as they were split; resume with the same expert_tp_degree")
     same = _same_layout(meta, layers, world)
     if same:   # the layout the save ran on, moves included
         for name, layer in layers:
@@ -327,7 +327,7 @@ def load_training_state(path: str | os.PathLike[str], model: nn.Module, optimize
     expert_files: dict[str, dict[str, Any]] = {}
     for name, layer in layers:
         for e in layer.expert_ids:
-            key = _expert_key(name, e)
+            key = _expert_key(name, layer, e)
             file = os.path.join(directory, "experts", f"{key}.pt")
             if not os.path.exists(file):
                 raise ValueError(f"load_training_state: {directory!r} has no expert {e} of layer {name!r} "
@@ -336,13 +336,13 @@ def load_training_state(path: str | os.PathLike[str], model: nn.Module, optimize
     expert_of = _expert_names(model)
     for name, p in _params(model):
         where = expert_of.get(id(p))
-        source, tensor = (dense, name) if where is None else (expert_files[_expert_key(*where[:2])], where[2])
+        source, tensor = (dense, name) if where is None else (expert_files[where[0]], where[1])
         if tensor not in source["tensors"]:
             raise ValueError(f"load_training_state: {directory!r} lacks parameter {name}")
         group, saved_group = _group_index(access, p), source["group_of"].get(tensor)
         if group is not None and saved_group is not None and group != saved_group:
-            raise ValueError(f"load_training_state: {name} is in optimizer parameter group {group}, but was saved "
-                             f"in group {saved_group}")
+            raise ValueError(f"load_training_state: {name} is in optimizer group {group}, but was saved in group "
+                             f"{saved_group}")
         state = {"param": source["tensors"][tensor]}
         state.update({f"optim.{k}": v for k, v in source["optimizer"].get(tensor, {}).items()})
         access.write(p, state)
