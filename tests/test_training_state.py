@@ -13,7 +13,11 @@ fixed global batch split over the ranks, against three steps, a save, a model bu
     * replica-aware files: one file per logical expert, whatever the ranks and copies holding it;
     * atomic writes: a rank killed in the middle of a save leaves the previous checkpoint loadable, and a save
       killed between its two renames is found under ``<path>.old``;
-    * refusals: no checkpoint, another expert count, a missing expert file, another optimizer group.
+    * refusals: no checkpoint, another expert count, a missing expert file, another optimizer group;
+    * a lost node (the local launcher: the two ranks of emulated node 1 kill themselves at step 5 of ten; a
+      checkpoint every second step): the survivors relaunch as a world of 2 with a placement planned for them,
+      load step 4 and train steps 4-9; the losses before the loss and after the relaunch continue the curve of the
+      run that never stopped (same global batches; 1e-6), the step since the checkpoint is done again.
 """
 from __future__ import annotations
 
@@ -286,3 +290,77 @@ def test_refusals(tmp_path) -> None:  # type: ignore[no-untyped-def]
     os.remove(os.path.join(path, "experts", "moe.experts.2.pt"))
     with pytest.raises(ValueError, match=r"has no expert 2 of layer 'moe' \(file experts/moe.experts.2.pt\)"):
         lep.load_training_state(path, _Net(4, 1))
+
+
+# ---- a lost node ---------------------------------------------------------------------------------------------------
+# Two emulated nodes of two ranks (the local launcher: the ranks of node 1 kill themselves, SIGKILL, as a lost
+# machine would vanish); a checkpoint every second step; the survivors relaunch as a world of 2 with a placement
+# planned anew for one node of 2 ranks (two experts per rank) and go on from the last checkpoint.
+DRILL_STEPS, SAVE_EVERY, DIES_AT = 10, 2, 5
+
+
+def _drill_first_run(rank: int, ws: int, path: str, log: str) -> None:
+    import time
+
+    import largeep_plugin as lep
+
+    net = _Net(4, ws)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for step in range(DRILL_STEPS):
+        if step == DIES_AT and rank >= ws // 2:   # node 1 is lost at the start of this step
+            with open(f"{log}.killed", "w", encoding="utf-8") as f:
+                f.write(repr(time.time()))
+            os.kill(os.getpid(), 9)
+        loss = _steps(net, opt, rank, ws, ws, range(step, step + 1))[0]
+        if rank == 0:
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"{step} {loss!r}\n")
+        if (step + 1) % SAVE_EVERY == 0:
+            lep.save_training_state(path, net, opt, extra={"step": step + 1})
+
+
+def _drill_survivors(rank: int, ws: int, path: str) -> dict:
+    import time
+
+    import largeep_plugin as lep
+
+    started = time.time()
+    net = _Net(4, ws)   # 4 experts on 2 ranks: a placement planned for the survivors
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    extra = lep.load_training_state(path, net, opt)
+    loaded = time.time()
+    losses = _steps(net, opt, rank, ws, ws, range(extra["step"], DRILL_STEPS), _dp_group(ws))
+    return {"from": extra["step"], "losses": losses, "home": net.moe.home_layout(), "started": started,
+            "loaded": loaded, "done": time.time()}
+
+
+def _drill_straight(rank: int, ws: int) -> list[float]:
+    net = _Net(4, ws)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    return _steps(net, opt, rank, ws, ws, range(DRILL_STEPS))
+
+
+def test_a_lost_node_resumes_on_the_survivors_and_the_curve_goes_on(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    path, log = str(tmp_path / "ckpt"), str(tmp_path / "losses")
+    straight = world(_drill_straight, 4)[0]
+    with pytest.raises(WorldError):
+        world(_drill_first_run, 4, path, log, timeout=300)
+    lost = time.time()
+    with open(f"{log}.killed", encoding="utf-8") as f:
+        killed = float(f.read())
+    with open(log, encoding="utf-8") as f:
+        before = [float(line.split()[1]) for line in f]
+    survivors = world(_drill_survivors, 2, path, timeout=300)[0]
+    assert before == straight[:DIES_AT]     # the run until the loss: the same steps as the run that never stopped
+    assert survivors["from"] == DIES_AT - DIES_AT % SAVE_EVERY   # the last checkpoint: the step since it is lost
+    assert sorted(len(h) for h in survivors["home"]) == [2, 2]   # every expert on the two survivors
+    assert sorted(x for h in survivors["home"] for x in h) == [0, 1, 2, 3]
+    worst = max(abs(a - b) / abs(a) for a, b in zip(straight[survivors["from"]:], survivors["losses"]))
+    assert worst <= 1e-6, (straight, survivors["losses"])
+    print(f"\nlost-node drill: node 1 killed at step {DIES_AT}; the world failed {lost - killed:.2f} s later; the "
+          f"survivors started {survivors['started'] - lost:.2f} s after that, loaded step {survivors['from']} in "
+          f"{survivors['loaded'] - survivors['started']:.2f} s, and ran steps {survivors['from']}-{DRILL_STEPS - 1} "
+          f"in {survivors['done'] - survivors['loaded']:.2f} s; largest loss difference to the run that never "
+          f"stopped {worst:.1e}")
