@@ -292,11 +292,15 @@ def typical_step(steps: Sequence[StepTimes]) -> StepTimes | None:
 
 def median_step(steps: Sequence[StepTimes]) -> dict[str, float]:
     """The figures a table shows (seconds) of ``typical_step(steps)``; of the per-step figures' medians where the
-    steps ran different collectives."""
+    steps ran different collectives. Also ``per_step_critical_path_s``, the median of the steps' own."""
+    per_step = _median([s.critical_path for s in steps]) if steps else 0.0
     typical = typical_step(steps)
     if typical is not None:
         steps = [typical]
     return {"critical_path_s": _median([s.critical_path for s in steps]),
+            # Each step's own critical path (its slowest rank per segment, hiccups included), their median: what
+            # a wall clock that pays every step's slowest rank compares with.
+            "per_step_critical_path_s": per_step,
             "compute_s": _median([s.compute for s in steps]),
             "balanced_compute_s": _median([s.balanced_compute for s in steps]),
             "communication_s": _median([s.communication for s in steps]),

@@ -326,14 +326,13 @@ def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, va
         cpu_seconds=out["cpu_seconds"],
         on_iteration=None if progress is None else lambda i: progress.update(len(variants) + i, iteration=i))
     if settings.critical_path:
-        out["critical"] = _critical_paths(built, variants, ids_BS, settings.iters, world, settings.device)
-        if world <= (os.cpu_count() or 1):
-            # Nothing shared but the machine: the wall clock with every collective waited for where it is called,
-            # as the turn-taking does, is what the critical path must agree with (the mode's own check).
-            # Each variant's steps one after another, as the critical path takes them.
-            with WaitAtOnce(synchronize=None if settings.device == "cpu" else torch.accelerator.synchronize):
-                out["seconds_waited"] = {v: interleaved_seconds({v: lambda v=v: step(v)}, warmup=1,
-                                                                iters=settings.iters)[v] for v in variants}
+        # Where every rank has a core (EP 2 on two cores), each turn-taking step is followed by a wall-clock step
+        # with the collectives waited for where they are called (as the turns wait for them): the pairs see the
+        # same machine, and the critical path must agree with that wall clock (the mode's own check).
+        waited = {} if world <= (os.cpu_count() or 1) else None
+        out["critical"] = _critical_paths(built, variants, ids_BS, settings.iters, world, settings.device, waited)
+        if waited is not None:
+            out["seconds_waited"] = waited
     out["rank_imbalance_measured"] = {v: _rank_imbalance(built[v].module) for v in variants}
     if progress is not None:
         progress.close()
@@ -341,10 +340,14 @@ def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, va
 
 
 def _critical_paths(built: dict[str, Any], variants: list[str], ids_BS: torch.Tensor, iters: int,
-                    world: int, device: str = "cpu") -> dict[str, dict[str, float]]:
+                    world: int, device: str = "cpu", waited: dict[str, list[float]] | None = None
+                    ) -> dict[str, dict[str, float]]:
     """``iters`` steps of each variant with the ranks taking turns (``TurnTaking``): the medians of the critical
-    path, its compute, the balanced compute, the communication, and the all-to-all bytes across two nodes."""
-    clock = TurnTaking(synchronize=None if device == "cpu" else torch.accelerator.synchronize)
+    path, its compute, the balanced compute, the communication, and the all-to-all bytes across two nodes. With
+    ``waited`` (a dict), each such step is followed by one timed barrier to barrier with ``WaitAtOnce`` (the ranks
+    together, collectives waited where called), its seconds filled in per variant."""
+    sync = None if device == "cpu" else torch.accelerator.synchronize
+    clock = TurnTaking(synchronize=sync)
     out = {}
     for v in variants:
         steps = []
@@ -352,6 +355,10 @@ def _critical_paths(built: dict[str, Any], variants: list[str], ids_BS: torch.Te
             with clock:
                 _step(built[v], ids_BS)
             steps.append(clock.gathered())
+            if waited is not None:
+                with WaitAtOnce(synchronize=sync):
+                    waited.setdefault(v, []).extend(interleaved_seconds({v: lambda v=v: _step(built[v], ids_BS)},
+                                                                        warmup=0, iters=1)[v])
         out[v] = {**median_step(steps), "internode_mb": statistics.median(
             s.internode_bytes(max(1, world // 2)) for s in steps) / 2**20}
     return out
@@ -452,7 +459,8 @@ def _critical_columns(critical: dict[str, float] | None, settings: HFBenchSettin
         return {"critical_tokens_per_s": None, "critical_ms": None, "comm_ms": None, "internode_mb": None}
     return {"critical_tokens_per_s": settings.sizes.tokens_per_rank / critical["critical_path_s"],
             "critical_ms": 1e3 * critical["critical_path_s"], "compute_ms": 1e3 * critical["compute_s"],
-            "comm_ms": 1e3 * critical["communication_s"], "internode_mb": critical["internode_mb"]}
+            "comm_ms": 1e3 * critical["communication_s"], "internode_mb": critical["internode_mb"],
+            "per_step_critical_tokens_per_s": settings.sizes.tokens_per_rank / critical["per_step_critical_path_s"]}
 
 
 def _force_balanced_row(critical: dict[str, float], settings: HFBenchSettings, ep: int, router: str,
