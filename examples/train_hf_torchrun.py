@@ -192,8 +192,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"saved {args.save} (AutoModelForCausalLM.from_pretrained loads it)", flush=True)
     if rank == 0:
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
-    # Leave with the group closed: gloo's threads still running at exit can abort the rank in teardown.
-    dist.destroy_process_group()
+    # Leave with the groups destroyed and no interpreter teardown: gloo's threads may still hold a finished
+    # collective, whose freeing needs the GIL while a process group's destructor joins them (a hang or a SIGABRT at
+    # exit on busy cores; largeep_plugin.end_process says more).
+    lep.end_process()
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from largeep_plugin.layer.comm import settle
 from largeep_plugin.layer.grads import counted_here
 from largeep_plugin.layer.moe_layer import LargeEPMoE, moe_layers
 
@@ -55,7 +56,7 @@ def _rank_world() -> tuple[int, int]:
 
 def _barrier() -> None:
     if _rank_world()[1] > 1:
-        dist.barrier()
+        settle()  # not dist.barrier(): it would hold earlier object collectives' work (comm.settle)
 
 
 def _expert_keys(model: nn.Module) -> dict[str, tuple[str, str, nn.Module, LargeEPMoE]]:
