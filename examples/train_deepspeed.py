@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+import largeep_plugin as lep
 from largeep_plugin.integrations.deepspeed.engine import init_deepspeed_comm, initialize, large_ep_section
 from largeep_plugin.integrations.section.config import resolve_ep_size
 from largeep_plugin.integrations.deepspeed.stock import stock_moe_factory
@@ -86,9 +87,10 @@ def main() -> None:
         engine.save_checkpoint(args.save_dir)
     if rank == 0:
         print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
-    # Leave with the group closed: a rank that exits with gloo's threads still running can abort in teardown
-    # ("terminate called without an active exception", SIGABRT), which torchrun reports as a failed job.
-    dist.destroy_process_group()
+    # Leave with the groups destroyed and no interpreter teardown: a rank whose gloo threads still hold a finished
+    # collective can hang or abort at exit ("terminate called without an active exception", SIGABRT), which
+    # torchrun reports as a failed job (largeep_plugin.end_process says why).
+    lep.end_process()
 
 
 if __name__ == "__main__":

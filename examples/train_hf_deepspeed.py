@@ -26,6 +26,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+import largeep_plugin as lep
 from largeep_plugin.integrations.deepspeed.engine import init_deepspeed_comm, initialize, large_ep_section
 from largeep_plugin.integrations.hf.tiny_models import ModelSizes, tiny_config
 from largeep_plugin.layer.moe_layer import load_stats
@@ -98,8 +99,8 @@ def main() -> None:
     if rank == 0:
         saved = f", checkpoint in {args.save_dir}" if args.save_dir else ""
         print(f"loss {first:.3f} -> {last:.3f}{saved}", flush=True)
-    # Leave with the group closed: a rank that exits with gloo's threads still running can abort in teardown.
-    dist.destroy_process_group()
+    # Leave with the groups destroyed and no interpreter teardown (largeep_plugin.end_process says why).
+    lep.end_process()
 
 
 if __name__ == "__main__":

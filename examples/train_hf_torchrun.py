@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per rank per step")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, metavar="NORM",
+                   help="clip the gradients to this norm of the whole model (largeep_plugin.clip_grad_norm_: dense "
+                        "parameters once, every expert once, the same on every rank); 0: no clipping")
     p.add_argument("--bias-update-rate", type=float, default=1e-3,
                    help="step of the aux-loss-free balancing bias after each optimizer step (0: off)")
     p.add_argument("--dynamic-replicas", type=int, default=0, metavar="S",
@@ -160,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
         loss = runner(input_ids=tokens, labels=tokens).loss   # Hugging Face shifts the labels itself
         loss.backward()
         lep.allreduce_gradients(lhf.expert_parameters(model) if args.ddp else model)
+        if args.max_grad_norm > 0:
+            # Not torch.nn.utils.clip_grad_norm_: each rank holds other experts, so its own norm differs.
+            lep.clip_grad_norm_(model, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lep.update_expert_biases(model, groups.dp_group)
@@ -186,8 +192,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"saved {args.save} (AutoModelForCausalLM.from_pretrained loads it)", flush=True)
     if rank == 0:
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
-    # Leave with the group closed: gloo's threads still running at exit can abort the rank in teardown.
-    dist.destroy_process_group()
+    # Leave with the groups destroyed and no interpreter teardown: gloo's threads may still hold a finished
+    # collective, whose freeing needs the GIL while a process group's destructor joins them (a hang or a SIGABRT at
+    # exit on busy cores; largeep_plugin.end_process says more).
+    lep.end_process()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import largeep_plugin as lep
+
 TARGET = "largeep_plugin.integrations.torchtitan.override.large_ep"
 
 
@@ -97,7 +99,7 @@ def main() -> None:
         imbalance = max(float(c.max() / c.mean()) for c in counts)
         if rank == 0:
             print(f"step {step + 1}/{args.steps}  loss {total.item():.4f}  imbalance (this rank) {imbalance:.2f}")
-    dist.destroy_process_group()
+    lep.end_process()  # the groups destroyed, no interpreter teardown (largeep_plugin.end_process says why)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ Importing this package imports torch and the standard library only (no Megatron,
 the frameworks come in through ``largeep_plugin.megatron`` and ``largeep_plugin.deepspeed`` on first use.
 """
 from largeep_plugin.layer.clip import clip_grad_norm_, grad_norm
+from largeep_plugin.layer.comm import end_process
 from largeep_plugin.layer.config import LargeEPConfig
 from largeep_plugin.layer.grads import allreduce_gradients
 from largeep_plugin.layer.load_balance import LoadMonitor
@@ -37,6 +38,7 @@ __all__ = [
     "Topology",
     "allreduce_gradients",
     "clip_grad_norm_",
+    "end_process",
     "grad_norm",
     "load_stats",
     "load_topology",

@@ -7,6 +7,7 @@ not depend on how busy the machine is.
   are what was sent;
 * the same step without turns: its wall clock agrees with the critical path (the mode measures what a machine
   with a core per rank would show);
+* ``WaitAtOnce``: an asynchronous collective is waited for where it is called (as under the turns), and only then;
 * ranks that run different collectives are an error, not a wrong number (where the counts of collectives differ,
   the token cannot go round: that ends in the group's timeout).
 """
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from conftest import world
-from largeep_plugin.tools.critical_path import StepTimes, TurnTaking, median_step
+from largeep_plugin.tools.critical_path import StepTimes, TurnTaking, WaitAtOnce, median_step, typical_step
 
 SLEEP = {0: (0.06, 0.02, 0.03), 1: (0.02, 0.08, 0.03), 2: (0.04, 0.04, 0.09)}  # per rank, per segment
 
@@ -115,3 +116,54 @@ def test_it_agrees_with_the_wall_clock_when_nothing_is_shared(results) -> None:
 
 def test_different_collectives_are_an_error(results) -> None:
     assert all("ran different collectives" in r["bad"] for r in results), [r["bad"] for r in results]
+
+
+def _async_world(rank: int, world_size: int) -> dict:
+    import torch.distributed as dist
+
+    done = {}
+    before = torch._C._distributed_c10d.ProcessGroup.__dict__["allreduce"]
+    for mode in ("plain", "waited"):
+        dist.barrier()
+        if rank == 1:
+            time.sleep(1.0)          # rank 0's collective cannot finish before rank 1 calls it
+        with WaitAtOnce() if mode == "waited" else _nothing():
+            x = torch.ones(2) * (rank + 1)
+            work = dist.all_reduce(x, async_op=True)
+            done[mode] = work.is_completed()
+        work.wait()
+        done[mode + "_sum"] = x.tolist()
+    done["restored"] = torch._C._distributed_c10d.ProcessGroup.__dict__["allreduce"] is before
+    return done
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_wait_at_once_waits_for_asynchronous_collectives_where_they_are_called() -> None:
+    got = world(_async_world, 2)
+    assert got[0]["plain"] is False, got       # left to run beside the caller's work
+    assert got[0]["waited"] is True, got       # done when the call returns
+    assert got[0]["plain_sum"] == got[0]["waited_sum"] == [3.0, 3.0]
+    assert all(r["restored"] for r in got)
+
+
+def test_the_typical_step_takes_medians_per_rank_and_segment() -> None:
+    def step(a: float, b: float, c: float) -> StepTimes:
+        return StepTimes(segments_RS=((a, 1.0), (b, 1.0)), comm_S1=(c,), names=("allreduce",),
+                         sent_bytes_RR=((0, 0), (0, 0)))
+
+    # Rank 0 has one slow step, rank 1 another: per step the slowest rank costs 5 each time; typically neither is.
+    steps = [step(5.0, 1.0, 0.1), step(1.0, 5.0, 0.2), step(1.0, 1.0, 0.3)]
+    typical = typical_step(steps)
+    assert typical.segments_RS == ((1.0, 1.0), (1.0, 1.0)) and typical.comm_S1 == (0.2,)
+    assert median_step(steps)["critical_path_s"] == pytest.approx(2.2)
+    assert median_step(steps)["critical_path_s"] < sorted(s.critical_path for s in steps)[1]
+    other = StepTimes(segments_RS=((1.0,), (1.0,)), comm_S1=(), names=(), sent_bytes_RR=((0, 0), (0, 0)))
+    assert typical_step([steps[0], other]) is None      # segments that do not line up: per-step medians
+    assert median_step([steps[0], other, steps[2]])["critical_path_s"] == pytest.approx(steps[2].critical_path)

@@ -132,3 +132,25 @@ def test_autoep_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transformers, "__version__", "5.23.0")
     reason = autoep_unavailable("mixtral")
     assert reason is not None and "transformers 5.23.0" in reason and "5.22.2" in reason
+
+
+def test_target_lines_say_met_or_not_from_the_rows() -> None:
+    from largeep_plugin.commands.bench_hf import target_lines
+
+    def row(ep: int, router: str, variant: str, crit: float, waited: float | None = None,
+            imbalance: float = 1.0) -> dict:
+        return {"ep": ep, "router": router, "variant": variant, "critical_tokens_per_s": crit,
+                "waited_tokens_per_s": waited, "imbalance": imbalance}
+
+    rows = [row(2, "uniform", "autoep", 100.0, 95.0), row(2, "uniform", "large_ep", 99.0, 80.0),
+            row(16, "learned", "autoep", 100.0, imbalance=2.5), row(16, "learned", "large_ep_dynamic", 150.0,
+                                                                   imbalance=2.5),
+            row(16, "learned", "force_balanced", 160.0, imbalance=2.5)]
+    lines = target_lines(rows)
+    assert "target EP 2 uniform: large_ep >= 1.0x autoep (critical path): 0.99x, NOT met" in lines
+    # large_ep's critical path is 99 / 80 - 1 = +23.75 % off its waited wall clock: the worst, beyond 10 %.
+    assert any(line.startswith("check EP 2 uniform") and "worst large_ep +23.8 %, NOT met" in line for line in lines)
+    assert "target EP 16 learned: large_ep_dynamic >= 1.4x autoep (critical path): 1.50x, met" in lines
+    assert "target EP 16 learned: large_ep_dynamic >= 0.90x force_balanced: 0.94x, met" in lines
+    rows[1]["waited_tokens_per_s"] = 95.0
+    assert any("check EP 2 uniform" in line and ", met" in line for line in target_lines(rows))

@@ -207,6 +207,17 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
             ratio = ours["critical_tokens_per_s"] / auto["critical_tokens_per_s"]
             out.append(f"target EP {ep} uniform: large_ep >= 1.0x autoep (critical path): {ratio:.2f}x, "
                        f"{'met' if ratio >= 1.0 else 'NOT met'}")
+        # The check: each step's own critical path (its slowest rank per segment, as the wall clock pays it)
+        # against the wall clock of the same steps' neighbours with collectives waited at once.
+        crit = lambda r: r.get("per_step_critical_tokens_per_s") or r.get("critical_tokens_per_s")  # noqa: E731
+        checked = [r for r in rows if r["ep"] == ep and r["router"] == "uniform" and r.get("waited_tokens_per_s")
+                   and crit(r)]
+        if checked:
+            worst = max(checked, key=lambda r: abs(crit(r) / r["waited_tokens_per_s"] - 1))
+            gap = crit(worst) / worst["waited_tokens_per_s"] - 1
+            out.append(f"check EP {ep} uniform: the critical path agrees with the wall clock (collectives waited at "
+                       f"once, a core per rank) within 10 %: worst {worst['variant']} {100 * gap:+.1f} %, "
+                       f"{'met' if abs(gap) <= 0.10 else 'NOT met'}")
     return out
 
 

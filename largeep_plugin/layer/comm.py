@@ -43,6 +43,49 @@ def group_rank(group: ProcessGroup | None) -> int:
     return dist.get_rank(group)
 
 
+def settle(group: ProcessGroup | None = None) -> None:
+    """A barrier over ``group`` that keeps no reference to earlier work: an all_reduce of one number.
+
+    Use it instead of ``dist.barrier()`` after object collectives (``gather_object``, ``all_gather_object``). Gloo's
+    barrier holds the work still in progress on its worker threads, so that a worker thread may be the one that
+    frees an object collective's work, whose tensors hold Python memory (the pickled bytes) and need the GIL to go.
+    If the process group is destroyed then (the last Python reference dropped: ``~ProcessGroupGloo`` joins its
+    worker threads with the GIL held) the rank hangs, or aborts in interpreter teardown ("terminate called without
+    an active exception"): seen at the end of ``examples/train_hf_torchrun.py --save`` on busy cores."""
+    if not (dist.is_available() and dist.is_initialized()) or group_size(group) == 1:
+        return
+    device = None  # gloo: the CPU; a backend for an accelerator (NCCL) takes the current one
+    if dist.get_backend(group) != "gloo" and torch.accelerator.is_available():
+        device = torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
+    dist.all_reduce(torch.zeros(1, device=device), group=group)
+
+
+def end_process(code: int = 0) -> None:
+    """End a distributed training process: destroy the process groups, flush, and leave without the interpreter's
+    teardown (``os._exit``). Call it last, on every rank, once the run's collectives are done.
+
+    Why not just return: gloo's worker threads may still hold the last reference to a finished collective (they
+    drop it just after running it), and when that collective's tensors were created in Python, freeing them needs
+    the GIL. The last Python reference to a process group dropped on the main thread (a local going out of scope,
+    or interpreter teardown) runs ``~ProcessGroupGloo``, which joins those threads with the GIL held: on busy cores
+    the rank hangs there, or aborts in teardown ("terminate called without an active exception", SIGABRT), and
+    torchrun reports the job failed. ``destroy_process_group`` alone does not join them (gloo's ``shutdown``
+    keeps its threads), so the process leaves before any destructor runs."""
+    import logging
+    import os
+    import sys
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def exchange_counts(send_counts_R: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Tell every rank how many rows it will receive from each rank.
 

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .comm import settle
 from .expert_state import State, StateAccess, access_of
 
 FORMAT = "largeep-training-state"
@@ -117,7 +118,7 @@ def _rank_world() -> tuple[int, int]:
 
 def _barrier() -> None:
     if _rank_world()[1] > 1:
-        dist.barrier()
+        settle()  # not dist.barrier(): it would hold earlier object collectives' work (comm.settle)
 
 
 def _group_ranks(group: Any) -> list[int]:

@@ -12,12 +12,15 @@ wall clock hides the imbalance a cluster (one GPU per rank) would pay for. Two t
   passes a token to rank 1 over a group of its own, and so on round the ranks; the last rank's arrival starts a
   world collective. So no two ranks ever compute at once, and the segment times
   are what each device would take. A step's **critical path** is then the sum over segments of the slowest
-  rank's time, plus the communication: each collective's time on the rank that arrived last (the others were
-  already waiting in it), i.e. what the network took (here: gloo over loopback, unless the world runs on the
-  emulated cluster, ``largeep cluster``). ``balanced``: the same sum with every rank at the mean of the ranks (the
+  rank's time, plus the communication: each collective's time from the arrival of the last rank until every rank
+  has left it (the ranks share the machine's monotonic clock), i.e. what the network took, with the wake-up of the
+  ranks that were already waiting in it (here: gloo over loopback, unless the world runs on the emulated cluster,
+  ``largeep cluster``). ``balanced``: the same sum with every rank at the mean of the ranks (the
   work of the step spread perfectly: the force-balanced figure). Collectives are waited for at once in this mode,
   asynchronous ones included (their overlap with compute is not measured). Bytes: every world-wide all-to-all
   records what it sends to each rank, so a layout of the ranks on nodes gives the inter-node bytes of the step.
+* ``WaitAtOnce``: collectives waited for at once as under ``TurnTaking``, the ranks running together: with as many
+  cores as ranks (nothing shared), its wall clock is what the critical path must agree with.
 """
 from __future__ import annotations
 
@@ -69,7 +72,7 @@ class StepTimes:
 
     Attributes:
         segments_RS: [R][S] seconds of each rank's S compute segments (the same S on every rank).
-        comm_S1: [S - 1] seconds of each collective on the rank that arrived last.
+        comm_S1: [S - 1] seconds of each collective, from the last rank's arrival until every rank has left it.
         names: [S - 1] the collectives, in order.
         sent_bytes_RR: [R][R] bytes rank a sent rank b by ``all_to_all_single`` in the step.
     """
@@ -108,7 +111,62 @@ class StepTimes:
                    if a // ranks_per_node != b // ranks_per_node)
 
 
-class TurnTaking:
+class _CollectivePatch:
+    """Replaces every collective method of torch's ``ProcessGroup`` with ``self._wrap(name, real)`` between
+    ``_patch`` and ``_unpatch`` (the descriptors put back as they were)."""
+
+    _real: dict[str, Any]
+
+    def _wrap(self, name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        raise NotImplementedError
+
+    def _patch(self) -> None:
+        group_type = torch._C._distributed_c10d.ProcessGroup
+        self._real = {}
+        for name in COLLECTIVES:
+            raw = group_type.__dict__.get(name)
+            if raw is not None:
+                self._real[name] = raw
+                setattr(group_type, name, self._wrap(name, getattr(group_type, name)))
+
+    def _unpatch(self) -> None:
+        group_type = torch._C._distributed_c10d.ProcessGroup
+        for name, real in self._real.items():
+            setattr(group_type, name, real)
+        self._real = {}
+
+
+class WaitAtOnce(_CollectivePatch):
+    """``with WaitAtOnce(): step()``: every collective, asynchronous ones included, is waited for where it is
+    called, as under ``TurnTaking``, but the ranks run at once. A wall clock taken so differs from the critical
+    path only by what the ranks share (cores, caches) and the turn-taking's own costs: at as many ranks as cores it
+    is the check of the critical path (``largeep bench hf`` at EP 2). Asynchronous collectives left to overlap
+    compute are slower than that on a CPU (gloo's transfers over loopback take cores from the ranks' compute),
+    faster on a GPU (a copy engine, a NIC)."""
+
+    def __init__(self, synchronize: Callable[[], None] | None = None) -> None:
+        self.synchronize = synchronize
+        self._real = {}
+
+    def _wrap(self, name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def collective(pg: Any, *args: Any, **kwargs: Any) -> Any:
+            work = real(pg, *args, **kwargs)
+            if work is not None:
+                work.wait()
+            if self.synchronize is not None:
+                self.synchronize()
+            return work
+        return collective
+
+    def __enter__(self) -> "WaitAtOnce":
+        self._patch()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._unpatch()
+
+
+class TurnTaking(_CollectivePatch):
     """``with clock: step()`` then ``clock.gathered()`` (collective) for the ``StepTimes`` of the step. Build it on
     every rank of the world at the same point (it creates a group for its token); use it for one step at a time.
 
@@ -126,10 +184,11 @@ class TurnTaking:
         self._token = torch.zeros(1)
         self._sends: list[Any] = []
         self._segments: list[float] = []
-        self._comm: list[float] = []
+        self._arrive: list[float] = []  # perf_counter at each collective's call and return (one clock per machine)
+        self._leave: list[float] = []
         self._names: list[str] = []
         self._sent = [0] * self.size
-        self._real: dict[str, Any] = {}
+        self._real = {}
         self._busy = False
         self._start = 0.0
 
@@ -157,13 +216,13 @@ class TurnTaking:
                 self._end()
                 if name in _BYTE_COUNTED and pg.size() == self.size:
                     self._count_bytes(*args)
-                start = time.perf_counter()
+                self._arrive.append(time.perf_counter())
                 work = real(pg, *args, **kwargs)
                 if work is not None:
                     work.wait()
                 if self.synchronize is not None:
                     self.synchronize()
-                self._comm.append(time.perf_counter() - start)
+                self._leave.append(time.perf_counter())
                 self._names.append(name)
                 self._begin()
                 return work
@@ -180,50 +239,69 @@ class TurnTaking:
             self._sent[dest] += int(n) * per_row
 
     def __enter__(self) -> "TurnTaking":
-        group_type = torch._C._distributed_c10d.ProcessGroup
-        for name in COLLECTIVES:
-            raw = group_type.__dict__.get(name)  # the descriptor itself, put back as it was on exit
-            if raw is not None:
-                self._real[name] = raw
-                setattr(group_type, name, self._wrap(name, getattr(group_type, name)))
+        self._patch()
         self._busy = False
         self._begin(first=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._end(last=True)
-        group_type = torch._C._distributed_c10d.ProcessGroup
-        for name, real in self._real.items():
-            setattr(group_type, name, real)
-        self._real.clear()
+        self._unpatch()
         for work in self._sends:
             work.wait()
         self._sends.clear()
 
     # ---- results ---------------------------------------------------------------------------------------------------
     def gathered(self) -> StepTimes:
-        """Every rank's segments and bytes (a collective; call on every rank after the ``with``), and the
-        communication times of the last rank (the one that arrives last at each collective: the chain's end)."""
-        mine = (tuple(self._segments), tuple(self._comm), tuple(self._names), tuple(self._sent))
+        """Every rank's segments, bytes and collective times, gathered (a collective; call on every rank after the
+        ``with``). A collective's time runs from the last rank's arrival to the last rank's return: the ranks of
+        one machine (or of the emulated cluster's namespaces, one kernel) read the same monotonic clock."""
+        mine = (tuple(self._segments), tuple(self._arrive), tuple(self._leave), tuple(self._names), tuple(self._sent))
         every: list[Any] = [None] * self.size
         dist.all_gather_object(every, mine)
-        if len({len(e[0]) for e in every}) != 1 or len({e[2] for e in every}) != 1:
+        if len({len(e[0]) for e in every}) != 1 or len({e[3] for e in every}) != 1:
             raise ValueError("the ranks ran different collectives in the step: segments per rank "
                              f"{[len(e[0]) for e in every]}; the critical path is not defined")
-        self._segments, self._comm, self._names, self._sent = [], [], [], [0] * self.size
-        last = every[-1]
-        return StepTimes(segments_RS=tuple(e[0] for e in every), comm_S1=last[1], names=last[2],
-                         sent_bytes_RR=tuple(e[3] for e in every))
+        self._segments, self._arrive, self._leave, self._names = [], [], [], []
+        self._sent = [0] * self.size
+        comm = tuple(max(0.0, max(e[2][i] for e in every) - max(e[1][i] for e in every))
+                     for i in range(len(every[0][3])))
+        return StepTimes(segments_RS=tuple(e[0] for e in every), comm_S1=comm, names=every[0][3],
+                         sent_bytes_RR=tuple(e[4] for e in every))
+
+
+def _median(values: Sequence[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+
+
+def typical_step(steps: Sequence[StepTimes]) -> StepTimes | None:
+    """The step of medians: every (rank, segment) time and every collective's time is its median over ``steps``.
+    A rank's hiccup in one step (the machine's other work, a page fault) then does not count as that rank being
+    the slowest, which a per-step maximum over many ranks would (the more ranks, the more it would). None when
+    the steps ran different collectives (their segments do not line up)."""
+    if not steps or len({s.names for s in steps}) != 1:
+        return None
+    first = steps[0]
+    segments = tuple(tuple(_median([s.segments_RS[r][k] for s in steps]) for k in range(len(row)))
+                     for r, row in enumerate(first.segments_RS))
+    comm = tuple(_median([s.comm_S1[i] for s in steps]) for i in range(len(first.comm_S1)))
+    return StepTimes(segments_RS=segments, comm_S1=comm, names=first.names, sent_bytes_RR=first.sent_bytes_RR)
 
 
 def median_step(steps: Sequence[StepTimes]) -> dict[str, float]:
-    """Medians over steps of the figures a table shows (seconds; bytes where named)."""
-    def med(values: list[float]) -> float:
-        values = sorted(values)
-        mid = len(values) // 2
-        return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
-
-    return {"critical_path_s": med([s.critical_path for s in steps]), "compute_s": med([s.compute for s in steps]),
-            "balanced_compute_s": med([s.balanced_compute for s in steps]),
-            "communication_s": med([s.communication for s in steps]),
-            "busiest_rank_compute_s": med([s.busiest_rank_compute for s in steps])}
+    """The figures a table shows (seconds) of ``typical_step(steps)``; of the per-step figures' medians where the
+    steps ran different collectives. Also ``per_step_critical_path_s``, the median of the steps' own."""
+    per_step = _median([s.critical_path for s in steps]) if steps else 0.0
+    typical = typical_step(steps)
+    if typical is not None:
+        steps = [typical]
+    return {"critical_path_s": _median([s.critical_path for s in steps]),
+            # Each step's own critical path (its slowest rank per segment, hiccups included), their median: what
+            # a wall clock that pays every step's slowest rank compares with.
+            "per_step_critical_path_s": per_step,
+            "compute_s": _median([s.compute for s in steps]),
+            "balanced_compute_s": _median([s.balanced_compute for s in steps]),
+            "communication_s": _median([s.communication for s in steps]),
+            "busiest_rank_compute_s": _median([s.busiest_rank_compute for s in steps])}

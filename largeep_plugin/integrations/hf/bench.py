@@ -29,7 +29,9 @@ Critical path (``tools/critical_path.TurnTaking``): ``iters`` more steps of each
 between collectives, so no two ranks compute at once: the step's critical path is the sum over its compute
 segments of the slowest rank's time plus the collectives' time (gloo over loopback here), what a cluster with one
 device per rank would take; with ranks sharing cores, the wall clock hides the imbalance a GPU step would show.
-Bytes: the step's all-to-all bytes that would cross nodes with the ranks on two nodes. Memory: the peak growth of a rank's resident set from before the
+Where the ranks have a core each (EP 2 on two cores), the wall clock once more with every collective waited for
+where it is called (``WaitAtOnce``, as the turn-taking does): the critical path must agree with it. Bytes: the
+step's all-to-all bytes that would cross nodes with the ranks on two nodes. Memory: the peak growth of a rank's resident set from before the
 variant's model is built through its first step (weights, gradients, optimizer state, activations), the largest
 over the ranks. A small learning rate keeps the routing as built for the whole run.
 """
@@ -38,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import statistics
 import warnings
 from dataclasses import dataclass, field
@@ -49,7 +52,7 @@ import torch.nn as nn
 from largeep_plugin.layer.moe_layer import load_stats
 from largeep_plugin.placement.plan import Placement, plan_placement
 from largeep_plugin.placement.topology import Topology
-from largeep_plugin.tools.critical_path import TurnTaking, median_step
+from largeep_plugin.tools.critical_path import TurnTaking, WaitAtOnce, median_step
 from largeep_plugin.tools.launch import run_world
 from largeep_plugin.tools.progress import ProgressBar
 from largeep_plugin.tools.side_by_side import interleaved_seconds, peak_growth_mib, resident_kib
@@ -323,7 +326,13 @@ def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, va
         cpu_seconds=out["cpu_seconds"],
         on_iteration=None if progress is None else lambda i: progress.update(len(variants) + i, iteration=i))
     if settings.critical_path:
-        out["critical"] = _critical_paths(built, variants, ids_BS, settings.iters, world, settings.device)
+        # Where every rank has a core (EP 2 on two cores), each turn-taking step is followed by a wall-clock step
+        # with the collectives waited for where they are called (as the turns wait for them): the pairs see the
+        # same machine, and the critical path must agree with that wall clock (the mode's own check).
+        waited = {} if world <= (os.cpu_count() or 1) else None
+        out["critical"] = _critical_paths(built, variants, ids_BS, settings.iters, world, settings.device, waited)
+        if waited is not None:
+            out["seconds_waited"] = waited
     out["rank_imbalance_measured"] = {v: _rank_imbalance(built[v].module) for v in variants}
     if progress is not None:
         progress.close()
@@ -331,10 +340,14 @@ def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, va
 
 
 def _critical_paths(built: dict[str, Any], variants: list[str], ids_BS: torch.Tensor, iters: int,
-                    world: int, device: str = "cpu") -> dict[str, dict[str, float]]:
+                    world: int, device: str = "cpu", waited: dict[str, list[float]] | None = None
+                    ) -> dict[str, dict[str, float]]:
     """``iters`` steps of each variant with the ranks taking turns (``TurnTaking``): the medians of the critical
-    path, its compute, the balanced compute, the communication, and the all-to-all bytes across two nodes."""
-    clock = TurnTaking(synchronize=None if device == "cpu" else torch.accelerator.synchronize)
+    path, its compute, the balanced compute, the communication, and the all-to-all bytes across two nodes. With
+    ``waited`` (a dict), each such step is followed by one timed barrier to barrier with ``WaitAtOnce`` (the ranks
+    together, collectives waited where called), its seconds filled in per variant."""
+    sync = None if device == "cpu" else torch.accelerator.synchronize
+    clock = TurnTaking(synchronize=sync)
     out = {}
     for v in variants:
         steps = []
@@ -342,6 +355,10 @@ def _critical_paths(built: dict[str, Any], variants: list[str], ids_BS: torch.Te
             with clock:
                 _step(built[v], ids_BS)
             steps.append(clock.gathered())
+            if waited is not None:
+                with WaitAtOnce(synchronize=sync):
+                    waited.setdefault(v, []).extend(interleaved_seconds({v: lambda v=v: _step(built[v], ids_BS)},
+                                                                        warmup=0, iters=1)[v])
         out[v] = {**median_step(steps), "internode_mb": statistics.median(
             s.internode_bytes(max(1, world // 2)) for s in steps) / 2**20}
     return out
@@ -419,6 +436,8 @@ def run_hf_bench(settings: HFBenchSettings, ep_sizes: list[int], routers: list[s
                     "first_loss": statistics.fmean(r["first_loss"][v] for r in per_rank),
                     "last_loss": statistics.fmean(r["last_loss"][v] for r in per_rank),
                     **_critical_columns(first.get("critical", {}).get(v), settings),
+                    "waited_tokens_per_s": (settings.sizes.tokens_per_rank / statistics.median(
+                        first["seconds_waited"][v]) if "seconds_waited" in first else None),
                 })
             if "large_ep" in first.get("critical", {}):
                 group.append(_force_balanced_row(first["critical"]["large_ep"], settings, ep, router, world))
@@ -440,7 +459,8 @@ def _critical_columns(critical: dict[str, float] | None, settings: HFBenchSettin
         return {"critical_tokens_per_s": None, "critical_ms": None, "comm_ms": None, "internode_mb": None}
     return {"critical_tokens_per_s": settings.sizes.tokens_per_rank / critical["critical_path_s"],
             "critical_ms": 1e3 * critical["critical_path_s"], "compute_ms": 1e3 * critical["compute_s"],
-            "comm_ms": 1e3 * critical["communication_s"], "internode_mb": critical["internode_mb"]}
+            "comm_ms": 1e3 * critical["communication_s"], "internode_mb": critical["internode_mb"],
+            "per_step_critical_tokens_per_s": settings.sizes.tokens_per_rank / critical["per_step_critical_path_s"]}
 
 
 def _force_balanced_row(critical: dict[str, float], settings: HFBenchSettings, ep: int, router: str,
@@ -456,20 +476,23 @@ def _force_balanced_row(critical: dict[str, float], settings: HFBenchSettings, e
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a text table."""
+    """The rows as a text table (with a column for the wall clock with collectives waited at once, where a run
+    measured it)."""
+    waited = any(r.get("waited_tokens_per_s") for r in rows)
     def num(value: float | None, fmt: str, unit: str = "") -> str:
         return "-" if value is None else format(value, fmt) + unit
 
     lines = [f"{'EP':>3}  {'router':<8}{'variant':<18}{'wall tok/s':>11}{'vs autoep':>10}{'crit tok/s':>11}"
              f"{'vs autoep':>10}{'crit ms':>9}{'comm ms':>9}{'x-node MB':>10}{'peak MiB':>9}{'imbal':>7}"
-             f"{'rank load':>10}"]
+             f"{'rank load':>10}" + (f"{'waited tok/s':>13}" if waited else "")]
     for r in rows:
         lines.append(f"{r['ep']:>3}  {r['router']:<8}{r['variant']:<18}{num(r['tokens_per_s_per_rank'], ',.0f'):>11}"
                      f"{num(r.get('vs_autoep'), '.2f', 'x'):>10}{num(r.get('critical_tokens_per_s'), ',.0f'):>11}"
                      f"{num(r.get('vs_autoep_critical'), '.2f', 'x'):>10}{num(r.get('critical_ms'), '.1f'):>9}"
                      f"{num(r.get('comm_ms'), '.1f'):>9}{num(r.get('internode_mb'), '.2f'):>10}"
                      f"{num(r['peak_mib'], '.1f'):>9}{num(r['imbalance'], '.2f'):>7}"
-                     f"{num(r.get('measured_rank_imbalance') or r['rank_imbalance'], '.2f'):>10}")
+                     f"{num(r.get('measured_rank_imbalance') or r['rank_imbalance'], '.2f'):>10}"
+                     + (f"{num(r.get('waited_tokens_per_s'), ',.0f'):>13}" if waited else ""))
     return "\n".join(lines)
 
 

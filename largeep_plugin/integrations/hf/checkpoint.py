@@ -28,7 +28,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from largeep_plugin.layer.comm import ProcessGroup, group_rank, group_size
+from largeep_plugin.layer.comm import ProcessGroup, group_rank, group_size, settle
 from largeep_plugin.placement.plan import Placement
 
 from .block import LargeEPHFBlock
@@ -284,6 +284,5 @@ def save_pretrained(model: nn.Module, path: str, max_shard_size: int | str = "5G
                 writer.add(key, tensor)
         files = writer.close()
         model.config.save_pretrained(path)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    settle()  # every rank leaves when rank 0 has written (a barrier that holds no earlier work: comm.settle)
     return files
