@@ -23,6 +23,8 @@ from largeep_plugin.layer.grads import allreduce_gradients
 from largeep_plugin.layer.load_balance import LoadMonitor
 from largeep_plugin.layer.moe_layer import (LargeEPMoE, load_stats, rebalance, refresh_clones, set_aux_loss_scale,
                                             update_expert_biases)
+from largeep_plugin.layer.moves import move_experts
+from largeep_plugin.layer.training_state import load_training_state, save_training_state
 from largeep_plugin.placement.plan import Placement, plan_placement
 from largeep_plugin.placement.topology import Topology, load_topology
 
@@ -40,9 +42,12 @@ __all__ = [
     "grad_norm",
     "load_stats",
     "load_topology",
+    "load_training_state",
+    "move_experts",
     "plan_placement",
     "rebalance",
     "refresh_clones",
+    "save_training_state",
     "set_aux_loss_scale",
     "update_expert_biases",
 ]

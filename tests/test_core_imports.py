@@ -214,7 +214,8 @@ def test_core_imports_without_megatron_and_deepspeed(tmp_path: Path) -> None:
 # ---- (b) the public API -------------------------------------------------------------------------------------------
 PUBLIC_API = ("LargeEPConfig", "LargeEPMoE", "Placement", "plan_placement", "Topology", "load_topology",
               "allreduce_gradients", "update_expert_biases", "load_stats", "LoadMonitor", "rebalance", "refresh_clones",
-              "clip_grad_norm_", "grad_norm", "set_aux_loss_scale", "end_process")
+              "clip_grad_norm_", "grad_norm", "set_aux_loss_scale", "move_experts", "save_training_state",
+              "load_training_state", "end_process")
 
 API_PROBE = '''
 import sys

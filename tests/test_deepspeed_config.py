@@ -86,6 +86,12 @@ def test_impossible_values(section, fragment):
         parse_large_ep_section(section)
 
 
+def test_moves_are_refused_under_deepspeed_naming_the_key():
+    with pytest.raises(NotImplementedError, match=r"large_ep.replace_every=3: moving home experts under DeepSpeed"):
+        parse_large_ep_section({"enabled": True, "ep_size": 4, "replace_every": 3})
+    assert parse_large_ep_section({"enabled": True, "ep_size": 4, "replace_every": 0}).replace_every == 0
+
+
 def test_shipped_configs():
     paths = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
     names = [os.path.basename(p) for p in paths]

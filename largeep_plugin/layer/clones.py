@@ -45,7 +45,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from largeep_plugin.placement.clones import ClonePlan, no_clones, plan_from_clones, replan
+from largeep_plugin.placement.clones import ClonePlan, no_clones, plan_clones, plan_from_clones, replan
 from largeep_plugin.placement.topology import Topology
 
 from .comm import ProcessGroup, exchange_rows
@@ -152,6 +152,30 @@ class CloneSlots(nn.Module):
         self._refresh_pending = True
         self._host_load.zero_()
         self._device_load = None
+
+    def relabel_homes(self, home: tuple[tuple[int, ...], ...]) -> None:
+        """The home experts moved (``moves.py``): the same clones, fed from the new homes (a clone that now sits
+        on its expert's home rank is dropped); their weights are refreshed by the next ``rebalance``."""
+        clones = [[-1 if x in home[r] else x for x in row] for r, row in enumerate(self.plan.clones)]
+        load = self.plan_load_E if float(self.plan_load_E.sum()) > 0 else None
+        self.home = home
+        self.plan = plan_from_clones(self.config.num_experts, home, clones, self.topology, load)
+        self.plan_clones_RS.copy_(torch.tensor(self.plan.clones, dtype=torch.int64).view(self.plan_clones_RS.shape))
+        self._versions = None
+
+    @torch.no_grad()
+    def replan_from(self, load_ema_E: torch.Tensor) -> None:
+        """A fresh plan from a load average (a checkpoint of another EP size: its plan was for other ranks); the
+        next forward refreshes the clones (``prepare``)."""
+        element = self.weights_SP.element_size()
+        ema = load_ema_E.to(torch.float64).cpu()
+        self.load_ema_E.copy_(ema)
+        self.plan = plan_clones(ema, self.home, self.config.dynamic_replicas, self.topology,
+                                row_bytes=float(self.config.hidden_size * element),
+                                expert_bytes=float(self.numel * element))
+        self.plan_clones_RS.copy_(torch.tensor(self.plan.clones, dtype=torch.int64).view(self.plan_clones_RS.shape))
+        self.plan_load_E.copy_(ema)
+        self._versions, self._refresh_pending = None, True
 
     @torch.no_grad()
     def reset(self) -> None:

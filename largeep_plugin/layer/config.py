@@ -141,6 +141,12 @@ class LargeEPConfig:
         rebalance_margin: hysteresis: a new plan replaces the current one only when it lowers the busiest rank's
             rows by more than this fraction of the mean (or, within it, the busiest inter-node link by this
             fraction); otherwise only the shares follow the load (>= 0).
+        replace_every: live re-placement (0 = off; docs/moves.md): every N calls of ``rebalance(model, optimizer)``
+            the layer plans a layout of its home experts from the co-activation of the last N steps and moves the
+            experts, with their gradients and optimizer state, when the busiest inter-node link gets lighter by
+            more than ``replace_margin`` and the time saved over the next N steps pays for the bytes. Not with
+            static replicas (an expert on several ranks), expert tensor parallelism or group-limited routing.
+        replace_margin: the fraction of today's busiest-link time a new layout must save (>= 0).
     """
 
     hidden_size: int
@@ -178,6 +184,8 @@ class LargeEPConfig:
     rebalance_every: int = 1
     rebalance_decay: float = 0.5
     rebalance_margin: float = 0.02
+    replace_every: int = 0
+    replace_margin: float = 0.05
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -216,6 +224,14 @@ class LargeEPConfig:
             raise ValueError(f"rebalance_decay={self.rebalance_decay!r} must be a number in [0, 1)")
         if not (math.isfinite(self.rebalance_margin) and self.rebalance_margin >= 0):
             raise ValueError(f"rebalance_margin={self.rebalance_margin!r} must be a finite number >= 0")
+        if self.replace_every < 0:
+            raise ValueError(f"replace_every={self.replace_every!r} must be >= 0 (steps between decisions to move "
+                             "home experts; 0 = off)")
+        if not (math.isfinite(self.replace_margin) and self.replace_margin >= 0):
+            raise ValueError(f"replace_margin={self.replace_margin!r} must be a finite number >= 0")
+        if self.replace_every and self.num_groups is not None:
+            raise NotImplementedError(f"replace_every={self.replace_every} with num_groups={self.num_groups}: moves "
+                                      "do not keep each routing group on one node yet; set replace_every=0")
         if self.shared_ffn_hidden_size is not None:
             _positive("shared_ffn_hidden_size", self.shared_ffn_hidden_size)
         elif self.shared_expert_gate:
@@ -354,6 +370,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "rebalance_every": (int,),
     "rebalance_decay": (float, int),
     "rebalance_margin": (float, int),
+    "replace_every": (int,),
+    "replace_margin": (float, int),
 }
 
 

@@ -42,6 +42,7 @@ from .experts import ExpertMLP, LocalExperts
 from .overlap import SideJob
 from .shared_experts import build_shared_expert, shared_expert_output
 from .load_balance import LoadStats, apply_bias_updates, sequence_aux_loss, switch_aux_loss, z_loss
+from .moves import HomeMoves, move_layers, replace_layers
 from .notices import warn_once
 from .recompute import LoadCounting
 from .router import Router, RoutingResult
@@ -116,6 +117,9 @@ class LargeEPMoE(nn.Module):
             experts, the plan of the EP group: clones.py); None otherwise. Every rank then runs L + S expert slots
             (L: its home experts' slots), whatever the placement; ``largeep_plugin.rebalance(model)`` after each
             optimizer step refreshes the clones and re-plans them.
+        moves: with ``replace_every`` N > 0, the ``HomeMoves`` of this rank (moves.py): every N calls of
+            ``largeep_plugin.rebalance(model, optimizer)`` the home experts may move between ranks with their
+            optimizer state (``relabel_homes`` then changes ``expert_ids``); None otherwise.
 
     ``forward(x)`` takes ``[..., H]`` and returns the same shape. The auxiliary losses (when their
     coefficients are > 0) are attached to the backward pass; ``forward(x, return_aux=True)`` instead returns
@@ -182,6 +186,12 @@ class LargeEPMoE(nn.Module):
             self.clones = CloneSlots(config, ep_group=ep_group, ep_rank=self.ep_rank, home=rank_to_experts,
                                      topology=topology, template=self.local_experts()[0][1])
             self.num_slots = self.clones.num_slots
+        # Which experts each EP rank holds today (moves change it) and the EP group's nodes.
+        self._home, self._topology = rank_to_experts, _ep_topology(placement, ranks_per_node, self.ep_size)
+        self.moves: HomeMoves | None = None
+        if config.replace_every > 0:
+            self.moves = HomeMoves(config, ep_group=ep_group, ep_rank=self.ep_rank,
+                                   topology=_movable_topology(self, placement, ranks_per_node))
         self.shared_expert, self.shared_expert_gate = build_shared_expert(config)
         self.dispatcher = self.token_exchange.dispatcher
         # Global assignments per expert since the last bias update (summed over forwards and micro-batches).
@@ -233,6 +243,27 @@ class LargeEPMoE(nn.Module):
         if self.clones is None:
             return None
         return self.clones, [m for _, m in self.local_experts()]
+
+    def home_layout(self) -> tuple[tuple[int, ...], ...]:
+        """[R] the home experts of every EP rank today (the placement's, or what moves made of it)."""
+        return self._home
+
+    @torch.no_grad()
+    def relabel_homes(self, home: tuple[tuple[int, ...], ...]) -> None:
+        """Say that the home slots now hold ``home`` ([R], the same number per rank as before, each expert once):
+        routing, the slot table, the experts' ids and the clone plan follow. Only the bookkeeping: the weights
+        and optimizer state are moved first by ``moves.move_experts`` (or loaded by a checkpoint)."""
+        e = self.config.num_experts
+        self._home = tuple(tuple(int(x) for x in h) for h in home)
+        self.expert_ids = self._home[self.ep_rank]
+        for expert_id, (_, module) in zip(self.expert_ids, self.local_experts()):
+            module.expert_id = expert_id
+        if self.colocated:
+            self.experts.expert_ids = self.expert_ids
+            self.local_slot_RE.copy_(slot_table(self._home, e))
+        self.placement = Placement(topology=self._topology, num_experts=e, rank_to_experts=self._home)
+        if self.clones is not None:
+            self.clones.relabel_homes(self._home)
 
     def _join_replica_group(self, placement: Placement | None, expert_groups: ExpertProcessGroups | None) -> None:
         """Tag each local expert's parameters with the group its gradients are summed over (``grads.py``): every
@@ -287,6 +318,12 @@ class LargeEPMoE(nn.Module):
             if self.colocated:
                 local_slot_TK = self.local_slot_RE[dest_rank_TK, routing.topk_ids_TK]
         keep_TK, weights_TK = routing.keep_TK, routing.topk_weights_TK
+        # Only training forwards count the load (the bias update's, the global-batch loss's, the clone planner's,
+        # the moves' co-activation), each once: an activation-checkpoint recompute does not count again
+        # (recompute.py).
+        counts = self.load_counting.counts(self.training)
+        if self.moves is not None and counts:
+            self.moves.observe(routing.topk_ids_TK, keep_TK, dest_rank_TK)
         if self.tp_size > 1:
             # Each (token, k) goes to all t shards of its replica, with the same weight: the combine's weighted
             # sum over the K*t copies adds the shards' partial sums into the expert's output.
@@ -314,9 +351,6 @@ class LargeEPMoE(nn.Module):
             # dtypes would post all-to-alls of different byte sizes: a crash, not an error).
             flag[0] = bad + _NON_FINITE * (~torch.isfinite(x_TH).all()).long() + ((1 + _DTYPES.index(x.dtype)) << 8)
         ride = LoadRide(load_X, flag, self.ep_group, self.ep_size)
-        # Only training forwards count the load (the bias update's, the global-batch loss's, the clone planner's),
-        # each once: an activation-checkpoint recompute does not count again (recompute.py).
-        counts = self.load_counting.counts(self.training)
         counting = self.clones is not None and counts
 
         def on_shared(flags_R: list[int], sums_X: torch.Tensor, host_sums: list[int] | None) -> None:
@@ -506,6 +540,21 @@ def _ep_topology(placement: Placement | None, ranks_per_node: int | None, ep_siz
     return Topology.uniform(1, ep_size)
 
 
+def _movable_topology(layer: LargeEPMoE, placement: Placement | None, ranks_per_node: int | None) -> Topology:
+    """The EP group's topology for ``replace_every`` (``_ep_topology``), after refusing what moves cannot do: an
+    expert with several homes (static replicas) or split over ranks (expert tensor parallelism)."""
+    if layer.tp_size > 1:
+        raise NotImplementedError(f"replace_every={layer.config.replace_every} with expert tensor parallelism (the "
+                                  f"placement's expert_tp_degree={layer.tp_size}) is not supported: set "
+                                  "replace_every=0")
+    if placement is not None and max(placement.num_replicas) > 1:
+        raise NotImplementedError(f"replace_every={layer.config.replace_every} with static replicas (experts "
+                                  f"{[e for e, n in enumerate(placement.num_replicas) if n > 1]} on several ranks) is "
+                                  "not supported: their replica groups are process groups fixed at construction; "
+                                  "use dynamic_replicas for hot experts, or set replace_every=0")
+    return _ep_topology(placement, ranks_per_node, layer.ep_size)
+
+
 def _uniform_ranks_per_node(placement: Placement) -> int | None:
     """Ranks per node of the placement's topology when every node has the same number, else None."""
     topology = getattr(placement, "topology", None)
@@ -538,14 +587,20 @@ def update_layer_biases(layers: list[LargeEPMoE], dp_group: ProcessGroup | None 
     return n
 
 
-def rebalance(model: nn.Module | list[nn.Module]) -> list[dict[str, Any]]:
-    """After every optimizer step, beside ``update_expert_biases``: each layer with ``dynamic_replicas`` (the core
-    layer, Megatron's ``LargeEPMoELayer``; ``model`` may be a list of model chunks) folds the
-    step's load into its average, re-plans its clones every ``rebalance_every`` calls, and every clone gets its
-    home's new weights (one all-to-all per EP group for all layers). Collective: every rank calls it. Returns the
-    re-plans' records (``{"layer", "step", "changed", "clones", "moved", ...}``, see ``CloneSlots.end_step``);
-    ``[]`` for a model without dynamic replicas."""
-    return rebalance_layers(clone_layers(model))
+def rebalance(model: nn.Module | list[nn.Module], optimizer: Any = None,
+              dp_group: ProcessGroup | None = None) -> list[dict[str, Any]]:
+    """After every optimizer step, beside ``update_expert_biases``: each layer with ``replace_every`` counts the
+    step and, when due, moves its home experts if a better layout is worth it, with their state in ``optimizer``
+    (a torch optimizer, or a route's ``StateAccess``; needed with ``replace_every``; ``dp_group``: with
+    data-parallel copies of the EP group, the ranks holding this EP rank in every copy, moves.py). Then each layer
+    with ``dynamic_replicas`` (the core layer, Megatron's ``LargeEPMoELayer``; ``model`` may be a list of model
+    chunks) folds the step's load into its average, re-plans its clones every ``rebalance_every`` calls, and every
+    clone gets its home's new weights (one all-to-all per EP group for all layers). Collective: every rank calls
+    it. Returns the records: the moves' decisions (``{"layer", "kind": "move", "step", "moved", "bytes", ...}``,
+    moves.py) and the clones' re-plans (``{"layer", "step", "changed", "clones", "moved", ...}``, see
+    ``CloneSlots.end_step``); ``[]`` for a model with neither."""
+    moved = [{"kind": "move", **r} for r in replace_layers(move_layers(model), optimizer, dp_group)]
+    return moved + rebalance_layers(clone_layers(model))
 
 
 def refresh_clones(model: nn.Module | list[nn.Module]) -> int:
