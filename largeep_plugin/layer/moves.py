@@ -89,7 +89,7 @@ class HomeMoves(nn.Module):
         """(coact_EE, link tokens [N, N] measured) of the window, summed over the EP group and ``dp_group`` (one
         all_reduce each; read once), then reset."""
         e, n = self.config.num_experts, self.topology.num_nodes
-        me = int(self.node_R[self.ep_rank])
+        me = self.topology.node_of_rank()[self.ep_rank]  # from the host's topology, not the device's node_R
         links_NN = torch.zeros(n, n, dtype=torch.float64, device=self.sent_N.device)
         links_NN[me] = self.sent_N
         links_NN[me, me] = 0.0

@@ -34,14 +34,15 @@ from largeep_plugin.layer.moe_layer import set_aux_loss_scale
 def loss_factor(engine: Any, scale_wrt_gas: bool = True) -> torch.Tensor:
     """What ``engine.backward`` multiplies a loss by before its backward: ``1 / gradient_accumulation_steps``
     (``scale_wrt_gas``), times the loss scale of its optimizer (fp16) or of its torch autocast grad scaler; float32
-    0-d, on the CPU (the layers move it to their gradients' device)."""
-    unit = torch.ones((), requires_grad=True)
+    0-d, on the engine's device: built there, so that a scale kept on the device (the grad scaler's) is never read
+    back, once per forward, and the layers' backward finds it where their gradients are."""
+    unit = torch.ones((), requires_grad=True, device=engine.device)
     scaled = unit / engine.gradient_accumulation_steps() if scale_wrt_gas else unit * 1.0
     if isinstance(engine.optimizer, ZeROOptimizer):
         scaled = engine.optimizer.scale_if_loss(scaled)
     elif getattr(engine, "torch_autocast_z0_gradscaler", None):
         scaled = engine.torch_autocast_z0_gradscaler.scale(scaled)
-    return scaled.detach().float().cpu()
+    return scaled.detach().float()
 
 
 def follow_engine(engine: Any) -> None:
