@@ -13,6 +13,7 @@ not depend on how busy the machine is.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -127,7 +128,7 @@ def _async_world(rank: int, world_size: int) -> dict:
         dist.barrier()
         if rank == 1:
             time.sleep(1.0)          # rank 0's collective cannot finish before rank 1 calls it
-        with WaitAtOnce() if mode == "waited" else _nothing():
+        with WaitAtOnce() if mode == "waited" else contextlib.nullcontext():
             x = torch.ones(2) * (rank + 1)
             work = dist.all_reduce(x, async_op=True)
             done[mode] = work.is_completed()
@@ -135,14 +136,6 @@ def _async_world(rank: int, world_size: int) -> dict:
         done[mode + "_sum"] = x.tolist()
     done["restored"] = torch._C._distributed_c10d.ProcessGroup.__dict__["allreduce"] is before
     return done
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def test_wait_at_once_waits_for_asynchronous_collectives_where_they_are_called() -> None:

@@ -24,6 +24,7 @@ wall clock hides the imbalance a cluster (one GPU per rank) would pay for. Two t
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -270,12 +271,6 @@ class TurnTaking(_CollectivePatch):
                          sent_bytes_RR=tuple(e[4] for e in every))
 
 
-def _median(values: Sequence[float]) -> float:
-    values = sorted(values)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
-
-
 def typical_step(steps: Sequence[StepTimes]) -> StepTimes | None:
     """The step of medians: every (rank, segment) time and every collective's time is its median over ``steps``.
     A rank's hiccup in one step (the machine's other work, a page fault) then does not count as that rank being
@@ -284,24 +279,24 @@ def typical_step(steps: Sequence[StepTimes]) -> StepTimes | None:
     if not steps or len({s.names for s in steps}) != 1:
         return None
     first = steps[0]
-    segments = tuple(tuple(_median([s.segments_RS[r][k] for s in steps]) for k in range(len(row)))
+    segments = tuple(tuple(statistics.median([s.segments_RS[r][k] for s in steps]) for k in range(len(row)))
                      for r, row in enumerate(first.segments_RS))
-    comm = tuple(_median([s.comm_S1[i] for s in steps]) for i in range(len(first.comm_S1)))
+    comm = tuple(statistics.median([s.comm_S1[i] for s in steps]) for i in range(len(first.comm_S1)))
     return StepTimes(segments_RS=segments, comm_S1=comm, names=first.names, sent_bytes_RR=first.sent_bytes_RR)
 
 
 def median_step(steps: Sequence[StepTimes]) -> dict[str, float]:
     """The figures a table shows (seconds) of ``typical_step(steps)``; of the per-step figures' medians where the
     steps ran different collectives. Also ``per_step_critical_path_s``, the median of the steps' own."""
-    per_step = _median([s.critical_path for s in steps]) if steps else 0.0
+    per_step = statistics.median([s.critical_path for s in steps]) if steps else 0.0
     typical = typical_step(steps)
     if typical is not None:
         steps = [typical]
-    return {"critical_path_s": _median([s.critical_path for s in steps]),
+    return {"critical_path_s": statistics.median([s.critical_path for s in steps]),
             # Each step's own critical path (its slowest rank per segment, hiccups included), their median: what
             # a wall clock that pays every step's slowest rank compares with.
             "per_step_critical_path_s": per_step,
-            "compute_s": _median([s.compute for s in steps]),
-            "balanced_compute_s": _median([s.balanced_compute for s in steps]),
-            "communication_s": _median([s.communication for s in steps]),
-            "busiest_rank_compute_s": _median([s.busiest_rank_compute for s in steps])}
+            "compute_s": statistics.median([s.compute for s in steps]),
+            "balanced_compute_s": statistics.median([s.balanced_compute for s in steps]),
+            "communication_s": statistics.median([s.communication for s in steps]),
+            "busiest_rank_compute_s": statistics.median([s.busiest_rank_compute for s in steps])}
