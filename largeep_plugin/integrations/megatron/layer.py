@@ -42,9 +42,11 @@ from largeep_plugin.layer.config import LargeEPConfig
 from largeep_plugin.layer.expert_slots import rank_to_experts_of
 from largeep_plugin.layer.experts import ExpertMLP, LocalExperts
 from largeep_plugin.layer.load_balance import LoadStats
+from largeep_plugin.layer.moves import HomeMoves
 from largeep_plugin.layer.notices import warn_once
+from largeep_plugin.placement.plan import Placement
 from largeep_plugin.placement.topology import Topology
-from .checkpoint import expert_sharded_state_dict, replica_index
+from .checkpoint import BUCKET_FORMATS, LAYOUT_KEY, check_layout, expert_sharded_state_dict, layout_sharded_object, replica_index
 from .config import large_ep_config_from_megatron
 from .dispatcher import LargeEPTokenDispatcher
 from .router import LargeEPRouter
@@ -101,6 +103,9 @@ class LargeEPExperts(nn.Module):
         self.count_source: Any = None
         # Set by LargeEPMoELayer with dynamic replicas: its CloneSlots (a submodule of the layer, not of this one).
         self.clones: CloneSlots | None = None
+        # Set by LargeEPMoELayer: the experts of every EP rank and this rank's place (the checkpoint's layout record).
+        self.home: tuple[tuple[int, ...], ...] | None = None
+        self.ep_rank = 0
         self.large_ep_config = config
 
     @property
@@ -114,6 +119,15 @@ class LargeEPExperts(nn.Module):
         """(expert id, ``ExpertMLP``) of every expert of this rank, in ``expert_ids`` order."""
         modules = list(self.local_experts) if self.colocated else [self.expert]
         return list(zip(self.expert_ids, modules))
+
+    def relabel(self, home: tuple[tuple[int, ...], ...]) -> None:
+        """The slots now hold the experts ``home[self.ep_rank]`` (a move; the numbers were moved first)."""
+        self.home = home
+        self.expert_ids = home[self.ep_rank]
+        for expert_id, (_, module) in zip(self.expert_ids, self.experts_by_id()):
+            module.expert_id = expert_id
+        if self.colocated:
+            self.local_experts.expert_ids = self.expert_ids
 
     def forward(
         self, rows_MH: torch.Tensor, tokens_per_expert: torch.Tensor | None = None,
@@ -177,7 +191,21 @@ class LargeEPExperts(nn.Module):
                 replica_id=(0, ep_replica, dp_rank),
                 checkpoint_prefix=f"{prefix}expert.",
             ))
+        sharding_type = (metadata or {}).get("distrib_optim_sharding_type")
+        if sharding_type in BUCKET_FORMATS and self.home is not None:
+            # Saved and loaded alike: Megatron-LM gives a load the metadata the checkpoint was saved with.
+            out[f"{prefix}{LAYOUT_KEY}"] = layout_sharded_object(
+                prefix, sharded_offsets, sharding_type=sharding_type, home=self.home,
+                replica_id=(0, self.ep_rank, dp_rank))
         return out
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # The layout record of a checkpoint whose optimizer state is stored by buffer (checkpoint.py) is checked,
+        # not loaded: it is no tensor of this module.
+        saved = state_dict.pop(f"{prefix}{LAYOUT_KEY}", None)
+        if saved is not None and self.home is not None:
+            check_layout(saved, self.home, where=f"{prefix}{LAYOUT_KEY}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class LargeEPMoELayer(MoELayer):
@@ -284,9 +312,14 @@ class LargeEPMoELayer(MoELayer):
             expt_dp_group=pg_collection.expt_dp, colocated=colocated, tp_rank=expt_tp_rank, tp_size=expt_tp,
         )
         self.experts.count_source = self.token_dispatcher
+        self.experts.home = rank_to_experts
+        self.experts.ep_rank = ep_rank
         self.clones: CloneSlots | None = None
         if lep.dynamic_replicas > 0:
             self._add_clones(lep, rank_to_experts, ep_rank, ep_size, placement, expt_tp)
+        self.moves: HomeMoves | None = None
+        if lep.replace_every > 0:
+            self._add_moves(lep, ep_rank, ep_size, placement, expt_tp, replicated)
         self.shared_experts = None
         if self.use_shared_expert:
             self.shared_experts = build_shared_experts(submodules, config, pg_collection)
@@ -330,6 +363,54 @@ class LargeEPMoELayer(MoELayer):
         object.__setattr__(self.experts, "clones", self.clones)
         object.__setattr__(self.router, "load_observer", self.clones)
         self.token_dispatcher.use_clones(self.clones, rank_to_experts)
+
+    def _add_moves(self, lep: LargeEPConfig, ep_rank: int, ep_size: int, placement: Any, expt_tp: int,
+                   replicated: bool) -> None:
+        """Live re-placement (``replace_every``): the dispatcher counts each training forward's co-activation and
+        link rows into ``self.moves``; ``largeep_plugin.rebalance(model, optimizer)`` (the optimizer hook of
+        ``install_bias_update_hook``) decides and moves the home experts with their optimizer state."""
+        if expt_tp != 1:
+            raise NotImplementedError(f"replace_every={lep.replace_every} with expert_tensor_parallel_size={expt_tp} "
+                                      "is not supported (an expert split over ranks moves as one): set replace_every=0")
+        if replicated:
+            raise NotImplementedError(
+                f"replace_every={lep.replace_every} with static replicas ({ep_size} EP ranks for {lep.num_experts} "
+                "experts) is not supported: their replica groups are process groups fixed at construction; use "
+                "dynamic_replicas for hot experts, or set replace_every=0")
+        topology = getattr(placement, "topology", None) or Topology.uniform(1, ep_size)
+        self.moves = HomeMoves(lep, ep_group=self.ep_group, ep_rank=ep_rank, topology=topology)
+        self.token_dispatcher.moves = self.moves
+
+    @property
+    def expert_dp_group(self) -> Any:
+        """Megatron's expert-data-parallel group: the ranks holding this EP rank's experts in every data-parallel
+        copy (moves decide alike in all of them: ``rebalance(..., dp_group=layer.expert_dp_group)``)."""
+        return self.experts.expt_dp_group
+
+    def home_layout(self) -> tuple[tuple[int, ...], ...]:
+        """[R] the experts of every EP rank today (the placement's, or what moves made of it)."""
+        return self.rank_to_experts
+
+    def local_experts(self) -> list[tuple[int, nn.Module]]:
+        """(expert id, ``ExpertMLP``) of this rank's home experts, in slot order."""
+        return self.experts.experts_by_id()
+
+    @torch.no_grad()
+    def relabel_homes(self, home: tuple[tuple[int, ...], ...]) -> None:
+        """Say that the home slots now hold ``home`` ([R], the same number per rank, each expert once): the
+        experts' ids, routing (the dispatcher's placement and slot table), the clone plan and the checkpoint keys
+        follow. Only the bookkeeping: ``moves.move_experts`` moved the weights and optimizer state first."""
+        home = tuple(tuple(int(x) for x in h) for h in home)
+        self.rank_to_experts = home
+        self.expert_ids = home[self.ep_rank]
+        self.local_expert_indices = list(self.expert_ids)
+        self.experts.relabel(home)
+        topology = getattr(self.placement, "topology", None) or Topology.uniform(1, self.ep_size)
+        self.placement = Placement(topology=topology, num_experts=self.large_ep_config.num_experts,
+                                   rank_to_experts=home)
+        self.token_dispatcher.relabel(home, self.placement)
+        if self.clones is not None:
+            self.clones.relabel_homes(home)
 
     def large_ep_clones(self) -> tuple[CloneSlots, list[nn.Module]] | None:
         """(the clone slots, the home experts in slot order) with dynamic replicas, else None (``rebalance``)."""
