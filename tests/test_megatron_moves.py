@@ -14,12 +14,14 @@ every step, then ``largeep_plugin.rebalance``). Three runs:
 
 Checked: per-step losses and every parameter at the end (experts by global id) equal the still run (1e-6); the
 Adam moments and step count of every expert equal the still run's for the same expert; the planner moved experts
-at its first decision (record with the bytes and the predicted gain) and nothing afterwards. Also refused with
+at its first decision (record with the bytes and the predicted gain) and nothing afterwards, and the hook's
+``LoadMonitor`` logged each decision. Also refused with
 clear errors: ``replace_every`` with static replicas, with expert tensor parallelism, without the optimizer in
 the hook, and Megatron's mixed-precision optimizer state.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -61,7 +63,7 @@ def _steer(model: Any) -> None:
             w[e] += sign * 3.0 * direction / direction.norm()
 
 
-def _train(rank: int, replace_every: int, move_by_hand: bool) -> dict[str, Any]:
+def _train(rank: int, replace_every: int, move_by_hand: bool, monitor_path: str | None = None) -> dict[str, Any]:
     from megatron.core.distributed import finalize_model_grads
 
     import largeep_plugin as lep
@@ -77,7 +79,10 @@ def _train(rank: int, replace_every: int, move_by_hand: bool) -> dict[str, Any]:
     ddp = GlooDataParallel(cfg, model)
     optimizer = megatron_adam(model, LR)
     records: list[dict[str, Any]] = []   # each decision's record (HomeMoves.last_record)
-    hook = install_bias_update_hook(model, optimizer)
+    from largeep_plugin.layer.load_balance import LoadMonitor
+
+    monitor = LoadMonitor(monitor_path) if monitor_path and rank == 0 else None
+    hook = install_bias_update_hook(model, optimizer, monitor=monitor)
     layers = [layer for _, layer in large_ep_moe_layers(model)]
     losses, layouts = [], [[layer.home_layout() for layer in layers]]
     for step in range(STEPS):
@@ -98,6 +103,8 @@ def _train(rank: int, replace_every: int, move_by_hand: bool) -> dict[str, Any]:
         dist.all_reduce(total)
         losses.append(float(total) / EP)
     hook.remove()
+    if monitor is not None:
+        monitor.close()
     layouts.append([layer.home_layout() for layer in layers])
     return {"losses": losses, "state": _logical(model, optimizer), "layouts": layouts, "records": records,
             "expert_ids": [list(layer.expert_ids) for layer in layers]}
@@ -143,17 +150,22 @@ def _refusals() -> dict[str, str]:
     return out
 
 
-def _rank(rank: int, world_size: int) -> dict[str, Any]:
+def _rank(rank: int, world_size: int, monitor_path: str) -> dict[str, Any]:
     import warnings
 
     warnings.simplefilter("ignore")
-    return {"still": _train(rank, 0, False), "moved": _train(rank, 0, True), "planned": _train(rank, 3, False),
-            "refusals": _refusals()}
+    return {"still": _train(rank, 0, False), "moved": _train(rank, 0, True),
+            "planned": _train(rank, 3, False, monitor_path), "refusals": _refusals()}
 
 
 @pytest.fixture(scope="module")
-def results() -> list[dict[str, Any]]:
-    return world(_rank, EP, timeout=500.0)
+def monitor_path(tmp_path_factory: Any) -> str:
+    return str(tmp_path_factory.mktemp("megatron_moves") / "load.jsonl")
+
+
+@pytest.fixture(scope="module")
+def results(monitor_path: str) -> list[dict[str, Any]]:
+    return world(_rank, EP, monitor_path, timeout=500.0)
 
 
 def _worst(still: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
@@ -191,12 +203,19 @@ def test_a_move_by_hand_is_the_same_math(results: list[dict[str, Any]]) -> None:
     assert all(v <= 1e-6 for v in worst.values()), worst
 
 
-def test_the_planner_moves_through_the_megatron_override_and_is_the_same_math(results: list[dict[str, Any]]) -> None:
+def test_the_planner_moves_through_the_megatron_override_and_is_the_same_math(results: list[dict[str, Any]],
+                                                                              monitor_path: str) -> None:
     records = results[0]["planned"]["records"]
     assert [r["step"] for r in records] == [3, 3, 6, 6, 9, 9], records   # two layers, every third step
     first = records[:2]
     assert all(r["moved"] and r["bytes"] > 0 and r["predicted_gain"] > 0.05 for r in first), first
     assert all(not r["moved"] for r in records[2:]), records
+    # The monitor logged each decision, the move included, under its step.
+    with open(monitor_path, encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f]
+    logged = [(line["step"], line["replan"]["kind"], bool(line["replan"]["moved"])) for line in lines]
+    assert logged == [(s, "move", s == 3) for s in (3, 6, 9) for _ in range(2)], logged
+    assert len({line["layer"] for line in lines}) == 2, lines
     for rank, r in enumerate(results):
         before, after = r["planned"]["layouts"]
         assert before != after, r["planned"]["layouts"]

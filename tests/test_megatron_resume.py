@@ -12,6 +12,7 @@ is_loading=True)``, ``dist_checkpointing.load``, ``load_state_dict``) and trains
 batches (24 sequences, split over however many ranks there are):
 
     4 experts, EP 4 -> EP 2    colocated: two experts per rank, two data-parallel copies    (world 4)
+                               (the EP 4 run moved its experts to the mirrored ranks after step 1)
     4 experts, EP 4 -> EP 8    replicas: each expert on two ranks of the EP group           (world 8)
     8 experts, EP 8 -> EP 6    colocated, not dividing: 2, 2, 1, 1, 1, 1 experts per rank    (world 6)
 
@@ -111,14 +112,23 @@ def _load(model: Any, optimizer: Any, directory: str) -> list[str]:
     return [k for k in missing if not k.endswith("_extra_state")] + list(unexpected)
 
 
-def _reference(experts: int, ep: int, directory: str) -> dict[str, Any]:
-    """BEFORE steps, save, AFTER steps: the run that never stopped."""
+def _reference(experts: int, ep: int, directory: str, move: bool = False) -> dict[str, Any]:
+    """BEFORE steps, save, AFTER steps: the run that never stopped. ``move``: after the first step every layer's
+    experts go to the mirrored EP rank (``largeep_plugin.move_experts``), so the save holds a moved layout."""
+    import largeep_plugin as lep
+    from largeep_plugin.integrations.megatron import MegatronOptimizerState, large_ep_moe_layers
+
     _, model, ddp, optimizer = _build(experts, ep)
-    losses = [_step(model, ddp, optimizer, s) for s in range(BEFORE)]
+    losses = [_step(model, ddp, optimizer, 0)]
+    if move:
+        for _, layer in large_ep_moe_layers(model):
+            home = layer.home_layout()
+            lep.move_experts(layer, home[::-1], MegatronOptimizerState(optimizer))
+    losses += [_step(model, ddp, optimizer, s) for s in range(1, BEFORE)]
     _save(model, optimizer, directory)
     saved = _expert_state(model, optimizer)
     losses += [_step(model, ddp, optimizer, s) for s in range(BEFORE, BEFORE + AFTER)]
-    return {"losses": losses, "saved": saved}
+    return {"losses": losses, "saved": saved, "home": [list(h) for h in model.decoder.layers[0].mlp.home_layout()]}
 
 
 def _resumed(experts: int, ep: int, directory: str) -> dict[str, Any]:
@@ -152,7 +162,7 @@ def _refusal(rank: int, directory: str) -> dict[str, str]:
 
 
 def _world4(rank: int, size: int, root: str) -> dict[str, Any]:
-    return {"ref_4": _reference(4, 4, os.path.join(root, "e4_ep4")),
+    return {"ref_4": _reference(4, 4, os.path.join(root, "e4_ep4"), move=True),
             "4_to_2": _resumed(4, 2, os.path.join(root, "e4_ep4")),
             "refusal": _refusal(rank, os.path.join(root, "layout"))}
 
@@ -192,6 +202,8 @@ def test_resume_at_another_ep_size_equals_the_run_that_never_stopped(results: An
     ref_world, ref_key, world_key, held = CASES[case]
     ref = results[ref_world][0][ref_key]
     resumed = [r[case] for r in results[world_key]]
+    if ref_key == "ref_4":
+        assert ref["home"] == [[3], [2], [1], [0]], ref["home"]   # saved after a move
     assert [r["expert_ids"] for r in resumed] == held, [r["expert_ids"] for r in resumed]
     assert all(not r["problems"] for r in resumed), resumed[0]["problems"]
     want = ref["losses"][BEFORE:]

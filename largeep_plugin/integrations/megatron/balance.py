@@ -66,7 +66,8 @@ def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 def install_bias_update_hook(
-    model: Any, optimizer: Any = None, after: Callable[[], None] | None = None
+    model: Any, optimizer: Any = None, after: Callable[[], None] | None = None, *,
+    monitor: LoadMonitor | None = None,
 ) -> Any:
     """Run ``update_large_ep_biases(model)`` and ``largeep_plugin.rebalance(model)`` (then ``after()``) after every
     optimizer step.
@@ -78,6 +79,9 @@ def install_bias_update_hook(
             the first torch optimizer of the process that steps (for Megatron-LM, whose training loop does not
             expose its optimizer); not with ``replace_every`` (the moves need the optimizer's state).
         after: called after the update (e.g. load logging).
+        monitor: a ``LoadMonitor`` (on one rank) that logs every record ``rebalance`` returns: each decision to
+            move experts (``"kind": "move"``: what moved where, bytes, the predicted busiest link before and after)
+            and each re-plan of the clones, under the number of the step (1 after the first).
     Returns:
         the hook handle (``.remove()`` to uninstall).
     """
@@ -91,6 +95,7 @@ def install_bias_update_hook(
         access = MegatronOptimizerState(optimizer)  # refuses what moves cannot read, before the first step
         dp_group = movers[0].expert_dp_group
     first: list[Any] = []
+    steps = [0]
 
     def hook(opt: Any, *_: Any) -> None:
         # Megatron chains several torch optimizers (dense, experts): act once per step, on the first one.
@@ -98,10 +103,13 @@ def install_bias_update_hook(
             first.append(opt)
         if opt is not first[0]:
             return
+        steps[0] += 1
         update_large_ep_biases(model)
         # Layers with replace_every: experts moved when due and worth it; with dynamic replicas: clones refreshed,
         # re-planned when due.
-        rebalance(model, access, dp_group)
+        records = rebalance(model, access, dp_group)
+        if monitor is not None and records:
+            monitor.log_replans(steps[0], records)
         if after is not None:
             after()
 
