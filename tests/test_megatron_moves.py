@@ -9,7 +9,10 @@ every step, then ``largeep_plugin.rebalance``). Three runs:
 
 * still: ``replace_every=0``, the oracle;
 * moved by hand: between steps 3 and 4 every layer's experts go to the mirrored rank
-  (``largeep_plugin.move_experts(layer, home, MegatronOptimizerState(optimizer))``);
+  (``largeep_plugin.move_experts(layer, home, MegatronOptimizerState(optimizer))``); also with dynamic replicas
+  (one spare slot per rank: the clones follow the moved homes; 1e-5 against the run without clones, whose
+  gradients sum in another order), and with 8 experts colocated two per rank (against
+  a still run of 8 experts);
 * planned: ``large_ep={"replace_every": 3}`` through the Megatron override, the hook deciding every third step.
 
 Checked: per-step losses and every parameter at the end (experts by global id) equal the still run (1e-6); the
@@ -40,13 +43,16 @@ from megatron_helpers import (  # noqa: E402
 EP, VOCAB, SEQ, BATCH, STEPS, MOVE_AFTER, LR = 4, 32, 8, 4, 10, 3, 1e-2
 
 
-def _placement() -> Any:
+def _placement(experts: int) -> Any:
+    """Two nodes of two ranks; ``experts`` / EP consecutive experts per rank."""
     from largeep_plugin.placement.plan import Placement
     from largeep_plugin.placement.topology import Link, Topology
 
     # A slow link without latency: the planner weighs this tiny model's rows and moves as a large model's.
     slow = Link(bandwidth_gbytes_per_s=1e-3, latency_us=0.0)
-    return Placement.identity(EP, Topology.uniform(2, 2, inter_node=slow))
+    per = experts // EP
+    return Placement(topology=Topology.uniform(2, 2, inter_node=slow), num_experts=experts,
+                     rank_to_experts=tuple(tuple(range(r * per, (r + 1) * per)) for r in range(EP)))
 
 
 @torch.no_grad()
@@ -63,7 +69,8 @@ def _steer(model: Any) -> None:
             w[e] += sign * 3.0 * direction / direction.norm()
 
 
-def _train(rank: int, replace_every: int, move_by_hand: bool, monitor_path: str | None = None) -> dict[str, Any]:
+def _train(rank: int, replace_every: int, move_by_hand: bool, monitor_path: str | None = None, *,
+           experts: int = EP, dynamic_replicas: int = 0) -> dict[str, Any]:
     from megatron.core.distributed import finalize_model_grads
 
     import largeep_plugin as lep
@@ -72,9 +79,10 @@ def _train(rank: int, replace_every: int, move_by_hand: bool, monitor_path: str 
     )
 
     init_megatron(ep=EP)
-    cfg = tiny_config(num_layers=2, num_moe_experts=EP)
-    large_ep = {"init_seed": 0, "bias_update_rate": 0.01, "replace_every": replace_every, "replace_margin": 0.0}
-    model = tiny_gpt(cfg, seed=0, vocab=VOCAB, seq=SEQ, large_ep=large_ep, placement=_placement())
+    cfg = tiny_config(num_layers=2, num_moe_experts=experts)
+    large_ep = {"init_seed": 0, "bias_update_rate": 0.01, "replace_every": replace_every, "replace_margin": 0.0,
+                "dynamic_replicas": dynamic_replicas}
+    model = tiny_gpt(cfg, seed=0, vocab=VOCAB, seq=SEQ, large_ep=large_ep, placement=_placement(experts))
     _steer(model)
     ddp = GlooDataParallel(cfg, model)
     optimizer = megatron_adam(model, LR)
@@ -106,8 +114,9 @@ def _train(rank: int, replace_every: int, move_by_hand: bool, monitor_path: str 
     if monitor is not None:
         monitor.close()
     layouts.append([layer.home_layout() for layer in layers])
+    clones = sum(layer.clones.plan.num_clones for layer in layers if layer.clones is not None)
     return {"losses": losses, "state": _logical(model, optimizer), "layouts": layouts, "records": records,
-            "expert_ids": [list(layer.expert_ids) for layer in layers]}
+            "expert_ids": [list(layer.expert_ids) for layer in layers], "clones": clones}
 
 
 def _logical(model: Any, optimizer: Any) -> dict[str, Any]:
@@ -155,7 +164,11 @@ def _rank(rank: int, world_size: int, monitor_path: str) -> dict[str, Any]:
 
     warnings.simplefilter("ignore")
     return {"still": _train(rank, 0, False), "moved": _train(rank, 0, True),
-            "planned": _train(rank, 3, False, monitor_path), "refusals": _refusals()}
+            "planned": _train(rank, 3, False, monitor_path),
+            "moved_with_clones": _train(rank, 0, True, dynamic_replicas=1),
+            "still_colocated": _train(rank, 0, False, experts=2 * EP),
+            "moved_colocated": _train(rank, 0, True, experts=2 * EP),
+            "refusals": _refusals()}
 
 
 @pytest.fixture(scope="module")
@@ -192,15 +205,24 @@ def _union(results: list[dict[str, Any]], run: str) -> dict[str, Any]:
     return out
 
 
-def test_a_move_by_hand_is_the_same_math(results: list[dict[str, Any]]) -> None:
+# With clones the oracle has none: a clone's gradient joins its home's in another order (1e-5 there, as in
+# tests/test_megatron_dynamic_replicas.py).
+@pytest.mark.parametrize("still, moved, per_rank, tol", [("still", "moved", 1, 1e-6),
+                                                        ("still", "moved_with_clones", 1, 1e-5),
+                                                        ("still_colocated", "moved_colocated", 2, 1e-6)])
+def test_a_move_by_hand_is_the_same_math(results: list[dict[str, Any]], still: str, moved: str, per_rank: int,
+                                         tol: float) -> None:
     for rank, r in enumerate(results):
-        before, after = r["moved"]["layouts"]
-        assert all(a != b for a, b in zip(before, after)), r["moved"]["layouts"]
-        assert r["moved"]["expert_ids"] == [[EP - 1 - rank]] * 2, r["moved"]["expert_ids"]
-        err = max(abs(a - b) for a, b in zip(r["still"]["losses"], r["moved"]["losses"]))
-        assert err <= 1e-6, (rank, r["still"]["losses"], r["moved"]["losses"])
-    worst = _worst(_union(results, "still"), _union(results, "moved"))
-    assert all(v <= 1e-6 for v in worst.values()), worst
+        before, after = r[moved]["layouts"]
+        assert all(a != b for a, b in zip(before, after)), r[moved]["layouts"]
+        mirrored = list(range((EP - 1 - rank) * per_rank, (EP - rank) * per_rank))
+        assert r[moved]["expert_ids"] == [mirrored] * 2, r[moved]["expert_ids"]
+        err = max(abs(a - b) for a, b in zip(r[still]["losses"], r[moved]["losses"]))
+        assert err <= tol, (rank, r[still]["losses"], r[moved]["losses"])
+    worst = _worst(_union(results, still), _union(results, moved))
+    assert all(v <= tol for v in worst.values()), worst
+    if moved == "moved_with_clones":
+        assert results[0][moved]["clones"] > 0, "no clone planned: the move did not meet dynamic replicas"
 
 
 def test_the_planner_moves_through_the_megatron_override_and_is_the_same_math(results: list[dict[str, Any]],
