@@ -359,6 +359,10 @@ class LargeEPMoELayer(MoELayer):
         topology = getattr(placement, "topology", None) or Topology.uniform(1, ep_size)
         self.clones = CloneSlots(lep, ep_group=self.ep_group, ep_rank=ep_rank, home=rank_to_experts,
                                  topology=topology, template=self.experts.experts_by_id()[0][1])
+        # The distributed checkpoint keeps the load history, not the plan (sharded_state_dict): a load plans afresh.
+        self.clones.register_load_state_dict_pre_hook(self._clone_plan_missing)
+        self.clones.register_load_state_dict_post_hook(self._clone_plan_from_history)
+        self._replan_clones = False
         # Plain references, not submodules: the slots belong to this layer's state dict once.
         object.__setattr__(self.experts, "clones", self.clones)
         object.__setattr__(self.router, "load_observer", self.clones)
@@ -411,6 +415,29 @@ class LargeEPMoELayer(MoELayer):
         self.token_dispatcher.relabel(home, self.placement)
         if self.clones is not None:
             self.clones.relabel_homes(home)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """Megatron's, less the clones' plan: ``plan_clones_RS`` is [EP size, spare slots], so another EP size could
+        not load it. The load history (``clones.load_ema_E``, ``clones.plan_load_E``, by expert id, replicated:
+        the first data-parallel copy's is stored) is kept, and a load plans the clones afresh from it for this EP
+        size; the next forward refreshes their weights."""
+        out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.clones is not None:
+            out.pop(f"{prefix}clones.plan_clones_RS", None)
+        return out
+
+    def _clone_plan_missing(self, module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+        # A distributed checkpoint's state has no plan (sharded_state_dict): stand the current one in, re-plan after.
+        key = f"{prefix}plan_clones_RS"
+        if key not in state_dict and f"{prefix}load_ema_E" in state_dict:
+            state_dict[key] = module.plan_clones_RS.clone()
+            self._replan_clones = True
+
+    def _clone_plan_from_history(self, module: nn.Module, _incompatible: Any) -> None:
+        if self._replan_clones:
+            self._replan_clones = False
+            if float(module.load_ema_E.sum()) > 0:
+                module.replan_from(module.load_ema_E.clone())
 
     def large_ep_clones(self) -> tuple[CloneSlots, list[nn.Module]] | None:
         """(the clone slots, the home experts in slot order) with dynamic replicas, else None (``rebalance``)."""
