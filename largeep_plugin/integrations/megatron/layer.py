@@ -69,7 +69,9 @@ class LargeEPMoELayer(MoELayer):
 
     Attributes (besides ``MoELayer``'s): ``large_ep_config``, ``expert_ids``, ``expert_id`` (NotImplementedError
     when the rank holds several), ``ep_rank``, ``ep_size``, ``last_stats`` (the router's ``LoadStats`` of the
-    latest forward).
+    latest forward), ``clones`` (``dynamic_replicas``: the ``CloneSlots``, else None), ``moves`` (``replace_every``:
+    the ``HomeMoves`` whose window the dispatcher fills, else None). ``home_layout()``, ``local_experts()`` and
+    ``relabel_homes(home)`` are what ``largeep_plugin.move_experts`` / ``rebalance`` need of a layer.
     """
 
     def __init__(
