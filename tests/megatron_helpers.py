@@ -2,7 +2,8 @@
 
 Megatron on CPU: ``use_cpu_initialization=True``, the plugin's ``TorchSDPAttention`` instead of Megatron's local
 attention (which allocates on CUDA), ``GlooDataParallel`` instead of Megatron's DDP, and a minimal
-distributed-checkpoint writer (``save_shards`` / ``load_shards``; see tests/test_megatron_checkpoint.py).
+distributed-checkpoint strategy under Megatron's own ``dist_checkpointing.save`` / ``load`` (``dist_save`` /
+``dist_load``; see tests/test_megatron_checkpoint.py).
 """
 from __future__ import annotations
 
@@ -147,37 +148,6 @@ class Replicated:
 
     def destination_ranks(self, topk_ids_TK: torch.Tensor, src_rank: int) -> torch.Tensor:
         return topk_ids_TK + self.num_experts * (src_rank // self.num_experts)
-
-
-def save_shards(sharded: dict[str, Any], directory: str) -> int:
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
-    from megatron.core.dist_checkpointing.validation import determine_global_metadata, validate_sharding_integrity
-
-    _, global_metadata = determine_global_metadata(sharded)
-    validate_sharding_integrity(global_metadata)  # raises on rank 0 for holes or overlaps
-    mine = []
-    for sh in sharded.values():
-        if isinstance(sh, (ShardedTensor, ShardedObject)) and is_main_replica(sh.replica_id):
-            data = sh.data.detach().clone() if isinstance(sh, ShardedTensor) else sh.data
-            mine.append((sh.key, tuple(sh.global_offset), data))
-    torch.save(mine, os.path.join(directory, f"rank{dist.get_rank()}.pt"))
-    dist.barrier()
-    return len(mine)
-
-
-def load_shards(sharded: dict[str, Any], directory: str) -> dict[str, Any]:
-    stored = {}
-    for path in glob.glob(os.path.join(directory, "rank*.pt")):
-        for key, offset, data in torch.load(path, weights_only=False):
-            stored[(key, offset)] = data
-    state = {}
-    for name, sh in sharded.items():
-        data = stored[(sh.key, tuple(sh.global_offset))]
-        if isinstance(data, torch.Tensor) and data.shape != sh.data.shape:
-            raise AssertionError(f"{sh.key} at {sh.global_offset}: stored {tuple(data.shape)}, "
-                                 f"asked {tuple(sh.data.shape)}")
-        state[name] = data
-    return state
 
 
 def placement_for(experts: int, ep: int) -> Any:
