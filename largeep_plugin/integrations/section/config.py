@@ -15,7 +15,7 @@ section (never ``"expert_parallel"``: that key switches on DeepSpeed's own AutoE
         "rebalance_every": 1,             # re-plan the clones every N optimizer steps (refreshed every step)
         "rebalance_decay": 0.5,           # the planner's load: EMA over steps
         "rebalance_margin": 0.02,         # hysteresis: keep a plan unless a new one is better by this much
-        "replace_every": 0,               # moves of home experts: not supported under DeepSpeed (0 only)
+        "replace_every": 0,               # moves of home experts: not under DeepSpeed or Megatron-LM (0 only)
         "placement": {"topology_file": null, "load_file": null},
         "overlap": {"chunks": 1, "dispatch": "flat", "ranks_per_node": null},
         "load_balance": {"bias_update_rate": 0.001, "aux_loss_coeff": 0.0, "z_loss_coeff": 0.0},
@@ -308,7 +308,10 @@ def _check_values(s: LargeEPSection) -> None:
         # Known, so that a config written for the core layer says why it does not run here rather than "unknown key".
         raise NotImplementedError(
             f"{SECTION}.replace_every={s.replace_every}: moving home experts under DeepSpeed is not supported yet (their "
-            "optimizer state lives in ZeRO's flat partitions, which moves do not read or write); set it to 0. "
+            "optimizer state lives in ZeRO's flat partitions, which moves do not read or write), nor on the "
+            "Megatron-LM route, which reads this section too (its training loop does not hand the plugin's hook the "
+            "optimizer; Megatron-Core training loops can: large_ep={'replace_every': N} in the spec helpers and "
+            "install_bias_update_hook(model, optimizer)); set it to 0. "
             "Resume at another EP size on this route is not supported either: engine.save_checkpoint resumes the "
             "same world and EP layout")
     for name in ("bias_update_rate", "aux_loss_coeff", "z_loss_coeff"):
