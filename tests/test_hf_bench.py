@@ -158,3 +158,5 @@ def test_target_lines_say_met_or_not_from_the_rows() -> None:
                "10.0 ms; the wall clock's own 43.0 and 19.5), NOT met" in line for line in target_lines(rows))
     rows[1]["waited_tokens_per_s"] = 95.0
     assert any("check EP 2 uniform" in line and ", met" in line for line in target_lines(rows))
+    rows[1]["critical_tokens_per_s"] = 99.6      # 0.996x would print as 1.00x beside "NOT met"
+    assert "target EP 2 uniform: large_ep >= 1.0x autoep (critical path): 0.996x, NOT met" in target_lines(rows)
