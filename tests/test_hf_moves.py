@@ -24,22 +24,9 @@ import torch
 pytest.importorskip("transformers")
 
 from conftest import world  # noqa: E402
-from hf_models import tiny_model, tokens  # noqa: E402
+from hf_models import steer_pairs, tiny_model, tokens  # noqa: E402
 
 WORLD, BATCH, SEQ, EVERY, EXPERTS = 4, 2, 8, 2, 4
-
-
-def _steer(model) -> None:  # type: ignore[no-untyped-def]
-    """Every block's router: experts 0 and 2 (one on each node) like one direction of the hidden state, 1 and 3
-    the opposite one, so tokens choose cross-node pairs (a co-activation worth a move)."""
-    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(11))
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "experts") and hasattr(module, "gate"):
-                w = module.gate.weight
-                w.mul_(0.1)
-                for e, sign in ((0, 1.0), (2, 1.0), (1, -1.0), (3, -1.0)):
-                    w[e] += sign * 3.0 * direction / direction.norm()
 
 
 def _build(ep_size: int, seed: int = 0, steer: bool = False, **overrides):  # type: ignore[no-untyped-def]
@@ -50,7 +37,7 @@ def _build(ep_size: int, seed: int = 0, steer: bool = False, **overrides):  # ty
     groups = lhf.parallel_groups(ep_size)
     model = tiny_model("mixtral", EXPERTS, seed=seed)
     if steer:
-        _steer(model)
+        steer_pairs(model)
     placement = None
     if ep_size == EXPERTS:
         # two nodes of two ranks joined by a slow link without latency: the planner then weighs this tiny
