@@ -105,6 +105,21 @@ def steer_pairs(model: nn.Module) -> nn.Module:
     return model
 
 
+def worst_difference(a: tuple[list, list[dict]], b: tuple[list, list[dict]]) -> dict[str, float]:
+    """Largest relative difference of two runs, each (per-step losses, every rank's ``{logical name: (value,
+    exp_avg, exp_avg_sq)}``): of the losses and of each kind of tensor, over every rank's share; ``{"names": inf}``
+    when the runs hold different tensors."""
+    want = {k: v for part in a[1] for k, v in part.items()}
+    got = {k: v for part in b[1] for k, v in part.items()}
+    if sorted(want) != sorted(got):
+        return {"names": float("inf")}
+    worst = {"loss": max(abs(x - y) / abs(x) for x, y in zip(a[0], b[0]))}
+    for i, what in enumerate(("param", "exp_avg", "exp_avg_sq")):
+        worst[what] = max(float((want[k][i] - got[k][i]).abs().max() / want[k][i].abs().max().clamp_min(1e-30))
+                          for k in want if len(want[k]) > i)
+    return worst
+
+
 def dense_and_experts(model: nn.Module) -> dict:
     """A converted model's parameters on this rank: ``{"dense": {name: tensor}, "experts": {(block name, expert id):
     ExpertMLP state}}`` (what ``param_errors`` compares)."""

@@ -11,9 +11,11 @@ step. The oracle is the run that neither moved nor stopped, on the same global b
       cross-node pairs: the engine's hook moves experts after step 3 (the monitor's JSONL file logs the move),
       and the run equals the one with ``replace_every`` 0 (1e-6); ``engine.save_checkpoint`` then refuses;
     * resume: ``save_training_state(path, engine)`` at EP 4 after step 3, ``load_training_state`` into an engine
-      built anew from other weights at EP 2 x 2 copies (ZeRO 1 and 2) and at EP 4 under ZeRO 0 (another stage),
-      after a move; and EP 8 -> 6 (8 experts colocated on 6 ranks, another world, ZeRO 2): three more steps equal
-      six steps straight (1e-6).
+      built anew from other weights at EP 2 x 2 copies (ZeRO 1; ZeRO 2 after a move; ZeRO 2 -> 3) and at EP 4
+      under ZeRO 0 (another stage); and EP 8 -> 6 (8 experts colocated on 6 ranks, another world, ZeRO 2): three
+      more steps equal six steps straight (1e-6; Adam's second moment 2e-6, ``TOLS``).
+
+Run with ``-s`` to see the measured differences.
 """
 from __future__ import annotations
 
@@ -27,12 +29,15 @@ import torch
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
-from hf_models import steer_pairs, tiny_model, tokens  # noqa: E402
+from hf_models import steer_pairs, tiny_model, tokens, worst_difference  # noqa: E402
 from largeep_plugin.tools.launch import run_world  # noqa: E402
 
 SEQ, STEPS, SWAP_AFTER = 8, 10, 3
-BATCH = 24          # sequences per step, split over the ranks (divisible by 4, 6 and 8)
+BATCH = 96          # sequences per step, split over the ranks (divisible by 4, 6 and 8): enough that a move pays
 TOL = 1e-6
+# Adam's second moment holds squared gradients: the rounding of a gradient summed in another order (another EP
+# size reduces over other groups) counts twice in it, relative.
+TOLS = {"loss": TOL, "param": TOL, "exp_avg": TOL, "exp_avg_sq": 2 * TOL}
 
 
 def _config(stage: int, world: int, large_ep: dict | None) -> dict:
@@ -134,19 +139,6 @@ def _logical(engine) -> dict[str, tuple[torch.Tensor, ...]]:  # type: ignore[no-
     return out
 
 
-def _worst(want: tuple[list, list[dict]], got: tuple[list, list[dict]]) -> dict[str, float]:
-    """Largest relative difference of the losses and of each kind of tensor, over every rank's share."""
-    a = {k: v for part in want[1] for k, v in part.items()}
-    b = {k: v for part in got[1] for k, v in part.items()}
-    if sorted(a) != sorted(b):
-        return {"names": float("inf")}
-    worst = {"loss": max(abs(x - y) / abs(x) for x, y in zip(want[0], got[0]))}
-    for i, what in enumerate(("param", "exp_avg", "exp_avg_sq")):
-        worst[what] = max(float((a[k][i] - b[k][i]).abs().max() / a[k][i].abs().max().clamp_min(1e-30))
-                          for k in a if len(a[k]) > i)
-    return worst
-
-
 def _moved_run(stage: int, ep_size: int, experts: int, placement=None, **section) -> dict:  # type: ignore[no-untyped-def]
     """Ten steps straight and ten with every layer's experts mirrored after step 3."""
     out = {}
@@ -204,7 +196,8 @@ def test_a_move_under_zero_is_the_same_math(moves, case: str) -> None:
     still = (moves[0][case]["still"][0], [r[case]["still"][1] for r in moves])
     moved = (moves[0][case]["moved"][0], [r[case]["moved"][1] for r in moves])
     assert still[0][-1] < still[0][0] - 0.05, still[0]   # it trains
-    worst = _worst(still, moved)
+    worst = worst_difference(still, moved)
+    print(f"move under ZeRO {case[1]}: largest relative differences {worst}")
     assert all(v <= TOL for v in worst.values()), worst
 
 
@@ -218,7 +211,8 @@ def test_the_engine_moves_when_the_planner_says_so(moves) -> None:
                                                           for i in (0, 1)], decisions
     first = [d for s, _, d in decisions if s == 3]
     assert all(d["moved"] and d["bytes"] > 0 and d["predicted_gain"] > 0.05 for d in first), first
-    worst = _worst(still, planned)
+    worst = worst_difference(still, planned)
+    print(f"moved by the planner (ZeRO 2): largest relative differences {worst}")
     assert all(v <= TOL for v in worst.values()), worst
     assert moves[0]["save_checkpoint"].startswith("engine.save_checkpoint after the experts of model.layers.0"), \
         moves[0]["save_checkpoint"]
@@ -259,7 +253,7 @@ def _resume_world(rank: int, world: int, tmp: str) -> dict:
     init_deepspeed_comm()
     out = {}
     # (ZeRO stage saved, moved before the save, [(ZeRO stage resumed, EP resumed)])
-    for stage, move, resumes in ((1, False, [(1, 2), (0, 4)]), (2, True, [(2, 2)])):
+    for stage, move, resumes in ((1, False, [(1, 2), (0, 4)]), (2, True, [(2, 2), (3, 2)])):
         path = os.path.join(tmp, f"z{stage}")
         out[f"straight_z{stage}"] = _first_half(stage, 4, 4, path, move)
         files = sorted(os.listdir(os.path.join(path, "experts"))) if rank == 0 else []
@@ -298,15 +292,16 @@ def resumed(tmp_path_factory):  # type: ignore[no-untyped-def]
     return run_world(_resume_world, 4, args=(tmp,), timeout=900)
 
 
-@pytest.mark.parametrize("case", ["z1_to_z1_ep2", "z1_to_z0_ep4", "z2_to_z2_ep2"])
+@pytest.mark.parametrize("case", ["z1_to_z1_ep2", "z1_to_z0_ep4", "z2_to_z2_ep2", "z2_to_z3_ep2"])
 def test_resume_at_another_ep_size_equals_the_run_that_never_stopped(resumed, case: str) -> None:
     saved = case.split("_to_")[0]
     assert resumed[0][f"files_{saved}"] == sorted(f"model.layers.{i}.mlp.moe.experts.{e}.pt" for i in (0, 1)
                                                  for e in range(4))
     want = (resumed[0][f"straight_{saved}"][0], [r[f"straight_{saved}"][1] for r in resumed])
     got = (resumed[0][case][0], [r[case][1] for r in resumed])
-    worst = _worst(want, got)
-    assert all(v <= TOL for v in worst.values()), (case, worst)
+    worst = worst_difference(want, got)
+    print(f"resume {case}: largest relative differences {worst}")
+    assert all(v <= TOLS.get(k, 0.0) for k, v in worst.items()), (case, worst)
 
 
 def test_resume_from_ep8_at_ep6_colocated(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -317,5 +312,6 @@ def test_resume_from_ep8_at_ep6_colocated(tmp_path) -> None:  # type: ignore[no-
     path = str(tmp_path / "ep8")
     straight = run_world(_eight_world, 8, args=(path,), timeout=900)
     got = run_world(_six_world, 6, args=(path,), timeout=900)
-    worst = _worst((straight[0][0], [r[1] for r in straight]), (got[0][0], [r[1] for r in got]))
-    assert all(v <= TOL for v in worst.values()), worst
+    worst = worst_difference((straight[0][0], [r[1] for r in straight]), (got[0][0], [r[1] for r in got]))
+    print(f"resume EP 8 -> 6 (ZeRO 2): largest relative differences {worst}")
+    assert all(v <= TOLS.get(k, 0.0) for k, v in worst.items()), worst

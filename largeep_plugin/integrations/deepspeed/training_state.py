@@ -18,8 +18,8 @@ Where the state lives depends on the ZeRO stage (DeepSpeed 0.19.8):
   allows. ``safe_set_full_*`` write this rank's fragment only (no communication); the module's parameter (the
   engine's low-precision or fp32 working copy, a view of its flat buffer) is written here too, since ZeRO copies
   the master into it only after its next step. The fragments of the moments are linked to the optimizer's state
-  after the first step only (``_lazy_init_hp_params_optimizer_state``); a load into an engine that has not
-  stepped creates the state and links it.
+  here, group by group (``DeepSpeedState._link``: DeepSpeed links them once, too early for every group after the
+  first); a load into an engine that has not stepped creates the state first.
 * **Stage 3**: the fp32 master and moments of sub-group i are ``fp32_partitioned_groups_flat[i]`` and its
   optimizer state; ``get_full_hp_param`` all-gathers a parameter over its partition group (the
   expert-data-parallel group for the experts, ``hf_blocks.tag_for_zero3``), ``set_full_hp_param`` writes this
