@@ -9,7 +9,8 @@ step. The oracle is the run that neither moved nor stopped, on the same global b
       over its two holders; two experts per rank, swapped between the ranks);
     * ``"replace_every": 3`` under ZeRO 2 on two emulated nodes with a slow link and a router steered to choose
       cross-node pairs: the engine's hook moves experts after step 3 (the monitor's JSONL file logs the move),
-      and the run equals the one with ``replace_every`` 0 (1e-6); ``engine.save_checkpoint`` then refuses;
+      and the run equals the one with ``replace_every`` 0 (1e-6); ``engine.save_checkpoint`` then refuses, and so
+      does a move between backward and ``engine.step`` (ZeRO's buckets hold the gradients);
     * resume: ``save_training_state(path, engine)`` at EP 4 after step 3, ``load_training_state`` into an engine
       built anew from other weights at EP 2 x 2 copies (ZeRO 1; ZeRO 2 after a move; ZeRO 2 -> 3) and at EP 4
       under ZeRO 0 (another stage); and EP 8 -> 6 (8 experts colocated on 6 ranks, another world, ZeRO 2): three
@@ -174,6 +175,15 @@ def _moves_world(rank: int, world: int, tmp: str) -> dict:
         "z3": _moved_run(3, 2, 4),   # EP 2 x 2 copies: two experts per rank, each partitioned over its two holders
     }
     out.update(_planned_run(tmp))
+    # Between backward and the step the gradients sit in ZeRO's buckets: a move there is refused.
+    engine = _engine(2, 4)
+    ids = tokens(BATCH, SEQ, seed=1000).chunk(world)[rank]
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    try:
+        _mirror(engine)
+        out["mid_step"] = "no error"
+    except NotImplementedError as e:
+        out["mid_step"] = str(e)
     return out
 
 
@@ -214,6 +224,8 @@ def test_the_engine_moves_when_the_planner_says_so(moves) -> None:
     worst = worst_difference(still, planned)
     print(f"moved by the planner (ZeRO 2): largest relative differences {worst}")
     assert all(v <= TOL for v in worst.values()), worst
+    assert moves[0]["mid_step"].startswith("zero_optimization.stage=2: moving experts between backward and "
+                                           "engine.step is not supported"), moves[0]["mid_step"]
     assert moves[0]["save_checkpoint"].startswith("engine.save_checkpoint after the experts of model.layers.0"), \
         moves[0]["save_checkpoint"]
 
