@@ -2,7 +2,8 @@
 
 Megatron on CPU: ``use_cpu_initialization=True``, the plugin's ``TorchSDPAttention`` instead of Megatron's local
 attention (which allocates on CUDA), ``GlooDataParallel`` instead of Megatron's DDP, and a minimal
-distributed-checkpoint writer (``save_shards`` / ``load_shards``; see tests/test_megatron_checkpoint.py).
+distributed-checkpoint strategy under Megatron's own ``dist_checkpointing.save`` / ``load`` (``dist_save`` /
+``dist_load``; see tests/test_megatron_checkpoint.py).
 """
 from __future__ import annotations
 
@@ -121,6 +122,15 @@ def compare_transformer_layers(layer: Any, ref: Any, hidden: int, rank: int) -> 
     return errors, outs["ref"][0]
 
 
+def error_of(fn: Any) -> str:
+    """``"<ErrorType>: <message>"`` of the ValueError or NotImplementedError ``fn()`` raises, "no error" otherwise."""
+    try:
+        fn()
+    except (ValueError, NotImplementedError) as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
 def tokens(batch: int, seq: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input ids [B, S], position ids [B, S]) from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
@@ -140,37 +150,6 @@ class Replicated:
         return topk_ids_TK + self.num_experts * (src_rank // self.num_experts)
 
 
-def save_shards(sharded: dict[str, Any], directory: str) -> int:
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
-    from megatron.core.dist_checkpointing.validation import determine_global_metadata, validate_sharding_integrity
-
-    _, global_metadata = determine_global_metadata(sharded)
-    validate_sharding_integrity(global_metadata)  # raises on rank 0 for holes or overlaps
-    mine = []
-    for sh in sharded.values():
-        if isinstance(sh, (ShardedTensor, ShardedObject)) and is_main_replica(sh.replica_id):
-            data = sh.data.detach().clone() if isinstance(sh, ShardedTensor) else sh.data
-            mine.append((sh.key, tuple(sh.global_offset), data))
-    torch.save(mine, os.path.join(directory, f"rank{dist.get_rank()}.pt"))
-    dist.barrier()
-    return len(mine)
-
-
-def load_shards(sharded: dict[str, Any], directory: str) -> dict[str, Any]:
-    stored = {}
-    for path in glob.glob(os.path.join(directory, "rank*.pt")):
-        for key, offset, data in torch.load(path, weights_only=False):
-            stored[(key, offset)] = data
-    state = {}
-    for name, sh in sharded.items():
-        data = stored[(sh.key, tuple(sh.global_offset))]
-        if isinstance(data, torch.Tensor) and data.shape != sh.data.shape:
-            raise AssertionError(f"{sh.key} at {sh.global_offset}: stored {tuple(data.shape)}, "
-                                 f"asked {tuple(sh.data.shape)}")
-        state[name] = data
-    return state
-
-
 def placement_for(experts: int, ep: int) -> Any:
     """None (expert e on EP rank e), replicas (EP > experts) or consecutive experts colocated (EP < experts)."""
     from largeep_plugin.placement.plan import Placement
@@ -183,3 +162,126 @@ def placement_for(experts: int, ep: int) -> Any:
         held = tuple(tuple(range(r * per_rank, (r + 1) * per_rank)) for r in range(ep))
         return Placement(topology=Topology.uniform(1, ep), num_experts=experts, rank_to_experts=held)
     return None
+
+
+def colocated_placement(experts: int, ep: int) -> Any:
+    """Consecutive experts colocated on ``ep`` ranks, as evenly as they go (the first ``experts % ep`` ranks hold
+    one more): 8 experts on 6 ranks are (0, 1) (2, 3) (4,) (5,) (6,) (7,)."""
+    from largeep_plugin.placement.plan import Placement
+    from largeep_plugin.placement.topology import Topology
+
+    per, extra = divmod(experts, ep)
+    held, start = [], 0
+    for r in range(ep):
+        n = per + (1 if r < extra else 0)
+        held.append(tuple(range(start, start + n)))
+        start += n
+    return Placement(topology=Topology.uniform(1, ep), num_experts=experts, rank_to_experts=tuple(held))
+
+
+def megatron_adam(model: Any, lr: float) -> Any:
+    """Megatron's optimizer for an fp32 model, as ``get_megatron_optimizer`` builds it without the distributed
+    optimizer: Megatron's parameter groups (``_get_param_groups``: dense, and expert-parallel for
+    ``allreduce=False``), one torch Adam (the fallback without Apex/TE) and one ``FP32Optimizer`` each, chained.
+
+    On CPU: ``FP32Optimizer.__init__`` puts its unit loss scale on CUDA, so each is made without its ``__init__``
+    (the base class's, then the scale on CPU); its ``sharded_state_dict`` / ``load_state_dict`` are Megatron's.
+    ``ChainedOptimizer.step`` takes the gradient norm on CUDA: step ``chained_optimizers`` one by one
+    (``megatron_step``), as ``ChainedOptimizer.step_with_ready_grads`` does."""
+    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+    from megatron.core.optimizer.optimizer import ChainedOptimizer, FP32Optimizer, MegatronOptimizer
+
+    config = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.0, clip_grad=0.0)
+    groups = _get_param_groups([model], config, None)
+
+    def init_state_fn(opt: Any, config: Any = None) -> None:  # Megatron's, for torch Adam
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if len(opt.state[p]) == 0:
+                    opt.state[p]["exp_avg"] = torch.zeros_like(p.data)
+                    opt.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
+
+    chained = []
+    for expert in (False, True):
+        adam = torch.optim.AdamW([g for g in groups if g["is_expert_parallel"] == expert], lr=lr,
+                                 weight_decay=0.0, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+        opt = FP32Optimizer.__new__(FP32Optimizer)
+        MegatronOptimizer.__init__(opt, adam, config, init_state_fn)
+        opt._scale, opt.is_stub_optimizer = torch.ones(1), False
+        chained.append(opt)
+    return ChainedOptimizer(chained)
+
+
+def megatron_step(optimizer: Any) -> None:
+    """``ChainedOptimizer.step`` without its gradient norm (CUDA-only; clip_grad is 0): each part steps."""
+    for opt in optimizer.chained_optimizers:
+        opt.step()
+
+
+def files_strategy() -> Any:
+    """The bytes of Megatron's distributed checkpoint on CPU: ``dist_checkpointing.save`` / ``load`` with this
+    sharded strategy run Megatron's whole pipeline (factories, common state on rank 0, sharded objects, the
+    integrity validation, merges); only the tensor files are these: every rank writes the main replicas of its
+    ``ShardedTensor`` s by (key, global offset), a load fills each requested shard from them. (The stock torch_dist
+    strategy calls ``torch.cuda`` on save.)"""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
+    from megatron.core.dist_checkpointing.mapping import is_main_replica
+    from megatron.core.dist_checkpointing.strategies.base import (
+        LoadShardedStrategy, SaveShardedStrategy, StrategyAction, register_default_strategy,
+    )
+
+    backend = "largeep_test_files"
+
+    class Files(SaveShardedStrategy, LoadShardedStrategy):
+        def save(self, sharded_state_dict: Any, checkpoint_dir: Any) -> None:
+            mine = []
+            for sh in nested_values(sharded_state_dict):
+                if sh.flattened_range is not None:
+                    raise NotImplementedError(f"{sh.key}: flattened shards are not stored by this strategy")
+                if is_main_replica(sh.replica_id):
+                    mine.append((sh.key, tuple(sh.global_offset), sh.data.detach().clone()))
+            torch.save(mine, os.path.join(checkpoint_dir, f"shards{dist.get_rank()}.pt"))
+
+        def load(self, sharded_state_dict: Any, checkpoint_dir: Any) -> Any:
+            stored = {}
+            for path in glob.glob(os.path.join(checkpoint_dir, "shards*.pt")):
+                for key, offset, data in torch.load(path, weights_only=True):
+                    stored[(key, offset)] = data
+
+            def fill(sh: Any) -> torch.Tensor:
+                data = stored[(sh.key, tuple(sh.global_offset))]
+                if tuple(data.shape) != tuple(sh.local_shape):
+                    raise AssertionError(f"{sh.key} at {sh.global_offset}: stored {tuple(data.shape)}, "
+                                         f"asked {tuple(sh.local_shape)}")
+                return data
+
+            return dict_list_map_inplace(fill, sharded_state_dict)
+
+        def load_tensors_metadata(self, checkpoint_dir: Any) -> Any:
+            raise NotImplementedError("the test strategy keeps no tensor metadata (strict loads do not need it)")
+
+        def check_backend_compatibility(self, loaded_backend: Any) -> None:
+            if loaded_backend != backend:
+                raise ValueError(f"checkpoint backend {loaded_backend!r}, this strategy reads {backend!r}")
+
+        def check_version_compatibility(self, loaded_version: Any) -> None:
+            pass
+
+    files = Files(backend, 1)
+    # What Megatron looks up for a checkpoint of this backend when no strategy is given (load_content_metadata).
+    register_default_strategy(StrategyAction.LOAD_SHARDED, backend, 1, files)
+    return files
+
+
+def dist_save(sharded: dict[str, Any], directory: str, content_metadata: dict | None = None) -> None:
+    """``megatron.core.dist_checkpointing.save`` on CPU (``files_strategy``)."""
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(sharded, directory, sharded_strategy=files_strategy(), content_metadata=content_metadata)
+
+
+def dist_load(sharded: dict[str, Any], directory: str) -> dict[str, Any]:
+    """``megatron.core.dist_checkpointing.load`` on CPU (``files_strategy``)."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load(sharded, directory, sharded_strategy=files_strategy())

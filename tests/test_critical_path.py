@@ -5,9 +5,12 @@ not depend on how busy the machine is.
   collective (however it is called) ends a segment, the critical path is the sum over segments of the slowest
   rank's sleep (and the balanced figure the sum of the means), and the all-to-all bytes per (source, destination)
   are what was sent;
-* the same step without turns: its wall clock agrees with the critical path (the mode measures what a machine
-  with a core per rank would show);
-* ``WaitAtOnce``: an asynchronous collective is waited for where it is called (as under the turns), and only then;
+* the ranks enter each collective together (released by a barrier when the last has finished its segment): the
+  arrivals' spread is the barrier's, not the ranks' compute differences;
+* the same step without turns (``turns=False``): its wall clock agrees with the critical path (the mode measures
+  what a machine with a core per rank would show), and it is taken apart alike: the same segments, the arrivals
+  spread by the compute differences;
+* an asynchronous collective is waited for where it is called (with and without turns), and only then;
 * ranks that run different collectives are an error, not a wrong number (where the counts of collectives differ,
   the token cannot go round: that ends in the group's timeout).
 """
@@ -20,7 +23,7 @@ import pytest
 import torch
 
 from conftest import world
-from largeep_plugin.tools.critical_path import StepTimes, TurnTaking, WaitAtOnce, median_step, typical_step
+from largeep_plugin.tools.critical_path import StepTimes, TurnTaking, median_step, typical_step
 
 SLEEP = {0: (0.06, 0.02, 0.03), 1: (0.02, 0.08, 0.03), 2: (0.04, 0.04, 0.09)}  # per rank, per segment
 
@@ -46,6 +49,7 @@ def _rank(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
 
     clock = TurnTaking()
+    together = TurnTaking(turns=False)
     spans: list[tuple[float, float]] = []
     with clock:
         _step(rank, world_size, spans)
@@ -54,9 +58,11 @@ def _rank(rank: int, world_size: int) -> dict:
     dist.all_gather_object(every, spans)
     dist.barrier()
     start = time.perf_counter()
-    _step(rank, world_size, [])     # the same step without turns: the ranks sleep side by side
+    with together:
+        _step(rank, world_size, [])     # the same step without turns: the ranks sleep side by side
     dist.barrier()
     wall = time.perf_counter() - start
+    side = together.gathered()
     bad = "no error"
     try:
         with clock:  # one collective each, on a group of its own, but not the same one everywhere
@@ -67,7 +73,7 @@ def _rank(rank: int, world_size: int) -> dict:
         clock.gathered()
     except ValueError as err:
         bad = str(err)
-    return {"times": times, "spans": every, "wall": wall, "bad": bad}
+    return {"times": times, "spans": every, "wall": wall, "side": side, "bad": bad}
 
 
 solo: dict[int, object] = {}
@@ -115,6 +121,23 @@ def test_it_agrees_with_the_wall_clock_when_nothing_is_shared(results) -> None:
     assert abs(t.critical_path - wall) <= 0.1 * wall, (t.critical_path, wall)
 
 
+def test_ranks_enter_each_collective_together(results) -> None:
+    # Under the turns rank 2 finishes its first segment 0.04 s of sleep after rank 0 started its own wait: without
+    # the release every rank but the last would wait inside the collective (and could start its transfer).
+    t: StepTimes = results[0]["times"]
+    assert len(t.skew_S1) == 2 and max(t.skew_S1) < 0.02, t.skew_S1
+
+
+def test_without_turns_the_step_is_taken_apart_alike(results) -> None:
+    t, side = results[0]["times"], results[0]["side"]
+    assert side.names == t.names
+    want = sum(max(SLEEP[r][k] for r in range(3)) for k in range(3))
+    assert want <= side.compute < want + 0.05, (side.compute, want)
+    # Arrivals spread by the compute: 0.06 / 0.02 / 0.04 s before the first collective, 0.02 / 0.08 / 0.04 s more
+    # before the second (every rank leaves the first together).
+    assert side.skew_S1[0] >= 0.035 and side.skew_S1[1] >= 0.055, side.skew_S1
+
+
 def test_different_collectives_are_an_error(results) -> None:
     assert all("ran different collectives" in r["bad"] for r in results), [r["bad"] for r in results]
 
@@ -124,25 +147,28 @@ def _async_world(rank: int, world_size: int) -> dict:
 
     done = {}
     before = torch._C._distributed_c10d.ProcessGroup.__dict__["allreduce"]
-    for mode in ("plain", "waited"):
+    clocks = {"plain": contextlib.nullcontext(), "turns": TurnTaking(), "together": TurnTaking(turns=False)}
+    for mode, clock in clocks.items():
         dist.barrier()
         if rank == 1:
             time.sleep(1.0)          # rank 0's collective cannot finish before rank 1 calls it
-        with WaitAtOnce() if mode == "waited" else contextlib.nullcontext():
+        with clock:
             x = torch.ones(2) * (rank + 1)
             work = dist.all_reduce(x, async_op=True)
             done[mode] = work.is_completed()
         work.wait()
+        if mode != "plain":
+            clock.gathered()
         done[mode + "_sum"] = x.tolist()
     done["restored"] = torch._C._distributed_c10d.ProcessGroup.__dict__["allreduce"] is before
     return done
 
 
-def test_wait_at_once_waits_for_asynchronous_collectives_where_they_are_called() -> None:
+def test_asynchronous_collectives_are_waited_for_where_they_are_called() -> None:
     got = world(_async_world, 2)
     assert got[0]["plain"] is False, got       # left to run beside the caller's work
-    assert got[0]["waited"] is True, got       # done when the call returns
-    assert got[0]["plain_sum"] == got[0]["waited_sum"] == [3.0, 3.0]
+    assert got[0]["turns"] is True and got[0]["together"] is True, got       # done when the call returns
+    assert got[0]["plain_sum"] == got[0]["turns_sum"] == got[0]["together_sum"] == [3.0, 3.0]
     assert all(r["restored"] for r in got)
 
 

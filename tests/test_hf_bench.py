@@ -152,5 +152,9 @@ def test_target_lines_say_met_or_not_from_the_rows() -> None:
     assert any(line.startswith("check EP 2 uniform") and "worst large_ep +23.8 %, NOT met" in line for line in lines)
     assert "target EP 16 learned: large_ep_dynamic >= 1.4x autoep (critical path): 1.50x, met" in lines
     assert "target EP 16 learned: large_ep_dynamic >= 0.90x force_balanced: 0.94x, met" in lines
+    # With the waited steps taken apart, the line says where the two sides differ.
+    rows[1].update(compute_ms=40.0, comm_ms=10.0, waited_compute_ms=43.0, waited_communication_ms=19.5)
+    assert any(line.startswith("check EP 2 uniform") and "worst large_ep +23.8 % (compute 40.0 ms, collectives "
+               "10.0 ms; the wall clock's own 43.0 and 19.5), NOT met" in line for line in target_lines(rows))
     rows[1]["waited_tokens_per_s"] = 95.0
     assert any("check EP 2 uniform" in line and ", met" in line for line in target_lines(rows))

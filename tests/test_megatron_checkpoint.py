@@ -7,11 +7,10 @@ another EP size asks for the slices of the experts it holds. Two models on 4 ran
   ``rank_to_experts=((0, 1), (2, 3))``; the other two ranks are its expert-data-parallel copies);
 * 2 experts: EP 2 with one expert per rank, and EP 4 with each expert replicated twice (a placement; forward only).
 
-Megatron's ``dist_checkpointing.save`` cannot run on CPU (its torch_dist writer calls ``torch.cuda.synchronize``
-and its ShardedTensor placements say ``cuda``), so the bytes go through a minimal writer (``megatron_helpers.save_shards`` / ``load_shards``): every rank stores
-the *main replicas* of its ``ShardedTensor`` s / ``ShardedObject`` s by (checkpoint key, global offset), and a load
-fills each requested shard from there. What Megatron checks before it writes, it checks here too:
-``validate_sharding_integrity`` (main replicas cover every global tensor exactly once).
+The model goes through Megatron's own ``dist_checkpointing.save`` / ``load`` (factories, common state, the
+integrity validation: ``validate_sharding_integrity``, main replicas covering every global tensor exactly once);
+only the tensor files are written by a CPU strategy (``megatron_helpers.files_strategy``: the stock torch_dist
+writer calls ``torch.cuda.synchronize``).
 """
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:full scope is deprecated")
 import torch  # noqa: E402
 
 from conftest import world  # noqa: E402
-from megatron_helpers import init_megatron, load_shards, placement_for, save_shards, tiny_config, tiny_gpt, tokens  # noqa: E402,E501
+from megatron_helpers import dist_load, dist_save, init_megatron, placement_for, tiny_config, tiny_gpt, tokens  # noqa: E402,E501
 
 VOCAB, SEQ = 32, 8
 
@@ -48,10 +47,11 @@ def _logits(model: Any, rank: int) -> torch.Tensor:
 def _round_trip(rank: int, experts: int, save_ep: int, load_ep: int, directory: str) -> dict[str, Any]:
     source = _model(experts, save_ep, seed=1)
     want = _logits(source, rank)
-    saved = save_shards(source.sharded_state_dict(), directory)
+    dist_save(source.sharded_state_dict(), directory)
+    saved = len(os.listdir(directory))
     target = _model(experts, load_ep, seed=2)
     before = _logits(target, rank)
-    missing, unexpected = target.load_state_dict(load_shards(target.sharded_state_dict(), directory), strict=False)
+    missing, unexpected = target.load_state_dict(dist_load(target.sharded_state_dict(), directory), strict=False)
     after = _logits(target, rank)
     layer = target.decoder.layers[0].mlp
     return {

@@ -12,7 +12,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from conftest import world  # noqa: E402
-from megatron_helpers import init_megatron, tiny_config  # noqa: E402
+from megatron_helpers import error_of, init_megatron, tiny_config  # noqa: E402
 
 from largeep_plugin.integrations.megatron import large_ep_config_from_megatron  # noqa: E402
 
@@ -156,11 +156,7 @@ def _layer_checks(rank: int, world_size: int) -> dict[str, Any]:
     errors["missing_attributes"] = sorted(set(vars(stock)) - set(vars(LargeEPMoELayer(cfg))))
 
     def attempt(name: str, fn: Any) -> None:
-        try:
-            fn()
-            errors[name] = "no error"
-        except (ValueError, NotImplementedError) as e:
-            errors[name] = f"{type(e).__name__}: {e}"
+        errors[name] = error_of(fn)
 
     attempt("overlap", lambda: LargeEPMoELayer(cfg, large_ep={"overlap_chunks": 2}))
     attempt("router", lambda: LargeEPMoELayer(cfg, MoESubmodules(experts=LargeEPExperts, router=TopKRouter)))

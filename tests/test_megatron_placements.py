@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from conftest import world  # noqa: E402
-from megatron_helpers import init_megatron, load_shards, placement_for, save_shards, tiny_config, tiny_gpt, tokens  # noqa: E402,E501
+from megatron_helpers import dist_load, dist_save, init_megatron, placement_for, tiny_config, tiny_gpt, tokens  # noqa: E402,E501
 
 VOCAB, SEQ, STEPS, LR = 32, 8, 3, 0.5
 
@@ -164,14 +164,14 @@ def _record_replica_sum(rank: int, model: Any) -> dict[str, Any]:
 
 def _case(rank: int, experts: int, eps: tuple[int, int], directory: str) -> dict[str, Any]:
     cfg, source = _build(experts, eps[0], seed=1)
-    save_shards(source.sharded_state_dict(), directory)
+    dist_save(source.sharded_state_dict(), directory)
     out = {"a": _train(rank, cfg, source)}
     cfg, target = _build(experts, eps[1], seed=2)
-    target.load_state_dict(load_shards(target.sharded_state_dict(), directory), strict=False)
+    target.load_state_dict(dist_load(target.sharded_state_dict(), directory), strict=False)
     out["b"] = _train(rank, cfg, target)
     if eps[1] > experts:  # replicated: again under the stand-in of Megatron's DDP
         cfg, target = _build(experts, eps[1], seed=2)
-        target.load_state_dict(load_shards(target.sharded_state_dict(), directory), strict=False)
+        target.load_state_dict(dist_load(target.sharded_state_dict(), directory), strict=False)
         out["c"] = _train(rank, cfg, target, ddp_kind="main_grad")
         out["replica_sum"] = _record_replica_sum(rank, target)
     return out

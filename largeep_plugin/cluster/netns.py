@@ -92,14 +92,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def delete_namespace(name: str) -> None:
-    """Kill what still runs inside ``name`` (processes of our ranks) and delete it; its veths go with it."""
+def kill_processes(name: str) -> None:
+    """SIGKILL every process that runs inside namespace ``name`` (our ranks and whatever they started)."""
     pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30).stdout.split()
     for pid in pids:
         try:
             os.kill(int(pid), 9)
         except ProcessLookupError:
             pass
+
+
+def delete_namespace(name: str) -> None:
+    """Kill what still runs inside ``name`` (processes of our ranks) and delete it; its veths go with it."""
+    kill_processes(name)
     subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True, timeout=30)
 
 
@@ -195,6 +200,11 @@ class Network:
         """Bytes node ``node`` has sent over its inter-node link so far (its eth0 counter)."""
         out = run_cmd(["ip", "-n", self.nodes[node], "-j", "-s", "link", "show", "dev", NODE_IFACE])
         return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
+
+    def disconnect(self, node: int) -> None:
+        """Take node ``node``'s link down: nothing leaves or reaches it any more (a machine that lost power sends
+        no goodbye, not even the TCP resets of its dying sockets)."""
+        run_cmd(["ip", "-n", self.nodes[node], "link", "set", NODE_IFACE, "down"])
 
     def destroy(self) -> None:
         """Delete every namespace of this network (idempotent)."""

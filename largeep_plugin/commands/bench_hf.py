@@ -215,8 +215,12 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
         if checked:
             worst = max(checked, key=lambda r: abs(crit(r) / r["waited_tokens_per_s"] - 1))
             gap = crit(worst) / worst["waited_tokens_per_s"] - 1
+            parts = ""
+            if worst.get("waited_compute_ms") is not None:
+                parts = (f" (compute {worst['compute_ms']:.1f} ms, collectives {worst['comm_ms']:.1f} ms; the wall "
+                         f"clock's own {worst['waited_compute_ms']:.1f} and {worst['waited_communication_ms']:.1f})")
             out.append(f"check EP {ep} uniform: the critical path agrees with the wall clock (collectives waited at "
-                       f"once, a core per rank) within 10 %: worst {worst['variant']} {100 * gap:+.1f} %, "
+                       f"once, a core per rank) within 10 %: worst {worst['variant']} {100 * gap:+.1f} %{parts}, "
                        f"{'met' if abs(gap) <= 0.10 else 'NOT met'}")
     return out
 

@@ -105,7 +105,8 @@ def access_of(optimizer: Any) -> StateAccess:
     if callable(getattr(optimizer, "read", None)) and callable(getattr(optimizer, "write", None)):
         return optimizer
     raise ValueError(f"optimizer={type(optimizer).__name__}: expected a torch.optim.Optimizer, a StateAccess "
-                     "(read/write per parameter) or None")
+                     "(read/write per parameter) or None (Megatron's optimizers: wrap them in "
+                     "largeep_plugin.integrations.megatron.MegatronOptimizerState)")
 
 
 # ---- packing ------------------------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def replace_layers(layers: Sequence[tuple[str, nn.Module]], optimizer: Any,
         if moves is None or not moves.due():
             continue
         if optimizer is None:
-            raise ValueError(f"{name}: replace_every={layer.config.replace_every} moves experts with their optimizer "
+            raise ValueError(f"{name}: replace_every={moves.config.replace_every} moves experts with their optimizer "
                              "state: call largeep_plugin.rebalance(model, optimizer) (the optimizer that steps the "
                              "model)")
         _check_copies(name, layer, dp_group)
@@ -155,18 +155,20 @@ def _check_copies(name: str, layer: nn.Module, dp_group: ProcessGroup | None) ->
         return
     for _, module in layer.local_experts():
         for p in module.parameters():
-            group = getattr(p, "expert_dp_group", None)
+            # The core tags the parameters; Megatron's layer names its expert-data-parallel group itself.
+            group = getattr(p, "expert_dp_group", None) or getattr(layer, "expert_dp_group", None)
             if group is not None and group_size(group) > 1:
                 raise ValueError(f"{name}: replace_every with data-parallel copies of the EP group needs "
                                  "rebalance(model, optimizer, dp_group=...) (the ranks holding this EP rank in every "
-                                 "copy, largeep_plugin.hf.parallel_groups(...).dp_group), so every copy moves alike")
+                                 "copy, largeep_plugin.hf.parallel_groups(...).dp_group; Megatron: the layer's "
+                                 "expert_dp_group), so every copy moves alike")
             return
 
 
 def decide(layer: nn.Module, access: StateAccess, dp_group: ProcessGroup | None) -> dict[str, Any]:
     """One decision of ``layer`` (its window summed, planned, moved when worth it); the record."""
     moves: HomeMoves = layer.moves
-    cfg = layer.config
+    cfg = moves.config
     coact_EE, measured_NN = moves.window(dp_group)
     home = layer.home_layout()
     homes = [m for _, m in layer.local_experts()]
@@ -231,7 +233,7 @@ def move_experts(layer: nn.Module, home: Sequence[Sequence[int]], access: StateA
     with the same ``home``. Returns the bytes this rank sent (its own slots included)."""
     access = access_of(access)
     old = layer.home_layout()
-    new = check_movable(home, layer.config.num_experts)
+    new = check_movable(home, len({x for held in old for x in held}))  # E (the layer holds every expert)
     if [len(h) for h in new] != [len(h) for h in old]:
         raise ValueError(f"home={[list(h) for h in new]}: a move keeps the number of home experts of every rank "
                          f"({[len(h) for h in old]})")

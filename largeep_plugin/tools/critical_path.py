@@ -11,16 +11,21 @@ wall clock hides the imbalance a cluster (one GPU per rank) would pay for. Two t
   collective) and the next segment starts only when the previous rank has finished its own: rank 0 computes,
   passes a token to rank 1 over a group of its own, and so on round the ranks; the last rank's arrival starts a
   world collective. So no two ranks ever compute at once, and the segment times
-  are what each device would take. A step's **critical path** is then the sum over segments of the slowest
-  rank's time, plus the communication: each collective's time from the arrival of the last rank until every rank
-  has left it (the ranks share the machine's monotonic clock), i.e. what the network took, with the wake-up of the
-  ranks that were already waiting in it (here: gloo over loopback, unless the world runs on the emulated cluster,
-  ``largeep cluster``). ``balanced``: the same sum with every rank at the mean of the ranks (the
-  work of the step spread perfectly: the force-balanced figure). Collectives are waited for at once in this mode,
+  are what each device would take. The ranks enter each collective *together*: a barrier of the token's group
+  releases them when the last has finished its segment, so no rank starts its transfer while another computes (a
+  rank that entered early would otherwise have pushed its data into the others' socket buffers during their
+  turns, a head start a balanced step does not give). A step's
+  **critical path** is then the sum over segments of the slowest rank's time, plus the communication: each
+  collective's time from the last rank's release until every rank has left it (the ranks share the machine's
+  monotonic clock), what the network took (here: gloo over loopback, unless the world runs on the emulated
+  cluster, ``largeep cluster``). ``balanced``: the same sum with every rank at the mean of the ranks (the work of
+  the step spread perfectly: the force-balanced figure). Collectives are waited for at once in this mode,
   asynchronous ones included (their overlap with compute is not measured). Bytes: every world-wide all-to-all
   records what it sends to each rank, so a layout of the ranks on nodes gives the inter-node bytes of the step.
-* ``WaitAtOnce``: collectives waited for at once as under ``TurnTaking``, the ranks running together: with as many
-  cores as ranks (nothing shared), its wall clock is what the critical path must agree with.
+* ``TurnTaking(turns=False)``: the ranks run at once, every collective (asynchronous ones included) waited for
+  where it is called, the step taken apart the same way: with as many cores as ranks (nothing shared but the
+  machine's caches and memory), its wall clock is what the critical path must agree with, and its segments and
+  collectives say where the two differ.
 """
 from __future__ import annotations
 
@@ -75,6 +80,8 @@ class StepTimes:
         segments_RS: [R][S] seconds of each rank's S compute segments (the same S on every rank).
         comm_S1: [S - 1] seconds of each collective, from the last rank's arrival until every rank has left it.
         names: [S - 1] the collectives, in order.
+        skew_S1: [S - 1] seconds between the first and the last rank's arrival at each collective (under the turns:
+            the barrier's release, a few hundred microseconds; without them: the ranks' compute differences).
         sent_bytes_RR: [R][R] bytes rank a sent rank b by ``all_to_all_single`` in the step.
     """
 
@@ -82,6 +89,7 @@ class StepTimes:
     comm_S1: tuple[float, ...]
     names: tuple[str, ...]
     sent_bytes_RR: tuple[tuple[int, ...], ...]
+    skew_S1: tuple[float, ...] = ()
 
     @property
     def compute(self) -> float:
@@ -137,49 +145,22 @@ class _CollectivePatch:
         self._real = {}
 
 
-class WaitAtOnce(_CollectivePatch):
-    """``with WaitAtOnce(): step()``: every collective, asynchronous ones included, is waited for where it is
-    called, as under ``TurnTaking``, but the ranks run at once. A wall clock taken so differs from the critical
-    path only by what the ranks share (cores, caches) and the turn-taking's own costs: at as many ranks as cores it
-    is the check of the critical path (``largeep bench hf`` at EP 2). Asynchronous collectives left to overlap
-    compute are slower than that on a CPU (gloo's transfers over loopback take cores from the ranks' compute),
-    faster on a GPU (a copy engine, a NIC)."""
-
-    def __init__(self, synchronize: Callable[[], None] | None = None) -> None:
-        self.synchronize = synchronize
-        self._real = {}
-
-    def _wrap(self, name: str, real: Callable[..., Any]) -> Callable[..., Any]:
-        def collective(pg: Any, *args: Any, **kwargs: Any) -> Any:
-            work = real(pg, *args, **kwargs)
-            if work is not None:
-                work.wait()
-            if self.synchronize is not None:
-                self.synchronize()
-            return work
-        return collective
-
-    def __enter__(self) -> "WaitAtOnce":
-        self._patch()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._unpatch()
-
-
 class TurnTaking(_CollectivePatch):
     """``with clock: step()`` then ``clock.gathered()`` (collective) for the ``StepTimes`` of the step. Build it on
     every rank of the world at the same point (it creates a group for its token); use it for one step at a time.
+    ``turns=False``: no turns and no release barrier, the ranks run at once; collectives are still waited for where
+    they are called and the step is taken apart alike (the wall-clock side of the check at as many ranks as cores).
 
     The token goes round: rank r starts a segment when rank r - 1 has finished its own, rank 0 when the last rank
     has (after the first), so no two ranks compute at once even around a collective of a subgroup. The step must
     run the same collectives on every rank: they are compared at the end (ValueError); with different numbers of
     them the token cannot go round, and the step ends in the token group's timeout."""
 
-    def __init__(self, synchronize: Callable[[], None] | None = None) -> None:
+    def __init__(self, synchronize: Callable[[], None] | None = None, *, turns: bool = True) -> None:
         """``synchronize``: on an accelerator, the call that waits for its queued work (``torch.accelerator.synchronize``),
         run at the end of every segment and after every collective, so that the times are the device's."""
         self.synchronize = synchronize
+        self.turns = turns
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self._token_group = dist.new_group(backend="gloo")
         self._token = torch.zeros(1)
@@ -195,7 +176,7 @@ class TurnTaking(_CollectivePatch):
 
     # ---- the segment chain ---------------------------------------------------------------------------------------
     def _begin(self, first: bool = False) -> None:
-        if self.rank > 0 or (not first and self.size > 1):
+        if self.turns and (self.rank > 0 or (not first and self.size > 1)):
             source = (self.rank - 1) % self.size
             dist.recv(self._token, source, group=self._token_group)
         self._start = time.perf_counter()
@@ -204,7 +185,7 @@ class TurnTaking(_CollectivePatch):
         if self.synchronize is not None:
             self.synchronize()
         self._segments.append(time.perf_counter() - self._start)
-        if self.size > 1 and not (last and self.rank == self.size - 1):
+        if self.turns and self.size > 1 and not (last and self.rank == self.size - 1):
             # Sent without waiting: the receiver may be inside a collective still (rank 0, for the last rank's token).
             self._sends.append(dist.isend(self._token, (self.rank + 1) % self.size, group=self._token_group))
 
@@ -217,6 +198,9 @@ class TurnTaking(_CollectivePatch):
                 self._end()
                 if name in _BYTE_COUNTED and pg.size() == self.size:
                     self._count_bytes(*args)
+                if self.turns and self.size > 1:
+                    # Released together: the last rank's token has gone out, every rank is done with its segment.
+                    dist.barrier(group=self._token_group)
                 self._arrive.append(time.perf_counter())
                 work = real(pg, *args, **kwargs)
                 if work is not None:
@@ -265,10 +249,11 @@ class TurnTaking(_CollectivePatch):
                              f"{[len(e[0]) for e in every]}; the critical path is not defined")
         self._segments, self._arrive, self._leave, self._names = [], [], [], []
         self._sent = [0] * self.size
-        comm = tuple(max(0.0, max(e[2][i] for e in every) - max(e[1][i] for e in every))
-                     for i in range(len(every[0][3])))
+        count = range(len(every[0][3]))
+        comm = tuple(max(0.0, max(e[2][i] for e in every) - max(e[1][i] for e in every)) for i in count)
+        skew = tuple(max(e[1][i] for e in every) - min(e[1][i] for e in every) for i in count)
         return StepTimes(segments_RS=tuple(e[0] for e in every), comm_S1=comm, names=every[0][3],
-                         sent_bytes_RR=tuple(e[4] for e in every))
+                         sent_bytes_RR=tuple(e[4] for e in every), skew_S1=skew)
 
 
 def typical_step(steps: Sequence[StepTimes]) -> StepTimes | None:
@@ -282,7 +267,9 @@ def typical_step(steps: Sequence[StepTimes]) -> StepTimes | None:
     segments = tuple(tuple(statistics.median([s.segments_RS[r][k] for s in steps]) for k in range(len(row)))
                      for r, row in enumerate(first.segments_RS))
     comm = tuple(statistics.median([s.comm_S1[i] for s in steps]) for i in range(len(first.comm_S1)))
-    return StepTimes(segments_RS=segments, comm_S1=comm, names=first.names, sent_bytes_RR=first.sent_bytes_RR)
+    skew = tuple(statistics.median([s.skew_S1[i] for s in steps]) for i in range(len(first.skew_S1)))
+    return StepTimes(segments_RS=segments, comm_S1=comm, names=first.names, sent_bytes_RR=first.sent_bytes_RR,
+                     skew_S1=skew)
 
 
 def median_step(steps: Sequence[StepTimes]) -> dict[str, float]:

@@ -29,8 +29,9 @@ Critical path (``tools/critical_path.TurnTaking``): ``iters`` more steps of each
 between collectives, so no two ranks compute at once: the step's critical path is the sum over its compute
 segments of the slowest rank's time plus the collectives' time (gloo over loopback here), what a cluster with one
 device per rank would take; with ranks sharing cores, the wall clock hides the imbalance a GPU step would show.
-Where the ranks have a core each (EP 2 on two cores), the wall clock once more with every collective waited for
-where it is called (``WaitAtOnce``, as the turn-taking does): the critical path must agree with it. Bytes: the
+Where the ranks have a core each (EP 2 on two cores), each turn-taking step is followed by one timed barrier to
+barrier with the ranks together and every collective waited for where it is called (``TurnTaking(turns=False)``,
+taken apart the same way): the critical path must agree with it, and the two decompositions say where they differ. Bytes: the
 step's all-to-all bytes that would cross nodes with the ranks on two nodes. Memory: the peak growth of a rank's resident set from before the
 variant's model is built through its first step (weights, gradients, optimizer state, activations), the largest
 over the ranks. A small learning rate keeps the routing as built for the whole run.
@@ -52,7 +53,7 @@ import torch.nn as nn
 from largeep_plugin.layer.moe_layer import load_stats
 from largeep_plugin.placement.plan import Placement, plan_placement
 from largeep_plugin.placement.topology import Topology
-from largeep_plugin.tools.critical_path import TurnTaking, WaitAtOnce, median_step
+from largeep_plugin.tools.critical_path import TurnTaking, median_step
 from largeep_plugin.tools.launch import run_world
 from largeep_plugin.tools.progress import ProgressBar
 from largeep_plugin.tools.side_by_side import interleaved_seconds, peak_growth_mib, resident_kib
@@ -344,23 +345,29 @@ def _critical_paths(built: dict[str, Any], variants: list[str], ids_BS: torch.Te
                     ) -> dict[str, dict[str, float]]:
     """``iters`` steps of each variant with the ranks taking turns (``TurnTaking``): the medians of the critical
     path, its compute, the balanced compute, the communication, and the all-to-all bytes across two nodes. With
-    ``waited`` (a dict), each such step is followed by one timed barrier to barrier with ``WaitAtOnce`` (the ranks
-    together, collectives waited where called), its seconds filled in per variant."""
+    ``waited`` (a dict), each such step is followed by one timed barrier to barrier with the ranks together and the
+    collectives waited where called (``TurnTaking(turns=False)``), its seconds filled in per variant and its
+    compute and communication, taken apart alike, beside the critical path's (``waited_compute_s``...)."""
     sync = None if device == "cpu" else torch.accelerator.synchronize
     clock = TurnTaking(synchronize=sync)
+    together = TurnTaking(synchronize=sync, turns=False) if waited is not None else None
     out = {}
     for v in variants:
-        steps = []
+        steps, side = [], []
         for _ in range(iters):
             with clock:
                 _step(built[v], ids_BS)
             steps.append(clock.gathered())
-            if waited is not None:
-                with WaitAtOnce(synchronize=sync):
+            if together is not None:
+                with together:
                     waited.setdefault(v, []).extend(interleaved_seconds({v: lambda v=v: _step(built[v], ids_BS)},
                                                                         warmup=0, iters=1)[v])
+                side.append(together.gathered())
         out[v] = {**median_step(steps), "internode_mb": statistics.median(
             s.internode_bytes(max(1, world // 2)) for s in steps) / 2**20}
+        if side:
+            figures = median_step(side)
+            out[v].update({f"waited_{k}": figures[k] for k in ("compute_s", "communication_s")})
     return out
 
 
@@ -460,7 +467,10 @@ def _critical_columns(critical: dict[str, float] | None, settings: HFBenchSettin
     return {"critical_tokens_per_s": settings.sizes.tokens_per_rank / critical["critical_path_s"],
             "critical_ms": 1e3 * critical["critical_path_s"], "compute_ms": 1e3 * critical["compute_s"],
             "comm_ms": 1e3 * critical["communication_s"], "internode_mb": critical["internode_mb"],
-            "per_step_critical_tokens_per_s": settings.sizes.tokens_per_rank / critical["per_step_critical_path_s"]}
+            "per_step_critical_tokens_per_s": settings.sizes.tokens_per_rank / critical["per_step_critical_path_s"],
+            # The check's other side (EP <= cores): the waited wall-clock steps taken apart the same way.
+            **{f"waited_{k}_ms": 1e3 * critical[f"waited_{k}_s"] for k in ("compute", "communication")
+               if f"waited_{k}_s" in critical}}
 
 
 def _force_balanced_row(critical: dict[str, float], settings: HFBenchSettings, ep: int, router: str,

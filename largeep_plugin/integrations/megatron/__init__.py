@@ -8,12 +8,14 @@ What lives where:
     config.py         TransformerConfig -> LargeEPConfig, once, with clear errors
     router.py         LargeEPRouter: the core router behind Megatron's router interface
     dispatcher.py     LargeEPTokenDispatcher: the six-stage MoETokenDispatcher over the core all-to-all
-    layer.py          LargeEPMoELayer (MoELayer subclass), LargeEPExperts
+    layer.py          LargeEPMoELayer (MoELayer subclass): the stages, placements, clones, moves of home experts
+    experts.py        LargeEPExperts: this rank's expert(s) and their checkpoint layout
     checkpoint.py     experts saved under their global expert id in the distributed checkpoint
     specs.py          spec helpers: stock GPT specs with the MoE mlp swapped
     cpu_attention.py  TorchSDPAttention: a core attention that runs on CPU
     balance.py        bias update (finalize_model_grads for sigmoid, the plugin's hook otherwise), load logging
     gloo_ddp.py       GlooDataParallel: Megatron's gradient reduction on CPU (its DDP needs CUDA)
+    optimizer_state.py  MegatronOptimizerState: the optimizer's per-parameter state, for moves of home experts
     replicas.py       replicated experts: their gradients summed over the replicas (Megatron's DDP or CPU)
     lm.py             the Megatron-LM route: extra arguments, the large_ep section of a DeepSpeed JSON
 """
@@ -23,7 +25,9 @@ from .checkpoint import expert_sharded_state_dict
 from .config import check_megatron_config, large_ep_config_from_megatron
 from .gloo_ddp import GlooDataParallel
 from .dispatcher import LargeEPTokenDispatcher
-from .layer import LargeEPExperts, LargeEPMoELayer, large_ep_moe_layers
+from .experts import LargeEPExperts
+from .layer import LargeEPMoELayer, large_ep_moe_layers
+from .optimizer_state import MegatronOptimizerState
 from .replicas import enable_replica_gradient_sum, sum_replica_gradients_
 from .router import LargeEPRouter
 from .specs import (
@@ -40,6 +44,7 @@ __all__ = [
     "LargeEPMoELayer",
     "LargeEPRouter",
     "LargeEPTokenDispatcher",
+    "MegatronOptimizerState",
     "TorchSDPAttention",
     "check_megatron_config",
     "enable_replica_gradient_sum",

@@ -12,6 +12,11 @@ Dynamic replicas (``large_ep={"dynamic_replicas": S}``): after every optimizer s
 new weights and, every ``rebalance_every`` steps, a new plan: ``largeep_plugin.rebalance(model)``, which
 ``install_bias_update_hook`` also runs after the bias update (collective over each EP group).
 
+Live re-placement (``large_ep={"replace_every": N}``): every N steps the same ``rebalance`` may move home experts
+between EP ranks with their optimizer state, read and written through ``MegatronOptimizerState`` (Megatron's
+``FP32Optimizer`` parts; mixed precision and the distributed optimizer are refused), every data-parallel copy
+alike (the window is summed over Megatron's expert-data-parallel group too). The hook needs the optimizer then.
+
 Per-expert load (Megatron logs none): ``log_expert_load`` writes each layer's ``LoadStats`` to a ``LoadMonitor``
 (JSON lines) and, when given one, to a TensorBoard ``SummaryWriter``.
 """
@@ -25,6 +30,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from largeep_plugin.layer.load_balance import LoadMonitor, apply_bias_updates
 from largeep_plugin.layer.moe_layer import rebalance
 from .layer import large_ep_moe_layers
+from .optimizer_state import MegatronOptimizerState
 from .router import LargeEPRouter
 
 
@@ -46,11 +52,12 @@ def update_large_ep_biases(model: Any) -> int:
 
 
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The first ``torch.optim.Optimizer`` inside a Megatron optimizer (or the optimizer itself)."""
+    """The last ``torch.optim.Optimizer`` inside a Megatron optimizer (or the optimizer itself): a
+    ``ChainedOptimizer`` steps its parts in order (dense, then experts), so the last one's step ends the step."""
     seen = optimizer
     while not isinstance(seen, torch.optim.Optimizer):
         if getattr(seen, "chained_optimizers", None):
-            seen = seen.chained_optimizers[0]
+            seen = seen.chained_optimizers[-1]
         elif getattr(seen, "optimizer", None) is not None:
             seen = seen.optimizer
         else:
@@ -59,22 +66,36 @@ def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 def install_bias_update_hook(
-    model: Any, optimizer: Any = None, after: Callable[[], None] | None = None
+    model: Any, optimizer: Any = None, after: Callable[[], None] | None = None, *,
+    monitor: LoadMonitor | None = None,
 ) -> Any:
     """Run ``update_large_ep_biases(model)`` and ``largeep_plugin.rebalance(model)`` (then ``after()``) after every
     optimizer step.
 
     Args:
         model: the model or its list of chunks.
-        optimizer: a torch optimizer or a Megatron one (hooked on its first inner torch optimizer, so it runs once
-            per step; Megatron skips that step on overflow, and so is the update). None: the first torch optimizer
-            of the process that steps (for Megatron-LM, whose training loop does not expose its optimizer).
+        optimizer: a torch optimizer or a Megatron one (hooked on its last inner torch optimizer, so it runs once
+            per step, after every part stepped; Megatron skips that step on overflow, and so is the update). None:
+            the first torch optimizer of the process that steps (for Megatron-LM, whose training loop does not
+            expose its optimizer); not with ``replace_every`` (the moves need the optimizer's state).
         after: called after the update (e.g. load logging).
+        monitor: a ``LoadMonitor`` (on one rank) that logs every record ``rebalance`` returns: each decision to
+            move experts (``"kind": "move"``: what moved where, bytes, the predicted busiest link before and after)
+            and each re-plan of the clones, under the number of the step (1 after the first).
     Returns:
         the hook handle (``.remove()`` to uninstall).
     """
 
+    movers = [layer for _, layer in large_ep_moe_layers(model) if layer.moves is not None]
+    access, dp_group = None, None
+    if movers:
+        if optimizer is None:
+            raise ValueError(f"replace_every={movers[0].large_ep_config.replace_every} moves experts with their "
+                             "optimizer state: pass the optimizer, install_bias_update_hook(model, optimizer)")
+        access = MegatronOptimizerState(optimizer)  # refuses what moves cannot read, before the first step
+        dp_group = movers[0].expert_dp_group
     first: list[Any] = []
+    steps = [0]
 
     def hook(opt: Any, *_: Any) -> None:
         # Megatron chains several torch optimizers (dense, experts): act once per step, on the first one.
@@ -82,8 +103,13 @@ def install_bias_update_hook(
             first.append(opt)
         if opt is not first[0]:
             return
+        steps[0] += 1
         update_large_ep_biases(model)
-        rebalance(model)  # layers with dynamic replicas: clones refreshed, re-planned when due
+        # Layers with replace_every: experts moved when due and worth it; with dynamic replicas: clones refreshed,
+        # re-planned when due.
+        records = rebalance(model, access, dp_group)
+        if monitor is not None and records:
+            monitor.log_replans(steps[0], records)
         if after is not None:
             after()
 

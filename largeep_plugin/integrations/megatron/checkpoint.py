@@ -16,6 +16,15 @@ all under the same checkpoint key ``mlp.experts.expert.fc1.weight``, so EP = E, 
 or replicas inside the EP group under a placement) have distinct ``replica_id`` s and only the main replica
 ``(0, 0, 0)`` is written. The router (``mlp.router.weight``, ``mlp.router.expert_bias``) is replicated and saved by
 Megatron's defaults.
+
+The optimizer state follows the same keys wherever Megatron's optimizer builds it from the model's sharded state
+dict, parameter by parameter: ``FP32Optimizer`` / ``Float16OptimizerWithFloat16Params``
+(``optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<model key>``, the expert's slice) and the distributed
+optimizer with ``distrib_optim_sharding_type`` ``'fully_sharded_model_space'`` (mcore 0.16's default) or
+``'fully_reshardable'``. Its other formats, ``'dp_reshardable'`` and ``'dp_zero_gather_scatter'``, store the flat
+buffers of each data-parallel group, laid out by which experts the rank held: with them every layer also stores its
+layout (``<prefix>large_ep_layout``, a ``ShardedObject``), and loading it into another layout is refused
+(``check_layout``) rather than giving the slots the moments of other experts.
 """
 from __future__ import annotations
 
@@ -23,7 +32,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
+
+# Distributed-optimizer checkpoint formats whose state is stored per data-parallel buffer, not per parameter.
+BUCKET_FORMATS = ("dp_reshardable", "dp_zero_gather_scatter")
+LAYOUT_KEY = "large_ep_layout"
 
 
 def replica_index(rank_to_experts: Sequence[Sequence[int]], rank: int, expert: int) -> int:
@@ -69,3 +83,29 @@ def expert_sharded_state_dict(
             prepend_axis_num=axis + 1,
         )
     return out
+
+
+def layout_sharded_object(prefix: str, sharded_offsets: Sequence[tuple[int, int, int]], *, sharding_type: str,
+                          home: Sequence[Sequence[int]], replica_id: tuple[int, int, int]) -> ShardedObject:
+    """The layer's layout as a ``ShardedObject`` under ``<prefix>large_ep_layout`` (one per layer: the layer axis
+    of ``sharded_offsets`` is its offset): ``{"sharding_type", "ep_size", "home"}``, ``home`` [R] the experts of
+    every EP rank."""
+    layout = {"sharding_type": sharding_type, "ep_size": len(home), "home": [list(h) for h in home]}
+    return make_sharded_object_for_checkpoint(layout, f"{prefix}{LAYOUT_KEY}", tuple(sharded_offsets),
+                                              replica_id=replica_id)
+
+
+def check_layout(saved: Mapping[str, Any], home: Sequence[Sequence[int]], where: str) -> None:
+    """Refuse to load a checkpoint whose optimizer state is stored per data-parallel buffer (``saved``: what
+    ``layout_sharded_object`` stored) into another layout ``home`` (NotImplementedError naming both)."""
+    now = [list(h) for h in home]
+    if saved["home"] == now:
+        return
+    raise NotImplementedError(
+        f"{where}: the checkpoint was saved with distrib_optim_sharding_type={saved['sharding_type']!r} at EP size "
+        f"{saved['ep_size']} with experts per EP rank {saved['home']}, and this model runs EP size {len(now)} with "
+        f"{now}: that format stores the distributed optimizer's flat buffers of each data-parallel group, laid out by "
+        "the experts a rank held, so the moments would land on other experts. Resume it with the layout it was "
+        "saved with, or save with distrib_optim_sharding_type='fully_sharded_model_space' or 'fully_reshardable' "
+        "(state per parameter, stored by the expert's global id) to resume at another EP size or layout"
+    )

@@ -2,7 +2,7 @@
 
 The MoE settings a Megatron user already wrote (experts, top-k, score function, group-limited routing, top-k
 scaling, capacity, losses, activation, shared experts, router dtype) are read from the ``TransformerConfig``; the plugin-only settings (``bias_update_rate``, ``init_seed``,
-``check_inputs``, ``overlap_chunks``, ``dispatch``) come from ``overrides``, a mapping of ``LargeEPConfig`` field
+``check_inputs``, ``overlap_chunks``, ``dispatch``, dynamic replicas, moves: ``PLUGIN_FIELDS``) come from ``overrides``, a mapping of ``LargeEPConfig`` field
 names (the ``large_ep`` section of a JSON/YAML file, or the spec helpers' ``large_ep=`` argument).
 
 Errors:
@@ -38,7 +38,8 @@ from largeep_plugin.layer.config import LargeEPConfig
 
 # LargeEPConfig fields that only the plugin knows about: free to set through overrides.
 PLUGIN_FIELDS = ("bias_update_rate", "init_seed", "check_inputs", "overlap_chunks", "dispatch", "grouped_gemm",
-                 "dynamic_replicas", "rebalance_every", "rebalance_decay", "rebalance_margin")
+                 "dynamic_replicas", "rebalance_every", "rebalance_decay", "rebalance_margin", "replace_every",
+                 "replace_margin")
 
 # LargeEPConfig fields that come from the Megatron config, with the Megatron field to change instead.
 MEGATRON_SOURCES = {

@@ -126,6 +126,8 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
             self.local_slot_RE = slot_table(rank_to_experts, config.num_moe_experts)
         self.count_source: Any = None
         self.clones: Any = None
+        # Live re-placement (``replace_every``): the layer's HomeMoves, told each training forward's assignments.
+        self.moves: Any = None
         # Per-call state between stages (see the module docstring); each is taken by the next stage.
         self._routed: _Routed | None = None
         self._in_flight: tuple[DispatchHandle, torch.Size] | None = None
@@ -139,6 +141,12 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
         self.clones = clones
         self.local_slot_RE = slot_table(rank_to_experts, self.config.num_moe_experts)
         self.num_slots = clones.num_slots
+
+    def relabel(self, home: Any, placement: Any) -> None:
+        """The home experts moved: route by ``placement`` (``home`` [R]: the experts of every EP rank)."""
+        self.placement = placement
+        if self.local_slot_RE is not None:
+            self.local_slot_RE = slot_table(home, self.config.num_moe_experts).to(self.local_slot_RE.device)
 
     def dispatch_preprocess(
         self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor
@@ -159,6 +167,8 @@ class LargeEPTokenDispatcher(MoETokenDispatcher):
             dest_rank_TK = topk_ids_TK  # expert e lives on EP rank e
         else:
             dest_rank_TK = self.placement.destination_ranks(topk_ids_TK, self.ep_rank)
+        if self.moves is not None and getattr(self.count_source, "load_counted", False):
+            self.moves.observe(topk_ids_TK, keep_TK, dest_rank_TK)  # once per training forward (the router's count)
         # Sends per token: K, or K*t under expert TP (every shard of the chosen expert gets the token).
         copies = self.top_k
         if self.expert_tp_size > 1:

@@ -26,7 +26,7 @@ distributed checkpoint of the shards.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -40,144 +40,16 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from largeep_plugin.layer.clones import CloneSlots
 from largeep_plugin.layer.config import LargeEPConfig
 from largeep_plugin.layer.expert_slots import rank_to_experts_of
-from largeep_plugin.layer.experts import ExpertMLP, LocalExperts
 from largeep_plugin.layer.load_balance import LoadStats
+from largeep_plugin.layer.moves import HomeMoves
 from largeep_plugin.layer.notices import warn_once
+from largeep_plugin.placement.plan import Placement
 from largeep_plugin.placement.topology import Topology
-from .checkpoint import expert_sharded_state_dict, replica_index
+from .checkpoint import replica_index
 from .config import large_ep_config_from_megatron
 from .dispatcher import LargeEPTokenDispatcher
+from .experts import LargeEPExperts
 from .router import LargeEPRouter
-
-
-class LargeEPExperts(nn.Module):
-    """The expert(s) of this rank, called the way ``MoELayer`` calls its experts.
-
-    ``forward(rows_MH, tokens_per_expert, permuted_probs) -> (rows_MH * permuted_probs, None)``. One expert per rank: the core
-    ``ExpertMLP`` as ``expert`` (``expert.fc1.weight`` ...). A colocated placement (several experts on some rank):
-    the core ``LocalExperts`` as ``local_experts`` (``local_experts.<slot>.fc1.weight`` ..., slot l holding
-    ``expert_ids[l]``), on every rank of the layer; ``tokens_per_expert`` is then the dispatcher's [R, L] rows per
-    (source rank, slot). Parameters are tagged ``allreduce=False``; ``sharded_state_dict`` stores every expert
-    under its global expert id (``integrations/megatron/checkpoint.py``).
-
-    Args:
-        config: the layer's ``LargeEPConfig``.
-        expert_ids: the experts this rank holds, ascending.
-        ep_replicas: for each of them, its replica index inside the EP group (0: its first holder).
-        expt_dp_group: Megatron's expert-data-parallel group.
-        colocated: whether some rank of the layer holds several experts (then ``local_experts`` on every rank).
-        tp_rank, tp_size: expert tensor parallelism: this rank holds shard ``tp_rank`` of ``tp_size`` of its expert.
-    """
-
-    def __init__(
-        self,
-        config: LargeEPConfig,
-        *,
-        expert_ids: Sequence[int],
-        ep_replicas: Sequence[int],
-        expt_dp_group: Any,
-        colocated: bool = False,
-        tp_rank: int = 0,
-        tp_size: int = 1,
-    ):
-        super().__init__()
-        self.expert_ids = tuple(int(e) for e in expert_ids)
-        if tp_size != 1 and colocated:
-            raise NotImplementedError(f"tp_size={tp_size} with colocated experts: expert shards are one per rank")
-        if len(ep_replicas) != len(self.expert_ids) or (len(self.expert_ids) > 1 and not colocated):
-            raise ValueError(f"expert_ids={self.expert_ids} with ep_replicas={tuple(ep_replicas)} and "
-                             f"colocated={colocated}: one replica index per expert; several experts need colocated")
-        self.colocated = colocated
-        if colocated:
-            self.local_experts = LocalExperts(config.expert_config, expert_ids=self.expert_ids, init_seed=config.init_seed)
-        else:
-            self.expert = ExpertMLP(config.expert_config, expert_id=self.expert_ids[0], init_seed=config.init_seed,
-                                    tp_rank=tp_rank, tp_size=tp_size)
-        self.tp_size = tp_size
-        self.num_experts = config.num_experts
-        self.ep_replicas = tuple(int(r) for r in ep_replicas)
-        self.expt_dp_group = expt_dp_group
-        # Set by LargeEPMoELayer to its dispatcher: colocated experts read the device copy of the slot counts there.
-        self.count_source: Any = None
-        # Set by LargeEPMoELayer with dynamic replicas: its CloneSlots (a submodule of the layer, not of this one).
-        self.clones: CloneSlots | None = None
-        self.large_ep_config = config
-
-    @property
-    def expert_id(self) -> int:
-        """The expert of this rank, when it holds exactly one."""
-        if len(self.expert_ids) != 1:
-            raise NotImplementedError(f"this rank holds experts {self.expert_ids}: use expert_ids")
-        return self.expert_ids[0]
-
-    def experts_by_id(self) -> list[tuple[int, nn.Module]]:
-        """(expert id, ``ExpertMLP``) of every expert of this rank, in ``expert_ids`` order."""
-        modules = list(self.local_experts) if self.colocated else [self.expert]
-        return list(zip(self.expert_ids, modules))
-
-    def forward(
-        self, rows_MH: torch.Tensor, tokens_per_expert: torch.Tensor | None = None,
-        permuted_probs: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, None]:
-        """``expert(rows_MH) * permuted_probs`` (the product in float32, returned in the rows' dtype): the
-        dispatcher sends each row's combine weight with it and sums the returned rows. ``permuted_probs=None``:
-        the unweighted expert output."""
-        if self.clones is not None:
-            return self._forward_with_clones(rows_MH, tokens_per_expert, permuted_probs)
-        if self.colocated:
-            if tokens_per_expert is None or tokens_per_expert.dim() != 2:
-                raise ValueError("colocated experts need tokens_per_expert as the dispatcher's [R, L] counts, got "
-                                 f"{None if tokens_per_expert is None else tuple(tokens_per_expert.shape)}")
-            counts_dev = self.count_source.recv_slot_counts_dev() if self.count_source is not None else None
-            out_MH = self.local_experts(rows_MH, tokens_per_expert.tolist(), counts_dev)  # host counts: no sync
-        else:
-            out_MH = self.expert(rows_MH)
-        if permuted_probs is None:
-            return out_MH, None
-        if permuted_probs.shape != out_MH.shape[:1]:
-            raise ValueError(f"permuted_probs of shape {tuple(permuted_probs.shape)} for {out_MH.shape[0]} rows: "
-                             "one combine weight per received row")
-        return (out_MH.float() * permuted_probs.float().unsqueeze(-1)).to(out_MH.dtype), None
-
-    def _forward_with_clones(self, rows_MH: torch.Tensor, tokens_per_expert: torch.Tensor | None,
-                             permuted_probs: torch.Tensor | None) -> tuple[torch.Tensor, None]:
-        """The home experts and the clones, slot by slot (``tokens_per_expert``: the dispatcher's [R, L + S]
-        counts). The rows and their weights are the anchors of the clones' gradient return (``CloneSlots.bind``):
-        it runs after this backward, before the dispatch's."""
-        if tokens_per_expert is None or tokens_per_expert.dim() != 2:
-            raise ValueError("dynamic replicas need tokens_per_expert as the dispatcher's [R, L + S] counts")
-        anchors = (rows_MH,) if permuted_probs is None else (rows_MH, permuted_probs)
-        homes = [m for _, m in self.experts_by_id()]
-        self.clones.prepare(homes)
-        anchors, slots = self.clones.bind(anchors, homes, self.large_ep_config.expert_config)
-        counts_dev = self.count_source.recv_slot_counts_dev() if self.count_source is not None else None
-        out_MH = slots(anchors[0], tokens_per_expert.tolist(), counts_dev)  # host counts: no sync
-        if permuted_probs is None:
-            return out_MH, None
-        return (out_MH.float() * anchors[1].float().unsqueeze(-1)).to(out_MH.dtype), None
-
-    def backward_dw(self) -> None:
-        """Nothing to do: weight gradients are computed in the ordinary backward."""
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
-        if self.tp_size != 1:
-            # The layout stores whole experts; a shard would be a slice of fc1's rows (two slices under SwiGLU)
-            # and of fc2's columns, which expert_sharded_state_dict does not describe yet.
-            raise NotImplementedError(f"expert_tensor_parallel_size={self.tp_size}: the distributed checkpoint of "
-                                      "expert shards is not implemented (save with expert_tensor_parallel_size=1)")
-        dp_rank = get_pg_rank(self.expt_dp_group)
-        out: dict[str, Any] = {}
-        for slot, ((expert_id, module), ep_replica) in enumerate(zip(self.experts_by_id(), self.ep_replicas)):
-            out.update(expert_sharded_state_dict(
-                module.state_dict(prefix="", keep_vars=True),
-                f"{prefix}local_experts.{slot}." if self.colocated else f"{prefix}expert.",
-                sharded_offsets,
-                expert_id=expert_id,
-                num_experts=self.num_experts,
-                replica_id=(0, ep_replica, dp_rank),
-                checkpoint_prefix=f"{prefix}expert.",
-            ))
-        return out
 
 
 class LargeEPMoELayer(MoELayer):
@@ -197,7 +69,9 @@ class LargeEPMoELayer(MoELayer):
 
     Attributes (besides ``MoELayer``'s): ``large_ep_config``, ``expert_ids``, ``expert_id`` (NotImplementedError
     when the rank holds several), ``ep_rank``, ``ep_size``, ``last_stats`` (the router's ``LoadStats`` of the
-    latest forward).
+    latest forward), ``clones`` (``dynamic_replicas``: the ``CloneSlots``, else None), ``moves`` (``replace_every``:
+    the ``HomeMoves`` whose window the dispatcher fills, else None). ``home_layout()``, ``local_experts()`` and
+    ``relabel_homes(home)`` are what ``largeep_plugin.move_experts`` / ``rebalance`` need of a layer.
     """
 
     def __init__(
@@ -284,9 +158,14 @@ class LargeEPMoELayer(MoELayer):
             expt_dp_group=pg_collection.expt_dp, colocated=colocated, tp_rank=expt_tp_rank, tp_size=expt_tp,
         )
         self.experts.count_source = self.token_dispatcher
+        self.experts.home = rank_to_experts
+        self.experts.ep_rank = ep_rank
         self.clones: CloneSlots | None = None
         if lep.dynamic_replicas > 0:
             self._add_clones(lep, rank_to_experts, ep_rank, ep_size, placement, expt_tp)
+        self.moves: HomeMoves | None = None
+        if lep.replace_every > 0:
+            self._add_moves(lep, ep_rank, ep_size, placement, expt_tp, replicated)
         self.shared_experts = None
         if self.use_shared_expert:
             self.shared_experts = build_shared_experts(submodules, config, pg_collection)
@@ -326,10 +205,85 @@ class LargeEPMoELayer(MoELayer):
         topology = getattr(placement, "topology", None) or Topology.uniform(1, ep_size)
         self.clones = CloneSlots(lep, ep_group=self.ep_group, ep_rank=ep_rank, home=rank_to_experts,
                                  topology=topology, template=self.experts.experts_by_id()[0][1])
+        # The distributed checkpoint keeps the load history, not the plan (sharded_state_dict): a load plans afresh.
+        self.clones.register_load_state_dict_pre_hook(self._clone_plan_missing)
+        self.clones.register_load_state_dict_post_hook(self._clone_plan_from_history)
+        self._replan_clones = False
         # Plain references, not submodules: the slots belong to this layer's state dict once.
         object.__setattr__(self.experts, "clones", self.clones)
         object.__setattr__(self.router, "load_observer", self.clones)
         self.token_dispatcher.use_clones(self.clones, rank_to_experts)
+
+    def _add_moves(self, lep: LargeEPConfig, ep_rank: int, ep_size: int, placement: Any, expt_tp: int,
+                   replicated: bool) -> None:
+        """Live re-placement (``replace_every``): the dispatcher counts each training forward's co-activation and
+        link rows into ``self.moves``; ``largeep_plugin.rebalance(model, optimizer)`` (the optimizer hook of
+        ``install_bias_update_hook``) decides and moves the home experts with their optimizer state."""
+        if expt_tp != 1:
+            raise NotImplementedError(f"replace_every={lep.replace_every} with expert_tensor_parallel_size={expt_tp} "
+                                      "is not supported (an expert split over ranks moves as one): set replace_every=0")
+        if replicated:
+            raise NotImplementedError(
+                f"replace_every={lep.replace_every} with static replicas ({ep_size} EP ranks for {lep.num_experts} "
+                "experts) is not supported: their replica groups are process groups fixed at construction; use "
+                "dynamic_replicas for hot experts, or set replace_every=0")
+        topology = getattr(placement, "topology", None) or Topology.uniform(1, ep_size)
+        self.moves = HomeMoves(lep, ep_group=self.ep_group, ep_rank=ep_rank, topology=topology)
+        self.token_dispatcher.moves = self.moves
+
+    @property
+    def expert_dp_group(self) -> Any:
+        """Megatron's expert-data-parallel group: the ranks holding this EP rank's experts in every data-parallel
+        copy (moves decide alike in all of them: ``rebalance(..., dp_group=layer.expert_dp_group)``)."""
+        return self.experts.expt_dp_group
+
+    def home_layout(self) -> tuple[tuple[int, ...], ...]:
+        """[R] the experts of every EP rank today (the placement's, or what moves made of it)."""
+        return self.rank_to_experts
+
+    def local_experts(self) -> list[tuple[int, nn.Module]]:
+        """(expert id, ``ExpertMLP``) of this rank's home experts, in slot order."""
+        return self.experts.experts_by_id()
+
+    @torch.no_grad()
+    def relabel_homes(self, home: tuple[tuple[int, ...], ...]) -> None:
+        """Say that the home slots now hold ``home`` ([R], the same number per rank, each expert once): the
+        experts' ids, routing (the dispatcher's placement and slot table), the clone plan and the checkpoint keys
+        follow. Only the bookkeeping: ``moves.move_experts`` moved the weights and optimizer state first."""
+        home = tuple(tuple(int(x) for x in h) for h in home)
+        self.rank_to_experts = home
+        self.expert_ids = home[self.ep_rank]
+        self.local_expert_indices = list(self.expert_ids)
+        self.experts.relabel(home)
+        topology = getattr(self.placement, "topology", None) or Topology.uniform(1, self.ep_size)
+        self.placement = Placement(topology=topology, num_experts=self.large_ep_config.num_experts,
+                                   rank_to_experts=home)
+        self.token_dispatcher.relabel(home, self.placement)
+        if self.clones is not None:
+            self.clones.relabel_homes(home)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """Megatron's, less the clones' plan: ``plan_clones_RS`` is [EP size, spare slots], so another EP size could
+        not load it. The load history (``clones.load_ema_E``, ``clones.plan_load_E``, by expert id, replicated:
+        the first data-parallel copy's is stored) is kept, and a load plans the clones afresh from it for this EP
+        size; the next forward refreshes their weights."""
+        out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.clones is not None:
+            out.pop(f"{prefix}clones.plan_clones_RS", None)
+        return out
+
+    def _clone_plan_missing(self, module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+        # A distributed checkpoint's state has no plan (sharded_state_dict): stand the current one in, re-plan after.
+        key = f"{prefix}plan_clones_RS"
+        if key not in state_dict and f"{prefix}load_ema_E" in state_dict:
+            state_dict[key] = module.plan_clones_RS.clone()
+            self._replan_clones = True
+
+    def _clone_plan_from_history(self, module: nn.Module, _incompatible: Any) -> None:
+        if self._replan_clones:
+            self._replan_clones = False
+            if float(module.load_ema_E.sum()) > 0:
+                module.replan_from(module.load_ema_E.clone())
 
     def large_ep_clones(self) -> tuple[CloneSlots, list[nn.Module]] | None:
         """(the clone slots, the home experts in slot order) with dynamic replicas, else None (``rebalance``)."""

@@ -112,6 +112,7 @@ class LargeEPRouter(Router):
         # (reentrant) activation recompute, whose first run has no gradients (layer/recompute.py).
         self.load_counting = LoadCounting()
         self._observed = False
+        self.load_counted = False
         self._pending_shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None = None
 
     def set_layer_number(self, layer_number: int) -> None:
@@ -144,7 +145,9 @@ class LargeEPRouter(Router):
         cfg = self.large_ep_config
         x_TH = input.reshape(-1, cfg.hidden_size)
         routing = self.route_tokens(x_TH)
-        self._observed = self.load_counting.counts(self.training) and self.load_observer is not None
+        # Whether this forward's load counts (the dispatcher's move statistics read it too).
+        self.load_counted = self.load_counting.counts(self.training)
+        self._observed = self.load_counted and self.load_observer is not None
         local_X = self._local_counts(routing, x_TH)
         deferred = self.counts_in_dispatch and cfg.aux_loss_coeff == 0
         global_counts_E = dropped = None

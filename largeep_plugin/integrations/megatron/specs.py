@@ -18,7 +18,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec,
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from .layer import LargeEPExperts, LargeEPMoELayer
+from .experts import LargeEPExperts
+from .layer import LargeEPMoELayer
 from .router import LargeEPRouter
 
 

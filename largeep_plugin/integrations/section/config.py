@@ -15,7 +15,8 @@ section (never ``"expert_parallel"``: that key switches on DeepSpeed's own AutoE
         "rebalance_every": 1,             # re-plan the clones every N optimizer steps (refreshed every step)
         "rebalance_decay": 0.5,           # the planner's load: EMA over steps
         "rebalance_margin": 0.02,         # hysteresis: keep a plan unless a new one is better by this much
-        "replace_every": 0,               # move home experts with their state every N steps when worth it (0 = off)
+        "replace_every": 0,               # move home experts with their state every N steps when worth it (0 = off;
+                                          # Hugging Face models under DeepSpeed; not on the Megatron-LM route)
         "replace_margin": 0.05,           # the busiest inter-node link's share a new layout must save
         "placement": {"topology_file": null, "load_file": null},
         "overlap": {"chunks": 1, "dispatch": "flat", "ranks_per_node": null},
