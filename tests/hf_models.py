@@ -90,6 +90,36 @@ def skew_router(model: nn.Module, hot: tuple[int, ...] = (0, 1), boost: float = 
     return model
 
 
+def steer_pairs(model: nn.Module) -> nn.Module:
+    """Every block's router, in place, the same in every process: experts 0 and 2 like one direction of the hidden
+    state, 1 and 3 the opposite one, so tokens choose the pairs (0, 2) and (1, 3): across the nodes when experts
+    0-1 and 2-3 share one (a co-activation worth a move)."""
+    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "experts") and hasattr(module, "gate"):
+                w = module.gate.weight
+                w.mul_(0.1)
+                for e, sign in ((0, 1.0), (2, 1.0), (1, -1.0), (3, -1.0)):
+                    w[e] += sign * 3.0 * direction / direction.norm()
+    return model
+
+
+def worst_difference(a: tuple[list, list[dict]], b: tuple[list, list[dict]]) -> dict[str, float]:
+    """Largest relative difference of two runs, each (per-step losses, every rank's ``{logical name: (value,
+    exp_avg, exp_avg_sq)}``): of the losses and of each kind of tensor, over every rank's share; ``{"names": inf}``
+    when the runs hold different tensors."""
+    want = {k: v for part in a[1] for k, v in part.items()}
+    got = {k: v for part in b[1] for k, v in part.items()}
+    if sorted(want) != sorted(got):
+        return {"names": float("inf")}
+    worst = {"loss": max(abs(x - y) / abs(x) for x, y in zip(a[0], b[0]))}
+    for i, what in enumerate(("param", "exp_avg", "exp_avg_sq")):
+        worst[what] = max(float((want[k][i] - got[k][i]).abs().max() / want[k][i].abs().max().clamp_min(1e-30))
+                          for k in want if len(want[k]) > i)
+    return worst
+
+
 def dense_and_experts(model: nn.Module) -> dict:
     """A converted model's parameters on this rank: ``{"dense": {name: tensor}, "experts": {(block name, expert id):
     ExpertMLP state}}`` (what ``param_errors`` compares)."""

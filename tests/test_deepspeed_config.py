@@ -10,6 +10,7 @@ import pytest
 
 from largeep_plugin.integrations.section.config import (
     LargeEPSection,
+    layer_fields,
     large_ep_section_from_config,
     parse_large_ep_section,
     resolve_ep_size,
@@ -86,10 +87,14 @@ def test_impossible_values(section, fragment):
         parse_large_ep_section(section)
 
 
-def test_moves_are_refused_under_deepspeed_naming_the_key():
-    with pytest.raises(NotImplementedError, match=r"large_ep.replace_every=3: moving home experts under DeepSpeed"):
-        parse_large_ep_section({"enabled": True, "ep_size": 4, "replace_every": 3})
-    assert parse_large_ep_section({"enabled": True, "ep_size": 4, "replace_every": 0}).replace_every == 0
+def test_moves_are_layer_fields_and_checked():
+    section = parse_large_ep_section({"enabled": True, "ep_size": 4, "replace_every": 3, "replace_margin": 0.1})
+    assert layer_fields(section)["replace_every"] == 3 and layer_fields(section)["replace_margin"] == 0.1
+    assert parse_large_ep_section({"enabled": True, "ep_size": 4}).replace_every == 0
+    with pytest.raises(ValueError, match=r"large_ep\.replace_every=-1 must be >= 0"):
+        parse_large_ep_section({"enabled": True, "ep_size": 4, "replace_every": -1})
+    with pytest.raises(ValueError, match=r"large_ep\.replace_margin=-0\.5 must be a finite number >= 0"):
+        parse_large_ep_section({"enabled": True, "ep_size": 4, "replace_margin": -0.5})
 
 
 def test_shipped_configs():

@@ -24,22 +24,9 @@ import torch
 pytest.importorskip("transformers")
 
 from conftest import world  # noqa: E402
-from hf_models import tiny_model, tokens  # noqa: E402
+from hf_models import steer_pairs, tiny_model, tokens, worst_difference  # noqa: E402
 
 WORLD, BATCH, SEQ, EVERY, EXPERTS = 4, 2, 8, 2, 4
-
-
-def _steer(model) -> None:  # type: ignore[no-untyped-def]
-    """Every block's router: experts 0 and 2 (one on each node) like one direction of the hidden state, 1 and 3
-    the opposite one, so tokens choose cross-node pairs (a co-activation worth a move)."""
-    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(11))
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "experts") and hasattr(module, "gate"):
-                w = module.gate.weight
-                w.mul_(0.1)
-                for e, sign in ((0, 1.0), (2, 1.0), (1, -1.0), (3, -1.0)):
-                    w[e] += sign * 3.0 * direction / direction.norm()
 
 
 def _build(ep_size: int, seed: int = 0, steer: bool = False, **overrides):  # type: ignore[no-untyped-def]
@@ -50,7 +37,7 @@ def _build(ep_size: int, seed: int = 0, steer: bool = False, **overrides):  # ty
     groups = lhf.parallel_groups(ep_size)
     model = tiny_model("mixtral", EXPERTS, seed=seed)
     if steer:
-        _steer(model)
+        steer_pairs(model)
     placement = None
     if ep_size == EXPERTS:
         # two nodes of two ranks joined by a slow link without latency: the planner then weighs this tiny
@@ -115,19 +102,6 @@ def _logical(model, optimizer) -> dict[str, tuple[torch.Tensor, ...]]:  # type: 
     return out
 
 
-def _worst(a: tuple[list, list[dict]], b: tuple[list, list[dict]]) -> dict[str, float]:
-    """Largest relative difference of the losses and of each kind of tensor, over every rank's share."""
-    want = {k: v for part in a[1] for k, v in part.items()}
-    got = {k: v for part in b[1] for k, v in part.items()}
-    if sorted(want) != sorted(got):
-        return {"names": float("inf")}
-    worst = {"loss": max(abs(x - y) / abs(x) for x, y in zip(a[0], b[0]))}
-    for i, what in enumerate(("param", "exp_avg", "exp_avg_sq")):
-        worst[what] = max(float((want[k][i] - got[k][i]).abs().max() / want[k][i].abs().max().clamp_min(1e-30))
-                          for k in want if len(want[k]) > i)
-    return worst
-
-
 def _moves_world(rank: int, world_size: int) -> dict:
     out: dict = {}
     # Enough tokens per step (and a steered router) that moving two experts pays within three steps on the slow link.
@@ -155,14 +129,14 @@ def test_moves_on_a_converted_model_are_the_same_math() -> None:
     planned = (per_rank[0]["planned"][0], [r["planned"][1] for r in per_rank])
     before, after = per_rank[0]["layouts"]
     assert all(a != b for a, b in zip(before, after)), per_rank[0]["layouts"]
-    worst = _worst(still, moved)
+    worst = worst_difference(still, moved)
     assert all(v <= 1e-6 for v in worst.values()), worst
     records = per_rank[0]["records"]
     assert [r["step"] for r in records] == [3, 3, 6, 6, 9, 9], records   # two layers, every third step
     first = records[:2]   # the decision after step 3, one record per layer
     assert all(r["moved"] and r["bytes"] > 0 and r["predicted_gain"] > 0.05 for r in first), first
     assert all(not r["moved"] for r in records[2:]), records   # settled: nothing worth moving any more
-    worst = _worst(still, planned)
+    worst = worst_difference(still, planned)
     assert all(v <= 1e-6 for v in worst.values()), worst
 
 
@@ -192,5 +166,5 @@ def test_resume_at_another_ep_size_equals_the_run_that_never_stopped(tmp_path) -
         assert per_rank[0][f"pending{move}"] > 0   # the save fell between two bias updates
         want = (per_rank[0][f"straight{move}"][0], [r[f"straight{move}"][1] for r in per_rank])
         got = (per_rank[0][f"resumed{move}"][0], [r[f"resumed{move}"][1] for r in per_rank])
-        worst = _worst(want, got)
+        worst = worst_difference(want, got)
         assert all(v <= 1e-6 for v in worst.values()), (move, worst)

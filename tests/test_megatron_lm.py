@@ -101,6 +101,10 @@ def test_deepspeed_section_is_read_strictly(tmp_path: Any) -> None:
                                                                 "data_parallel_copies": 2}})
     with pytest.raises(ValueError, match="large_ep.data_parallel_copies=2: under Megatron-LM"):
         large_ep_settings(lm_args(deepspeed_config=copies))
+    moves = write_json(tmp_path / "moves.json", {"large_ep": {"enabled": True, "ep_size": 2, "replace_every": 3}})
+    with pytest.raises(NotImplementedError, match="large_ep.replace_every=3: moving home experts is not supported on "
+                                                  "the Megatron-LM route"):
+        large_ep_settings(lm_args(deepspeed_config=moves))
 
 
 def test_settings_conflicts_are_errors(tmp_path: Any) -> None:

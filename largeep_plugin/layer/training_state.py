@@ -148,6 +148,10 @@ def _params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 
 
 def _group_index(access: StateAccess, p: nn.Parameter) -> int | None:
+    """The optimizer group of ``p``: the access's own answer where it has one (a route whose optimizer steps
+    flat copies, not the model's parameters), else the group of the access's torch optimizer holding ``p``."""
+    if callable(getattr(access, "group_index", None)):
+        return access.group_index(p)
     groups = getattr(getattr(access, "optimizer", None), "param_groups", None)
     if groups is None:
         return None
@@ -354,7 +358,9 @@ def load_training_state(path: str | os.PathLike[str], model: nn.Module, optimize
             raise ValueError(f"load_training_state: the optimizer has {len(groups)} parameter groups, the "
                              f"checkpoint {len(dense['param_groups'])}")
         for group, saved in zip(groups, dense["param_groups"]):
-            group.update(saved)
+            # A group's name is which group it is, not a hyper-parameter (DeepSpeed names its expert groups by the
+            # EP size, which a resume may change).
+            group.update({k: v for k, v in saved.items() if k != "name"})
     _load_rank_state(directory, model, meta, same, rank)
     extra = torch.load(os.path.join(directory, "extra.pt"), weights_only=False)
     _barrier()

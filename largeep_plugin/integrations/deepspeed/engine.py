@@ -52,6 +52,7 @@ from largeep_plugin.integrations.section.config import (AUTO, SECTION, LargeEPSe
 from .convert import ExpertConverter, LargeEPDeepSpeedMoE, convert_moe_layers
 from .hf_blocks import REPLICA_GROUP_ATTR, convert_hf_blocks, hf_moe_blocks, hf_routing
 from .knobs import follow_engine
+from .training_state import DeepSpeedState
 from .placement import (deepspeed_expert_groups, hook_checkpoint_names, plan_section_placement,
                                   resolve_ranks_per_node)
 
@@ -139,6 +140,11 @@ def initialize(
         model_parameters = list(model.parameters()) if model_parameters is None else model_parameters
     else:
         replicated = False
+        if section.replace_every:
+            raise NotImplementedError(f"{SECTION}.replace_every={section.replace_every} with deepspeed.moe.layer.MoE "
+                                      "layers: the engine files their checkpoints by a fixed expert per rank "
+                                      "(placement.hook_checkpoint_names), which moves would make wrong; moves run on "
+                                      "Hugging Face models, or set replace_every to 0")
         if placement is not None and not one_per_rank:
             raise NotImplementedError("a placement for deepspeed.moe.layer.MoE layers holds one expert per rank; "
                                       "replicas and several experts per rank need a Hugging Face model")
@@ -157,8 +163,30 @@ def initialize(
     if one_per_rank:  # per-expert checkpoint files named by expert id; other layouts keep the engine's slot names
         expert_id = placement.rank_to_expert[groups._get_expert_parallel_rank(section.group_name)]
         hook_checkpoint_names(engine, section.group_name, expert_id)
+    refuse_engine_checkpoints_after_moves(engine)  # moves by hand too (lep.move_experts), not only replace_every
     engine.large_ep_placement = placement
     return outputs
+
+
+def refuse_engine_checkpoints_after_moves(engine: Any) -> None:
+    """``engine.save_checkpoint`` refuses once experts have moved: the engine files each rank's expert slots by
+    rank (stages 0-2) or partition (stage 3), and a fresh engine starts from the placement, not from the moved
+    layout, so it would load other experts into the slots. ``training_state.save_training_state`` stores experts
+    by id and the layout with them."""
+    start = {name: layer.home_layout() for name, layer in moe_layers(engine.module)}
+    inner = engine.save_checkpoint
+
+    def save_checkpoint(*args: Any, **kwargs: Any) -> Any:
+        moved = [name for name, layer in moe_layers(engine.module) if layer.home_layout() != start[name]]
+        if moved:
+            raise NotImplementedError(
+                f"engine.save_checkpoint after the experts of {moved[0]} moved (and "
+                f"{len(moved) - 1} more layers): the engine's files hold expert slots, not experts; use "
+                "largeep_plugin.integrations.deepspeed.save_training_state(path, engine), which stores experts by "
+                "id and resumes at any EP size")
+        return inner(*args, **kwargs)
+
+    engine.save_checkpoint = save_checkpoint
 
 
 def _zero_stage(raw: dict[str, Any]) -> int:
@@ -344,10 +372,13 @@ def _with_homes_gathered(model: nn.Module, zero_stage: int, fn: Any) -> Any:
         return fn(model)
 
 
-def rebalance_large_ep(model: nn.Module, zero_stage: int = 0) -> list[dict[str, Any]]:
-    """``largeep_plugin.rebalance`` of the engine's module (the engine's step calls it): clones refreshed from the
-    new weights, re-planned when due. Returns the re-plans' records."""
-    return _with_homes_gathered(model, zero_stage, rebalance)
+def rebalance_large_ep(model: nn.Module, zero_stage: int = 0, access: Any = None,
+                       dp_group: Any = None) -> list[dict[str, Any]]:
+    """``largeep_plugin.rebalance`` of the engine's module (the engine's step calls it): with ``replace_every``,
+    home experts moved when due with their state in ``access`` (``training_state.DeepSpeedState``; ``dp_group``:
+    DeepSpeed's expert-data-parallel group, so every copy of the EP group moves alike); clones refreshed from the
+    new weights, re-planned when due. Returns the moves' and re-plans' records."""
+    return _with_homes_gathered(model, zero_stage, lambda m: rebalance(m, access, dp_group))
 
 
 def _hook_bias_updates(engine: Any, section: LargeEPSection, replicated: bool = False, zero_stage: int = 0) -> None:
@@ -366,6 +397,9 @@ def _hook_bias_updates(engine: Any, section: LargeEPSection, replicated: bool = 
 
         writer = SummaryWriter(section.monitor.tensorboard_dir)
     engine_step = engine.step
+    moves = section.replace_every > 0
+    access = DeepSpeedState(engine) if moves else None
+    edp_group = groups._get_expert_data_parallel_group(section.group_name) if moves else None
 
     def step(*args: Any, **kwargs: Any) -> Any:
         before = engine.global_steps
@@ -376,7 +410,7 @@ def _hook_bias_updates(engine: Any, section: LargeEPSection, replicated: bool = 
             return out  # a gradient-accumulation micro-step, or a step skipped on overflow
         layers = list(moe_layers(engine.module))
         update_large_ep_biases(engine.module)
-        replans = rebalance_large_ep(engine.module, zero_stage)
+        replans = rebalance_large_ep(engine.module, zero_stage, access, edp_group)
         if monitor is not None:
             monitor.log_model(engine.global_steps, layers)
             monitor.log_replans(engine.global_steps, replans)
@@ -389,6 +423,9 @@ def _hook_bias_updates(engine: Any, section: LargeEPSection, replicated: bool = 
                     writer.add_scalar(f"large_ep/{name}/drops", int(layer.last_stats.dropped), engine.global_steps)
             for record in replans:
                 name = record["layer"]
+                if record.get("kind") == "move":   # a decision about the home experts (layer/moves.py)
+                    writer.add_scalar(f"large_ep/{name}/experts_moved", len(record["moved"]), engine.global_steps)
+                    continue
                 writer.add_scalar(f"large_ep/{name}/predicted_rank_imbalance", record["predicted_rank_imbalance"],
                                   engine.global_steps)
                 writer.add_scalar(f"large_ep/{name}/clones_moved", len(record["moved"]), engine.global_steps)

@@ -130,6 +130,12 @@ def large_ep_settings(args: Any) -> LargeEPSettings:
     if section.allow_colocate:
         raise ValueError(f"{SECTION}.allow_colocate=true is for Hugging Face models under DeepSpeed; under "
                          "Megatron-LM experts per rank follow --num-experts and --expert-model-parallel-size: remove it")
+    if section.replace_every != 0:
+        raise NotImplementedError(
+            f"{SECTION}.replace_every={section.replace_every}: moving home experts is not supported on the "
+            "Megatron-LM route, which reads this section too (its training loop does not hand the plugin's hook the "
+            "optimizer; Megatron-Core training loops can: large_ep={'replace_every': N} in the spec helpers and "
+            "install_bias_update_hook(model, optimizer)); set it to 0")
     raw = dict(raw or {})
     if args.large_ep and raw.get("enabled") is False:
         raise ValueError("--large-ep is given but the large_ep section says enabled=false: remove one of them")

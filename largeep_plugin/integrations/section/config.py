@@ -15,7 +15,9 @@ section (never ``"expert_parallel"``: that key switches on DeepSpeed's own AutoE
         "rebalance_every": 1,             # re-plan the clones every N optimizer steps (refreshed every step)
         "rebalance_decay": 0.5,           # the planner's load: EMA over steps
         "rebalance_margin": 0.02,         # hysteresis: keep a plan unless a new one is better by this much
-        "replace_every": 0,               # moves of home experts: not under DeepSpeed or Megatron-LM (0 only)
+        "replace_every": 0,               # move home experts with their state every N steps when worth it (0 = off;
+                                          # Hugging Face models under DeepSpeed; not on the Megatron-LM route)
+        "replace_margin": 0.05,           # the busiest inter-node link's share a new layout must save
         "placement": {"topology_file": null, "load_file": null},
         "overlap": {"chunks": 1, "dispatch": "flat", "ranks_per_node": null},
         "load_balance": {"bias_update_rate": 0.001, "aux_loss_coeff": 0.0, "z_loss_coeff": 0.0},
@@ -97,6 +99,7 @@ class LargeEPSection:
     rebalance_decay: float = 0.5
     rebalance_margin: float = 0.02
     replace_every: int = 0
+    replace_margin: float = 0.05
     placement: PlacementSection = field(default_factory=PlacementSection)
     overlap: OverlapSection = field(default_factory=OverlapSection)
     load_balance: LoadBalanceSection = field(default_factory=LoadBalanceSection)
@@ -122,6 +125,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "enabled": _BOOL, "ep_size": _INT, "data_parallel_copies": _INT, "top_k": _INT, "score_function": _STR,
     "capacity_factor": _FLOAT, "allow_colocate": _BOOL, "dynamic_replicas": _INT, "rebalance_every": _INT,
     "rebalance_decay": _FLOAT, "rebalance_margin": _FLOAT, "replace_every": _INT,
+    "replace_margin": _FLOAT,
     "placement.topology_file": _STR, "placement.load_file": _STR,
     "overlap.chunks": _INT, "overlap.dispatch": _STR, "overlap.ranks_per_node": _INT,
     "load_balance.bias_update_rate": _FLOAT, "load_balance.aux_loss_coeff": _FLOAT,
@@ -174,7 +178,8 @@ LAYER_FIELDS: tuple[tuple[str, str], ...] = (
     ("load_balance.z_loss_coeff", "z_loss_coeff"), ("overlap.chunks", "overlap_chunks"),
     ("overlap.dispatch", "dispatch"), ("dynamic_replicas", "dynamic_replicas"),
     ("rebalance_every", "rebalance_every"), ("rebalance_decay", "rebalance_decay"),
-    ("rebalance_margin", "rebalance_margin"),
+    ("rebalance_margin", "rebalance_margin"), ("replace_every", "replace_every"),
+    ("replace_margin", "replace_margin"),
 )
 
 
@@ -304,16 +309,11 @@ def _check_values(s: LargeEPSection) -> None:
         raise ValueError(f"{SECTION}.rebalance_decay={s.rebalance_decay!r} must be a number in [0, 1)")
     if not (math.isfinite(s.rebalance_margin) and s.rebalance_margin >= 0):
         raise ValueError(f"{SECTION}.rebalance_margin={s.rebalance_margin!r} must be a finite number >= 0")
-    if s.replace_every != 0:
-        # Known, so that a config written for the core layer says why it does not run here rather than "unknown key".
-        raise NotImplementedError(
-            f"{SECTION}.replace_every={s.replace_every}: moving home experts under DeepSpeed is not supported yet (their "
-            "optimizer state lives in ZeRO's flat partitions, which moves do not read or write), nor on the "
-            "Megatron-LM route, which reads this section too (its training loop does not hand the plugin's hook the "
-            "optimizer; Megatron-Core training loops can: large_ep={'replace_every': N} in the spec helpers and "
-            "install_bias_update_hook(model, optimizer)); set it to 0. "
-            "Resume at another EP size on this route is not supported either: engine.save_checkpoint resumes the "
-            "same world and EP layout")
+    if s.replace_every < 0:
+        raise ValueError(f"{SECTION}.replace_every={s.replace_every} must be >= 0 (optimizer steps between decisions "
+                         "to move home experts; 0 = off)")
+    if not (math.isfinite(s.replace_margin) and s.replace_margin >= 0):
+        raise ValueError(f"{SECTION}.replace_margin={s.replace_margin!r} must be a finite number >= 0")
     for name in ("bias_update_rate", "aux_loss_coeff", "z_loss_coeff"):
         v = getattr(s.load_balance, name)
         if not (math.isfinite(v) and v >= 0):
