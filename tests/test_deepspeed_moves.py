@@ -41,10 +41,12 @@ TOL = 1e-6
 TOLS = {"loss": TOL, "param": TOL, "exp_avg": TOL, "exp_avg_sq": 2 * TOL}
 
 
-def _config(stage: int, world: int, large_ep: dict | None) -> dict:
+def _config(stage: int, world: int, large_ep: dict | None, unmanaged: bool = False) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": 1,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
            "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+    if unmanaged:   # replicas: their gradients are summed in the engine's step, before it reduces them
+        cfg["managed_gradient_accumulation"] = False
     if large_ep is not None:
         cfg["large_ep"] = large_ep
     return cfg
@@ -62,7 +64,8 @@ def _slow_two_nodes(experts: int, ranks: int):  # type: ignore[no-untyped-def]
                      rank_to_experts=tuple(tuple(range(r * per, (r + 1) * per)) for r in range(ranks)))
 
 
-def _engine(stage: int, ep_size: int, experts: int = 4, seed: int = 0, placement=None, **section):  # type: ignore[no-untyped-def]
+def _engine(stage: int, ep_size: int, experts: int = 4, seed: int = 0, placement=None, unmanaged: bool = False,  # type: ignore[no-untyped-def]
+            **section):
     import torch.distributed as dist
 
     from largeep_plugin.integrations.deepspeed.engine import initialize
@@ -74,7 +77,7 @@ def _engine(stage: int, ep_size: int, experts: int = 4, seed: int = 0, placement
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # colocation
         engine, *_ = initialize(model=model, model_parameters=list(model.parameters()),
-                                config=_config(stage, dist.get_world_size(), large_ep), placement=placement)
+                                config=_config(stage, dist.get_world_size(), large_ep, unmanaged), placement=placement)
     return engine
 
 
@@ -235,25 +238,27 @@ def test_the_engine_moves_when_the_planner_says_so(moves) -> None:
 HALF = 3
 
 
-def _first_half(stage: int, ep_size: int, experts: int, path: str, move: bool) -> tuple[list[float], dict]:
+def _first_half(stage: int, ep_size: int, experts: int, path: str, move: bool, unmanaged: bool = False
+                ) -> tuple[list[float], dict]:
     """The run that never stops (returned: its losses after the save point and its final state), then a new run's
     first half and its save (both move after step 2 with ``move``)."""
     from largeep_plugin.integrations.deepspeed import save_training_state
 
-    straight = _engine(stage, ep_size, experts)
+    straight = _engine(stage, ep_size, experts, unmanaged=unmanaged)
     losses = _steps(straight, range(2 * HALF), move_after=2 if move else None)
     out = (losses[HALF:], _logical(straight))
-    first = _engine(stage, ep_size, experts)
+    first = _engine(stage, ep_size, experts, unmanaged=unmanaged)
     _steps(first, range(HALF), move_after=2 if move else None)
     save_training_state(path, first, extra={"step": HALF})
     return out
 
 
-def _second_half(stage: int, ep_size: int, experts: int, path: str, placement=None) -> tuple[list[float], dict]:  # type: ignore[no-untyped-def]
+def _second_half(stage: int, ep_size: int, experts: int, path: str, placement=None,  # type: ignore[no-untyped-def]
+                 unmanaged: bool = False) -> tuple[list[float], dict]:
     """An engine built anew from other weights at ``ep_size``, loaded, three more steps."""
     from largeep_plugin.integrations.deepspeed import load_training_state
 
-    engine = _engine(stage, ep_size, experts, seed=7, placement=placement)
+    engine = _engine(stage, ep_size, experts, seed=7, placement=placement, unmanaged=unmanaged)
     extra = load_training_state(path, engine)
     assert extra == {"step": HALF}, extra
     return _steps(engine, range(HALF, 2 * HALF)), _logical(engine)
@@ -327,3 +332,44 @@ def test_resume_from_ep8_at_ep6_colocated(tmp_path) -> None:  # type: ignore[no-
     worst = worst_difference((straight[0][0], [r[1] for r in straight]), (got[0][0], [r[1] for r in got]))
     print(f"resume EP 8 -> 6 (ZeRO 2): largest relative differences {worst}")
     assert all(v <= TOLS.get(k, 0.0) for k, v in worst.items()), worst
+
+
+def _four_world(rank: int, world: int, path: str) -> tuple[list[float], dict]:
+    from largeep_plugin.integrations.deepspeed.engine import init_deepspeed_comm
+
+    init_deepspeed_comm()
+    return _first_half(1, 4, 4, path, move=False, unmanaged=True)
+
+
+def _eight_replicas_world(rank: int, world: int, path: str) -> tuple[list[float], dict]:
+    from largeep_plugin.integrations.deepspeed.engine import init_deepspeed_comm
+    from largeep_plugin.placement.plan import Placement
+    from largeep_plugin.placement.topology import Topology
+
+    init_deepspeed_comm()
+    placement = Placement(topology=Topology.uniform(1, 8), num_experts=4,
+                          rank_to_experts=tuple((r // 2,) for r in range(8)))    # every expert on two ranks
+    return _second_half(1, 8, 4, path, placement=placement, unmanaged=True)
+
+
+def test_resume_from_ep4_at_ep8_with_replicas(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # 4 experts saved once each at EP 4 (ZeRO 1) load into 8 slots, two copies of each (replicas, whose gradients
+    # the engine sums over their replica group): the next steps are the run that never stopped at EP 4.
+    import transformers  # noqa: F401
+    from largeep_plugin.integrations.deepspeed.engine import load_deepspeed_ops_before_fork
+
+    load_deepspeed_ops_before_fork()
+    path = str(tmp_path / "ep4")
+    straight = run_world(_four_world, 4, args=(path,), timeout=900)
+    got = run_world(_eight_replicas_world, 8, args=(path,), timeout=900)
+    worst = worst_difference((straight[0][0], [r[1] for r in straight]), (got[0][0], [r[1] for r in got]))
+    print(f"resume EP 4 -> 8 with replicas (ZeRO 1): largest relative differences {worst}")
+    assert all(v <= TOLS.get(k, 0.0) for k, v in worst.items()), worst
+    # worst_difference sees one copy per name: the two copies of every expert must be one and the same.
+    copies: dict = {}
+    for _, state in got:
+        for name, value in state.items():
+            copies.setdefault(name, []).append(value)
+    twice = {n: c for n, c in copies.items() if ".expert" in n and not n.endswith(".working")}
+    assert twice and all(len(c) == 2 for c in twice.values()), {n: len(c) for n, c in copies.items()}
+    assert all(torch.equal(a, b) for c in twice.values() for a, b in zip(*c)), "the replicas of an expert differ"
