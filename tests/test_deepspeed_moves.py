@@ -176,6 +176,7 @@ def _moves_world(rank: int, world: int, tmp: str) -> dict:
         "z1": _moved_run(1, 4, 4, placement=_slow_two_nodes(4, 4)),
         "z2": _moved_run(2, 4, 4, placement=_slow_two_nodes(4, 4)),
         "z3": _moved_run(3, 2, 4),   # EP 2 x 2 copies: two experts per rank, each partitioned over its two holders
+        "z3_ep4": _moved_run(3, 4, 4, placement=_slow_two_nodes(4, 4)),
     }
     out.update(_planned_run(tmp))
     # Between backward and the step the gradients sit in ZeRO's buckets: a move there is refused.
@@ -202,7 +203,7 @@ def moves(tmp_path_factory):  # type: ignore[no-untyped-def]
     return out
 
 
-@pytest.mark.parametrize("case", ["z1", "z2", "z3"])
+@pytest.mark.parametrize("case", ["z1", "z2", "z3", "z3_ep4"])
 def test_a_move_under_zero_is_the_same_math(moves, case: str) -> None:
     before, after = moves[0][case]["layouts"]
     assert all(a != b for a, b in zip(before, after)), (before, after)
@@ -373,3 +374,24 @@ def test_resume_from_ep4_at_ep8_with_replicas(tmp_path) -> None:  # type: ignore
     twice = {n: c for n, c in copies.items() if ".expert" in n and not n.endswith(".working")}
     assert twice and all(len(c) == 2 for c in twice.values()), {n: len(c) for n, c in copies.items()}
     assert all(torch.equal(a, b) for c in twice.values() for a, b in zip(*c)), "the replicas of an expert differ"
+
+
+def _eight_moves_world(rank: int, world: int) -> dict:
+    from largeep_plugin.integrations.deepspeed.engine import init_deepspeed_comm
+
+    init_deepspeed_comm()
+    return _moved_run(2, 8, 8, placement=_slow_two_nodes(8, 8))
+
+
+def test_a_move_at_ep8_under_zero2_is_the_same_math() -> None:
+    import transformers  # noqa: F401
+    from largeep_plugin.integrations.deepspeed.engine import load_deepspeed_ops_before_fork
+
+    load_deepspeed_ops_before_fork()
+    got = run_world(_eight_moves_world, 8, timeout=900)
+    before, after = got[0]["layouts"]
+    assert all(a != b for a, b in zip(before, after)), (before, after)
+    worst = worst_difference((got[0]["still"][0], [r["still"][1] for r in got]),
+                             (got[0]["moved"][0], [r["moved"][1] for r in got]))
+    print(f"move at EP 8 under ZeRO 2: largest relative differences {worst}")
+    assert all(v <= TOL for v in worst.values()), worst
