@@ -322,17 +322,23 @@ def test_resume_at_another_ep_size_equals_the_run_that_never_stopped(resumed, ca
     assert all(v <= TOLS.get(k, 0.0) for k, v in worst.items()), (case, worst)
 
 
-def test_resume_from_ep8_at_ep6_colocated(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def _saved_then_resumed(path: str, save, saved_world: int, load, loaded_world: int, label: str) -> list:  # type: ignore[no-untyped-def]
+    """The run that never stops and its save in a world of ``saved_world``, then the resume in one of
+    ``loaded_world``: asserts the next steps equal, returns the resumed ranks' (losses, state)."""
     import transformers  # noqa: F401
     from largeep_plugin.integrations.deepspeed.engine import load_deepspeed_ops_before_fork
 
     load_deepspeed_ops_before_fork()
-    path = str(tmp_path / "ep8")
-    straight = run_world(_eight_world, 8, args=(path,), timeout=900)
-    got = run_world(_six_world, 6, args=(path,), timeout=900)
+    straight = run_world(save, saved_world, args=(path,), timeout=900)
+    got = run_world(load, loaded_world, args=(path,), timeout=900)
     worst = worst_difference((straight[0][0], [r[1] for r in straight]), (got[0][0], [r[1] for r in got]))
-    print(f"resume EP 8 -> 6 (ZeRO 2): largest relative differences {worst}")
+    print(f"resume {label}: largest relative differences {worst}")
     assert all(v <= TOLS.get(k, 0.0) for k, v in worst.items()), worst
+    return got
+
+
+def test_resume_from_ep8_at_ep6_colocated(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _saved_then_resumed(str(tmp_path / "ep8"), _eight_world, 8, _six_world, 6, "EP 8 -> 6 (ZeRO 2)")
 
 
 def _four_world(rank: int, world: int, path: str) -> tuple[list[float], dict]:
@@ -356,16 +362,8 @@ def _eight_replicas_world(rank: int, world: int, path: str) -> tuple[list[float]
 def test_resume_from_ep4_at_ep8_with_replicas(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # 4 experts saved once each at EP 4 (ZeRO 1) load into 8 slots, two copies of each (replicas, whose gradients
     # the engine sums over their replica group): the next steps are the run that never stopped at EP 4.
-    import transformers  # noqa: F401
-    from largeep_plugin.integrations.deepspeed.engine import load_deepspeed_ops_before_fork
-
-    load_deepspeed_ops_before_fork()
-    path = str(tmp_path / "ep4")
-    straight = run_world(_four_world, 4, args=(path,), timeout=900)
-    got = run_world(_eight_replicas_world, 8, args=(path,), timeout=900)
-    worst = worst_difference((straight[0][0], [r[1] for r in straight]), (got[0][0], [r[1] for r in got]))
-    print(f"resume EP 4 -> 8 with replicas (ZeRO 1): largest relative differences {worst}")
-    assert all(v <= TOLS.get(k, 0.0) for k, v in worst.items()), worst
+    got = _saved_then_resumed(str(tmp_path / "ep4"), _four_world, 4, _eight_replicas_world, 8,
+                              "EP 4 -> 8 with replicas (ZeRO 1)")
     # worst_difference sees one copy per name: the two copies of every expert must be one and the same.
     copies: dict = {}
     for _, state in got:
