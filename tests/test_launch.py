@@ -195,3 +195,25 @@ def test_an_exception_without_a_message_is_named_by_its_type() -> None:
         f"  rank 1: StopIteration (at test_launch.py:{here.__code__.co_firstlineno + 2} in {here.__name__})",
         "  rank 2: still running 5s after the first failure; stopped",
     ], text
+
+
+def _thread_cores(rank: int, world_size: int) -> tuple[int, list[set[int]]]:
+    """The cores every thread of this rank may run on (gloo's threads, started by init_process_group, included)."""
+    dist.all_reduce(torch.ones(1))  # gloo's threads are up and have worked
+    tids = [int(t) for t in os.listdir("/proc/self/task")]
+    return len(tids), [os.sched_getaffinity(t) for t in tids]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs Linux's sched_getaffinity")
+def test_pin_cores_binds_each_rank_and_its_threads_to_its_own_core() -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    pinned = run_world(_thread_cores, 2, pin_cores=True, timeout=60)
+    for rank, (threads, every) in enumerate(pinned):
+        assert threads > 1  # the check covers gloo's threads, not only the main one
+        assert every == [{cores[rank]}] * threads
+    # More ranks than cores: nothing pinned; and without pin_cores, nothing pinned either.
+    for world, pin in ((len(cores) + 1, True), (2, False)):
+        for _, every in run_world(_thread_cores, world, pin_cores=pin, timeout=60):
+            assert all(c == set(cores) for c in every)

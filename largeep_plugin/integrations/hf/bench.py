@@ -418,7 +418,7 @@ def run_hf_bench(settings: HFBenchSettings, ep_sizes: list[int], routers: list[s
     for ep in ep_sizes:
         for router in routers:
             per_rank = run_world(bench_rank, ep, args=(settings, router, variants), timeout=timeout,
-                                 backend="gloo" if settings.device == "cpu" else "nccl")
+                                 backend="gloo" if settings.device == "cpu" else "nccl", pin_cores=True)
             first = per_rank[0]
             world = {"ep": ep, "router": router, **{k: first.get(k) for k in ("load", "layer_imbalance", "replicas",
                                                                              "copies")}}
