@@ -27,7 +27,9 @@ Timing, two ways (largeep_plugin/integrations/hf/bench.py). Wall clock: the vari
 (EP, router), --warmup untimed steps, the median of --iters timed ones; the ranks share this machine's cores, which
 hides imbalance. Critical path: --iters more steps of each variant with the ranks taking turns between collectives
 (no two compute at once): the sum over the step's compute segments of the slowest rank's time plus the collectives
-(gloo over loopback), what one device per rank would take. Printed: tokens/s per rank both ways, each over
+(gloo over loopback), what one device per rank would take. With no more ranks than cores (EP 2 here) every rank
+is pinned to a core of its own, and the check line compares the critical path with the wall clock of the ranks
+running at once (docs/performance.md). Printed: tokens/s per rank both ways, each over
 autoep, the critical path and its communication, the all-to-all MB per step that would cross nodes with the ranks
 on two nodes, the peak memory per rank, the expert imbalance and the measured max / mean rows per rank; written
 to --out: hf_bench.json, hf_bench.png (critical-path tokens/s) and hf_bench_wall.png.
