@@ -104,7 +104,7 @@ def _worker(
     args: Sequence[Any],
     report: multiprocessing.connection.Connection,
     parent_pid: int | None,
-    core: int | None = None,
+    cores: frozenset[int] | None = None,
 ) -> None:
     # A forked rank inherits the caller's handlers, which would raise WorldInterrupted here: a rank just ends.
     for signum in _STOP_SIGNALS:
@@ -115,10 +115,10 @@ def _worker(
         LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(threads)
-    if core is not None:
-        # Before gloo starts its threads: they inherit the core, so they wake on this rank's core, not on another
-        # rank's while it computes (a forked child has only this thread).
-        os.sched_setaffinity(0, {core})
+    if cores is not None:
+        # Before gloo starts its threads: they inherit the cores, so they wake on this rank's cores, not on
+        # another rank's while it computes (a new rank has only this thread yet).
+        os.sched_setaffinity(0, cores)
     try:
         dist.init_process_group(
             backend, rank=rank, world_size=world_size,
@@ -192,9 +192,9 @@ def run_world(
         grace: seconds the other ranks get, after the first rank fails or dies, to report before they are
             killed: a killed rank's peers fail within milliseconds, and waiting for them is what tells the rank
             that died from the ranks that merely lost it.
-        pin_cores: where the world has no more ranks than this process may use cores, pin rank r (every thread
-            of it, gloo's included) to the r-th of them, as a cluster launcher binds a rank to its own cores; with
-            more ranks than cores, nothing is pinned (the ranks share the cores as the scheduler sees fit).
+        pin_cores: where the cores this process may use give every rank ``threads_per_rank`` of its own, pin
+            rank r (every thread of it, gloo's included) to the r-th such share, as a cluster launcher binds a rank
+            to its own cores; otherwise nothing is pinned (the ranks share the cores as the scheduler sees fit).
     Raises:
         WorldError: a rank raised, died or the world timed out (see the module docstring).
         WorldInterrupted: SIGTERM or SIGHUP arrived (when called from the main thread).
@@ -205,8 +205,10 @@ def run_world(
         raise ValueError(f"timeout={timeout} must be > 0 seconds")
     ctx = mp.get_context(start_method)
     port = free_port()
-    cores = sorted(os.sched_getaffinity(0)) if pin_cores and hasattr(os, "sched_getaffinity") else []
-    cores_R: list[int | None] = cores[:world_size] if len(cores) >= world_size else [None] * world_size
+    usable = sorted(os.sched_getaffinity(0)) if pin_cores and hasattr(os, "sched_getaffinity") else []
+    t = threads_per_rank
+    cores_R = ([frozenset(usable[r * t:(r + 1) * t]) for r in range(world_size)]
+               if 0 < world_size * t <= len(usable) else [None] * world_size)
     # The forkserver, not this process, is a rank's parent there: its death signal would follow the server.
     parent_pid = None if start_method == "forkserver" else os.getpid()
     procs: list[Any] = []

@@ -29,10 +29,9 @@ Critical path (``tools/critical_path.TurnTaking``): ``iters`` more steps of each
 between collectives, so no two ranks compute at once: the step's critical path is the sum over its compute
 segments of the slowest rank's time plus the collectives' time (gloo over loopback here), what a cluster with one
 device per rank would take; with ranks sharing cores, the wall clock hides the imbalance a GPU step would show.
-Where the ranks have a core each (EP 2 on two cores), each rank is pinned to its own (``run_world(pin_cores=True)``:
-gloo's threads too) and each turn-taking step is followed by one timed barrier to
-barrier with the ranks together and every collective waited for where it is called (``TurnTaking(turns=False)``,
-taken apart the same way): the critical path must agree with it, and the two decompositions say where they differ. Bytes: the
+Where the ranks have a core each (EP 2 on two cores), each is pinned to its own (``run_world(pin_cores=True)``) and
+each turn-taking step is followed by one timed barrier to barrier with the ranks together and every collective
+waited for where it is called (``TurnTaking(turns=False)``, taken apart the same way): the critical path must agree with it, and the two decompositions say where they differ. Bytes: the
 step's all-to-all bytes that would cross nodes with the ranks on two nodes. Memory: the peak growth of a rank's resident set from before the
 variant's model is built through its first step (weights, gradients, optimizer state, activations), the largest
 over the ranks. A small learning rate keeps the routing as built for the whole run.
