@@ -186,3 +186,36 @@ def test_the_typical_step_takes_medians_per_rank_and_segment() -> None:
     other = StepTimes(segments_RS=((1.0,), (1.0,)), comm_S1=(), names=(), sent_bytes_RR=((0, 0), (0, 0)))
     assert typical_step([steps[0], other]) is None      # segments that do not line up: per-step medians
     assert median_step([steps[0], other, steps[2]])["critical_path_s"] == pytest.approx(steps[2].critical_path)
+
+
+def _sharing(rank: int, world_size: int, lock_path: str) -> dict:
+    import fcntl
+
+    from largeep_plugin.tools.critical_path import core_sharing
+
+    def alone_or_not() -> None:  # nothing shared: a rank's time is its own, alone or not
+        time.sleep(0.1)
+
+    def one_at_a_time() -> None:  # a resource the ranks share (a file lock): at once, the second waits the first
+        with open(lock_path, "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            time.sleep(0.1)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+    return {"free": core_sharing(alone_or_not, rounds=3), "shared": core_sharing(one_at_a_time, rounds=3)}
+
+
+def test_core_sharing_says_how_much_ranks_at_once_slow_each_other(tmp_path) -> None:
+    results = world(_sharing, 2, str(tmp_path / "lock"))
+    assert results[0] == results[1]  # every rank returns the world's figures
+    free, shared = results[0]["free"], results[0]["shared"]
+    assert free["rounds"] == shared["rounds"] == 3 and len(free["alone_ms"]) == len(free["together_ms"]) == 2
+    assert 0.9 < free["slowdown"] < 1.3
+    assert all(95 < ms < 130 for ms in free["alone_ms"] + free["together_ms"] + shared["alone_ms"])
+    # At once, one rank waits for the other's 0.1 s: the worst rank takes twice its time alone.
+    assert 1.7 < shared["slowdown"] < 2.5
+    assert max(shared["together_ms"]) > 190
+    with pytest.raises(ValueError, match="rounds=0"):
+        from largeep_plugin.tools.critical_path import core_sharing
+
+        core_sharing(lambda: None, rounds=0)

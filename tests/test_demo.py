@@ -107,6 +107,30 @@ def test_markov_data_is_reproducible_and_learnable():
     assert data.entropy_floor() < MarkovChainData.uniform_loss(16) - 1.0
 
 
+def _rank_frequency_slope(freq_V: torch.Tensor, top: int) -> float:
+    """Least-squares slope of log frequency against log rank over the ``top`` most frequent tokens."""
+    x = torch.arange(1, top + 1, dtype=torch.float64).log()
+    y = freq_V.sort(descending=True).values[:top].log()
+    return float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_markov_data_token_frequencies_follow_zipf(seed):
+    flat, text = MarkovChainData(256, seed=seed), MarkovChainData(256, seed=seed, zipf=1.0)
+    assert _rank_frequency_slope(flat.stationary(), 64) > -0.4  # every token about as frequent
+    assert -1.2 < _rank_frequency_slope(text.stationary(), 64) < -0.8  # Zipf's law, exponent about 1
+    # The sequences the chain draws have those frequencies (not only its stationary law).
+    tokens, targets = text.batch(64, 128, rank=0, step=0)
+    drawn_V = torch.bincount(tokens.reshape(-1), minlength=256).double()
+    assert -1.25 < _rank_frequency_slope(drawn_V / drawn_V.sum(), 32) < -0.75
+    assert bool((text.transition_VV[tokens.reshape(-1), targets.reshape(-1)] > 0).all())
+    assert torch.allclose(text.transition_VV.sum(1), torch.ones(256, dtype=torch.float64))
+    assert text.entropy_floor() < MarkovChainData.uniform_loss(256) - 1.0  # still learnable
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="zipf="):
+            MarkovChainData(256, zipf=bad)
+
+
 def test_progress_bar_on_a_pipe():
     stream = io.StringIO()
     bar = ProgressBar(50, label="train", stream=stream)

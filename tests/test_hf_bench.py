@@ -65,6 +65,13 @@ def test_every_variant_on_the_same_model(result: dict) -> None:
         assert balanced["comm_ms"] == ours["comm_ms"] and balanced["compute_ms"] <= ours["compute_ms"]
         # Two ranks on two nodes: every all-to-all row to the other rank crosses; unconverted sends none.
         assert ours["internode_mb"] > 0 and rows[0]["internode_mb"] == 0
+    # Two ranks on two cores: the run measured how much the cores slow each other, and every row of the world says it.
+    for w in result["worlds"]:
+        sharing = w["core_sharing"]
+        assert sharing["rounds"] == 5 and len(sharing["alone_ms"]) == len(sharing["together_ms"]) == 2
+        assert min(sharing["alone_ms"] + sharing["together_ms"]) > 0 and sharing["slowdown"] > 0
+        assert {r["core_slowdown"] for r in result["rows"] if r["router"] == w["router"]
+                and r["variant"] != "force_balanced"} == {sharing["slowdown"]}
     assert result["png"] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -158,5 +165,12 @@ def test_target_lines_say_met_or_not_from_the_rows() -> None:
                "10.0 ms; the wall clock's own 43.0 and 19.5), NOT met" in line for line in target_lines(rows))
     rows[1]["waited_tokens_per_s"] = 95.0
     assert any("check EP 2 uniform" in line and ", met" in line for line in target_lines(rows))
+    # The machine's own share of a gap, measured in the same run, is printed under the check.
+    assert not any("this machine in this run" in line for line in target_lines(rows))
+    for r in rows[:2]:  # the world's figure, on each of its rows
+        r["core_slowdown"] = 1.084
+    lines = target_lines(rows)
+    check = next(i for i, line in enumerate(lines) if line.startswith("check EP 2 uniform"))
+    assert "GEMMs took +8.4 % on every rank at once" in lines[check + 1]
     rows[1]["critical_tokens_per_s"] = 99.6      # 0.996x would print as 1.00x beside "NOT met"
     assert "target EP 2 uniform: large_ep >= 1.0x autoep (critical path): 0.996x, NOT met" in target_lines(rows)

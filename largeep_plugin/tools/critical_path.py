@@ -5,6 +5,10 @@ wall clock hides the imbalance a cluster (one GPU per rank) would pay for. Two t
 
 * ``exclusive_seconds(fn)``: run one piece of local work on the ranks one at a time, in rank order, a barrier
   between turns; each rank's time is its own (the others wait in the barrier, a blocking wait, not a spin).
+* ``core_sharing(fn)``: how much the ranks slow each other when they run at once on this machine: the same local
+  work timed alone (one rank at a time) and with every rank at once, round after round. With as many cores as ranks
+  a cluster's figure is 1.0; a VM's cores share the host's clock, caches and memory, and the ratio says how much of
+  a gap between the critical path and the wall clock is the machine's.
 * ``TurnTaking``: the same for a whole training step, whatever runs it (the plugin's layer, DeepSpeed's AutoEP,
   a plain data-parallel model). While it is on, every collective (every collective method of torch's
   ``ProcessGroup``, however it is called) ends this rank's compute *segment* (the local work since the previous
@@ -70,6 +74,32 @@ def exclusive_seconds(fn: Callable[[], Any], group: Any = None, *, repeats: int 
     every[rank] = mine
     dist.all_reduce(every, group=group)
     return every.tolist()
+
+
+def core_sharing(fn: Callable[[], Any], group: Any = None, *, rounds: int = 5) -> dict[str, Any]:
+    """``rounds`` rounds of ``fn()`` on every rank of ``group``: once on each rank alone (``exclusive_seconds``), then
+    once on every rank at once (released by a barrier). ``fn`` must not communicate. Returns (the same on every
+    rank) ``alone_ms`` and ``together_ms``, each rank's median over the rounds, and ``slowdown``: the median over
+    rounds of the worst rank's together / alone time of that round (a round's two times are seconds apart, so a
+    machine whose speed wanders between rounds does not count as sharing)."""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds!r} must be >= 1")
+    size = dist.get_world_size(group) if dist.is_initialized() else 1
+    alone, together = [], []
+    for _ in range(rounds):
+        alone.append(exclusive_seconds(fn, group))
+        if size > 1:
+            dist.barrier(group=group)
+        start = time.perf_counter()
+        fn()
+        every = torch.zeros(size, dtype=torch.float64)
+        every[dist.get_rank(group) if size > 1 else 0] = time.perf_counter() - start
+        if size > 1:
+            dist.all_reduce(every, group=group)
+        together.append(every.tolist())
+    per_rank = lambda runs: [1e3 * statistics.median(r[i] for r in runs) for i in range(size)]  # noqa: E731
+    return {"alone_ms": per_rank(alone), "together_ms": per_rank(together), "rounds": rounds,
+            "slowdown": statistics.median(max(t / a for t, a in zip(tr, ar)) for tr, ar in zip(together, alone))}
 
 
 @dataclass(frozen=True)

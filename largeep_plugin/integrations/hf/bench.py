@@ -53,12 +53,12 @@ import torch.nn as nn
 from largeep_plugin.layer.moe_layer import load_stats
 from largeep_plugin.placement.plan import Placement, plan_placement
 from largeep_plugin.placement.topology import Topology
-from largeep_plugin.tools.critical_path import TurnTaking, median_step
+from largeep_plugin.tools.critical_path import TurnTaking, core_sharing, median_step
 from largeep_plugin.tools.launch import run_world
 from largeep_plugin.tools.progress import ProgressBar
 from largeep_plugin.tools.side_by_side import interleaved_seconds, peak_growth_mib, resident_kib
 
-from .tiny_models import ROUTERS, ModelSizes, bench_model, check_family, moe_routers, rank_tokens
+from .tiny_models import LEARN_ZIPF, ROUTERS, ModelSizes, bench_model, check_family, moe_routers, rank_tokens
 
 VARIANTS = ("unconverted", "autoep", "large_ep", "large_ep_dynamic", "large_ep_replicas")
 DEFAULT_VARIANTS = ("unconverted", "autoep", "large_ep", "large_ep_dynamic")
@@ -80,6 +80,8 @@ class HFBenchSettings:
         seed: seed of the weights and the tokens.
         lr: AdamW's learning rate (small: the routing stays as built).
         learn_steps: the training steps of the ``"learned"`` router (``tiny_models.learned_state``).
+        zipf: the exponent of the token frequencies of the Markov chain the ``"learned"`` router learns on and is
+            timed on (``MarkovChainData``; 1: about text's, 0: every token about as frequent).
         critical_path: also time every variant with the ranks taking turns (module docstring).
         num_experts: E, None: the EP size (one expert per rank); more than the EP size colocates them (``EP 1``: every
             expert on the one rank, ``largeep gpu-check``'s side by side).
@@ -96,6 +98,7 @@ class HFBenchSettings:
     seed: int = 0
     lr: float = 1e-5
     learn_steps: int = 300
+    zipf: float = LEARN_ZIPF
     critical_path: bool = True
     num_experts: int | None = None
     device: str = "cpu"
@@ -114,6 +117,8 @@ class HFBenchSettings:
             raise ValueError(f"replica_slots={self.replica_slots!r} must be an integer >= 1 (or None: one per rank)")
         if not (math.isfinite(self.skew) and self.skew >= 0):
             raise ValueError(f"skew={self.skew!r} must be a finite number >= 0")
+        if not (math.isfinite(self.zipf) and self.zipf >= 0):
+            raise ValueError(f"zipf={self.zipf!r} must be a finite number >= 0")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr={self.lr!r} must be a finite number > 0")
         if self.device not in ("cpu", "cuda"):
@@ -240,7 +245,7 @@ def _build(variant: str, settings: HFBenchSettings, router: str, ep_size: int, p
     import deepspeed
 
     model = bench_model(settings.family, settings.experts(ep_size), settings.sizes, router, settings.seed,
-                        settings.skew, settings.learn_steps)
+                        settings.skew, settings.learn_steps, settings.zipf)
     config = deepspeed_config(settings)
     if variant == "unconverted":
         return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)[0]
@@ -298,7 +303,7 @@ def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, va
     if settings.device == "cuda":  # rank r on GPU r (a world on one machine), before NCCL starts
         torch.cuda.set_device(rank % torch.cuda.device_count())
     init_deepspeed_comm()
-    ids_BS = rank_tokens(settings.sizes, rank, settings.seed, router)
+    ids_BS = rank_tokens(settings.sizes, rank, settings.seed, router, settings.zipf)
     extra = settings.replica_slots if settings.replica_slots is not None else world
     progress = ProgressBar(len(variants) + settings.warmup + settings.iters, label=f"  EP {world} {router:<7}") \
         if rank == 0 else None
@@ -334,6 +339,8 @@ def bench_rank(rank: int, world: int, settings: HFBenchSettings, router: str, va
         out["critical"] = _critical_paths(built, variants, ids_BS, settings.iters, world, settings.device, waited)
         if waited is not None:
             out["seconds_waited"] = waited
+            # How much this machine's cores slow each other: an expert's GEMMs alone and on every rank at once.
+            out["core_sharing"] = core_sharing(_expert_gemms(settings.sizes, settings.device), rounds=5)
     out["rank_imbalance_measured"] = {v: _rank_imbalance(built[v].module) for v in variants}
     if progress is not None:
         progress.close()
@@ -371,6 +378,20 @@ def _critical_paths(built: dict[str, Any], variants: list[str], ids_BS: torch.Te
     return out
 
 
+def _expert_gemms(sizes: ModelSizes, device: str) -> Callable[[], None]:
+    """One expert's forward GEMMs on a balanced share of a rank's rows (B * S * top_k: E = EP), fixed weights."""
+    gen = torch.Generator().manual_seed(0)
+    x_RH, w_HF, w_FH = (torch.randn(*shape, generator=gen).to(device) for shape in (
+        (sizes.tokens_per_rank * sizes.top_k, sizes.hidden_size), (sizes.hidden_size, sizes.ffn_hidden_size),
+        (sizes.ffn_hidden_size, sizes.hidden_size)))
+
+    def gemms() -> None:
+        torch.relu(x_RH @ w_HF) @ w_FH
+        if device != "cpu":
+            torch.accelerator.synchronize()
+    return gemms
+
+
 def _rank_imbalance(model: nn.Module) -> float | None:
     """The worst layer's max / mean rows per rank of the latest forward (large-EP variants), else None."""
     stats = load_stats(model)
@@ -394,7 +415,8 @@ def _warm_imports(family: str, variants: list[str], settings: HFBenchSettings | 
         from .tiny_models import learned_state
 
         for ep in ep_sizes:
-            learned_state(settings.family, settings.experts(ep), settings.sizes, settings.seed, settings.learn_steps)
+            learned_state(settings.family, settings.experts(ep), settings.sizes, settings.seed, settings.learn_steps,
+                          settings.zipf)
 
 
 def run_hf_bench(settings: HFBenchSettings, ep_sizes: list[int], routers: list[str], variants: list[str], *,
@@ -424,6 +446,7 @@ def run_hf_bench(settings: HFBenchSettings, ep_sizes: list[int], routers: list[s
                                                                              "copies")}}
             load = first.get("load")
             world["imbalance"] = max(load) / (sum(load) / len(load)) if load else None
+            world["core_sharing"] = first.get("core_sharing")
             worlds.append(world)
             group = []
             for v in variants:
@@ -445,6 +468,7 @@ def run_hf_bench(settings: HFBenchSettings, ep_sizes: list[int], routers: list[s
                     **_critical_columns(first.get("critical", {}).get(v), settings),
                     "waited_tokens_per_s": (settings.sizes.tokens_per_rank / statistics.median(
                         first["seconds_waited"][v]) if "seconds_waited" in first else None),
+                    "core_slowdown": (first.get("core_sharing") or {}).get("slowdown"),
                 })
             if "large_ep" in first.get("critical", {}):
                 group.append(_force_balanced_row(first["critical"]["large_ep"], settings, ep, router, world))

@@ -18,7 +18,9 @@ embedding a shared direction (as long as a typical embedding row), then aligns t
 (``hot_experts``: the last quarter, at least one) with m so that their logits rise by ``skew`` standard deviations
 for every token, and they get more of the tokens. ``"learned"`` is neither forced: the uniform model trained
 ``learn_steps`` steps (AdamW, no balancing loss) on the synthetic Markov chain of the demo, whose routing it has
-learned as a real router does, skew included; its tokens come from the same chain (``rank_tokens``). A pure
+learned as a real router does, skew included; its tokens come from the same chain (``rank_tokens``), whose token
+frequencies follow Zipf's law with exponent ``zipf`` (1: about text's, so the router's skew comes from the data; 0:
+every token about as frequent). A pure
 function of the seed: every variant and every rank builds the same weights (the learned ones are trained once per
 process, in the parent before the ranks fork when the benchmark asks for them first).
 """
@@ -37,6 +39,7 @@ from .families import family_of
 ROUTERS = ("uniform", "skewed", "learned")
 LEARN_STEPS = 300  # "learned": the training steps of the router (and the rest of the model)
 LEARN_LR = 3e-3
+LEARN_ZIPF = 1.0  # "learned": the Markov chain's token frequencies fall off as text's (MarkovChainData's zipf)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,9 +184,10 @@ def set_router(model: nn.Module, sizes: ModelSizes, skew: float, seed: int) -> N
 
 
 def bench_model(family: str, num_experts: int, sizes: ModelSizes, router: str, seed: int,
-                skew: float = 1.5, learn_steps: int = LEARN_STEPS) -> nn.Module:
+                skew: float = 1.5, learn_steps: int = LEARN_STEPS, zipf: float = LEARN_ZIPF) -> nn.Module:
     """The tiny ``family`` model, float32, random-init from ``seed`` (the same in every process), its router
-    fresh (``"uniform"``), skewed by ``skew`` (``"skewed"``) or trained ``learn_steps`` steps (``"learned"``)."""
+    fresh (``"uniform"``), skewed by ``skew`` (``"skewed"``) or trained ``learn_steps`` steps on the Markov chain of
+    token frequencies ``zipf`` (``"learned"``)."""
     from transformers import AutoModelForCausalLM
 
     if router not in ROUTERS:
@@ -193,19 +197,21 @@ def bench_model(family: str, num_experts: int, sizes: ModelSizes, router: str, s
     model = AutoModelForCausalLM.from_config(config).float()
     set_router(model, sizes, skew if router == "skewed" else 0.0, seed)
     if router == "learned":
-        model.load_state_dict(learned_state(family, num_experts, sizes, seed, learn_steps))
+        model.load_state_dict(learned_state(family, num_experts, sizes, seed, learn_steps, zipf))
     return model
 
 
 @functools.lru_cache(maxsize=8)
-def learned_state(family: str, num_experts: int, sizes: ModelSizes, seed: int, steps: int) -> dict[str, torch.Tensor]:
+def learned_state(family: str, num_experts: int, sizes: ModelSizes, seed: int, steps: int,
+                  zipf: float = LEARN_ZIPF) -> dict[str, torch.Tensor]:
     """The weights of the ``"uniform"`` model after ``steps`` steps of AdamW (lr ``LEARN_LR``, no balancing loss) on
-    the Markov chain of ``seed`` (``rank_tokens(..., "learned")``'s source), one process, one thread: the same in
-    every process. Cached per process (the benchmark computes it before it forks its ranks)."""
+    the Markov chain of ``seed`` and ``zipf`` (``rank_tokens(..., "learned")``'s source), one process, one thread:
+    the same in every process. Cached per process (the benchmark computes it before it forks its ranks, with every
+    argument given, as ``bench_model`` gives them)."""
     from largeep_plugin.models.synthetic import MarkovChainData
 
     model = bench_model(family, num_experts, sizes, "uniform", seed)
-    data = MarkovChainData(sizes.vocab_size, seed=seed)
+    data = MarkovChainData(sizes.vocab_size, seed=seed, zipf=zipf)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARN_LR)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same float results in every process
@@ -220,13 +226,15 @@ def learned_state(family: str, num_experts: int, sizes: ModelSizes, seed: int, s
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def rank_tokens(sizes: ModelSizes, rank: int, seed: int, router: str = "uniform") -> torch.Tensor:
+def rank_tokens(sizes: ModelSizes, rank: int, seed: int, router: str = "uniform",
+                zipf: float = LEARN_ZIPF) -> torch.Tensor:
     """int64 [B, S] token ids of ``rank`` (seeded by rank: the same for every variant); they are the labels too.
-    ``"learned"``: a batch of the Markov chain the model learned (unseen in its training), else uniform ids."""
+    ``"learned"``: a batch of the Markov chain the model learned (``seed``, ``zipf``; unseen in its training), else
+    uniform ids."""
     if router == "learned":
         from largeep_plugin.models.synthetic import MarkovChainData
 
-        data = MarkovChainData(sizes.vocab_size, seed=seed)
+        data = MarkovChainData(sizes.vocab_size, seed=seed, zipf=zipf)
         return data.batch(sizes.batch_size, sizes.seq_len, rank=rank, step=10**6 + rank)[0]
     gen = torch.Generator().manual_seed(seed * 1_000_003 + rank)
     return torch.randint(0, sizes.vocab_size, (sizes.batch_size, sizes.seq_len), generator=gen)
