@@ -17,7 +17,7 @@ pytest.importorskip("deepspeed")
 
 from largeep_plugin.cli import main  # noqa: E402
 from largeep_plugin.commands.bench_hf import autoep_python  # noqa: E402
-from largeep_plugin.integrations.hf.bench import VARIANTS, autoep_unavailable, replica_placement  # noqa: E402
+from largeep_plugin.integrations.hf.bench_variants import VARIANTS, autoep_unavailable, replica_placement  # noqa: E402
 from largeep_plugin.integrations.hf.tiny_models import ModelSizes, bench_model, hot_experts  # noqa: E402
 
 TINY = ["--hidden-size", "32", "--ffn-hidden-size", "64", "--num-layers", "1", "--batch-size", "4", "--seq-len", "16",
@@ -63,6 +63,8 @@ def test_every_variant_on_the_same_model(result: dict) -> None:
         balanced = next(r for r in result["rows"] if r["router"] == router and r["variant"] == "force_balanced")
         ours = next(r for r in rows if r["variant"] == "large_ep")
         assert balanced["comm_ms"] == ours["comm_ms"] and balanced["compute_ms"] <= ours["compute_ms"]
+        assert balanced["compute_ms"] == ours["balanced_compute_ms"]
+        assert all(0 < r["balanced_compute_ms"] <= r["compute_ms"] for r in rows)
         # Two ranks on two nodes: every all-to-all row to the other rank crosses; unconverted sends none.
         assert ours["internode_mb"] > 0 and rows[0]["internode_mb"] == 0
     # Two ranks on two cores: the run measured how much the cores slow each other, and every row of the world says it.

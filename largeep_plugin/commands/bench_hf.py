@@ -24,16 +24,17 @@ chain first, as a real router learns, skew and all; its tokens come from the cha
 as text's, Zipf exponent --zipf) and skewed (the last quarter of the experts favoured by --skew standard
 deviations). Printed: the measured max / mean tokens per expert.
 
-Timing, two ways (largeep_plugin/integrations/hf/bench.py). Wall clock: the variants interleaved in one world per
-(EP, router), --warmup untimed steps, the median of --iters timed ones; the ranks share this machine's cores, which
-hides imbalance. Critical path: --iters more steps of each variant with the ranks taking turns between collectives
-(no two compute at once): the sum over the step's compute segments of the slowest rank's time plus the collectives
-(gloo over loopback), what one device per rank would take. With no more ranks than cores (EP 2 here) every rank
-is pinned to a core of its own, and the check line compares the critical path with the wall clock of the ranks
-running at once (docs/performance.md). Printed: tokens/s per rank both ways, each over
-autoep, the critical path and its communication, the all-to-all MB per step that would cross nodes with the ranks
-on two nodes, the peak memory per rank, the expert imbalance and the measured max / mean rows per rank; written
-to --out: hf_bench.json, hf_bench.png (critical-path tokens/s) and hf_bench_wall.png.
+Timing, two ways (largeep_plugin/integrations/hf/bench.py; the variants are built in bench_variants.py). Wall clock:
+the variants interleaved in one world per (EP, router), --warmup untimed steps, the median of --iters timed ones;
+the ranks share this machine's cores, which hides imbalance. Critical path: --iters more steps of each variant with
+the ranks taking turns between collectives (no two compute at once): the sum over the step's compute segments of the
+slowest rank's time plus the collectives (gloo over loopback), what one device per rank would take. With no more
+ranks than cores (EP 2 here) every rank is pinned to a core of its own, and the check line compares the critical
+path with the wall clock of the ranks running at once, and the line under it how much the machine's cores slowed the
+same expert GEMMs when both ran them at once (docs/performance.md). Printed: tokens/s per rank both ways, each over
+autoep, the critical path and its communication, the all-to-all MB per step that would cross nodes with the ranks on
+two nodes, the peak memory per rank, the expert imbalance and the measured max / mean rows per rank; written to
+--out: hf_bench.json, hf_bench.png (critical-path tokens/s) and hf_bench_wall.png.
 
 DeepSpeed's AutoEP runs with transformers <= 5.22.2 only. When this environment's transformers is newer and
 scripts/setup.sh made the AutoEP environment (.venv-autoep: this one with transformers 5.22.2 over it), the command
@@ -90,7 +91,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="skewed router: hot experts' logits raised by this many standard deviations (default 1.5)")
     p.add_argument("--replica-slots", type=pos, default=None,
                    help="extra expert slots of large_ep_replicas (default: one per rank)")
-    p.add_argument("--record-steps", type=pos, default=2, help="first steps of every variant, before the timed ones; the replicas are planned from large_ep's load over them (default 2)")
+    p.add_argument("--record-steps", type=pos, default=2, help="first steps of every variant, before the timed ones; "
+                   "the replicas are planned from large_ep's load over them (default 2)")
     p.add_argument("--warmup", type=nonneg, default=2, help="untimed steps per variant (default 2)")
     p.add_argument("--iters", type=pos, default=5, help="timed steps per variant (default 5)")
     p.add_argument("--seed", type=nonneg, default=0, help="seed of the weights and the tokens (default 0)")
@@ -131,8 +133,8 @@ def _run_in_autoep_env(python: str, argv: list[str]) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         shorten(args, iters=1, warmup=1, record_steps=1, seq_len=16, learn_steps=5)
-        from largeep_plugin.integrations.hf.bench import (HFBenchSettings, autoep_unavailable, check_variants,
-                                                          format_table, result_json, run_hf_bench)
+        from largeep_plugin.integrations.hf.bench import format_table, result_json, run_hf_bench
+        from largeep_plugin.integrations.hf.bench_variants import HFBenchSettings, autoep_unavailable, check_variants
         from largeep_plugin.integrations.hf.tiny_models import ModelSizes
 
         sizes = ModelSizes(hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
@@ -235,8 +237,8 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
                        f"once, a core per rank) within 10 %: worst {worst['variant']} {100 * gap:+.1f} %{parts}, "
                        f"{'met' if abs(gap) <= 0.10 else 'NOT met'}")
             if worst.get("core_slowdown") is not None:
-                out.append(f"  this machine in this run: an expert's GEMMs took {100 * (worst['core_slowdown'] - 1):+.1f} "
-                           "% on every rank at once over the same rank alone (median of 5 rounds; 0 where the ranks "
+                slower = 100 * (worst["core_slowdown"] - 1)
+                out.append(f"  this machine in this run: an expert's GEMMs took {slower:+.1f} % on every rank at once over the same rank alone (median of 5 rounds; 0 where the ranks "
                            "share nothing, as on a cluster)")
     return out
 
