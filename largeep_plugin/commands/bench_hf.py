@@ -238,8 +238,9 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
                        f"{'met' if abs(gap) <= 0.10 else 'NOT met'}")
             if worst.get("core_slowdown") is not None:
                 slower = 100 * (worst["core_slowdown"] - 1)
-                out.append(f"  this machine in this run: an expert's GEMMs took {slower:+.1f} % on every rank at once over the same rank alone (median of 5 rounds; 0 where the ranks "
-                           "share nothing, as on a cluster)")
+                out.append(f"  this machine in this run: an expert's GEMMs took {slower:+.1f} % on every rank at once "
+                           "over the same rank alone (median of 5 rounds; 0 where the ranks share nothing, as on a "
+                           "cluster)")
     return out
 
 

@@ -80,7 +80,7 @@ def core_sharing(fn: Callable[[], Any], group: Any = None, *, rounds: int = 5) -
     """``rounds`` rounds of ``fn()`` on every rank of ``group``: once on each rank alone (``exclusive_seconds``), then
     once on every rank at once (released by a barrier). ``fn`` must not communicate. Returns (the same on every
     rank) ``alone_ms`` and ``together_ms``, each rank's median over the rounds, and ``slowdown``: the median over
-    rounds of the worst rank's together / alone time of that round (a round's two times are seconds apart, so a
+    rounds of the worst rank's together / alone time of that round (a round's two times are moments apart, so a
     machine whose speed wanders between rounds does not count as sharing)."""
     if rounds < 1:
         raise ValueError(f"rounds={rounds!r} must be >= 1")

@@ -5,7 +5,8 @@ planned replicas) in the same world, on the same tokens.
 Shape legend:
     N  ranks (= EP size)   E  experts (= N)   T  tokens per rank
 
-    force_balanced      not a run: ``large_ep``'s critical path with every rank's compute at the mean of the ranks
+Beside the variants, each world's table has one figure that is not a run:
+    force_balanced      ``large_ep``'s critical path with every rank's compute at the mean of the ranks
                         (the work of its steps spread perfectly), the figure vendors' force-balanced tables give.
 
 Timing, two ways. Wall clock: the variants are interleaved in one world (``tools/side_by_side.py``), after
