@@ -17,12 +17,12 @@ router's rows have random shares along it that favour some experts for every tok
 embedding a shared direction (as long as a typical embedding row), then aligns the rows of the hot experts
 (``hot_experts``: the last quarter, at least one) with m so that their logits rise by ``skew`` standard deviations
 for every token, and they get more of the tokens. ``"learned"`` is neither forced: the uniform model trained
-``learn_steps`` steps (AdamW, no balancing loss) on the synthetic Markov chain of the demo, whose routing it has
-learned as a real router does, skew included; its tokens come from the same chain (``rank_tokens``), whose token
+``learn_steps`` steps (AdamW, no balancing loss) on a synthetic Markov chain of the demo's kind, whose routing it
+has learned as a real router does, skew included; its tokens come from the same chain (``rank_tokens``), whose token
 frequencies follow Zipf's law with exponent ``zipf`` (1: about text's, so the router's skew comes from the data; 0:
-every token about as frequent). A pure
-function of the seed: every variant and every rank builds the same weights (the learned ones are trained once per
-process, in the parent before the ranks fork when the benchmark asks for them first).
+every token about as frequent). A pure function of the seed: every variant and every rank builds the same weights
+(the learned ones are trained once per process, in the parent before the ranks fork when the benchmark asks for them
+first).
 """
 from __future__ import annotations
 
